@@ -1,0 +1,168 @@
+"""The stored parts of a compressed tensor: exactly the bytes a compressed cache holds.
+
+Each part is a frozen dataclass of tensors plus static metadata (Python ints and tuples, not counted as
+bytes). Parts are registered as pytrees, so they pass through `torch.compile` and `torch.utils._pytree`
+utilities; their `nbytes` is the storage of the tensors they hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+
+def tensor_nbytes(t: Tensor) -> int:
+    """Bytes of the elements of `t` (its storage, for the compact tensors parts hold)."""
+    return t.numel() * t.element_size()
+
+
+class Part:
+    """Base of the stored parts. Subclasses are dataclasses; their tensor fields are the bytes held."""
+
+    component: ClassVar[str] = "data"
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The tensors held, by field name."""
+        return {f.name: v for f in dataclasses.fields(self) if isinstance(v := getattr(self, f.name), Tensor)}
+
+    @property
+    def nbytes(self) -> int:
+        """Total bytes held by this part."""
+        return sum(tensor_nbytes(t) for t in self.tensors().values())
+
+    def components(self) -> dict[str, int]:
+        """Bytes held, by component name (codes, scales, outliers, lowrank, dense)."""
+        return {self.component: self.nbytes}
+
+
+def _register(cls):
+    """Make `cls` a frozen dataclass and register it as a pytree (tensors and parts are children, the rest
+    static context)."""
+    cls = dataclasses.dataclass(frozen=True, eq=False)(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+
+    def is_child(v) -> bool:
+        return isinstance(v, (Tensor, Part)) or (isinstance(v, tuple) and any(isinstance(i, Part) for i in v))
+
+    def flatten(part):
+        child_names = tuple(n for n in names if is_child(getattr(part, n)))
+        static = tuple((n, getattr(part, n)) for n in names if n not in child_names)
+        return [getattr(part, n) for n in child_names], (child_names, static)
+
+    def unflatten(children, context):
+        child_names, static = context
+        return cls(**dict(zip(child_names, children)), **dict(static))
+
+    pytree.register_pytree_node(cls, flatten, unflatten, serialized_type_name=f"gearkit.{cls.__name__}")
+    return cls
+
+
+@_register
+class DensePart(Part):
+    """A tensor stored as it is, in a storage dtype (fp16 for the `fp16` baseline).
+
+    Attributes:
+        data: `[batch, kv_heads, tokens, head_dim]`.
+    """
+
+    data: Tensor
+    component: ClassVar[str] = "dense"
+
+
+@_register
+class QuantizedPart(Part):
+    """Bit-packed integer codes with one scale and zero per group.
+
+    Attributes:
+        codes: uint8 `[packed_nbytes(numel, bits)]`, the codes of the grouped layout packed in order.
+        scale: `[..., n_groups]` in the quantizer's parameter dtype.
+        zero: `[..., n_groups]`, same dtype.
+        bits: code width.
+        shape: shape of the tensor that was quantized, `[batch, kv_heads, tokens, head_dim]`.
+    """
+
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor
+    bits: int
+    shape: tuple[int, ...]
+
+    def components(self) -> dict[str, int]:
+        return {"codes": tensor_nbytes(self.codes), "scales": tensor_nbytes(self.scale) + tensor_nbytes(self.zero)}
+
+
+@_register
+class OutlierPart(Part):
+    """Entries stored exactly: per row, values and their positions within the row.
+
+    Attributes:
+        values: `[..., rows, count]` in the stage's value dtype.
+        indices: `[..., rows, count]` in the smallest integer dtype that addresses the row.
+        row_length: length of each row.
+    """
+
+    values: Tensor
+    indices: Tensor
+    row_length: int
+    component: ClassVar[str] = "outliers"
+
+
+@_register
+class LowRankPart(Part):
+    """Thin factors of a low-rank term `left @ right.mT`, one pair per (batch, head) matrix.
+
+    Attributes:
+        left: `[batch, kv_heads, tokens, rank]`.
+        right: `[batch, kv_heads, head_dim, rank]`.
+    """
+
+    left: Tensor
+    right: Tensor
+    component: ClassVar[str] = "lowrank"
+
+
+@_register
+class CompressedTensor(Part):
+    """A tensor compressed by a `Pipeline`: one part per stage, plus the original shape and dtype.
+
+    Attributes:
+        parts: the stages' parts, in pipeline order.
+        shape: original shape `[batch, kv_heads, tokens, head_dim]`.
+        dtype: original dtype, restored on decompression.
+    """
+
+    parts: tuple[Part, ...]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {f"{i}.{name}": t for i, p in enumerate(self.parts) for name, t in p.tensors().items()}
+
+    def components(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for p in self.parts:
+            for name, n in p.components().items():
+                out[name] = out.get(name, 0) + n
+        return out
+
+    @property
+    def numel(self) -> int:
+        """Number of elements of the original tensor."""
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def bits_per_element(self) -> float:
+        """All-in stored bits per original element (0 for an empty tensor)."""
+        return 8 * self.nbytes / self.numel if self.numel else 0.0
+
+    @property
+    def compression_ratio(self) -> float:
+        """Bytes of an fp16 copy of the same elements divided by the bytes held."""
+        return 2 * self.numel / self.nbytes if self.nbytes else float("inf")

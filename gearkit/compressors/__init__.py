@@ -1,0 +1,9 @@
+"""Compression stages (`nn.Module`s with `encode`/`decode`) and the `Pipeline` that chains them."""
+
+from gearkit.compressors.base import FullPrecision, Stage, check_kv
+from gearkit.compressors.lowrank import LowRankResidual
+from gearkit.compressors.outlier import SparseOutlier
+from gearkit.compressors.pipeline import Pipeline
+from gearkit.compressors.quantizer import Quantizer
+
+__all__ = ["FullPrecision", "LowRankResidual", "Pipeline", "Quantizer", "SparseOutlier", "Stage", "check_kv"]

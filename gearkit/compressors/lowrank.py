@@ -1,0 +1,71 @@
+"""Low-rank approximation of the residual, stored as two thin factors."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gearkit.compressed import LowRankPart
+from gearkit.compressors.base import Stage, check_storable
+
+METHODS = ("power", "svd")
+
+
+class LowRankResidual(Stage):
+    """Rank-`rank` approximation `left @ right.mT` of each (batch, head) matrix `[tokens, head_dim]`.
+
+    `method="power"` runs seeded subspace (power) iteration: `left` is an orthonormal basis `Q` of the
+    dominant column space and `right = R.mT @ Q`, so the term is the projection `Q Q^T R` and can only
+    lower the Frobenius error. `method="svd"` uses the exact truncated SVD (the reference). Only the factors
+    are stored, in `factor_dtype`.
+
+    Args:
+        rank: rank of the approximation, at least 1 and at most `min(tokens, head_dim)`.
+        method: "power" or "svd".
+        iters: power-iteration steps after the initial sketch.
+        seed: seed of the Gaussian sketch.
+        factor_dtype: storage dtype of the factors.
+    """
+
+    def __init__(
+        self, rank: int, method: str = "power", iters: int = 2, seed: int = 0, factor_dtype: torch.dtype = torch.float16
+    ):
+        super().__init__()
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if iters < 0:
+            raise ValueError(f"iters must be >= 0, got {iters}")
+        self.rank, self.method, self.iters, self.seed, self.factor_dtype = rank, method, iters, seed, factor_dtype
+
+    def encode(self, x: Tensor, exclude: Tensor | None = None) -> LowRankPart:
+        """Factor `x` `[batch, kv_heads, tokens, head_dim]` (excluded entries count as zero)."""
+        r = x.float() if exclude is None else x.float().masked_fill(exclude, 0.0)
+        b, h, t, d = r.shape
+        if r.numel() == 0:
+            return LowRankPart(r.new_zeros(b, h, t, 0, dtype=self.factor_dtype), r.new_zeros(b, h, d, 0, dtype=self.factor_dtype))
+        if self.rank > min(t, d):
+            raise ValueError(f"rank {self.rank} exceeds the matrix size [tokens={t}, head_dim={d}]")
+        if self.method == "svd":
+            u, s, vh = torch.linalg.svd(r, full_matrices=False)
+            root = s[..., : self.rank].sqrt()[..., None, :]  # split the singular values between the factors
+            left, right = u[..., : self.rank] * root, vh[..., : self.rank, :].mT * root
+        else:
+            gen = torch.Generator().manual_seed(self.seed)
+            sketch = torch.randn(b, h, d, self.rank, generator=gen).to(r.device)
+            q = torch.linalg.qr(r @ sketch).Q
+            for _ in range(self.iters):
+                q = torch.linalg.qr(r @ (r.mT @ q)).Q
+            left, right = q, r.mT @ q
+        return LowRankPart(
+            check_storable(left.to(self.factor_dtype), "low-rank factors"),
+            check_storable(right.to(self.factor_dtype), "low-rank factors"),
+        )
+
+    def decode(self, part: LowRankPart) -> Tensor:
+        """`left @ right.mT`: float32 `[batch, kv_heads, tokens, head_dim]`."""
+        return part.left.float() @ part.right.float().mT
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, method={self.method!r}, iters={self.iters}, seed={self.seed}, factor_dtype={self.factor_dtype}"

@@ -1,0 +1,80 @@
+"""Sparse outliers: the largest and smallest entries of each row, stored exactly."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gearkit.compressed import OutlierPart
+from gearkit.compressors.base import Axis, Stage, check_axis, check_storable
+
+
+def index_dtype(length: int) -> torch.dtype:
+    """The smallest integer dtype that addresses every position of a row of `length`."""
+    if length <= 256:
+        return torch.uint8
+    if length <= 2**15:
+        return torch.int16
+    return torch.int32
+
+
+class SparseOutlier(Stage):
+    """Take the top and bottom `ratio / 2` of each row out and store them exactly (value + position).
+
+    Rows run along `axis` of `[batch, kv_heads, tokens, head_dim]`: with `axis="token"` a row is one token's
+    vector (values in GEAR), with `axis="channel"` a row is one channel's run over the tokens (keys in GEAR).
+    Each row keeps `count_per_side(row_length)` = `round(ratio * row_length / 2)` entries at each end, so the
+    fraction is counted from the real row length.
+
+    Args:
+        ratio: fraction of each row stored exactly, in [0, 1].
+        axis: "token" or "channel".
+        value_dtype: dtype of the stored values; entries are exact when this dtype holds them (fp16 caches).
+    """
+
+    def __init__(self, ratio: float, axis: Axis = "token", value_dtype: torch.dtype = torch.float16):
+        super().__init__()
+        if not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"outlier ratio must be a number in [0, 1], got {ratio!r}")
+        self.ratio = float(ratio)
+        self.axis = check_axis(axis)
+        self.value_dtype = value_dtype
+
+    def count_per_side(self, row_length: int) -> int:
+        """Entries taken from each end of a row of `row_length`."""
+        return min(int(self.ratio * row_length / 2 + 0.5), row_length // 2)
+
+    def _to_rows(self, x: Tensor) -> Tensor:
+        return x.transpose(-1, -2) if self.axis == "channel" else x
+
+    def encode(self, x: Tensor, exclude: Tensor | None = None) -> OutlierPart:
+        """Store the extremes of each row of `x` `[batch, kv_heads, tokens, head_dim]`."""
+        rows = self._to_rows(x.float())
+        length = rows.shape[-1]
+        k = self.count_per_side(length)
+        skip = None if exclude is None else self._to_rows(exclude)
+        high_pool = rows if skip is None else rows.masked_fill(skip, float("-inf"))
+        top = high_pool.topk(k, dim=-1).indices
+        # The bottom k are chosen among the rest, so a flat row never yields the same position twice.
+        low_pool = rows.scatter(-1, top, float("inf"))
+        if skip is not None:
+            low_pool = low_pool.masked_fill(skip, float("inf"))
+        bottom = low_pool.topk(k, dim=-1, largest=False).indices
+        idx = torch.cat([top, bottom], -1)
+        values = check_storable(rows.gather(-1, idx).to(self.value_dtype), "outlier values")
+        return OutlierPart(values, idx.to(index_dtype(length)), length)
+
+    def _scatter(self, part: OutlierPart, src: Tensor) -> Tensor:
+        rows = src.new_zeros(*part.values.shape[:-1], part.row_length).scatter(-1, part.indices.long(), src)
+        return rows.transpose(-1, -2) if self.axis == "channel" else rows
+
+    def decode(self, part: OutlierPart) -> Tensor:
+        """The stored entries in place, zeros elsewhere: float32 `[batch, kv_heads, tokens, head_dim]`."""
+        return self._scatter(part, part.values.float())
+
+    def exact_mask(self, part: OutlierPart) -> Tensor:
+        """Bool `[batch, kv_heads, tokens, head_dim]`, True where an entry is stored."""
+        return self._scatter(part, torch.ones_like(part.values, dtype=torch.bool))
+
+    def extra_repr(self) -> str:
+        return f"ratio={self.ratio}, axis={self.axis!r}, value_dtype={self.value_dtype}"

@@ -1,0 +1,134 @@
+"""Uniform asymmetric group quantization with bit-packed codes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from gearkit.compressed import QuantizedPart
+from gearkit.compressors.base import Axis, Stage, check_axis
+from gearkit.kernels.ops import quantize_groups
+from gearkit.kernels.reference import check_bits, dequantize_groups, pack_bits, unpack_bits
+
+
+class Quantizer(Stage):
+    """Uniform asymmetric quantizer: `scale = (max - min) / (2**bits - 1)`, `code = round((x - min) / scale)`.
+
+    Groups run along one axis of `[batch, kv_heads, tokens, head_dim]`:
+
+    - `axis="channel"` (per-channel, KIVI keys): a group is `group_size` consecutive tokens of one channel;
+    - `axis="token"` (per-token, KIVI values): a group is `group_size` consecutive channels of one token;
+      with `across_heads=True` a token's channels of all heads form one row (KCVT values).
+
+    `group_size=None` makes the whole row one group. When the row length is not a multiple of
+    `group_size` the last group is shorter: it gets its own scale and zero and no padding is stored.
+
+    Args:
+        bits: code width, one of 1, 2, 3, 4, 8.
+        group_size: entries per group, or None for whole rows.
+        axis: "token" or "channel", the axis along which groups run (see above).
+        across_heads: group a token's channels across all heads (only with `axis="token"`).
+        param_dtype: dtype of the stored scale and zero.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        group_size: int | None = None,
+        axis: Axis = "token",
+        across_heads: bool = False,
+        param_dtype: torch.dtype = torch.float16,
+    ):
+        super().__init__()
+        self.bits = check_bits(bits)
+        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+            raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
+        self.group_size = group_size
+        self.axis = check_axis(axis)
+        if across_heads and axis != "token":
+            raise ValueError("across_heads groups a token's channels, so it needs axis='token'")
+        self.across_heads = across_heads
+        if not param_dtype.is_floating_point:
+            raise ValueError(f"param_dtype must be a floating dtype, got {param_dtype}")
+        self.param_dtype = param_dtype
+
+    # Layout: rows are the last axis, cut into groups.
+    def _to_rows(self, x: Tensor) -> Tensor:
+        if self.axis == "channel":
+            return x.transpose(-1, -2)
+        if self.across_heads:
+            return rearrange(x, "b h t d -> b t (h d)")
+        return x
+
+    def _from_rows(self, rows: Tensor, shape: tuple[int, ...]) -> Tensor:
+        if self.axis == "channel":
+            return rows.transpose(-1, -2)
+        if self.across_heads:
+            return rearrange(rows, "b t (h d) -> b h t d", h=shape[1])
+        return rows
+
+    def _rows_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        b, h, t, d = shape
+        if self.axis == "channel":
+            return (b, h, d, t)
+        return (b, t, h * d) if self.across_heads else (b, h, t, d)
+
+    def _groups(self, length: int) -> tuple[int, int]:
+        """(group size, number of groups) for rows of `length`."""
+        size = self.group_size or max(length, 1)
+        return size, math.ceil(length / size)
+
+    def encode(self, x: Tensor, exclude: Tensor | None = None) -> QuantizedPart:
+        """Quantize `x` `[batch, kv_heads, tokens, head_dim]`; `exclude`d entries do not widen any range."""
+        rows = self._to_rows(x.float())
+        length = rows.shape[-1]
+        size, n = self._groups(length)
+        pad = n * size - length
+        valid = None if exclude is None else ~self._to_rows(exclude)
+        if pad:
+            # Padding repeats the row's last entry (or is marked invalid), so it never widens a range.
+            rows = torch.cat([rows, rows[..., -1:].expand(*rows.shape[:-1], pad)], -1)
+            if valid is not None:
+                valid = torch.cat([valid, valid.new_zeros(*valid.shape[:-1], pad)], -1)
+        grouped = rows.reshape(*rows.shape[:-1], n, size)
+        codes, scale, zero = quantize_groups(
+            grouped, self.bits, self.param_dtype, None if valid is None else valid.reshape(grouped.shape)
+        )
+        codes = codes.reshape(*rows.shape[:-1], n * size)[..., :length]
+        return QuantizedPart(pack_bits(codes, self.bits), scale, zero, self.bits, tuple(x.shape))
+
+    def _ungroup(self, grouped: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """`[..., n_groups, group]` in row layout back to `shape`."""
+        rows_shape = self._rows_shape(shape)
+        flat = grouped.flatten(-2)[..., : rows_shape[-1]]
+        return self._from_rows(flat, shape)
+
+    def _grouped_codes(self, part: QuantizedPart) -> Tensor:
+        rows_shape = self._rows_shape(part.shape)
+        size, n = self._groups(rows_shape[-1])
+        codes = unpack_bits(part.codes, part.bits, math.prod(rows_shape)).reshape(rows_shape)
+        codes = torch.nn.functional.pad(codes, (0, n * size - rows_shape[-1]))
+        return codes.reshape(*rows_shape[:-1], n, size)
+
+    def decode(self, part: QuantizedPart) -> Tensor:
+        """Dequantize: float32 `[batch, kv_heads, tokens, head_dim]`."""
+        if part.bits != self.bits:
+            raise ValueError(f"part holds {part.bits}-bit codes but this quantizer is {self.bits}-bit")
+        return self._ungroup(dequantize_groups(self._grouped_codes(part), part.scale, part.zero), part.shape)
+
+    def codes(self, part: QuantizedPart) -> Tensor:
+        """The integer codes of a part, uint8 `[batch, kv_heads, tokens, head_dim]`."""
+        return self._ungroup(self._grouped_codes(part), part.shape)
+
+    def error_bound(self, part: QuantizedPart) -> Tensor:
+        """Per-element bound on the quantization error, `scale / 2`: float32 `[batch, kv_heads, tokens, head_dim]`."""
+        size, _ = self._groups(self._rows_shape(part.shape)[-1])
+        half = (part.scale.float() / 2)[..., None].expand(*part.scale.shape, size)
+        return self._ungroup(half, part.shape)
+
+    def extra_repr(self) -> str:
+        heads = ", across_heads=True" if self.across_heads else ""
+        return f"bits={self.bits}, group_size={self.group_size}, axis={self.axis!r}{heads}, param_dtype={self.param_dtype}"

@@ -1,0 +1,1 @@
+"""Numeric kernels. `reference` holds the pure-torch versions: the CPU path and the test oracle."""

@@ -1,0 +1,137 @@
+"""Pure-torch reference kernels: bit packing and group quantization.
+
+These are the CPU path of every stage and the oracle that faster kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SUPPORTED_BITS = (1, 2, 3, 4, 8)
+
+
+def check_bits(bits: int) -> int:
+    """Return `bits` if it is a supported code width, else raise `ValueError` naming the supported ones."""
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"unsupported bit width {bits!r}; supported widths are {SUPPORTED_BITS}")
+    return int(bits)
+
+
+def packed_nbytes(numel: int, bits: int) -> int:
+    """Bytes that `pack_bits` uses for `numel` codes of width `bits` (blocks of 8 codes take `bits` bytes)."""
+    return numel if bits == 8 else -(-numel // 8) * bits
+
+
+def pack_bits(codes: Tensor, bits: int) -> Tensor:
+    """Pack integer codes into a dense little-endian bit stream.
+
+    Every block of 8 consecutive codes (in flattened order) occupies exactly `bits` bytes, code `j` of a
+    block sitting at bit offset `j * bits`. Widths that divide 8 get the usual layout; 3-bit codes really
+    take 3 bits each. Only the last block may be padded.
+
+    Args:
+        codes: integer tensor of any shape with values in `[0, 2**bits)`.
+        bits: code width, one of `SUPPORTED_BITS`.
+
+    Returns:
+        uint8 tensor `[packed_nbytes(codes.numel(), bits)]`.
+    """
+    check_bits(bits)
+    flat = codes.reshape(-1).to(torch.uint8)
+    if bits == 8:
+        return flat.clone()
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    blocks = flat.view(-1, 8).to(torch.int64)
+    code_shift = torch.arange(8, device=codes.device) * bits
+    word = (blocks << code_shift).sum(-1)  # fields are disjoint, so the sum is a bitwise OR
+    byte_shift = torch.arange(bits, device=codes.device) * 8
+    return ((word[:, None] >> byte_shift) & 0xFF).to(torch.uint8).reshape(-1)
+
+
+def unpack_bits(data: Tensor, bits: int, numel: int) -> Tensor:
+    """Inverse of `pack_bits`.
+
+    Args:
+        data: uint8 tensor `[packed_nbytes(numel, bits)]`.
+        bits: code width used when packing.
+        numel: number of codes to return.
+
+    Returns:
+        uint8 tensor `[numel]`.
+    """
+    check_bits(bits)
+    if data.numel() != packed_nbytes(numel, bits):
+        raise ValueError(f"{data.numel()} packed bytes cannot hold {numel} codes of {bits} bits")
+    if bits == 8:
+        return data[:numel].clone()
+    byte_shift = torch.arange(bits, device=data.device) * 8
+    word = (data.view(-1, bits).to(torch.int64) << byte_shift).sum(-1)
+    code_shift = torch.arange(8, device=data.device) * bits
+    codes = (word[:, None] >> code_shift) & ((1 << bits) - 1)
+    return codes.reshape(-1)[:numel].to(torch.uint8)
+
+
+def _round_toward(v: Tensor, dtype: torch.dtype, down: bool) -> Tensor:
+    """Cast `v` to `dtype`, rounding down (or up) instead of to nearest."""
+    r = v.to(dtype)
+    off = r.float() > v if down else r.float() < v
+    direction = torch.full_like(r, float("-inf") if down else float("inf"))
+    return torch.where(off, torch.nextafter(r, direction), r)
+
+
+def quantize_groups(
+    x: Tensor, bits: int, param_dtype: torch.dtype = torch.float16, valid: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Uniform asymmetric quantization of each group (last dimension) of `x`.
+
+    The stored zero is rounded down and the stored scale up, so the grid `zero + scale * [0, 2**bits - 1]`
+    covers every valid entry and the per-element error is at most `scale / 2` with the stored parameters.
+    A constant group gets `scale = 0` and reconstructs to its value (exactly when `param_dtype` holds it).
+
+    Args:
+        x: float tensor `[..., n_groups, group]`, finite.
+        bits: code width, one of `SUPPORTED_BITS`.
+        param_dtype: dtype of the stored scale and zero.
+        valid: optional bool tensor shaped like `x`; False entries are ignored when choosing the range
+            (their codes are still produced, clamped to the grid).
+
+    Returns:
+        `(codes, scale, zero)`: uint8 `[..., n_groups, group]`, and `[..., n_groups]` in `param_dtype`.
+    """
+    qmax = (1 << check_bits(bits)) - 1
+    x = x.float()
+    if valid is None:
+        lo, hi = x.amin(-1), x.amax(-1)
+    else:
+        lo = x.masked_fill(~valid, float("inf")).amin(-1)
+        hi = x.masked_fill(~valid, float("-inf")).amax(-1)
+        empty = ~valid.any(-1)
+        lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+    zero = _round_toward(lo, param_dtype, down=True)
+    scale = _round_toward((hi - zero.float()) / qmax, param_dtype, down=False)
+    if not (torch.isfinite(zero).all() and torch.isfinite(scale).all()):
+        raise ValueError(
+            f"values span a range that {param_dtype} cannot store as a scale and zero; "
+            "use a wider param_dtype (e.g. torch.float32)"
+        )
+    s, z = scale.float()[..., None], zero.float()[..., None]
+    steps = torch.where(s > 0, (x - z) / torch.where(s > 0, s, 1.0), 0.0)
+    codes = steps.round().clamp(0, qmax).to(torch.uint8)
+    return codes, scale, zero
+
+
+def dequantize_groups(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """Reconstruct `zero + scale * codes` in float32.
+
+    Args:
+        codes: uint8 tensor `[..., n_groups, group]`.
+        scale: tensor `[..., n_groups]`.
+        zero: tensor `[..., n_groups]`.
+
+    Returns:
+        float32 tensor `[..., n_groups, group]`.
+    """
+    return zero.float()[..., None] + scale.float()[..., None] * codes.float()

@@ -1,0 +1,36 @@
+import os
+
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+from gearkit.eval import synthetic_kv
+
+# Small examples and no deadlines keep the property suite fast and steady on two CPU cores.
+settings.register_profile(
+    "ci", max_examples=int(os.environ.get("GEARKIT_EXAMPLES", 25)), deadline=None,
+    suppress_health_check=[HealthCheck.too_slow], derandomize=True,
+)
+settings.load_profile("ci")
+
+
+def kv_like(seed: int, shape: tuple[int, int, int, int], heavy: int = 2, magnitude: float = 1.0) -> torch.Tensor:
+    """KV-like float32 `[batch, kv_heads, tokens, head_dim]`: Gaussian with a few large, offset channels."""
+    return synthetic_kv(shape, heavy, seed) * magnitude
+
+
+@st.composite
+def kv_tensors(draw, min_tokens=1, max_tokens=48, head_dims=(1, 2, 3, 8, 16, 24), max_batch=2, max_heads=3):
+    """Hypothesis strategy: KV-like float32 tensors of varied small shapes and magnitudes."""
+    shape = (
+        draw(st.integers(1, max_batch)),
+        draw(st.integers(1, max_heads)),
+        draw(st.integers(min_tokens, max_tokens)),
+        draw(st.sampled_from(head_dims)),
+    )
+    magnitude = draw(st.sampled_from([1e-3, 1.0, 30.0]))
+    return kv_like(draw(st.integers(0, 2**31 - 1)), shape, draw(st.integers(0, 3)), magnitude)
+
+
+def rel_error(x: torch.Tensor, y: torch.Tensor) -> float:
+    return ((x.float() - y.float()).norm() / x.float().norm().clamp_min(1e-30)).item()

@@ -1,0 +1,143 @@
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gearkit import CompressedTensor, FullPrecision, LowRankResidual, Pipeline, Quantizer, SparseOutlier, recipes
+
+from conftest import kv_like, kv_tensors, rel_error
+
+
+def gear(bits=2, group=16, axis="channel", ratio=0.05, rank=2):
+    return Pipeline([SparseOutlier(ratio, axis), Quantizer(bits, group, axis), LowRankResidual(rank)])
+
+
+def storage_bytes(c: CompressedTensor) -> int:
+    return sum(t.untyped_storage().nbytes() for t in c.tensors().values())
+
+
+backbones = st.builds(
+    lambda bits, group, axis: (Quantizer(bits, group, axis), axis),
+    bits=st.sampled_from([2, 3, 4]), group=st.sampled_from([None, 16, 32]), axis=st.sampled_from(["token", "channel"]),
+)
+
+
+@given(x=kv_tensors(min_tokens=16, max_tokens=64, head_dims=(16, 32, 64)), backbone=backbones,
+       rank=st.integers(1, 4), ratio=st.sampled_from([0.02, 0.05, 0.1]))
+def test_each_correction_never_increases_the_error(x, backbone, rank, ratio):
+    quantizer, axis = backbone
+    plain = rel_error(x, Pipeline([quantizer])(x))
+    with_lowrank = rel_error(x, Pipeline([quantizer, LowRankResidual(rank)])(x))
+    with_outliers = rel_error(x, Pipeline([SparseOutlier(ratio, axis), quantizer])(x))
+    full = rel_error(x, Pipeline([SparseOutlier(ratio, axis), quantizer, LowRankResidual(rank)])(x))
+    tol = 1 + 1e-6
+    assert with_lowrank <= plain * tol
+    assert with_outliers <= plain * tol
+    assert full <= with_outliers * tol
+
+
+@given(x=kv_tensors(min_tokens=4), name=st.sampled_from(recipes.names()))
+def test_reported_bytes_equal_the_storage_held(x, name):
+    recipe = recipes.get(name)
+    for pipeline in (recipe.key, recipe.value):
+        c = pipeline.compress(x)
+        assert c.nbytes == storage_bytes(c) == sum(c.components().values())
+        assert c.bits_per_element == 8 * c.nbytes / x.numel()
+
+
+def test_breakdown_names_every_component():
+    c = gear().compress(kv_like(0, (1, 2, 32, 16)))
+    assert set(c.components()) == {"outliers", "codes", "scales", "lowrank"}
+    assert c.compression_ratio == pytest.approx(2 * c.numel / c.nbytes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", recipes.names())
+def test_shape_and_dtype_are_preserved(dtype, name):
+    x = kv_like(1, (2, 3, 33, 16)).to(dtype)
+    recipe = recipes.get(name)
+    for pipeline in (recipe.key, recipe.value):
+        out = pipeline(x)
+        assert out.shape == x.shape and out.dtype == x.dtype and torch.isfinite(out).all()
+
+
+def test_outliers_are_exact_inside_a_pipeline():
+    x = kv_like(2, (1, 2, 32, 16)).half()
+    pipeline = gear()
+    c = pipeline.compress(x)
+    mask = pipeline.stages[0].exact_mask(c.parts[0])
+    assert mask.any() and torch.equal(pipeline.decompress(c)[mask], x[mask])
+
+
+def test_same_input_and_seed_give_bit_identical_parts():
+    x = kv_like(3, (2, 3, 48, 32))
+    a, b = gear().compress(x), gear().compress(x)
+    ta, tb = a.tensors(), b.tensors()
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_parts_are_pytrees():
+    c = gear().compress(kv_like(4, (1, 2, 16, 16)))
+    leaves, spec = pytree.tree_flatten(c)
+    assert len(leaves) == len(c.tensors()) and all(isinstance(t, torch.Tensor) for t in leaves)
+    again = pytree.tree_unflatten(leaves, spec)
+    assert torch.equal(gear().decompress(again), gear().decompress(c))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (float("nan"), "NaN or Inf"), (float("inf"), "NaN or Inf"), (float("-inf"), "NaN or Inf"),
+])
+def test_non_finite_input_is_a_clear_error(bad, match):
+    x = torch.randn(1, 1, 8, 8)
+    x[0, 0, 3, 3] = bad
+    with pytest.raises(ValueError, match=match):
+        gear(rank=1).compress(x)
+    with pytest.raises(ValueError, match=match):
+        Quantizer(2)(x)
+
+
+@pytest.mark.parametrize("x, match", [
+    (torch.randn(8, 8), "4-D"), (torch.randn(1, 1, 1, 8, 8), "4-D"), (torch.ones(1, 1, 4, 4, dtype=torch.int32), "floating"),
+])
+def test_wrong_tensors_are_a_clear_error(x, match):
+    with pytest.raises(ValueError, match=match):
+        gear(rank=1).compress(x)
+
+
+def test_a_pipeline_needs_stages():
+    with pytest.raises(ValueError, match="at least one stage"):
+        Pipeline([])
+    with pytest.raises(TypeError, match="Stage"):
+        Pipeline([torch.nn.Linear(2, 2)])
+
+
+def test_parts_must_match_the_pipeline():
+    c = gear().compress(kv_like(5, (1, 1, 16, 16)))
+    with pytest.raises(ValueError, match="parts"):
+        Pipeline([Quantizer(2)]).decompress(c)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 5, 8), (1, 3, 0, 8), (2, 1, 0, 64)])
+@pytest.mark.parametrize("name", recipes.names())
+def test_empty_tensors_round_trip(shape, name):
+    recipe = recipes.get(name)
+    for pipeline in (recipe.key, recipe.value):
+        x = torch.empty(shape, dtype=torch.float16)
+        c = pipeline.compress(x)
+        out = pipeline.decompress(c)
+        assert out.shape == x.shape and out.dtype == x.dtype and c.bits_per_element == 0.0
+
+
+def test_fp16_baseline_holds_two_bytes_per_element():
+    c = Pipeline([FullPrecision()]).compress(kv_like(6, (1, 2, 10, 16)))
+    assert c.bits_per_element == 16
+
+
+def test_torch_compile_matches_eager():
+    x = kv_like(7, (1, 2, 64, 64))
+    pipeline = gear(bits=2, group=32)
+    eager, compiled = pipeline.compress(x), torch.compile(pipeline.compress)(x)
+    te, tc = eager.tensors(), compiled.tensors()
+    assert te.keys() == tc.keys() and all(torch.equal(te[k], tc[k]) for k in te)  # stored bytes identical
+    assert torch.allclose(torch.compile(pipeline)(x), pipeline(x), rtol=1e-5, atol=1e-5)

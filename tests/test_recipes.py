@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from gearkit import LowRankResidual, Pipeline, Quantizer, Recipe, recipes
+
+from conftest import kv_like, rel_error
+
+REQUIRED = ["fp16", "uniform-2", "uniform-4", "kivi-2", "kivi-4", "gear-2", "gear-4", "gear-l-2", "gear-l-4", "kcvt-4"]
+
+
+def test_required_recipes_are_registered():
+    assert set(REQUIRED) <= set(recipes.names())
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown recipe 'gear2'.*kivi-2.*gear-2"):
+        recipes.get("gear2")
+
+
+def test_lookup_is_by_exact_name():
+    with pytest.raises(ValueError):
+        recipes.get("GEAR-2")
+
+
+def test_a_user_recipe_takes_a_few_lines():
+    mine = Recipe("test-mine-3", key=Pipeline([Quantizer(3, 32, "channel"), LowRankResidual(2)]),
+                  value=Pipeline([Quantizer(3, 32, "token")]), buffer_size=32)
+    try:
+        assert recipes.register(mine) is recipes.get("test-mine-3")
+        with pytest.raises(ValueError, match="already registered"):
+            recipes.register(mine)
+    finally:
+        recipes._REGISTRY.pop("test-mine-3", None)
+
+
+def test_recipe_fields_are_checked():
+    with pytest.raises(ValueError, match="buffer_size"):
+        Recipe("x", Pipeline([Quantizer(2)]), Pipeline([Quantizer(2)]), buffer_size=0)
+    with pytest.raises(TypeError, match="Pipeline"):
+        Recipe("x", Quantizer(2), Pipeline([Quantizer(2)]))
+
+
+def test_more_bits_give_less_error():
+    k = kv_like(0, (1, 3, 64, 64))
+    for family in ("uniform", "kivi", "gear", "gear-l"):
+        two, four = recipes.get(f"{family}-2"), recipes.get(f"{family}-4")
+        assert rel_error(k, four.key(k)) < rel_error(k, two.key(k))
+
+
+def test_gear_corrections_reduce_key_error_over_their_backbone():
+    k = kv_like(1, (1, 3, 64, 64))
+    gear, gear_l = recipes.get("gear-2").key, recipes.get("gear-l-2").key
+    backbone = Pipeline([Quantizer(2, 64, "channel")])
+    assert rel_error(k, gear(k)) <= rel_error(k, gear_l(k)) <= rel_error(k, backbone(k))
