@@ -8,6 +8,7 @@ utilities; their `nbytes` is the storage of the tensors they hold.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -78,7 +79,8 @@ class QuantizedPart(Part):
     """Bit-packed integer codes with one scale and zero per group.
 
     Attributes:
-        codes: uint8 `[packed_nbytes(numel, bits)]`, the codes of the grouped layout packed in order.
+        codes: uint8 `[batch, packed_nbytes(numel // batch, bits)]`: each batch entry's codes, in the grouped
+            layout's order, packed on their own.
         scale: `[..., n_groups]` in the quantizer's parameter dtype.
         zero: `[..., n_groups]`, same dtype.
         bits: code width.
@@ -166,3 +168,52 @@ class CompressedTensor(Part):
     def compression_ratio(self) -> float:
         """Bytes of an fp16 copy of the same elements divided by the bytes held."""
         return 2 * self.numel / self.nbytes if self.nbytes else float("inf")
+
+
+def _combine(items: Sequence[Part], tensor_fn, batch: int) -> Part:
+    """Rebuild a part from same-structured `items`, mapping each tensor field's values with `tensor_fn`."""
+    first = items[0]
+    changes = {}
+    for f in dataclasses.fields(first):
+        values = [getattr(p, f.name) for p in items]
+        v = values[0]
+        if isinstance(v, Tensor):
+            changes[f.name] = tensor_fn(values)
+        elif isinstance(v, Part):
+            changes[f.name] = _combine(values, tensor_fn, batch)
+        elif isinstance(v, tuple) and v and isinstance(v[0], Part):
+            changes[f.name] = tuple(_combine(list(group), tensor_fn, batch) for group in zip(*values))
+        elif f.name == "shape":
+            changes[f.name] = (batch, *v[1:])
+        elif any(other != v for other in values[1:]):
+            raise ValueError(f"cannot combine parts whose {f.name} differ: {values}")
+    return dataclasses.replace(first, **changes)
+
+
+def cat_batch(items: Sequence[CompressedTensor]) -> CompressedTensor:
+    """Concatenate compressed tensors along the batch (the bytes are joined, nothing is re-compressed).
+
+    Every tensor a part holds has the batch as its leading dimension, so this is exact.
+
+    Args:
+        items: compressed tensors `[b_i, kv_heads, tokens, head_dim]` from the same pipeline.
+
+    Returns:
+        A compressed tensor `[sum(b_i), kv_heads, tokens, head_dim]`.
+    """
+    if len(items) == 1:
+        return items[0]
+    return _combine(items, lambda ts: torch.cat(ts, 0), sum(c.shape[0] for c in items))
+
+
+def select_batch(item: CompressedTensor, index: Tensor) -> CompressedTensor:
+    """Pick batch entries (reorder, repeat or drop) without touching their bytes.
+
+    Args:
+        item: compressed tensor `[batch, kv_heads, tokens, head_dim]`.
+        index: int64 `[n]` of batch positions.
+
+    Returns:
+        A compressed tensor `[n, kv_heads, tokens, head_dim]`.
+    """
+    return _combine([item], lambda ts: ts[0].index_select(0, index.to(ts[0].device)), index.numel())

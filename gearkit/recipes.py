@@ -95,15 +95,15 @@ def _quantized(name: str, bits: int, description: str, *, key_group: int | None,
 
 def _builtin() -> list[Recipe]:
     fp16 = Recipe("fp16", Pipeline([FullPrecision(torch.float16)]), Pipeline([FullPrecision(torch.float16)]),
-                  buffer_size=1, description="uncompressed fp16 storage (the baseline)")
+                  buffer_size=64, description="uncompressed fp16 storage (the baseline)")
     out = [fp16]
     for bits in (2, 4, 8):
         out.append(_quantized(f"uniform-{bits}", bits, f"per-token {bits}-bit, one scale/zero per head vector",
                               key_group=None, value_group=None, key_axis="token"))
-    for bits in (2, 4):
+    for bits in (2, 3, 4):
         out.append(_quantized(f"kivi-{bits}", bits, f"KIVI {bits}-bit: keys per-channel, values per-token, groups of 32",
                               key_group=32, value_group=32, buffer_size=128))
-    for bits in (2, 4):
+    for bits in (2, 3, 4):
         out.append(_quantized(f"gear-{bits}", bits, f"GEAR {bits}-bit: 2% outliers + KIVI-style groups of 64 + rank-2 residual",
                               key_group=64, value_group=64, outliers=0.02, rank=2))
         out.append(_quantized(f"gear-l-{bits}", bits, f"GEAR-L {bits}-bit: KIVI-style groups of 64 + rank-2 residual",

@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -34,3 +35,11 @@ def kv_tensors(draw, min_tokens=1, max_tokens=48, head_dims=(1, 2, 3, 8, 16, 24)
 
 def rel_error(x: torch.Tensor, y: torch.Tensor) -> float:
     return ((x.float() - y.float()).norm() / x.float().norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The real default model and tokenizer, loaded once per test session."""
+    from gearkit.models import load_default_model
+
+    return load_default_model()

@@ -4,6 +4,7 @@ import torch.utils._pytree as pytree
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gearkit.compressed import cat_batch, select_batch
 from gearkit import CompressedTensor, FullPrecision, LowRankResidual, Pipeline, Quantizer, SparseOutlier, recipes
 
 from conftest import kv_like, kv_tensors, rel_error
@@ -141,3 +142,17 @@ def test_torch_compile_matches_eager():
     te, tc = eager.tensors(), compiled.tensors()
     assert te.keys() == tc.keys() and all(torch.equal(te[k], tc[k]) for k in te)  # stored bytes identical
     assert torch.allclose(torch.compile(pipeline)(x), pipeline(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", recipes.names())
+def test_batch_entries_are_independent_so_parts_concatenate_and_reorder(name):
+    recipe = recipes.get(name)
+    a, b = kv_like(8, (2, 3, 32, 16)), kv_like(9, (1, 3, 32, 16))
+    for pipeline in (recipe.key, recipe.value):
+        joined = cat_batch([pipeline.compress(a), pipeline.compress(b)])
+        whole = pipeline.compress(torch.cat([a, b]))
+        assert joined.nbytes == whole.nbytes and joined.shape == whole.shape
+        assert torch.allclose(pipeline.decompress(joined), pipeline.decompress(whole), atol=1e-5)
+        index = torch.tensor([2, 0, 0])
+        picked = select_batch(whole, index)
+        assert torch.equal(pipeline.decompress(picked), pipeline.decompress(whole)[index])

@@ -52,8 +52,9 @@ class LowRankResidual(Stage):
             root = s[..., : self.rank].sqrt()[..., None, :]  # split the singular values between the factors
             left, right = u[..., : self.rank] * root, vh[..., : self.rank, :].mT * root
         else:
+            # One sketch for every matrix: a matrix's factors do not depend on its place in the batch.
             gen = torch.Generator().manual_seed(self.seed)
-            sketch = torch.randn(b, h, d, self.rank, generator=gen).to(r.device)
+            sketch = torch.randn(d, self.rank, generator=gen).to(r.device)
             q = torch.linalg.qr(r @ sketch).Q
             for _ in range(self.iters):
                 q = torch.linalg.qr(r @ (r.mT @ q)).Q

@@ -98,7 +98,9 @@ class Quantizer(Stage):
             grouped, self.bits, self.param_dtype, None if valid is None else valid.reshape(grouped.shape)
         )
         codes = codes.reshape(*rows.shape[:-1], n * size)[..., :length]
-        return QuantizedPart(pack_bits(codes, self.bits), scale, zero, self.bits, tuple(x.shape))
+        # Packed per batch entry, so parts can be concatenated and reordered along the batch.
+        packed = pack_bits(codes.reshape(x.shape[0], math.prod(self._rows_shape(x.shape)[1:])), self.bits)
+        return QuantizedPart(packed, scale, zero, self.bits, tuple(x.shape))
 
     def _ungroup(self, grouped: Tensor, shape: tuple[int, ...]) -> Tensor:
         """`[..., n_groups, group]` in row layout back to `shape`."""
@@ -109,7 +111,7 @@ class Quantizer(Stage):
     def _grouped_codes(self, part: QuantizedPart) -> Tensor:
         rows_shape = self._rows_shape(part.shape)
         size, n = self._groups(rows_shape[-1])
-        codes = unpack_bits(part.codes, part.bits, math.prod(rows_shape)).reshape(rows_shape)
+        codes = unpack_bits(part.codes, part.bits, math.prod(rows_shape[1:])).reshape(rows_shape)
         codes = torch.nn.functional.pad(codes, (0, n * size - rows_shape[-1]))
         return codes.reshape(*rows_shape[:-1], n, size)
 

@@ -24,54 +24,57 @@ def packed_nbytes(numel: int, bits: int) -> int:
 
 
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
-    """Pack integer codes into a dense little-endian bit stream.
+    """Pack integer codes along the last dimension into a dense little-endian bit stream.
 
-    Every block of 8 consecutive codes (in flattened order) occupies exactly `bits` bytes, code `j` of a
-    block sitting at bit offset `j * bits`. Widths that divide 8 get the usual layout; 3-bit codes really
-    take 3 bits each. Only the last block may be padded.
+    Every block of 8 consecutive codes occupies exactly `bits` bytes, code `j` of a block sitting at bit
+    offset `j * bits`. Widths that divide 8 get the usual layout; 3-bit codes really take 3 bits each. Only
+    the last block of each row may be padded.
 
     Args:
-        codes: integer tensor of any shape with values in `[0, 2**bits)`.
+        codes: integer tensor `[..., n]` with values in `[0, 2**bits)`.
         bits: code width, one of `SUPPORTED_BITS`.
 
     Returns:
-        uint8 tensor `[packed_nbytes(codes.numel(), bits)]`.
+        uint8 tensor `[..., packed_nbytes(n, bits)]`.
     """
     check_bits(bits)
-    flat = codes.reshape(-1).to(torch.uint8)
+    codes = codes.to(torch.uint8)
     if bits == 8:
-        return flat.clone()
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    blocks = flat.view(-1, 8).to(torch.int64)
-    code_shift = torch.arange(8, device=codes.device) * bits
-    word = (blocks << code_shift).sum(-1)  # fields are disjoint, so the sum is a bitwise OR
-    byte_shift = torch.arange(bits, device=codes.device) * 8
-    return ((word[:, None] >> byte_shift) & 0xFF).to(torch.uint8).reshape(-1)
+        return codes.clone(memory_format=torch.contiguous_format)
+    lead, n = codes.shape[:-1], codes.shape[-1]
+    blocks = torch.nn.functional.pad(codes, (0, (-n) % 8)).reshape(*lead, -(-n // 8), 8).to(torch.int32)
+    code_shift = torch.arange(8, device=codes.device, dtype=torch.int32) * bits
+    word = (blocks << code_shift).sum(-1, dtype=torch.int32)  # at most 32 bits; fields are disjoint, so sum == OR
+    byte_shift = torch.arange(bits, device=codes.device, dtype=torch.int32) * 8
+    return ((word[..., None] >> byte_shift) & 0xFF).to(torch.uint8).reshape(*lead, packed_nbytes(n, bits))
 
 
-def unpack_bits(data: Tensor, bits: int, numel: int) -> Tensor:
+def unpack_bits(data: Tensor, bits: int, n: int) -> Tensor:
     """Inverse of `pack_bits`.
 
     Args:
-        data: uint8 tensor `[packed_nbytes(numel, bits)]`.
+        data: uint8 tensor `[..., packed_nbytes(n, bits)]`.
         bits: code width used when packing.
-        numel: number of codes to return.
+        n: number of codes per row.
 
     Returns:
-        uint8 tensor `[numel]`.
+        uint8 tensor `[..., n]`.
     """
     check_bits(bits)
-    if data.numel() != packed_nbytes(numel, bits):
-        raise ValueError(f"{data.numel()} packed bytes cannot hold {numel} codes of {bits} bits")
+    if data.shape[-1] != packed_nbytes(n, bits):
+        raise ValueError(f"{data.shape[-1]} packed bytes per row cannot hold {n} codes of {bits} bits")
     if bits == 8:
-        return data[:numel].clone()
-    byte_shift = torch.arange(bits, device=data.device) * 8
-    word = (data.view(-1, bits).to(torch.int64) << byte_shift).sum(-1)
-    code_shift = torch.arange(8, device=data.device) * bits
-    codes = (word[:, None] >> code_shift) & ((1 << bits) - 1)
-    return codes.reshape(-1)[:numel].to(torch.uint8)
+        return data.clone(memory_format=torch.contiguous_format)
+    lead, blocks = data.shape[:-1], -(-n // 8)
+    if 8 % bits == 0:  # codes never straddle a byte: shift the bytes themselves
+        shift = torch.arange(0, 8, bits, device=data.device, dtype=torch.uint8)
+        codes = (data[..., None] >> shift) & ((1 << bits) - 1)
+    else:
+        byte_shift = torch.arange(bits, device=data.device, dtype=torch.int32) * 8
+        word = (data.reshape(*lead, blocks, bits).to(torch.int32) << byte_shift).sum(-1, dtype=torch.int32)
+        code_shift = torch.arange(8, device=data.device, dtype=torch.int32) * bits
+        codes = (word[..., None] >> code_shift) & ((1 << bits) - 1)
+    return codes.reshape(*lead, blocks * 8)[..., :n].to(torch.uint8)
 
 
 def _round_toward(v: Tensor, dtype: torch.dtype, down: bool) -> Tensor:

