@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-DEMO_RECIPES = ["fp16", "kivi-4", "gear-4", "kivi-3", "gear-3", "kivi-2", "gear-2"]
+DEMO_RECIPES = ["fp16", "kivi-4", "gear-4", "sink-4", "kivi-3", "gear-3", "sink-3", "kivi-2", "gear-2", "sink-gear-2"]
 
 
 def _progress():
@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="compare recipes on the default model and text")
-    demo.add_argument("--prefix", type=int, default=1024)
-    demo.add_argument("--continuation", type=int, default=1024)
+    demo.add_argument("--prefix", type=int, default=512)
+    demo.add_argument("--continuation", type=int, default=512)
     demo.add_argument("--windows", type=int, default=1)
     demo.add_argument("--prompt", default="Explain in three sentences why the sky is blue.")
     demo.add_argument("--max-new-tokens", type=int, default=48)

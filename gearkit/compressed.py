@@ -105,11 +105,13 @@ class OutlierPart(Part):
         values: `[..., rows, count]` in the stage's value dtype.
         indices: `[..., rows, count]` in the smallest integer dtype that addresses the row.
         row_length: length of each row.
+        heads: number of KV heads of the tensor the rows were taken from.
     """
 
     values: Tensor
     indices: Tensor
     row_length: int
+    heads: int
     component: ClassVar[str] = "outliers"
 
 

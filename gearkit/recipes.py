@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from gearkit.compressors import FullPrecision, LowRankResidual, Pipeline, Quantizer, SparseOutlier
 
 
@@ -27,6 +25,7 @@ class Recipe:
         value: pipeline for values, same layout.
         buffer_size: the newest tokens kept in full precision; when the buffer holds this many they are
             compressed as one chunk. 1 compresses every token as it arrives.
+        sink_tokens: the first tokens of a sequence, kept in full precision for good (attention sinks).
         description: one line for tables and `gearkit recipes`.
     """
 
@@ -34,11 +33,14 @@ class Recipe:
     key: Pipeline
     value: Pipeline
     buffer_size: int = 64
+    sink_tokens: int = 0
     description: str = ""
 
     def __post_init__(self):
         if not isinstance(self.buffer_size, int) or self.buffer_size < 1:
             raise ValueError(f"buffer_size must be a positive int, got {self.buffer_size!r}")
+        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be a non-negative int, got {self.sink_tokens!r}")
         for role in ("key", "value"):
             if not isinstance(getattr(self, role), Pipeline):
                 raise TypeError(f"recipe {role} must be a gearkit Pipeline")
@@ -72,44 +74,47 @@ def names() -> list[str]:
     return list(_REGISTRY)
 
 
-def _quantized(name: str, bits: int, description: str, *, key_group: int | None, value_group: int | None,
-               key_axis: str = "channel", outliers: float = 0.0, rank: int = 0, buffer_size: int = 64,
-               across_heads: bool = False) -> Recipe:
-    """A recipe whose key and value pipelines are [outliers?] + quantizer + [low-rank?]."""
-
-    def pipeline(axis: str, group: int | None, heads: bool) -> Pipeline:
-        stages = [SparseOutlier(outliers, axis)] if outliers else []
-        stages.append(Quantizer(bits, group, axis, across_heads=heads))
-        if rank:
-            stages.append(LowRankResidual(rank))
-        return Pipeline(stages)
-
-    return Recipe(
-        name,
-        key=pipeline(key_axis, key_group, False),
-        value=pipeline("token", value_group, across_heads),
-        buffer_size=buffer_size,
-        description=description,
-    )
+def _pipeline(*stages) -> Pipeline:
+    return Pipeline(list(stages))
 
 
 def _builtin() -> list[Recipe]:
-    fp16 = Recipe("fp16", Pipeline([FullPrecision(torch.float16)]), Pipeline([FullPrecision(torch.float16)]),
-                  buffer_size=64, description="uncompressed fp16 storage (the baseline)")
-    out = [fp16]
-    for bits in (2, 4, 8):
-        out.append(_quantized(f"uniform-{bits}", bits, f"per-token {bits}-bit, one scale/zero per head vector",
-                              key_group=None, value_group=None, key_axis="token"))
-    for bits in (2, 3, 4):
-        out.append(_quantized(f"kivi-{bits}", bits, f"KIVI {bits}-bit: keys per-channel, values per-token, groups of 32",
-                              key_group=32, value_group=32, buffer_size=128))
-    for bits in (2, 3, 4):
-        out.append(_quantized(f"gear-{bits}", bits, f"GEAR {bits}-bit: 2% outliers + KIVI-style groups of 64 + rank-2 residual",
-                              key_group=64, value_group=64, outliers=0.02, rank=2))
-        out.append(_quantized(f"gear-l-{bits}", bits, f"GEAR-L {bits}-bit: KIVI-style groups of 64 + rank-2 residual",
-                              key_group=64, value_group=64, rank=2))
-    out.append(_quantized("kcvt-4", 4, "GEAR on a KCVT 4-bit backbone: keys per-channel per chunk, values per-token across heads",
-                          key_group=None, value_group=None, outliers=0.02, rank=2, across_heads=True))
+    out = [Recipe("fp16", _pipeline(FullPrecision()), _pipeline(FullPrecision()), 64,
+                  description="uncompressed fp16 storage (the baseline)")]
+    for b in (2, 4, 8):
+        out.append(Recipe(f"uniform-{b}", _pipeline(Quantizer(b)), _pipeline(Quantizer(b)), 64,
+                          description=f"per-token {b}-bit, one scale/zero per head vector"))
+    for b in (2, 3, 4):  # KIVI as published: groups of 32, 128 recent tokens in full precision
+        out.append(Recipe(f"kivi-{b}", _pipeline(Quantizer(b, 32, "channel")), _pipeline(Quantizer(b, 32, "token")),
+                          128, description=f"KIVI {b}-bit: keys per-channel, values per-token, groups of 32"))
+    for b in (2, 3, 4):  # GEAR as published on a KIVI-style backbone: 2% outliers, rank 2 per 64-token chunk
+        out.append(Recipe(
+            f"gear-{b}",
+            _pipeline(SparseOutlier(0.02, "channel"), Quantizer(b, 64, "channel"), LowRankResidual(2)),
+            _pipeline(SparseOutlier(0.02, "token"), Quantizer(b, 64, "token"), LowRankResidual(2)),
+            64, description=f"GEAR {b}-bit: 2% outliers + KIVI-style groups of 64 + rank-2 residual per chunk"))
+        out.append(Recipe(
+            f"gear-l-{b}",
+            _pipeline(Quantizer(b, 64, "channel"), LowRankResidual(2)),
+            _pipeline(Quantizer(b, 64, "token"), LowRankResidual(2)),
+            64, description=f"GEAR-L {b}-bit: KIVI-style groups of 64 + rank-2 residual per chunk"))
+    out.append(Recipe(
+        "kcvt-4",
+        _pipeline(SparseOutlier(0.02, "channel"), Quantizer(4, None, "channel"), LowRankResidual(2)),
+        _pipeline(SparseOutlier(0.02, "token"), Quantizer(4, None, "token", across_heads=True), LowRankResidual(2)),
+        64, description="GEAR on a KCVT 4-bit backbone: keys per-channel per chunk, values per-token across heads"))
+    # gearkit's own, from measuring where the bytes earn their keep (see the README's frontier): groups of 64,
+    # the first 4 tokens (attention sinks) kept in fp16, and GEAR's outliers only where they pay (at 2 bits).
+    for b in (2, 3, 4):
+        out.append(Recipe(f"sink-{b}", _pipeline(Quantizer(b, 64, "channel")), _pipeline(Quantizer(b, 64, "token")),
+                          64, sink_tokens=4,
+                          description=f"{b}-bit per-channel keys / per-token values in groups of 64, 4 fp16 sink tokens"))
+    out.append(Recipe(
+        "sink-gear-2",
+        _pipeline(SparseOutlier(0.02, "channel"), Quantizer(2, 64, "channel")),
+        _pipeline(SparseOutlier(0.01, "token", across_heads=True), Quantizer(2, 64, "token")),
+        64, sink_tokens=4,
+        description="sink-2 + GEAR outliers (2% per key channel, 1% per token across heads), no low-rank term"))
     return out
 
 

@@ -214,3 +214,27 @@ def test_tiny_compressed_generation_batch_beam_and_bytes(tiny):
         assert out.shape[1] == 13 + 40 and cache.get_seq_length() == 13 + 39
         assert cache.memory_report().nbytes == storage(cache)
         assert all(layer.chunks == (13 + 39) // 16 for layer in cache.layers)
+
+
+def test_sink_tokens_stay_in_full_precision():
+    kivi = recipes.get("kivi-2")
+    recipe = Recipe("sink-kivi-2", kivi.key, kivi.value, buffer_size=64, sink_tokens=4)
+    cache = GearCache(recipe)
+    keys = kv_like(0, (2, 3, 150, 64))
+    keys[:, :, 0] *= 50  # a sink far outside the other tokens' range
+    cache.update(keys[:, :, :2], kv_like(1, (2, 3, 2, 64)), 0)
+    cache.update(keys[:, :, 2:], kv_like(1, (2, 3, 148, 64)), 0)
+    layer = cache.layers[0]
+    assert (layer.sink_keys.shape[-2], layer.chunks, layer.keys.shape[-2]) == (4, 2, 22)  # chunk grid unchanged
+    assert layer.tokens_to_next_chunk() == 64 - 22
+    held, _ = layer.dequantized()
+    assert torch.equal(held[:, :, :4], keys[:, :, :4].half().float())
+    plain = GearCache(Recipe("plain-kivi-2", kivi.key, kivi.value, buffer_size=64))
+    plain.update(keys, kv_like(1, (2, 3, 150, 64)), 0)
+    rest = lambda c: (c.layers[0].dequantized()[0] - keys.half().float())[:, :, 4:64].norm()
+    assert rest(cache) < 0.5 * rest(plain)  # the sink did not widen the first chunk's ranges
+    assert cache.memory_report().components["sink"] == 2 * 2 * 3 * 4 * 64 * 2
+    assert cache.memory_report().nbytes == storage(cache)
+    cache.crop(-148)
+    assert cache.get_seq_length() == 2 and layer.sink_keys.shape[-2] == 2 and layer.chunks == 0
+    assert torch.equal(layer.dequantized()[0], keys[:, :, :2].half().float())

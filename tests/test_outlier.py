@@ -73,3 +73,14 @@ def test_values_too_large_for_storage_dtype_are_a_clear_error():
     x = torch.tensor([1e6, 0.0, 1.0, 2.0]).reshape(1, 1, 1, 4)
     with pytest.raises(ValueError, match="overflow"):
         SparseOutlier(0.5).encode(x)
+
+
+def test_rows_across_heads_allow_finer_fractions():
+    x = torch.randn(2, 3, 5, 64)
+    stage = SparseOutlier(0.01, across_heads=True, value_dtype=torch.float32)
+    part = stage.encode(x)
+    assert part.values.shape == (2, 5, 2) and part.indices.dtype == torch.uint8  # 2 of 192 entries per token
+    mask = stage.exact_mask(part)
+    assert torch.equal(stage.decode(part)[mask], x[mask]) and int(mask.sum()) == 2 * 5 * 2
+    with pytest.raises(ValueError, match="across_heads"):
+        SparseOutlier(0.01, "channel", across_heads=True)

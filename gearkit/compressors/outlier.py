@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from gearkit.compressed import OutlierPart
@@ -23,6 +24,8 @@ class SparseOutlier(Stage):
 
     Rows run along `axis` of `[batch, kv_heads, tokens, head_dim]`: with `axis="token"` a row is one token's
     vector (values in GEAR), with `axis="channel"` a row is one channel's run over the tokens (keys in GEAR).
+    With `across_heads=True` (token axis only) a row is a token's vectors of all heads, which allows finer
+    fractions (one entry per side of 3 heads x 64 channels is 1%).
     Each row keeps `count_per_side(row_length)` = `round(ratio * row_length / 2)` entries at each end, so the
     fraction is counted from the real row length.
 
@@ -30,22 +33,33 @@ class SparseOutlier(Stage):
         ratio: fraction of each row stored exactly, in [0, 1].
         axis: "token" or "channel".
         value_dtype: dtype of the stored values; entries are exact when this dtype holds them (fp16 caches).
+        across_heads: rows span all heads of a token (only with `axis="token"`).
     """
 
-    def __init__(self, ratio: float, axis: Axis = "token", value_dtype: torch.dtype = torch.float16):
+    def __init__(self, ratio: float, axis: Axis = "token", value_dtype: torch.dtype = torch.float16,
+                 across_heads: bool = False):
         super().__init__()
         if not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
             raise ValueError(f"outlier ratio must be a number in [0, 1], got {ratio!r}")
         self.ratio = float(ratio)
         self.axis = check_axis(axis)
-        self.value_dtype = value_dtype
+        if across_heads and axis != "token":
+            raise ValueError("across_heads takes a token's vectors of all heads, so it needs axis='token'")
+        self.value_dtype, self.across_heads = value_dtype, across_heads
 
     def count_per_side(self, row_length: int) -> int:
         """Entries taken from each end of a row of `row_length`."""
         return min(int(self.ratio * row_length / 2 + 0.5), row_length // 2)
 
     def _to_rows(self, x: Tensor) -> Tensor:
+        if self.across_heads:
+            return rearrange(x, "b h t d -> b t (h d)")
         return x.transpose(-1, -2) if self.axis == "channel" else x
+
+    def _from_rows(self, rows: Tensor, heads: int) -> Tensor:
+        if self.across_heads:
+            return rearrange(rows, "b t (h d) -> b h t d", h=heads)
+        return rows.transpose(-1, -2) if self.axis == "channel" else rows
 
     def encode(self, x: Tensor, exclude: Tensor | None = None) -> OutlierPart:
         """Store the extremes of each row of `x` `[batch, kv_heads, tokens, head_dim]`."""
@@ -62,11 +76,11 @@ class SparseOutlier(Stage):
         bottom = low_pool.topk(k, dim=-1, largest=False).indices
         idx = torch.cat([top, bottom], -1)
         values = check_storable(rows.gather(-1, idx).to(self.value_dtype), "outlier values")
-        return OutlierPart(values, idx.to(index_dtype(length)), length)
+        return OutlierPart(values, idx.to(index_dtype(length)), length, x.shape[1])
 
     def _scatter(self, part: OutlierPart, src: Tensor) -> Tensor:
         rows = src.new_zeros(*part.values.shape[:-1], part.row_length).scatter(-1, part.indices.long(), src)
-        return rows.transpose(-1, -2) if self.axis == "channel" else rows
+        return self._from_rows(rows, part.heads)
 
     def decode(self, part: OutlierPart) -> Tensor:
         """The stored entries in place, zeros elsewhere: float32 `[batch, kv_heads, tokens, head_dim]`."""
@@ -77,4 +91,5 @@ class SparseOutlier(Stage):
         return self._scatter(part, torch.ones_like(part.values, dtype=torch.bool))
 
     def extra_repr(self) -> str:
-        return f"ratio={self.ratio}, axis={self.axis!r}, value_dtype={self.value_dtype}"
+        heads = ", across_heads=True" if self.across_heads else ""
+        return f"ratio={self.ratio}, axis={self.axis!r}, value_dtype={self.value_dtype}{heads}"

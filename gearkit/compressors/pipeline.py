@@ -49,8 +49,13 @@ class Pipeline(nn.Module):
             exact = mask if exact is None else exact | mask
         return out, exact
 
-    def compress(self, x: Tensor) -> CompressedTensor:
+    def compress(self, x: Tensor, exclude: Tensor | None = None) -> CompressedTensor:
         """Compress `x` `[batch, kv_heads, tokens, head_dim]` (fp32, fp16 or bf16, finite).
+
+        Args:
+            x: the tensor.
+            exclude: optional bool tensor shaped like `x`: entries the caller stores exactly elsewhere. No
+                stage spends precision on them and their reconstruction is unspecified (but finite).
 
         Returns:
             A `CompressedTensor` holding one part per stage.
@@ -59,7 +64,9 @@ class Pipeline(nn.Module):
             ValueError: if `x` is not 4-D, not floating point, or not finite.
         """
         check_kv(x)
-        residual, exact, parts = x.float(), None, []
+        if exclude is not None and exclude.shape != x.shape:
+            raise ValueError(f"exclude must have the shape of x {tuple(x.shape)}, got {tuple(exclude.shape)}")
+        residual, exact, parts = x.float(), exclude, []
         for i, stage in enumerate(self.stages):
             parts.append(stage.encode(residual, exact))
             if i + 1 < len(self.stages):  # the last stage's residual is never needed

@@ -59,8 +59,10 @@ def make_cache(name: str, model):
 
 
 def cache_step(cache) -> int:
-    """Tokens per feed step for `cache`: its buffer size, so that compression happens between steps."""
-    return cache.recipe.buffer_size if isinstance(cache, GearCache) else HF_STEP
+    """Tokens to feed next: up to where `cache` compresses its next chunk, so compression happens between steps."""
+    if isinstance(cache, GearCache):
+        return cache.layers[0].tokens_to_next_chunk() if cache.layers else cache.recipe.buffer_size
+    return HF_STEP
 
 
 def head_dim(config) -> int:
@@ -156,14 +158,13 @@ def cached_nll(model, window: Tensor, prefix: int, cache) -> tuple[float, float,
 
     All of `window` ends up in the cache, so its memory report covers `prefix + continuation` tokens.
     """
-    step = cache_step(cache)
     start = time.perf_counter()
     logits = model(window[None, :prefix], cache=cache, use_cache=True).logits[0, -1:]
     prefill_s = time.perf_counter() - start
     nll, pos, end = _nll(logits, window[prefix : prefix + 1]), prefix, window.numel()
     start = time.perf_counter()
     while pos < end:
-        n = min(step - pos % step, end - pos)  # end each step where the buffer fills
+        n = min(cache_step(cache), end - pos)  # end each step where the buffer fills
         logits = model(window[None, pos : pos + n], cache=cache, use_cache=True).logits[0]
         targets = window[pos + 1 : pos + n + 1]  # the window's last token predicts nothing scored
         nll += _nll(logits[: targets.numel()], targets)

@@ -5,6 +5,10 @@ tokens enter the buffer; when it holds `recipe.buffer_size` tokens they are comp
 appended to the compressed storage, where they stay as compressed bytes and are never re-compressed.
 Attention of the current step sees the compressed past, the buffer and the new tokens (the buffer is
 compressed after the step, so a token never sees a compressed copy of the step it belongs to).
+
+A recipe may keep the first `sink_tokens` tokens of each sequence (attention sinks) as an exact fp16 copy: the
+chunk that holds them is compressed with those positions excluded (they do not widen any quantization
+range), and reads take them from the copy. The chunk grid is unchanged.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ class MemoryReport:
     """Bytes a cache holds, by component, against an fp16 cache of the same tokens.
 
     Attributes:
-        components: bytes by component (`codes`, `scales`, `outliers`, `lowrank`, `dense`, `buffer`).
+        components: bytes by component (`codes`, `scales`, `outliers`, `lowrank`, `dense`, `buffer`, `sink`).
         tokens: logical sequence length.
         elements: key and value elements of those tokens, over all layers, heads and batch entries.
     """
@@ -67,8 +71,8 @@ class MemoryReport:
 class GearLayer(CacheLayerMixin):
     """One layer's compressed chunks and full-precision buffer.
 
-    `keys`/`values` hold the buffer `[batch, kv_heads, buffered, head_dim]` in `buffer_dtype`. The
-    compressed chunks are stacked along the batch, chunk-major: `[(chunks batch), kv_heads, chunk, head_dim]`,
+    `keys`/`values` hold the buffer `[batch, kv_heads, buffered, head_dim]` in `buffer_dtype`, and
+    `sink_keys`/`sink_values` a copy of the first `recipe.sink_tokens` tokens, also in `buffer_dtype`. The compressed chunks are stacked along the batch, chunk-major: `[(chunks batch), kv_heads, chunk, head_dim]`,
     so every compressed chunk stays its own bytes and decompression is one call.
 
     Args:
@@ -86,6 +90,8 @@ class GearLayer(CacheLayerMixin):
         self.buffer_dtype = buffer_dtype
         self.compressed_keys: CompressedTensor | None = None
         self.compressed_values: CompressedTensor | None = None
+        self.sink_keys: Tensor | None = None
+        self.sink_values: Tensor | None = None
         self.chunks = 0
         self.cumulative_length = 0
 
@@ -98,6 +104,7 @@ class GearLayer(CacheLayerMixin):
         store = self.buffer_dtype or key_states.dtype
         self.keys = key_states.new_zeros(*key_states.shape[:2], 0, key_states.shape[-1], dtype=store)
         self.values = value_states.new_zeros(*value_states.shape[:2], 0, value_states.shape[-1], dtype=store)
+        self.sink_keys, self.sink_values = self.keys.clone(), self.values.clone()
         self.is_initialized = True
 
     # -- reading -------------------------------------------------------------------------------------------
@@ -107,11 +114,19 @@ class GearLayer(CacheLayerMixin):
             return like.new_zeros(*like.shape[:2], 0, like.shape[-1], dtype=self.dtype)
         return rearrange(pipeline.decompress(c).to(self.dtype), "(n b) h c d -> b h (n c) d", n=self.chunks)
 
+    def _assemble(self, sink: Tensor, c: CompressedTensor | None, pipeline, buffer: Tensor) -> Tensor:
+        """Decompressed chunks and buffer in sequence order, the sink copy in front: `[batch, kv_heads, tokens, head_dim]`."""
+        held = torch.cat([self._unchunk(c, pipeline, buffer), buffer.to(self.dtype)], -2)
+        return torch.cat([sink.to(self.dtype), held[:, :, sink.shape[-2] :]], -2)
+
     def dequantized(self) -> tuple[Tensor, Tensor]:
         """Everything held, decompressed: keys and values `[batch, kv_heads, tokens, head_dim]`."""
-        keys = torch.cat([self._unchunk(self.compressed_keys, self.recipe.key, self.keys), self.keys.to(self.dtype)], -2)
-        values = torch.cat([self._unchunk(self.compressed_values, self.recipe.value, self.values), self.values.to(self.dtype)], -2)
-        return keys, values
+        return (self._assemble(self.sink_keys, self.compressed_keys, self.recipe.key, self.keys),
+                self._assemble(self.sink_values, self.compressed_values, self.recipe.value, self.values))
+
+    def tokens_to_next_chunk(self) -> int:
+        """How many more tokens fill the buffer, so that the next chunk is compressed."""
+        return self.chunk_size - (self.keys.shape[-2] if self.is_initialized else 0)
 
     # -- writing -------------------------------------------------------------------------------------------
     def _store(self, states: Tensor, name: str) -> Tensor:
@@ -127,7 +142,13 @@ class GearLayer(CacheLayerMixin):
         if not full:
             return current, buffer
         chunks = rearrange(buffer[:, :, :full], "b h (n c) d -> (n b) h c d", c=self.chunk_size)
-        new = pipeline.compress(chunks)
+        first = self.chunks * self.chunk_size  # sequence position of the buffer's first token
+        exclude = None
+        if first < self.recipe.sink_tokens:  # sink positions are stored exactly in the sink copy
+            position = first + torch.arange(full, device=buffer.device)
+            exclude = rearrange(position < self.recipe.sink_tokens, "(n c) -> n 1 1 c 1", c=self.chunk_size)
+            exclude = exclude.expand(-1, buffer.shape[0], *chunks.shape[1:]).reshape(chunks.shape)
+        new = pipeline.compress(chunks, exclude)
         merged = new if current is None else cat_batch([current, new])
         return merged, buffer[:, :, full:].clone()  # clone: the buffer owns exactly its bytes
 
@@ -140,16 +161,19 @@ class GearLayer(CacheLayerMixin):
         new_keys, new_values = self._store(key_states, "key_states"), self._store(value_states, "value_states")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        to_sink = max(min(self.recipe.sink_tokens - self.cumulative_length, new_keys.shape[-2]), 0)
+        sink_keys = torch.cat([self.sink_keys, new_keys[:, :, :to_sink]], -2)
+        sink_values = torch.cat([self.sink_values, new_values[:, :, :to_sink]], -2)
         keys_buffer = torch.cat([self.keys, new_keys], -2)
         values_buffer = torch.cat([self.values, new_values], -2)
-        past_keys = self._unchunk(self.compressed_keys, self.recipe.key, keys_buffer)
-        past_values = self._unchunk(self.compressed_values, self.recipe.value, values_buffer)
-        out = torch.cat([past_keys, keys_buffer.to(self.dtype)], -2), torch.cat([past_values, values_buffer.to(self.dtype)], -2)
+        out = (self._assemble(sink_keys, self.compressed_keys, self.recipe.key, keys_buffer),
+               self._assemble(sink_values, self.compressed_values, self.recipe.value, values_buffer))
         # Everything is computed before any state changes, so a failure leaves the layer as it was.
         ck, kb = self._compress_full_chunks(keys_buffer, self.recipe.key, self.compressed_keys)
         cv, vb = self._compress_full_chunks(values_buffer, self.recipe.value, self.compressed_values)
         self.chunks += (keys_buffer.shape[-2] - kb.shape[-2]) // self.chunk_size
         self.compressed_keys, self.compressed_values, self.keys, self.values = ck, cv, kb, vb
+        self.sink_keys, self.sink_values = sink_keys, sink_values
         self.cumulative_length += key_states.shape[-2]
         return out
 
@@ -164,7 +188,7 @@ class GearLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.compressed_keys = self.compressed_values = None
+        self.keys = self.values = self.compressed_keys = self.compressed_values = self.sink_keys = self.sink_values = None
         self.chunks = self.cumulative_length = 0
         self.is_initialized = False
 
@@ -175,6 +199,7 @@ class GearLayer(CacheLayerMixin):
         index = index.to(self.keys.device)
         batch = self.keys.shape[0]
         self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
+        self.sink_keys, self.sink_values = self.sink_keys.index_select(0, index), self.sink_values.index_select(0, index)
         if self.compressed_keys is not None:
             chunk_index = (torch.arange(self.chunks, device=index.device)[:, None] * batch + index).flatten()
             self.compressed_keys = select_batch(self.compressed_keys, chunk_index)
@@ -202,18 +227,18 @@ class GearLayer(CacheLayerMixin):
         if not remove or not self.is_initialized:
             return
         keep = self.cumulative_length - remove
+        sink = min(keep, self.sink_keys.shape[-2])
+        self.sink_keys, self.sink_values = self.sink_keys[:, :, :sink].clone(), self.sink_values[:, :, :sink].clone()
         if remove <= self.keys.shape[-2]:
             end = self.keys.shape[-2] - remove
             self.keys, self.values = self.keys[:, :, :end].clone(), self.values[:, :, :end].clone()
         else:
             keys, values = self.dequantized()
-            whole = keep // self.chunk_size
-            batch = self.keys.shape[0]
-            store = self.keys.dtype
+            whole, store = keep // self.chunk_size, self.keys.dtype
             self.keys = keys[:, :, whole * self.chunk_size : keep].to(store).clone()
             self.values = values[:, :, whole * self.chunk_size : keep].to(store).clone()
             if whole:
-                index = torch.arange(whole * batch, device=self.keys.device)
+                index = torch.arange(whole * self.keys.shape[0], device=self.keys.device)
                 self.compressed_keys = select_batch(self.compressed_keys, index)
                 self.compressed_values = select_batch(self.compressed_values, index)
             else:
@@ -226,7 +251,7 @@ class GearLayer(CacheLayerMixin):
         """Every tensor this layer holds (compressed parts and buffer)."""
         if not self.is_initialized:
             return []
-        out = [self.keys, self.values]
+        out = [self.keys, self.values, self.sink_keys, self.sink_values]
         for c in (self.compressed_keys, self.compressed_values):
             if c is not None:
                 out += list(c.tensors().values())
@@ -237,6 +262,8 @@ class GearLayer(CacheLayerMixin):
         if not self.is_initialized:
             return MemoryReport({}, 0, 0)
         components = {"buffer": tensor_nbytes(self.keys) + tensor_nbytes(self.values)}
+        if self.recipe.sink_tokens:
+            components["sink"] = tensor_nbytes(self.sink_keys) + tensor_nbytes(self.sink_values)
         for c in (self.compressed_keys, self.compressed_values):
             for name, n in (c.components() if c is not None else {}).items():
                 components[name] = components.get(name, 0) + n

@@ -1,0 +1,16 @@
+"""The example scripts run as a user would run them."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("script, expect", [("quickstart.py", "gear-2"), ("generate_with_gearkit.py", "sink-3")])
+def test_example_runs(script, expect):
+    run = subprocess.run([sys.executable, str(EXAMPLES / script)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert expect in run.stdout
