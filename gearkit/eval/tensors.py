@@ -50,7 +50,8 @@ def _rel(x: Tensor, y: Tensor) -> float:
 def compare_recipes(keys: Tensor, values: Tensor, names: Sequence[str] | None = None) -> list[RecipeResult]:
     """Relative Frobenius error and all-in bits per element of each recipe.
 
-    Each recipe compresses the tensors in chunks of its `buffer_size` tokens, as its cache would.
+    Each recipe compresses the tensors in chunks of its `buffer_size` tokens, as its cache would; the
+    streaming buffer and attention-sink tokens are cache features and play no part here.
 
     Args:
         keys: `[batch, kv_heads, tokens, head_dim]`.
