@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--continuation", type=int, default=512)
     demo.add_argument("--windows", type=int, default=1)
     demo.add_argument("--prompt", default="Explain in three sentences why the sky is blue.")
-    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.add_argument("--max-new-tokens", type=int, default=100, help="enough that every recipe compresses a chunk")
     demo.set_defaults(func=cmd_demo)
 
     sub.add_parser("recipes", help="list the recipes").set_defaults(func=cmd_recipes)
