@@ -5,17 +5,21 @@ load when used.
 """
 
 from gearkit import recipes
-from gearkit.compressed import CompressedTensor, DensePart, LowRankPart, OutlierPart, Part, QuantizedPart
-from gearkit.compressors import FullPrecision, LowRankResidual, Pipeline, Quantizer, SparseOutlier, Stage
+from gearkit.compressed import (
+    ChannelScaledPart, CompressedTensor, DensePart, LowRankPart, OutlierPart, Part, QuantizedPart,
+)
+from gearkit.compressors import (
+    ChannelSeparableQuantizer, FullPrecision, LowRankResidual, Pipeline, Quantizer, SparseOutlier, Stage,
+)
 from gearkit.recipes import Recipe
 
 __version__ = "0.1.0"
 
 __all__ = [
     # stages and their composition
-    "Stage", "Quantizer", "SparseOutlier", "LowRankResidual", "FullPrecision", "Pipeline",
+    "Stage", "Quantizer", "ChannelSeparableQuantizer", "SparseOutlier", "LowRankResidual", "FullPrecision", "Pipeline",
     # stored parts
-    "Part", "CompressedTensor", "QuantizedPart", "OutlierPart", "LowRankPart", "DensePart",
+    "Part", "CompressedTensor", "QuantizedPart", "ChannelScaledPart", "OutlierPart", "LowRankPart", "DensePart",
     # recipes
     "Recipe", "recipes",
 ]

@@ -130,6 +130,27 @@ class LowRankPart(Part):
 
 
 @_register
+class ChannelScaledPart(Part):
+    """A quantized part of channel-normalised values and the per-channel scales to undo the normalisation.
+
+    Attributes:
+        quantized: the tokenwise-quantized normalised tensor.
+        channel_scale: `[batch, kv_heads, 1, head_dim]`.
+    """
+
+    quantized: QuantizedPart
+    channel_scale: Tensor
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {**{f"quantized.{k}": v for k, v in self.quantized.tensors().items()}, "channel_scale": self.channel_scale}
+
+    def components(self) -> dict[str, int]:
+        out = self.quantized.components()
+        out["scales"] += tensor_nbytes(self.channel_scale)
+        return out
+
+
+@_register
 class CompressedTensor(Part):
     """A tensor compressed by a `Pipeline`: one part per stage, plus the original shape and dtype.
 

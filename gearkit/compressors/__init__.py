@@ -1,9 +1,10 @@
 """Compression stages (`nn.Module`s with `encode`/`decode`) and the `Pipeline` that chains them."""
 
 from gearkit.compressors.base import FullPrecision, Stage, check_kv
+from gearkit.compressors.channel_separable import ChannelSeparableQuantizer
 from gearkit.compressors.lowrank import LowRankResidual
 from gearkit.compressors.outlier import SparseOutlier
 from gearkit.compressors.pipeline import Pipeline
 from gearkit.compressors.quantizer import Quantizer
 
-__all__ = ["FullPrecision", "LowRankResidual", "Pipeline", "Quantizer", "SparseOutlier", "Stage", "check_kv"]
+__all__ = ["ChannelSeparableQuantizer", "FullPrecision", "LowRankResidual", "Pipeline", "Quantizer", "SparseOutlier", "Stage", "check_kv"]
