@@ -18,7 +18,7 @@ import time
 import torch
 
 import gearkit
-from gearkit.cli import _progress
+from gearkit.cli import progress_bar
 from gearkit.eval.perplexity import available_baselines, evaluate
 from gearkit.models import DEFAULT_MODEL, load_default_model, load_text
 
@@ -37,7 +37,7 @@ def main() -> None:
     model, tokenizer = load_default_model()
     start = time.time()
     results = evaluate(model, tokenizer, names, load_text(args.text), args.prefix, args.continuation, args.windows,
-                       progress=_progress(), model_name=DEFAULT_MODEL)
+                       progress=progress_bar(), model_name=DEFAULT_MODEL)
     hardware = f"{platform.machine()} {platform.processor() or 'cpu'}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     print(f"{DEFAULT_MODEL} fp32, text {args.text}, {results[0].windows} windows of {args.prefix}+{args.continuation} "
           f"tokens, baseline ppl {results[0].baseline_ppl:.4f}; {hardware}; {time.time() - start:.0f} s")

@@ -9,7 +9,8 @@ import sys
 DEMO_RECIPES = ["fp16", "kivi-4", "gear-4", "sink-4", "kivi-3", "gear-3", "sink-3", "kivi-2", "gear-2", "sink-gear-2"]
 
 
-def _progress():
+def progress_bar():
+    """A tqdm wrapper on stderr, in the form `evaluate(progress=...)` takes."""
     from tqdm.auto import tqdm
 
     return lambda it, total=None, desc=None: tqdm(it, total=total, desc=desc, file=sys.stderr, leave=False)
@@ -49,7 +50,7 @@ def cmd_eval_ppl(args) -> None:
     text = load_text(args.text)
     model, tokenizer, model_name = _load()
     results = evaluate(model, tokenizer, names, text, args.prefix, args.continuation, args.windows,
-                       progress=_progress(), model_name=model_name)
+                       progress=progress_bar(), model_name=model_name)
     if args.json:
         for r in results:
             print(json.dumps(r.summary()))
@@ -94,7 +95,7 @@ def cmd_demo(args) -> None:
     names = DEMO_RECIPES + available_baselines()
     model, tokenizer, model_name = _load()
     results = evaluate(model, tokenizer, names, load_text(DEFAULT_TEXT), args.prefix, args.continuation, args.windows,
-                       progress=_progress(), model_name=model_name)
+                       progress=progress_bar(), model_name=model_name)
     print(f"\nPerplexity with a compressed past: {model_name}, {DEFAULT_TEXT} text, {results[0].windows} window(s) of "
           f"{args.prefix} prefilled + {args.continuation} scored tokens; uncompressed baseline ppl "
           f"{results[0].baseline_ppl:.4f}. Bits/elt and ratio are all-in, from the bytes held.")

@@ -16,6 +16,15 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 
+def add_counts(*counts: dict[str, int]) -> dict[str, int]:
+    """Sum byte counts by component name."""
+    out: dict[str, int] = {}
+    for c in counts:
+        for name, n in c.items():
+            out[name] = out.get(name, 0) + n
+    return out
+
+
 def tensor_nbytes(t: Tensor) -> int:
     """Bytes of the elements of `t` (its storage, for the compact tensors parts hold)."""
     return t.numel() * t.element_size()
@@ -26,18 +35,39 @@ class Part:
 
     component: ClassVar[str] = "data"
 
+    def _fields(self):
+        return ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+
     def tensors(self) -> dict[str, Tensor]:
-        """The tensors held, by field name."""
-        return {f.name: v for f in dataclasses.fields(self) if isinstance(v := getattr(self, f.name), Tensor)}
+        """Every tensor held, including those of nested parts, by dotted field name."""
+        out = {}
+        for name, v in self._fields():
+            if isinstance(v, Tensor):
+                out[name] = v
+            for i, child in _child_parts(v):
+                prefix = name if i is None else f"{name}.{i}"
+                out.update({f"{prefix}.{k}": t for k, t in child.tensors().items()})
+        return out
 
     @property
     def nbytes(self) -> int:
-        """Total bytes held by this part."""
+        """Total bytes held by this part (nested parts included)."""
         return sum(tensor_nbytes(t) for t in self.tensors().values())
 
     def components(self) -> dict[str, int]:
-        """Bytes held, by component name (codes, scales, outliers, lowrank, dense)."""
-        return {self.component: self.nbytes}
+        """Bytes held, by component name (codes, scales, outliers, lowrank, dense); nested parts add theirs."""
+        own = sum(tensor_nbytes(v) for _, v in self._fields() if isinstance(v, Tensor))
+        children = [child.components() for _, v in self._fields() for _, child in _child_parts(v)]
+        return add_counts({self.component: own} if own else {}, *children)
+
+
+def _child_parts(value) -> list[tuple[int | None, Part]]:
+    """The parts nested in a field value: a part, or a tuple of parts (indexed)."""
+    if isinstance(value, Part):
+        return [(None, value)]
+    if isinstance(value, tuple):
+        return [(i, p) for i, p in enumerate(value) if isinstance(p, Part)]
+    return []
 
 
 def _register(cls):
@@ -47,7 +77,7 @@ def _register(cls):
     names = [f.name for f in dataclasses.fields(cls)]
 
     def is_child(v) -> bool:
-        return isinstance(v, (Tensor, Part)) or (isinstance(v, tuple) and any(isinstance(i, Part) for i in v))
+        return isinstance(v, Tensor) or bool(_child_parts(v))
 
     def flatten(part):
         child_names = tuple(n for n in names if is_child(getattr(part, n)))
@@ -140,14 +170,7 @@ class ChannelScaledPart(Part):
 
     quantized: QuantizedPart
     channel_scale: Tensor
-
-    def tensors(self) -> dict[str, Tensor]:
-        return {**{f"quantized.{k}": v for k, v in self.quantized.tensors().items()}, "channel_scale": self.channel_scale}
-
-    def components(self) -> dict[str, int]:
-        out = self.quantized.components()
-        out["scales"] += tensor_nbytes(self.channel_scale)
-        return out
+    component: ClassVar[str] = "scales"
 
 
 @_register
@@ -163,16 +186,6 @@ class CompressedTensor(Part):
     parts: tuple[Part, ...]
     shape: tuple[int, ...]
     dtype: torch.dtype
-
-    def tensors(self) -> dict[str, Tensor]:
-        return {f"{i}.{name}": t for i, p in enumerate(self.parts) for name, t in p.tensors().items()}
-
-    def components(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for p in self.parts:
-            for name, n in p.components().items():
-                out[name] = out.get(name, 0) + n
-        return out
 
     @property
     def numel(self) -> int:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from gearkit import recipes
+from gearkit.compressed import add_counts
 from gearkit.compressors import Pipeline
 
 
@@ -70,10 +71,7 @@ def compare_recipes(keys: Tensor, values: Tensor, names: Sequence[str] | None = 
         v_hat, v_parts = _chunked(recipe.value, values, recipe.buffer_size)
         parts = k_parts + v_parts
         nbytes = sum(c.nbytes for c in parts)
-        components: dict[str, int] = {}
-        for c in parts:
-            for comp, n in c.components().items():
-                components[comp] = components.get(comp, 0) + n
+        components = add_counts(*(c.components() for c in parts))
         numel = keys.numel() + values.numel()
         results.append(RecipeResult(name, _rel(keys, k_hat), _rel(values, v_hat), 8 * nbytes / numel,
                                     2 * numel / nbytes, components))

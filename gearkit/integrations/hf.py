@@ -22,8 +22,8 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from gearkit import recipes
-from gearkit.compressed import CompressedTensor, cat_batch, select_batch, tensor_nbytes
-from gearkit.compressors import check_kv
+from gearkit.compressed import CompressedTensor, add_counts, cat_batch, select_batch, tensor_nbytes
+from gearkit.compressors.base import check_kv, check_storable
 from gearkit.recipes import Recipe
 
 
@@ -62,10 +62,8 @@ class MemoryReport:
         return self.fp16_nbytes / self.nbytes if self.nbytes else float("inf")
 
     def __add__(self, other: MemoryReport) -> MemoryReport:
-        merged = dict(self.components)
-        for name, n in other.components.items():
-            merged[name] = merged.get(name, 0) + n
-        return MemoryReport(merged, max(self.tokens, other.tokens), self.elements + other.elements)
+        return MemoryReport(add_counts(self.components, other.components), max(self.tokens, other.tokens),
+                            self.elements + other.elements)
 
 
 class GearLayer(CacheLayerMixin):
@@ -117,7 +115,8 @@ class GearLayer(CacheLayerMixin):
     def _assemble(self, sink: Tensor, c: CompressedTensor | None, pipeline, buffer: Tensor) -> Tensor:
         """Decompressed chunks and buffer in sequence order, the sink copy in front: `[batch, kv_heads, tokens, head_dim]`."""
         held = torch.cat([self._unchunk(c, pipeline, buffer), buffer.to(self.dtype)], -2)
-        return torch.cat([sink.to(self.dtype), held[:, :, sink.shape[-2] :]], -2)
+        held[:, :, : sink.shape[-2]] = sink  # a fresh tensor: writing into it touches nothing held
+        return held
 
     def dequantized(self) -> tuple[Tensor, Tensor]:
         """Everything held, decompressed: keys and values `[batch, kv_heads, tokens, head_dim]`."""
@@ -131,10 +130,7 @@ class GearLayer(CacheLayerMixin):
     # -- writing -------------------------------------------------------------------------------------------
     def _store(self, states: Tensor, name: str) -> Tensor:
         check_kv(states, name)
-        stored = states.to(self.buffer_dtype or states.dtype)
-        if not torch.isfinite(stored).all():
-            raise ValueError(f"{name} overflow the buffer dtype {stored.dtype}; use GearCache(buffer_dtype=None)")
-        return stored
+        return check_storable(states.to(self.buffer_dtype or states.dtype), name)
 
     def _compress_full_chunks(self, buffer: Tensor, pipeline, current: CompressedTensor | None):
         """Compress the buffer's whole chunks; returns (compressed storage, remaining buffer)."""
@@ -261,12 +257,11 @@ class GearLayer(CacheLayerMixin):
         """Bytes held by this layer, by component."""
         if not self.is_initialized:
             return MemoryReport({}, 0, 0)
-        components = {"buffer": tensor_nbytes(self.keys) + tensor_nbytes(self.values)}
+        own = {"buffer": tensor_nbytes(self.keys) + tensor_nbytes(self.values)}
         if self.recipe.sink_tokens:
-            components["sink"] = tensor_nbytes(self.sink_keys) + tensor_nbytes(self.sink_values)
-        for c in (self.compressed_keys, self.compressed_values):
-            for name, n in (c.components() if c is not None else {}).items():
-                components[name] = components.get(name, 0) + n
+            own["sink"] = tensor_nbytes(self.sink_keys) + tensor_nbytes(self.sink_values)
+        stored = [c.components() for c in (self.compressed_keys, self.compressed_values) if c is not None]
+        components = add_counts(own, *stored)
         batch, heads = self.keys.shape[:2]
         elements = batch * heads * self.cumulative_length * (self.keys.shape[-1] + self.values.shape[-1])
         return MemoryReport(components, self.cumulative_length, elements)
