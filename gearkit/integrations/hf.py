@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from gearkit import recipes
 from gearkit.compressed import CompressedTensor, add_counts, cat_batch, select_batch, tensor_nbytes
 from gearkit.compressors.base import check_kv, check_storable
+from gearkit.integrations.attention import mark_updated
 from gearkit.recipes import Recipe
 
 
@@ -171,7 +172,19 @@ class GearLayer(CacheLayerMixin):
         self.compressed_keys, self.compressed_values, self.keys, self.values = ck, cv, kb, vb
         self.sink_keys, self.sink_values = sink_keys, sink_values
         self.cumulative_length += key_states.shape[-2]
+        mark_updated(self, out[0])
         return out
+
+    # -- gearkit's attention function (see gearkit.integrations.attention) -----------------------------------
+    def observe_queries(self, query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float | None) -> None:
+        """See the step's queries `[batch, heads, queries, head_dim]` and the keys `update` returned (no-op here;
+        saliency-driven layers use it)."""
+
+    def attend(self, query: Tensor, keys: Tensor, values: Tensor, attention_mask: Tensor | None,
+               scaling: float | None) -> Tensor | None:
+        """The step's attention output `[batch, queries, heads, head_dim]` computed by the layer itself, or None
+        to let the standard attention run on the `keys`/`values` that `update` returned."""
+        return None
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def get_seq_length(self) -> int:
