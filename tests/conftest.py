@@ -1,5 +1,8 @@
 import os
 
+# Triton kernels run in Triton's interpreter on this CPU-only suite; must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 from hypothesis import HealthCheck, settings

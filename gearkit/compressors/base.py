@@ -22,8 +22,21 @@ def check_kv(x: Tensor, name: str = "x") -> None:
         raise ValueError(f"{name} must be 4-D [batch, kv_heads, tokens, head_dim], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if x.numel() and not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or Inf; gearkit compresses finite values only")
+    check_finite(x, f"{name} contains NaN or Inf; gearkit compresses finite values only")
+
+
+def check_finite(t: Tensor, message: str) -> None:
+    """Raise `ValueError(message)` if `t` holds NaN or Inf.
+
+    Inside `torch.compile` the check becomes an assertion op in the graph (a data-dependent Python branch
+    would break the graph), which raises `RuntimeError(message)` when the compiled code runs.
+    """
+    if not t.numel():
+        return
+    if torch.compiler.is_compiling():
+        torch._assert_async(torch.isfinite(t).all(), message)
+    elif not torch.isfinite(t).all():
+        raise ValueError(message)
 
 
 def check_axis(axis: str) -> str:
@@ -35,8 +48,7 @@ def check_axis(axis: str) -> str:
 
 def check_storable(t: Tensor, what: str) -> Tensor:
     """Raise `ValueError` if casting to a storage dtype overflowed `t` to Inf."""
-    if t.numel() and not torch.isfinite(t).all():
-        raise ValueError(f"{what} overflow {t.dtype}; configure a wider storage dtype (e.g. torch.float32)")
+    check_finite(t, f"{what} overflow {t.dtype}; configure a wider storage dtype (e.g. torch.float32)")
     return t
 
 

@@ -11,6 +11,18 @@ from gearkit.compressors.base import Stage, check_storable
 METHODS = ("power", "svd")
 
 
+def hash_sketch(rows: int, cols: int, seed: int, device: torch.device | str = "cpu") -> Tensor:
+    """A seeded pseudo-random matrix with entries in (-1, 1): float32 `[rows, cols]`.
+
+    Computed from the entry indices by integer hashing (no generator object), so it is the same on every
+    device and traceable by `torch.compile`.
+    """
+    i = torch.arange(rows * cols, device=device, dtype=torch.int64) + (seed * 0x9E3779B1 + 1) % 2**31
+    for _ in range(2):  # two rounds of a 31-bit multiplicative xorshift hash
+        i = (i ^ (i >> 15)) * 0x2C1B3C6D % 2**31
+    return (i.float() / 2**30 - 1.0).reshape(rows, cols)
+
+
 class LowRankResidual(Stage):
     """Rank-`rank` approximation `left @ right.mT` of each (batch, head) matrix `[tokens, head_dim]`.
 
@@ -53,8 +65,7 @@ class LowRankResidual(Stage):
             left, right = u[..., : self.rank] * root, vh[..., : self.rank, :].mT * root
         else:
             # One sketch for every matrix: a matrix's factors do not depend on its place in the batch.
-            gen = torch.Generator().manual_seed(self.seed)
-            sketch = torch.randn(d, self.rank, generator=gen).to(r.device)
+            sketch = hash_sketch(d, self.rank, self.seed, r.device)
             q = torch.linalg.qr(r @ sketch).Q
             for _ in range(self.iters):
                 q = torch.linalg.qr(r @ (r.mT @ q)).Q

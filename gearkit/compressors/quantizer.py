@@ -10,7 +10,9 @@ from torch import Tensor
 
 from gearkit.compressed import QuantizedPart
 from gearkit.compressors.base import Axis, Stage, check_axis
-from gearkit.kernels.ops import quantize_groups
+from gearkit.kernels import ops
+from gearkit.kernels.backend import use_triton
+from gearkit.kernels.layout import KERNEL_BITS, is_pow2
 from gearkit.kernels.reference import check_bits, dequantize_groups, pack_bits, unpack_bits
 
 
@@ -93,14 +95,30 @@ class Quantizer(Stage):
             rows = torch.cat([rows, rows[..., -1:].expand(*rows.shape[:-1], pad)], -1)
             if valid is not None:
                 valid = torch.cat([valid, valid.new_zeros(*valid.shape[:-1], pad)], -1)
+        if x.numel() and use_triton(x.device, self.kernel_unsupported(length)):  # fused quantize + pack
+            packed, scale, zero = ops.quantize_pack(
+                rows.reshape(-1, length), None if valid is None else valid.reshape(-1, length),
+                self.bits, size, self.param_dtype)
+            lead = rows.shape[:-1]
+            return QuantizedPart(packed.reshape(x.shape[0], -1), scale.reshape(*lead, n), zero.reshape(*lead, n),
+                                 self.bits, tuple(x.shape))
         grouped = rows.reshape(*rows.shape[:-1], n, size)
-        codes, scale, zero = quantize_groups(
+        codes, scale, zero = ops.quantize_groups(
             grouped, self.bits, self.param_dtype, None if valid is None else valid.reshape(grouped.shape)
         )
         codes = codes.reshape(*rows.shape[:-1], n * size)[..., :length]
         # Packed per batch entry, so parts can be concatenated and reordered along the batch.
         packed = pack_bits(codes.reshape(x.shape[0], math.prod(self._rows_shape(x.shape)[1:])), self.bits)
         return QuantizedPart(packed, scale, zero, self.bits, tuple(x.shape))
+
+    def kernel_unsupported(self, length: int) -> str | None:
+        """Why the Triton kernels cannot handle rows of `length` with this quantizer, or None if they can."""
+        size = self.group_size or length
+        if self.bits not in KERNEL_BITS or self.param_dtype not in (torch.float16, torch.float32):
+            return f"the kernels cover {KERNEL_BITS}-bit codes with fp16/fp32 parameters, not {self}"
+        if not (is_pow2(length) and is_pow2(size) and length >= 8 and length % size == 0):
+            return f"the kernels need power-of-two rows (>= 8) and groups dividing them, got {length} and {size}"
+        return None
 
     def _ungroup(self, grouped: Tensor, shape: tuple[int, ...]) -> Tensor:
         """`[..., n_groups, group]` in row layout back to `shape`."""

@@ -25,6 +25,8 @@ from gearkit import recipes
 from gearkit.compressed import CompressedTensor, add_counts, cat_batch, select_batch, tensor_nbytes
 from gearkit.compressors.base import check_kv, check_storable
 from gearkit.integrations.attention import mark_updated
+from gearkit.kernels.attention import compressed_attention
+from gearkit.kernels.reference import attention_reference, merge_attention
 from gearkit.recipes import Recipe
 
 
@@ -79,6 +81,7 @@ class GearLayer(CacheLayerMixin):
         buffer_dtype: storage dtype of the buffer; None keeps the model's dtype.
     """
 
+    STORAGE_QUERIES = 16  # steps with at most this many new tokens read the storage directly
     is_compileable = False
     is_croppable = False  # cropping into a compressed chunk cannot restore its tokens exactly
     is_sliding = False
@@ -93,6 +96,8 @@ class GearLayer(CacheLayerMixin):
         self.sink_values: Tensor | None = None
         self.chunks = 0
         self.cumulative_length = 0
+        self.reads_storage = False  # set once gearkit's attention function calls `attend`
+        self._storage_step = None
 
     @property
     def chunk_size(self) -> int:
@@ -150,7 +155,11 @@ class GearLayer(CacheLayerMixin):
         return merged, buffer[:, :, full:].clone()  # clone: the buffer owns exactly its bytes
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        """Add new tokens `[batch, kv_heads, new, head_dim]`; return all keys and values for attention.
+        """Add new tokens `[batch, kv_heads, new, head_dim]`; return the keys and values attention reads.
+
+        Normally that is every token held, decompressed, `[batch, kv_heads, tokens, head_dim]`. When the model
+        runs gearkit's attention function and this is a decode step (at most `STORAGE_QUERIES` new tokens over
+        compressed chunks), it is only the buffer and the new tokens: `attend` reads the chunks as stored.
 
         Raises:
             ValueError: for non-finite or malformed states; the layer is left unchanged.
@@ -163,8 +172,13 @@ class GearLayer(CacheLayerMixin):
         sink_values = torch.cat([self.sink_values, new_values[:, :, :to_sink]], -2)
         keys_buffer = torch.cat([self.keys, new_keys], -2)
         values_buffer = torch.cat([self.values, new_values], -2)
-        out = (self._assemble(sink_keys, self.compressed_keys, self.recipe.key, keys_buffer),
-               self._assemble(sink_values, self.compressed_values, self.recipe.value, values_buffer))
+        from_storage = self.reads_storage and self.chunks > 0 and new_keys.shape[-2] <= self.STORAGE_QUERIES
+        if from_storage:
+            out = keys_buffer.to(self.dtype), values_buffer.to(self.dtype)
+            step = (self.compressed_keys, self.compressed_values, self.chunks, sink_keys, sink_values)
+        else:
+            out = (self._assemble(sink_keys, self.compressed_keys, self.recipe.key, keys_buffer),
+                   self._assemble(sink_values, self.compressed_values, self.recipe.value, values_buffer))
         # Everything is computed before any state changes, so a failure leaves the layer as it was.
         ck, kb = self._compress_full_chunks(keys_buffer, self.recipe.key, self.compressed_keys)
         cv, vb = self._compress_full_chunks(values_buffer, self.recipe.value, self.compressed_values)
@@ -172,6 +186,8 @@ class GearLayer(CacheLayerMixin):
         self.compressed_keys, self.compressed_values, self.keys, self.values = ck, cv, kb, vb
         self.sink_keys, self.sink_values = sink_keys, sink_values
         self.cumulative_length += key_states.shape[-2]
+        # The storage as it was before this step's compression, for `attend` (dropped once it has run).
+        self._storage_step = step if from_storage else None
         mark_updated(self, out[0])
         return out
 
@@ -181,10 +197,53 @@ class GearLayer(CacheLayerMixin):
         saliency-driven layers use it)."""
 
     def attend(self, query: Tensor, keys: Tensor, values: Tensor, attention_mask: Tensor | None,
-               scaling: float | None) -> Tensor | None:
-        """The step's attention output `[batch, queries, heads, head_dim]` computed by the layer itself, or None
-        to let the standard attention run on the `keys`/`values` that `update` returned."""
-        return None
+               scaling: float | None, dropout: float = 0.0) -> Tensor | None:
+        """The step's attention, read from the compressed storage, or None for the standard path.
+
+        Called by gearkit's attention function right after `update`. The first call switches the layer to
+        reading its storage on later decode steps (the function is known to be in use). On such a step, the
+        compressed chunks go through `compressed_attention` (Triton reads the packed bytes; the reference
+        decompresses), the sink copy and the buffer plus new tokens through exact attention, and the
+        segments are merged by their log-sum-exp.
+
+        Args:
+            query: `[batch, heads, queries, head_dim]`.
+            keys: what `update` returned, `[batch, kv_heads, buffered + queries, head_dim]` on a storage step.
+            values: like `keys`.
+            attention_mask: boolean `[batch, 1, queries, held + queries]` (True = attend) or None (causal).
+            scaling: softmax scale (default `head_dim ** -0.5`).
+            dropout: must be 0 on a storage step.
+
+        Returns:
+            `[batch, queries, heads, head_dim]` in the query's dtype, or None.
+        """
+        step, self._storage_step = self._storage_step, None
+        self.reads_storage = True
+        if step is None:
+            return None
+        if dropout:
+            raise ValueError("attention over the compressed storage does not apply dropout; call model.eval()")
+        ck, cv, chunks, sink_keys, sink_values = step
+        b, _, nq, d = query.shape
+        held, sink, fresh = chunks * self.chunk_size, sink_keys.shape[-2], keys.shape[-2]
+        scaling = d**-0.5 if scaling is None else scaling
+        if attention_mask is None:  # causal: the past is visible, the fresh tokens causally
+            visible = torch.ones(b, nq, held + fresh, dtype=torch.bool, device=query.device)
+            visible[:, :, held:] = torch.ones(nq, fresh, dtype=torch.bool, device=query.device).tril(fresh - nq)
+        else:
+            visible = attention_mask[:, 0].to(torch.bool)
+        past = visible[:, :, :held]
+        if not (past == past[:, :1]).all():
+            raise ValueError("attention over the compressed storage needs every query to see the same compressed past")
+        neg = torch.tensor(float("-inf"), device=query.device)
+        bias = torch.where(past[:, 0], 0.0, neg)
+        bias[:, :sink] = neg  # the sink positions are read from the exact copy
+        compressed = compressed_attention(query, self.recipe.key, ck, self.recipe.value, cv, chunks, bias, scaling)
+        exact_visible = torch.cat([visible[:, :, :sink], visible[:, :, held:]], -1)
+        exact = attention_reference(query, torch.cat([sink_keys.to(keys.dtype), keys], -2),
+                                    torch.cat([sink_values.to(values.dtype), values], -2),
+                                    torch.where(exact_visible, 0.0, neg), scaling)
+        return merge_attention([compressed, exact]).to(query.dtype).transpose(1, 2)
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def get_seq_length(self) -> int:
@@ -199,7 +258,7 @@ class GearLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = self.compressed_keys = self.compressed_values = self.sink_keys = self.sink_values = None
         self.chunks = self.cumulative_length = 0
-        self.is_initialized = False
+        self.is_initialized, self._storage_step = False, None
 
     def _select(self, index: Tensor) -> None:
         """Keep batch entries `index` (reorder, repeat, drop) in the buffer and every compressed chunk."""

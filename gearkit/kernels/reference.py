@@ -138,3 +138,39 @@ def dequantize_groups(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
         float32 tensor `[..., n_groups, group]`.
     """
     return zero.float()[..., None] + scale.float()[..., None] * codes.float()
+
+
+def attention_reference(query: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    """Softmax attention of grouped queries over one segment of keys, in float32, with its log-sum-exp.
+
+    Query head `j` reads KV head `j // (heads / kv_heads)` (GQA without repeating stored heads).
+
+    Args:
+        query: `[batch, heads, queries, head_dim]`.
+        keys: `[batch, kv_heads, length, head_dim]`.
+        values: `[batch, kv_heads, length, head_dim]`.
+        bias: additive float `[batch, queries or 1, length]` (`-inf` masks a position).
+        scaling: softmax scale.
+
+    Returns:
+        `(out, lse)`: float32 `[batch, heads, queries, head_dim]` (zeros for a query that sees nothing here)
+        and `[batch, heads, queries]` (`-inf` then).
+    """
+    b, hq, nq, d = query.shape
+    h = keys.shape[1]
+    q = query.float().reshape(b, h, hq // h, nq, d)
+    scores = torch.einsum("bhgqd,bhld->bhgql", q, keys.float()) * scaling + bias.float()[:, None, None]
+    lse = scores.logsumexp(-1)
+    p = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    out = torch.einsum("bhgql,bhld->bhgqd", p, values.float())
+    return out.reshape(b, hq, nq, d), lse.reshape(b, hq, nq)
+
+
+def merge_attention(segments: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """Combine per-segment attention `(out [..., head_dim], lse [...])` into attention over all segments."""
+    lse = torch.stack([s[1] for s in segments])
+    top = lse.amax(0)
+    weight = torch.exp(lse - torch.where(torch.isfinite(top), top, 0.0))  # [segments, ...]
+    total = weight.sum(0)
+    out = sum(w[..., None] * s[0] for w, s in zip(weight, segments))
+    return out / torch.where(total > 0, total, 1.0)[..., None]

@@ -1,0 +1,63 @@
+"""Decode attention over compressed chunks: the Triton kernel reads the stored bytes, the reference
+decompresses them; both return the segment's output and log-sum-exp so segments merge exactly."""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from gearkit.compressed import CompressedTensor
+from gearkit.kernels import ops
+from gearkit.kernels.backend import use_triton
+from gearkit.kernels.layout import layout_ints, layout_tensors, storage_layout
+from gearkit.kernels.reference import attention_reference
+
+
+def _splits(programs: int, chunks: int, device: torch.device) -> int:
+    """Sequence splits so that about two programs run per streaming multiprocessor (flash-decoding)."""
+    if device.type != "cuda":
+        return min(chunks, 2)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(chunks, -(-2 * sms // programs)))
+
+
+def compressed_attention(query: Tensor, key_pipeline, keys: CompressedTensor, value_pipeline,
+                         values: CompressedTensor, chunks: int, bias: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    """Attention of a few queries over a cache's compressed chunks, read from their stored form.
+
+    Args:
+        query: `[batch, heads, queries, head_dim]`; query head `j` reads KV head `j // (heads / kv_heads)`.
+        key_pipeline: the pipeline that compressed `keys`.
+        keys: stored chunks stacked chunk-major along the batch: shape `[(chunks batch), kv_heads, T, head_dim]`.
+        value_pipeline: the pipeline that compressed `values`.
+        values: like `keys`.
+        chunks: number of chunks per sequence.
+        bias: additive float `[batch, chunks * T]` (`-inf` masks a position), the same for every query.
+        scaling: softmax scale.
+
+    Returns:
+        `(out, lse)`: float32 `[batch, heads, queries, head_dim]` and `[batch, heads, queries]`.
+    """
+    b, hq, nq, d = query.shape
+    heads = keys.shape[1]
+    key_layout, key_reason = storage_layout(key_pipeline, keys.shape)
+    value_layout, value_reason = storage_layout(value_pipeline, values.shape)
+    if not use_triton(query.device, key_reason or value_reason):
+        k = rearrange(key_pipeline.decompress(keys).float(), "(n b) h c d -> b h (n c) d", n=chunks)
+        v = rearrange(value_pipeline.decompress(values).float(), "(n b) h c d -> b h (n c) d", n=chunks)
+        return attention_reference(query, k, v, bias[:, None], scaling)
+    group = hq // heads
+    rows = group * nq
+    block = max(16, 1 << (rows - 1).bit_length())
+    q = torch.nn.functional.pad(query.float().reshape(b, heads, rows, d), (0, 0, 0, block - rows))
+    splits = _splits(b * heads, chunks, query.device)
+    m, l, acc = ops.decode_attention(q, bias, list(layout_tensors(keys)), layout_ints(key_layout),
+                                     list(layout_tensors(values)), layout_ints(value_layout), chunks, splits,
+                                     float(scaling), query.dtype in (torch.float16, torch.bfloat16))
+    top = m.amax(2, keepdim=True)
+    weight = torch.exp(m - torch.where(torch.isfinite(top), top, 0.0))
+    total = (weight * l).sum(2)
+    out = (weight[..., None] * acc).sum(2) / torch.where(total > 0, total, 1.0)[..., None]
+    lse = torch.where(total > 0, top.squeeze(2) + total.clamp_min(1e-38).log(), float("-inf"))
+    return out[:, :, :rows].reshape(b, hq, nq, d), lse[:, :, :rows].reshape(b, hq, nq)

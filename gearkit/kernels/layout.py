@@ -1,0 +1,96 @@
+"""Which stored pipelines the fused kernels read, and the tensors and constants they read them with."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import Tensor
+
+from gearkit.compressed import CompressedTensor, LowRankPart, OutlierPart, QuantizedPart
+
+KERNEL_BITS = (2, 4, 8)
+
+
+def is_pow2(n: int) -> bool:
+    """Whether `n` is a positive power of two."""
+    return n >= 1 and n & (n - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageLayout:
+    """Static description of a chunk stored by `[SparseOutlier?, Quantizer, LowRankResidual?]`.
+
+    Attributes:
+        tokens: tokens per chunk `T`.
+        head_dim: `D`.
+        bits: code width of the quantizer.
+        group: quantization group size.
+        q_channel: groups run along tokens (per-channel) rather than along channels (per-token).
+        k2: outliers per row (both sides), 0 without an outlier stage.
+        o_channel: outlier rows are channels (indices are token positions) rather than tokens.
+        rank: rank of the low-rank term, 0 without one.
+    """
+
+    tokens: int
+    head_dim: int
+    bits: int
+    group: int
+    q_channel: bool
+    k2: int = 0
+    o_channel: bool = False
+    rank: int = 0
+
+    def constexprs(self) -> dict[str, int]:
+        """The kernels' compile-time constants."""
+        length = self.tokens if self.q_channel else self.head_dim
+        return dict(T=self.tokens, D=self.head_dim, BITS=self.bits, GROUP=self.group, NG=length // self.group,
+                    Q_CHANNEL=self.q_channel, K2=self.k2, O_CHANNEL=self.o_channel, RANK=self.rank)
+
+
+def storage_layout(pipeline, shape: tuple[int, ...]) -> tuple[StorageLayout | None, str | None]:
+    """The fused kernels' view of `pipeline` compressing tensors of `shape` `[entries, heads, T, D]`.
+
+    Returns:
+        `(layout, None)` when the kernels cover it, else `(None, reason)`.
+    """
+    from gearkit.compressors import LowRankResidual, Quantizer, SparseOutlier
+
+    stages = list(pipeline.stages)
+    outlier = stages.pop(0) if stages and isinstance(stages[0], SparseOutlier) else None
+    quant = stages.pop(0) if stages and type(stages[0]) is Quantizer else None
+    lowrank = stages.pop(0) if stages and isinstance(stages[0], LowRankResidual) else None
+    if quant is None or stages:
+        return None, "the fused kernels read pipelines [SparseOutlier?, Quantizer, LowRankResidual?]"
+    _, _, t, d = shape
+    if not (is_pow2(t) and is_pow2(d) and t >= 16 and d >= 16):
+        return None, f"chunk tokens and head_dim must be powers of two >= 16, got {t} and {d}"
+    length = t if quant.axis == "channel" else d
+    reason = "the kernels read per-head quantizers" if quant.across_heads else quant.kernel_unsupported(length)
+    if reason:
+        return None, reason
+    if outlier is not None and outlier.across_heads:
+        return None, "outliers across heads are not covered by the kernels"
+    k2 = 0
+    if outlier is not None:
+        k2 = 2 * outlier.count_per_side(t if outlier.axis == "channel" else d)
+    return StorageLayout(t, d, quant.bits, quant.group_size or length, quant.axis == "channel", k2,
+                         outlier is not None and outlier.axis == "channel", lowrank.rank if lowrank else 0), None
+
+
+def layout_ints(layout: StorageLayout) -> list[int]:
+    """A `StorageLayout` as the int list the custom ops take."""
+    return [int(v) for v in dataclasses.astuple(layout)]
+
+
+def layout_tensors(c: CompressedTensor) -> tuple[Tensor, ...]:
+    """The seven tensors the kernels read: codes, scale, zero, outlier values, outlier indices, left, right
+    (absent parts are stood in for by the codes, which the kernels then never read)."""
+    q = next(p for p in c.parts if isinstance(p, QuantizedPart))
+    o = next((p for p in c.parts if isinstance(p, OutlierPart)), None)
+    lr = next((p for p in c.parts if isinstance(p, LowRankPart)), None)
+    none = q.codes
+    return tuple(t.contiguous() for t in (
+        q.codes, q.scale, q.zero,
+        o.values if o else none, o.indices if o else none,
+        lr.left if lr else none, lr.right if lr else none,
+    ))

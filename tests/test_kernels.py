@@ -1,0 +1,150 @@
+"""Triton kernels against their pure-torch references, in Triton's interpreter (TRITON_INTERPRET=1, conftest).
+
+Tolerances: codes, scales and zeros are bit-exact; reconstructions agree to float32 rounding (the kernel
+sums the low-rank term in another order); attention agrees to 1e-5 relative with float32 dot products and
+to 1e-2 with fp16/bf16 queries (the kernel then multiplies in half precision, as on the GPU).
+"""
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from gearkit import LowRankResidual, Pipeline, Quantizer, SparseOutlier
+from gearkit.kernels.attention import compressed_attention
+from gearkit.kernels.backend import get_backend, set_backend, use_backend, use_triton
+from gearkit.kernels.layout import storage_layout
+from conftest import kv_like
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+
+def both(fn):
+    """`fn()` under the torch backend and under the Triton backend."""
+    with use_backend("torch"):
+        ref = fn()
+    with use_backend("triton"):
+        got = fn()
+    return ref, got
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("axis,group", [("token", 16), ("token", None), ("channel", 32), ("channel", 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quantize_pack_is_bit_exact(bits, axis, group, dtype):
+    x = kv_like(bits, (2, 3, 64, 64), magnitude=3.0).to(dtype)
+    q = Quantizer(bits, group, axis)
+    ref, got = both(lambda: q.encode(x))
+    for name in ("codes", "scale", "zero"):
+        assert torch.equal(getattr(ref, name), getattr(got, name)), name
+
+
+@pytest.mark.parametrize("tokens,head_dim", [(37, 64), (5, 128)])
+@pytest.mark.parametrize("param_dtype", [torch.float16, torch.float32])
+def test_quantize_pack_odd_token_counts_exclusions_and_param_dtypes(tokens, head_dim, param_dtype):
+    x = kv_like(1, (1, 2, tokens, head_dim), magnitude=10.0)
+    exclude = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) < 0.1
+    exclude[0, 0, 0] = True  # a whole group excluded
+    q = Quantizer(2, 32, "token", param_dtype=param_dtype)
+    ref, got = both(lambda: q.encode(x, exclude))
+    assert all(torch.equal(getattr(ref, n), getattr(got, n)) for n in ("codes", "scale", "zero"))
+
+
+def test_quantize_pack_ties_round_to_even_like_torch():
+    # Entries on exact half steps of the grid [0, 3]: 0.5 and 2.5 round to 0 and 2, 1.5 to 2.
+    row = torch.tensor([0.0, 0.5, 1.5, 2.5, 3.0, 1.0, 2.0, 0.0] * 2)
+    x = row.expand(1, 1, 4, 16).contiguous()
+    ref, got = both(lambda: Quantizer(2, 16, "token", param_dtype=torch.float32).encode(x))
+    assert torch.equal(ref.codes, got.codes)
+
+
+def gear(k_axis: str, q_axis: str, bits: int, group: int, rank: int, ratio: float = 0.04) -> Pipeline:
+    stages = [SparseOutlier(ratio, k_axis)] if ratio else []
+    stages.append(Quantizer(bits, group, q_axis))
+    return Pipeline(stages + ([LowRankResidual(rank)] if rank else []))
+
+
+@pytest.mark.parametrize("pipeline", [
+    gear("channel", "channel", 2, 32, 2),            # GEAR keys
+    gear("token", "token", 4, 64, 4),               # GEAR values
+    gear("token", "channel", 8, 16, 0),
+    gear("channel", "token", 2, 16, 0, ratio=0),    # KIVI
+], ids=["gear-keys", "gear-values", "outliers+q8", "kivi"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_fused_reconstruction_matches_pipeline(pipeline, head_dim):
+    x = kv_like(3, (4, 2, 64, head_dim), magnitude=2.0)
+    c = pipeline.compress(x)
+    assert storage_layout(pipeline, c.shape)[0] is not None
+    ref, got = both(lambda: pipeline.decompress(c))
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+    # outliers come back exactly through the kernel too
+    mask = pipeline.stages[0].exact_mask(c.parts[0]) if isinstance(pipeline.stages[0], SparseOutlier) else None
+    if mask is not None:
+        assert torch.equal(got[mask], ref[mask])
+
+
+def stored_chunks(pipeline, batch: int, heads: int, chunks: int, tokens: int, head_dim: int, seed: int):
+    x = kv_like(seed, (chunks * batch, heads, tokens, head_dim), magnitude=1.5)
+    return pipeline.compress(x)
+
+
+@pytest.mark.parametrize("heads,kv_heads,queries", [(2, 2, 1), (6, 2, 1), (8, 2, 2), (9, 3, 1)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("qdtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decode_attention_matches_reference_and_sdpa(heads, kv_heads, queries, head_dim, qdtype):
+    batch, chunks, tokens = 2, 3, 32
+    kp, vp = gear("channel", "channel", 2, 32, 2), gear("token", "token", 2, 32, 2)
+    keys = stored_chunks(kp, batch, kv_heads, chunks, tokens, head_dim, 1)
+    values = stored_chunks(vp, batch, kv_heads, chunks, tokens, head_dim, 2)
+    query = (torch.randn(batch, heads, queries, head_dim, generator=torch.Generator().manual_seed(3))).to(qdtype)
+    bias = torch.zeros(batch, chunks * tokens)
+    bias[0, :5] = float("-inf")  # left padding of the first sequence
+    scale = head_dim**-0.5
+    (ref, ref_lse), (got, got_lse) = both(
+        lambda: compressed_attention(query, kp, keys, vp, values, chunks, bias, scale))
+    tol = 1e-5 if qdtype == torch.float32 else 1e-2
+    assert torch.allclose(got, ref, rtol=tol, atol=tol) and torch.allclose(got_lse, ref_lse, rtol=tol, atol=tol)
+    # and against PyTorch's SDPA on the dequantized tensors
+    k = kp.decompress(keys).reshape(chunks, batch, kv_heads, tokens, head_dim).permute(1, 2, 0, 3, 4)
+    v = vp.decompress(values).reshape(chunks, batch, kv_heads, tokens, head_dim).permute(1, 2, 0, 3, 4)
+    k, v = (t.reshape(batch, kv_heads, chunks * tokens, head_dim) for t in (k, v))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        query.float(), k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1),
+        attn_mask=(bias == 0)[:, None, None], scale=scale)
+    assert torch.allclose(got, sdpa, rtol=tol, atol=tol)
+
+
+def test_decode_attention_fully_masked_sequence_gives_zero_weight():
+    kp = vp = gear("channel", "token", 4, 32, 0, ratio=0)
+    keys, values = stored_chunks(kp, 2, 1, 2, 32, 64, 4), stored_chunks(vp, 2, 1, 2, 32, 64, 5)
+    bias = torch.zeros(2, 64)
+    bias[1] = float("-inf")
+    with use_backend("triton"):
+        out, lse = compressed_attention(torch.randn(2, 1, 1, 64), kp, keys, vp, values, 2, bias, 0.125)
+    assert torch.isfinite(out).all() and (out[1] == 0).all() and torch.isinf(lse[1]).all()
+
+
+def test_backend_choice():
+    assert get_backend() == "auto"
+    cpu = torch.device("cpu")
+    assert not use_triton(cpu)  # auto never interprets: the reference is the CPU path
+    with use_backend("triton"):
+        assert use_triton(cpu)  # TRITON_INTERPRET=1 in this suite
+        with pytest.raises(RuntimeError, match="cannot run"):
+            use_triton(cpu, "3-bit codes")
+        with pytest.raises(RuntimeError, match="cannot run"):  # an explicit request is never silently dropped
+            Quantizer(3, 32, "token").encode(torch.randn(1, 1, 4, 64))
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        set_backend("cuda")
+    with use_backend("torch"):
+        assert not use_triton(cpu)
+    assert get_backend() == "auto"
+
+
+def test_unsupported_layouts_fall_back_under_auto():
+    x = kv_like(0, (1, 2, 48, 64))
+    q = Quantizer(3, 48, "channel")  # 3-bit, 48-token rows: outside the kernels
+    assert storage_layout(Pipeline([q]), x.shape)[0] is None
+    assert torch.equal(q.encode(x).codes, Quantizer(3, 48, "channel").encode(x).codes)
