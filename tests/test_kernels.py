@@ -6,7 +6,7 @@ to 1e-2 with fp16/bf16 queries (the kernel then multiplies in half precision, as
 """
 
 import importlib.util
-import math
+import os
 
 import pytest
 import torch
@@ -18,6 +18,14 @@ from gearkit.kernels.layout import storage_layout
 from conftest import kv_like
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+# CPU (interpreter) here; on a GPU machine: GEARKIT_TEST_DEVICE=cuda TRITON_INTERPRET=0 compiles the kernels.
+DEVICE = torch.device(os.environ.get("GEARKIT_TEST_DEVICE", "cpu"))
+cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="checks the CPU backend choice")
+
+
+def kv(seed, shape, magnitude=1.0):
+    return kv_like(seed, shape, magnitude=magnitude).to(DEVICE)
 
 
 def both(fn):
@@ -33,7 +41,7 @@ def both(fn):
 @pytest.mark.parametrize("axis,group", [("token", 16), ("token", None), ("channel", 32), ("channel", 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_quantize_pack_is_bit_exact(bits, axis, group, dtype):
-    x = kv_like(bits, (2, 3, 64, 64), magnitude=3.0).to(dtype)
+    x = kv(bits, (2, 3, 64, 64), magnitude=3.0).to(dtype)
     q = Quantizer(bits, group, axis)
     ref, got = both(lambda: q.encode(x))
     for name in ("codes", "scale", "zero"):
@@ -43,8 +51,8 @@ def test_quantize_pack_is_bit_exact(bits, axis, group, dtype):
 @pytest.mark.parametrize("tokens,head_dim", [(37, 64), (5, 128)])
 @pytest.mark.parametrize("param_dtype", [torch.float16, torch.float32])
 def test_quantize_pack_odd_token_counts_exclusions_and_param_dtypes(tokens, head_dim, param_dtype):
-    x = kv_like(1, (1, 2, tokens, head_dim), magnitude=10.0)
-    exclude = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) < 0.1
+    x = kv(1, (1, 2, tokens, head_dim), magnitude=10.0)
+    exclude = (torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) < 0.1).to(DEVICE)
     exclude[0, 0, 0] = True  # a whole group excluded
     q = Quantizer(2, 32, "token", param_dtype=param_dtype)
     ref, got = both(lambda: q.encode(x, exclude))
@@ -54,7 +62,7 @@ def test_quantize_pack_odd_token_counts_exclusions_and_param_dtypes(tokens, head
 def test_quantize_pack_ties_round_to_even_like_torch():
     # Entries on exact half steps of the grid [0, 3]: 0.5 and 2.5 round to 0 and 2, 1.5 to 2.
     row = torch.tensor([0.0, 0.5, 1.5, 2.5, 3.0, 1.0, 2.0, 0.0] * 2)
-    x = row.expand(1, 1, 4, 16).contiguous()
+    x = row.expand(1, 1, 4, 16).contiguous().to(DEVICE)
     ref, got = both(lambda: Quantizer(2, 16, "token", param_dtype=torch.float32).encode(x))
     assert torch.equal(ref.codes, got.codes)
 
@@ -73,7 +81,7 @@ def gear(k_axis: str, q_axis: str, bits: int, group: int, rank: int, ratio: floa
 ], ids=["gear-keys", "gear-values", "outliers+q8", "kivi"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_fused_reconstruction_matches_pipeline(pipeline, head_dim):
-    x = kv_like(3, (4, 2, 64, head_dim), magnitude=2.0)
+    x = kv(3, (4, 2, 64, head_dim), magnitude=2.0)
     c = pipeline.compress(x)
     assert storage_layout(pipeline, c.shape)[0] is not None
     ref, got = both(lambda: pipeline.decompress(c))
@@ -86,7 +94,7 @@ def test_fused_reconstruction_matches_pipeline(pipeline, head_dim):
 
 
 def stored_chunks(pipeline, batch: int, heads: int, chunks: int, tokens: int, head_dim: int, seed: int):
-    x = kv_like(seed, (chunks * batch, heads, tokens, head_dim), magnitude=1.5)
+    x = kv(seed, (chunks * batch, heads, tokens, head_dim), magnitude=1.5)
     return pipeline.compress(x)
 
 
@@ -98,8 +106,8 @@ def test_decode_attention_matches_reference_and_sdpa(heads, kv_heads, queries, h
     kp, vp = gear("channel", "channel", 2, 32, 2), gear("token", "token", 2, 32, 2)
     keys = stored_chunks(kp, batch, kv_heads, chunks, tokens, head_dim, 1)
     values = stored_chunks(vp, batch, kv_heads, chunks, tokens, head_dim, 2)
-    query = (torch.randn(batch, heads, queries, head_dim, generator=torch.Generator().manual_seed(3))).to(qdtype)
-    bias = torch.zeros(batch, chunks * tokens)
+    query = torch.randn(batch, heads, queries, head_dim, generator=torch.Generator().manual_seed(3)).to(DEVICE, qdtype)
+    bias = torch.zeros(batch, chunks * tokens, device=DEVICE)
     bias[0, :5] = float("-inf")  # left padding of the first sequence
     scale = head_dim**-0.5
     (ref, ref_lse), (got, got_lse) = both(
@@ -119,13 +127,14 @@ def test_decode_attention_matches_reference_and_sdpa(heads, kv_heads, queries, h
 def test_decode_attention_fully_masked_sequence_gives_zero_weight():
     kp = vp = gear("channel", "token", 4, 32, 0, ratio=0)
     keys, values = stored_chunks(kp, 2, 1, 2, 32, 64, 4), stored_chunks(vp, 2, 1, 2, 32, 64, 5)
-    bias = torch.zeros(2, 64)
+    bias = torch.zeros(2, 64, device=DEVICE)
     bias[1] = float("-inf")
     with use_backend("triton"):
-        out, lse = compressed_attention(torch.randn(2, 1, 1, 64), kp, keys, vp, values, 2, bias, 0.125)
+        out, lse = compressed_attention(torch.randn(2, 1, 1, 64, device=DEVICE), kp, keys, vp, values, 2, bias, 0.125)
     assert torch.isfinite(out).all() and (out[1] == 0).all() and torch.isinf(lse[1]).all()
 
 
+@cpu_only
 def test_backend_choice():
     assert get_backend() == "auto"
     cpu = torch.device("cpu")
@@ -144,7 +153,7 @@ def test_backend_choice():
 
 
 def test_unsupported_layouts_fall_back_under_auto():
-    x = kv_like(0, (1, 2, 48, 64))
+    x = kv(0, (1, 2, 48, 64))
     q = Quantizer(3, 48, "channel")  # 3-bit, 48-token rows: outside the kernels
     assert storage_layout(Pipeline([q]), x.shape)[0] is None
     assert torch.equal(q.encode(x).codes, Quantizer(3, 48, "channel").encode(x).codes)

@@ -84,8 +84,7 @@ class Pipeline(nn.Module):
         layout, unsupported = storage_layout(self, c.shape)
         device = next(iter(c.tensors().values())).device
         if c.numel and use_triton(device, unsupported):  # one fused pass over the stored bytes
-            out = ops.reconstruct(list(layout_tensors(c)), layout_ints(layout), c.shape[0], c.shape[1])
-            return out.to(c.dtype)
+            return ops.reconstruct(list(layout_tensors(c)), layout_ints(layout), c.shape[0], c.shape[1], c.dtype)
         total, exact = None, None
         for stage, part in zip(self.stages, c.parts):
             contribution, exact = self._contribution(stage, part, exact)

@@ -116,8 +116,8 @@ class Quantizer(Stage):
         size = self.group_size or length
         if self.bits not in KERNEL_BITS or self.param_dtype not in (torch.float16, torch.float32):
             return f"the kernels cover {KERNEL_BITS}-bit codes with fp16/fp32 parameters, not {self}"
-        if not (is_pow2(length) and is_pow2(size) and length >= 8 and length % size == 0):
-            return f"the kernels need power-of-two rows (>= 8) and groups dividing them, got {length} and {size}"
+        if not (is_pow2(length) and is_pow2(size) and 8 <= length <= 4096 and length % size == 0):
+            return f"the kernels need power-of-two rows (8 to 4096) and groups dividing them, got {length} and {size}"
         return None
 
     def _ungroup(self, grouped: Tensor, shape: tuple[int, ...]) -> Tensor:

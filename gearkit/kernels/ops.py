@@ -66,20 +66,21 @@ def _(rows, valid, bits, group, param_dtype):
 
 
 @torch.library.custom_op("gearkit::reconstruct", mutates_args=())
-def reconstruct(tensors: list[Tensor], layout: list[int], entries: int, heads: int) -> Tensor:
-    """Triton: reconstruct a stored chunk stack (see `layout.layout_tensors`) as float32 `[entries, heads, T, D]`."""
+def reconstruct(tensors: list[Tensor], layout: list[int], entries: int, heads: int, dtype: torch.dtype) -> Tensor:
+    """Triton: reconstruct a stored chunk stack (see `layout.layout_tensors`) as `[entries, heads, T, D]` in
+    `dtype` (computed in float32)."""
     from gearkit.kernels import triton_kernels
 
     spec = StorageLayout(*layout)
-    out = tensors[0].new_empty(entries, heads, spec.tokens, spec.head_dim, dtype=torch.float32)
+    out = tensors[0].new_empty(entries, heads, spec.tokens, spec.head_dim, dtype=dtype)
     triton_kernels.reconstruct(spec, tensors, out)
     return out
 
 
 @reconstruct.register_fake
-def _(tensors, layout, entries, heads):
+def _(tensors, layout, entries, heads, dtype):
     spec = StorageLayout(*layout)
-    return tensors[0].new_empty(entries, heads, spec.tokens, spec.head_dim, dtype=torch.float32)
+    return tensors[0].new_empty(entries, heads, spec.tokens, spec.head_dim, dtype=dtype)
 
 
 def _attention_outputs(query: Tensor, splits: int):

@@ -114,7 +114,9 @@ def quantize_groups(
         empty = ~valid.any(-1)
         lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
     zero = _round_toward(lo, param_dtype, down=True)
-    scale = _round_toward((hi - zero.float()) / qmax, param_dtype, down=False)
+    # A tensor divisor: CUDA divides by a Python scalar through its reciprocal, which is not IEEE division
+    # and would make the stored scales depend on the device.
+    scale = _round_toward((hi - zero.float()) / torch.full_like(hi, qmax), param_dtype, down=False)
     if not (torch.isfinite(zero).all() and torch.isfinite(scale).all()):
         raise ValueError(
             f"values span a range that {param_dtype} cannot store as a scale and zero; "

@@ -88,7 +88,7 @@ def quantize_pack(rows, valid, bits: int, group: int, out):
     (`[R, L * bits / 8]` uint8, `[R, L / group]` twice)."""
     packed, scale, zero = out
     r, length = rows.shape
-    block = 16
+    block = max(1, min(16, 4096 // length))  # rows per program: at most 4096 entries in registers
     _quantize_pack_kernel[(triton.cdiv(r, block),)](
         rows, rows if valid is None else valid, packed, scale, zero, r,
         BITS=bits, NG=length // group, G=group, ROWS=block, HAS_VALID=valid is not None,
@@ -106,15 +106,25 @@ def _tile(e, h, H, codes, scale, zero, out_val, out_idx, left, right,
     t = tl.arange(0, T)[:, None]
     d = tl.arange(0, D)[None, :]
     eh = e * H + h
-    if Q_CHANNEL:
-        idx = (h * D + d) * T + t
-        p = (eh * D + d) * NG + t // GROUP
-    else:
-        idx = (h * T + t) * D + d
-        p = (eh * T + t) * NG + d // GROUP
-    byte = tl.load(codes + e * (H * T * D // PB) + idx // PB).to(tl.int32)
-    code = (byte >> ((idx % PB) * BITS)) & ((1 << BITS) - 1)
-    val = tl.load(zero + p).to(tl.float32) + tl.load(scale + p).to(tl.float32) * code.to(tl.float32)
+    entry = codes + e * (H * T * D // PB)
+    # Each packed byte and each scale/zero is loaded once, then spread over the codes/groups it covers.
+    if Q_CHANNEL:  # codes run along tokens: byte (h, d, t // PB)
+        tb = tl.arange(0, T // PB)[:, None, None]
+        dd = tl.arange(0, D)[None, None, :]
+        byte = tl.load(entry + (h * D + dd) * (T // PB) + tb).to(tl.int32)
+        code = tl.reshape((byte >> (tl.arange(0, PB)[None, :, None] * BITS)) & ((1 << BITS) - 1), (T, D))
+        p = (eh * D + dd) * NG + tl.arange(0, NG)[:, None, None]
+        zs = tl.reshape(tl.broadcast_to(tl.load(zero + p).to(tl.float32), (NG, GROUP, D)), (T, D))
+        ss = tl.reshape(tl.broadcast_to(tl.load(scale + p).to(tl.float32), (NG, GROUP, D)), (T, D))
+    else:  # codes run along channels: byte (h, t, d // PB)
+        tt = tl.arange(0, T)[:, None, None]
+        db = tl.arange(0, D // PB)[None, :, None]
+        byte = tl.load(entry + (h * T + tt) * (D // PB) + db).to(tl.int32)
+        code = tl.reshape((byte >> (tl.arange(0, PB)[None, None, :] * BITS)) & ((1 << BITS) - 1), (T, D))
+        p = (eh * T + tt) * NG + tl.arange(0, NG)[None, :, None]
+        zs = tl.reshape(tl.broadcast_to(tl.load(zero + p).to(tl.float32), (T, NG, GROUP)), (T, D))
+        ss = tl.reshape(tl.broadcast_to(tl.load(scale + p).to(tl.float32), (T, NG, GROUP)), (T, D))
+    val = zs + ss * code.to(tl.float32)
     for r in tl.static_range(RANK):
         a = tl.load(left + (eh * T + t) * RANK + r).to(tl.float32)
         b = tl.load(right + (eh * D + d) * RANK + r).to(tl.float32)
@@ -138,11 +148,11 @@ def _reconstruct_kernel(out, H, codes, scale, zero, out_val, out_idx, left, righ
     pid = tl.program_id(0)
     val = _tile(pid // H, pid % H, H, codes, scale, zero, out_val, out_idx, left, right,
                 T, D, BITS, GROUP, NG, Q_CHANNEL, K2, O_CHANNEL, RANK)
-    tl.store(out + pid * T * D + tl.arange(0, T)[:, None] * D + tl.arange(0, D)[None, :], val)
+    tl.store(out + pid * T * D + tl.arange(0, T)[:, None] * D + tl.arange(0, D)[None, :], val.to(out.dtype.element_ty))
 
 
 def reconstruct(layout, tensors, out):
-    """Launch: reconstruct every entry and head of a stored chunk stack into `out` `[E, H, T, D]` float32."""
+    """Launch: reconstruct every entry and head of a stored chunk stack into `out` `[E, H, T, D]`."""
     e, h = out.shape[:2]
     _reconstruct_kernel[(e * h,)](out, h, *tensors, **layout.constexprs())
 
