@@ -49,13 +49,20 @@ class Pipeline(nn.Module):
             exact = mask if exact is None else exact | mask
         return out, exact
 
-    def compress(self, x: Tensor, exclude: Tensor | None = None) -> CompressedTensor:
+    @property
+    def needs_saliency(self) -> bool:
+        """Whether a stage needs per-token saliency scores (then `compress` must get `saliency`)."""
+        return any(s.needs_saliency for s in self.stages)
+
+    def compress(self, x: Tensor, exclude: Tensor | None = None, saliency: Tensor | None = None) -> CompressedTensor:
         """Compress `x` `[batch, kv_heads, tokens, head_dim]` (fp32, fp16 or bf16, finite).
 
         Args:
             x: the tensor.
             exclude: optional bool tensor shaped like `x`: entries the caller stores exactly elsewhere. No
                 stage spends precision on them and their reconstruction is unspecified (but finite).
+            saliency: optional float `[batch, kv_heads, tokens]` per-token saliency, passed to the stages that
+                need it (`needs_saliency`); ignored by the others.
 
         Returns:
             A `CompressedTensor` holding one part per stage.
@@ -68,7 +75,8 @@ class Pipeline(nn.Module):
             raise ValueError(f"exclude must have the shape of x {tuple(x.shape)}, got {tuple(exclude.shape)}")
         residual, exact, parts = x.float(), exclude, []
         for i, stage in enumerate(self.stages):
-            parts.append(stage.encode(residual, exact))
+            extra = {"saliency": saliency} if stage.needs_saliency else {}
+            parts.append(stage.encode(residual, exact, **extra))
             if i + 1 < len(self.stages):  # the last stage's residual is never needed
                 contribution, exact = self._contribution(stage, parts[-1], exact)
                 residual = residual - contribution
