@@ -92,6 +92,6 @@ class Pipeline(nn.Module):
             total = contribution if total is None else total + contribution
         return total.to(c.dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Round trip: `decompress(compress(x))`, same shape and dtype as `x`."""
-        return self.decompress(self.compress(x))
+    def forward(self, x: Tensor, saliency: Tensor | None = None) -> Tensor:
+        """Round trip: `decompress(compress(x, saliency=saliency))`, same shape and dtype as `x`."""
+        return self.decompress(self.compress(x, saliency=saliency))
