@@ -6,10 +6,11 @@ load when used.
 
 from gearkit import recipes
 from gearkit.compressed import (
-    ChannelScaledPart, CompressedTensor, DensePart, LowRankPart, OutlierPart, Part, QuantizedPart,
+    ChannelScaledPart, CompressedTensor, DensePart, LowRankPart, MixedPart, OutlierPart, Part, QuantizedPart,
 )
 from gearkit.compressors import (
-    ChannelSeparableQuantizer, FullPrecision, LowRankResidual, Pipeline, Quantizer, SparseOutlier, Stage,
+    ChannelSeparableQuantizer, FullPrecision, LowRankResidual, MixedPrecision, Pipeline, Probes, Quantizer, SparseOutlier,
+    Stage,
 )
 from gearkit.recipes import Recipe
 
@@ -18,8 +19,10 @@ __version__ = "0.1.0"
 __all__ = [
     # stages and their composition
     "Stage", "Quantizer", "ChannelSeparableQuantizer", "SparseOutlier", "LowRankResidual", "FullPrecision", "Pipeline",
+    # ZipCache: saliency-driven mixed precision and the probe queries that score saliency
+    "MixedPrecision", "Probes",
     # stored parts
-    "Part", "CompressedTensor", "QuantizedPart", "ChannelScaledPart", "OutlierPart", "LowRankPart", "DensePart",
+    "Part", "CompressedTensor", "QuantizedPart", "ChannelScaledPart", "OutlierPart", "LowRankPart", "MixedPart", "DensePart",
     # recipes
     "Recipe", "recipes",
 ]

@@ -174,6 +174,25 @@ class ChannelScaledPart(Part):
 
 
 @_register
+class MixedPart(Part):
+    """Salient tokens and the others stored by two stages, and the bit-packed map of which is which.
+
+    Attributes:
+        salient: uint8 `[batch, packed_nbytes(kv_heads * tokens, 1)]`: one bit per (KV head, token) of each batch
+            entry, packed on its own (1 = salient); counted as the `saliency_map` component.
+        high: the salient tokens' part, of a tensor `[batch, kv_heads, salient, head_dim]` (sequence order).
+        low: the other tokens' part, of a tensor `[batch, kv_heads, tokens - salient, head_dim]`.
+        shape: shape of the whole tensor, `[batch, kv_heads, tokens, head_dim]`.
+    """
+
+    salient: Tensor
+    high: Part
+    low: Part
+    shape: tuple[int, ...]
+    component: ClassVar[str] = "saliency_map"
+
+
+@_register
 class CompressedTensor(Part):
     """A tensor compressed by a `Pipeline`: one part per stage, plus the original shape and dtype.
 

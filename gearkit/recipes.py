@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from gearkit.compressors import FullPrecision, LowRankResidual, Pipeline, Quantizer, SparseOutlier
+from gearkit.compressors import (
+    ChannelSeparableQuantizer, FullPrecision, LowRankResidual, MixedPrecision, Pipeline, Probes, Quantizer, SparseOutlier,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +29,7 @@ class Recipe:
             compressed as one chunk. 1 compresses every token as it arrives.
         sink_tokens: the first tokens of a sequence, kept in full precision for good (attention sinks).
         description: one line for tables and `gearkit recipes`.
+        probes: which queries score token saliency, for pipelines with saliency-driven stages (ZipCache).
     """
 
     name: str
@@ -35,6 +38,12 @@ class Recipe:
     buffer_size: int = 64
     sink_tokens: int = 0
     description: str = ""
+    probes: Probes = Probes()
+
+    @property
+    def needs_saliency(self) -> bool:
+        """Whether a stage needs token saliency (the cache then takes queries from gearkit's attention function)."""
+        return self.key.needs_saliency or self.value.needs_saliency
 
     def __post_init__(self):
         if not isinstance(self.buffer_size, int) or self.buffer_size < 1:
@@ -44,6 +53,8 @@ class Recipe:
         for role in ("key", "value"):
             if not isinstance(getattr(self, role), Pipeline):
                 raise TypeError(f"recipe {role} must be a gearkit Pipeline")
+        if not isinstance(self.probes, Probes):
+            raise TypeError(f"recipe probes must be a gearkit Probes, got {type(self.probes).__name__}")
 
 
 _REGISTRY: dict[str, Recipe] = {}
@@ -115,7 +126,31 @@ def _builtin() -> list[Recipe]:
         _pipeline(SparseOutlier(0.01, "token", across_heads=True), Quantizer(2, 64, "token")),
         64, sink_tokens=4,
         description="sink-2 + GEAR outliers (2% per key channel, 1% per token across heads), no low-rank term"))
+    out += _zipcache()
     return out
+
+
+def _zipcache() -> list[Recipe]:
+    """ZipCache as published, and gearkit's composition of its saliency with sink tokens and GEAR's outliers."""
+    def mixed(high, low, ratio):
+        return MixedPrecision(high, low, ratio)
+
+    return [
+        Recipe("zipcache",
+               _pipeline(mixed(Quantizer(4, None, "channel"), Quantizer(2, None, "channel"), 0.4)),
+               _pipeline(mixed(ChannelSeparableQuantizer(4), ChannelSeparableQuantizer(2), 0.4)),
+               128, description="ZipCache: 40% most salient tokens (probe-normalized attention) at 4 bits, the rest at 2; "
+                                "keys per channel, values CSTQuant, per 128-token chunk"),
+        # Measured on idle-help (benchmarks/results/zipcache_idle-help.md): at this budget 3/2 bits on a quarter of
+        # the tokens beats 4/2 bits on a tenth; GEAR's outliers (1 per side of each key channel) and 4 fp16 sink
+        # tokens take the channel extremes out of the per-channel ranges.
+        Recipe("zipcache-gear",
+               _pipeline(SparseOutlier(0.01, "channel"), mixed(Quantizer(3, None, "channel"), Quantizer(2, None, "channel"), 0.25)),
+               _pipeline(mixed(Quantizer(3, None, "token"), Quantizer(2, None, "token"), 0.25)),
+               128, sink_tokens=4,
+               description="25% most salient tokens at 3 bits, the rest at 2, GEAR outliers on key channels, 4 fp16 sink "
+                           "tokens, per 128-token chunk"),
+    ]
 
 
 for _r in _builtin():

@@ -14,6 +14,13 @@ def gear(bits=2, group=16, axis="channel", ratio=0.05, rank=2):
     return Pipeline([SparseOutlier(ratio, axis), Quantizer(bits, group, axis), LowRankResidual(rank)])
 
 
+def scores(pipeline: Pipeline, x: torch.Tensor) -> dict:
+    """Random token saliency for pipelines that need it (ZipCache), as keyword arguments."""
+    if not pipeline.needs_saliency:
+        return {}
+    return {"saliency": torch.randn(x.shape[:3], generator=torch.Generator().manual_seed(x.shape[0] + x.shape[2]))}
+
+
 def storage_bytes(c: CompressedTensor) -> int:
     return sum(t.untyped_storage().nbytes() for t in c.tensors().values())
 
@@ -42,7 +49,7 @@ def test_each_correction_never_increases_the_error(x, backbone, rank, ratio):
 def test_reported_bytes_equal_the_storage_held(x, name):
     recipe = recipes.get(name)
     for pipeline in (recipe.key, recipe.value):
-        c = pipeline.compress(x)
+        c = pipeline.compress(x, **scores(pipeline, x))
         assert c.nbytes == storage_bytes(c) == sum(c.components().values())
         assert c.bits_per_element == 8 * c.nbytes / x.numel()
 
@@ -59,7 +66,7 @@ def test_shape_and_dtype_are_preserved(dtype, name):
     x = kv_like(1, (2, 3, 33, 16)).to(dtype)
     recipe = recipes.get(name)
     for pipeline in (recipe.key, recipe.value):
-        out = pipeline(x)
+        out = pipeline(x, **scores(pipeline, x))
         assert out.shape == x.shape and out.dtype == x.dtype and torch.isfinite(out).all()
 
 
@@ -125,7 +132,7 @@ def test_empty_tensors_round_trip(shape, name):
     recipe = recipes.get(name)
     for pipeline in (recipe.key, recipe.value):
         x = torch.empty(shape, dtype=torch.float16)
-        c = pipeline.compress(x)
+        c = pipeline.compress(x, **scores(pipeline, x))
         out = pipeline.decompress(c)
         assert out.shape == x.shape and out.dtype == x.dtype and c.bits_per_element == 0.0
 
@@ -156,8 +163,9 @@ def test_batch_entries_are_independent_so_parts_concatenate_and_reorder(name):
     recipe = recipes.get(name)
     a, b = kv_like(8, (2, 3, 32, 16)), kv_like(9, (1, 3, 32, 16))
     for pipeline in (recipe.key, recipe.value):
-        joined = cat_batch([pipeline.compress(a), pipeline.compress(b)])
-        whole = pipeline.compress(torch.cat([a, b]))
+        sa, sb = scores(pipeline, a), scores(pipeline, b)
+        joined = cat_batch([pipeline.compress(a, **sa), pipeline.compress(b, **sb)])
+        whole = pipeline.compress(torch.cat([a, b]), **{k: torch.cat([sa[k], sb[k]]) for k in sa})
         assert joined.nbytes == whole.nbytes and joined.shape == whole.shape
         assert torch.allclose(pipeline.decompress(joined), pipeline.decompress(whole), atol=1e-5)
         index = torch.tensor([2, 0, 0])

@@ -6,5 +6,6 @@ from gearkit.compressors.lowrank import LowRankResidual
 from gearkit.compressors.outlier import SparseOutlier
 from gearkit.compressors.pipeline import Pipeline
 from gearkit.compressors.quantizer import Quantizer
+from gearkit.compressors.saliency import MixedPrecision, Probes
 
-__all__ = ["ChannelSeparableQuantizer", "FullPrecision", "LowRankResidual", "Pipeline", "Quantizer", "SparseOutlier", "Stage", "check_kv"]
+__all__ = ["ChannelSeparableQuantizer", "FullPrecision", "LowRankResidual", "MixedPrecision", "Pipeline", "Probes", "Quantizer", "SparseOutlier", "Stage", "check_kv"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -58,7 +58,12 @@ class Stage(nn.Module, abc.ABC):
     Stages hold configuration only, never per-request state. Inside a `Pipeline` a stage encodes the
     residual the earlier stages left; `exclude` marks entries an earlier stage already stores exactly, which
     the stage should not spend precision on (the pipeline discards its output there).
+
+    A stage with `needs_saliency = True` (ZipCache's `MixedPrecision`) also takes per-token saliency scores,
+    `encode(x, exclude, saliency=...)`; a `Pipeline` forwards its `saliency` argument to such stages only.
     """
+
+    needs_saliency: ClassVar[bool] = False
 
     @abc.abstractmethod
     def encode(self, x: Tensor, exclude: Tensor | None = None) -> Part:

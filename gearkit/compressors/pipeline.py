@@ -52,13 +52,20 @@ class Pipeline(nn.Module):
             exact = mask if exact is None else exact | mask
         return out, exact
 
-    def compress(self, x: Tensor, exclude: Tensor | None = None) -> CompressedTensor:
+    @property
+    def needs_saliency(self) -> bool:
+        """Whether a stage needs per-token saliency scores (then `compress` must get `saliency`)."""
+        return any(s.needs_saliency for s in self.stages)
+
+    def compress(self, x: Tensor, exclude: Tensor | None = None, saliency: Tensor | None = None) -> CompressedTensor:
         """Compress `x` `[batch, kv_heads, tokens, head_dim]` (fp32, fp16 or bf16, finite).
 
         Args:
             x: the tensor.
             exclude: optional bool tensor shaped like `x`: entries the caller stores exactly elsewhere. No
                 stage spends precision on them and their reconstruction is unspecified (but finite).
+            saliency: optional float `[batch, kv_heads, tokens]` per-token saliency, passed to the stages that
+                need it (`needs_saliency`); ignored by the others.
 
         Returns:
             A `CompressedTensor` holding one part per stage.
@@ -71,7 +78,8 @@ class Pipeline(nn.Module):
             raise ValueError(f"exclude must have the shape of x {tuple(x.shape)}, got {tuple(exclude.shape)}")
         residual, exact, parts = x.float(), exclude, []
         for i, stage in enumerate(self.stages):
-            parts.append(stage.encode(residual, exact))
+            extra = {"saliency": saliency} if stage.needs_saliency else {}
+            parts.append(stage.encode(residual, exact, **extra))
             if i + 1 < len(self.stages):  # the last stage's residual is never needed
                 contribution, exact = self._contribution(stage, parts[-1], exact)
                 residual = residual - contribution
@@ -91,6 +99,6 @@ class Pipeline(nn.Module):
             total = contribution if total is None else total + contribution
         return total.to(c.dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Round trip: `decompress(compress(x))`, same shape and dtype as `x`."""
-        return self.decompress(self.compress(x))
+    def forward(self, x: Tensor, saliency: Tensor | None = None) -> Tensor:
+        """Round trip: `decompress(compress(x, saliency=saliency))`, same shape and dtype as `x`."""
+        return self.decompress(self.compress(x, saliency=saliency))

@@ -49,13 +49,22 @@ def check_cache_name(name: str) -> str:
 
 
 def make_cache(name: str, model):
-    """A fresh cache for `name`: a gearkit recipe (`GearCache`) or an HF baseline (`QuantizedCache`)."""
+    """A fresh cache for `name`: a gearkit recipe (`GearCache`) or an HF baseline (`QuantizedCache`).
+
+    A recipe that needs token saliency (ZipCache) switches `model` to gearkit's attention function, which
+    passes the queries to the cache; for every other cache that function gives SDPA's result.
+    """
     if name in HF_BASELINES:
         from transformers import QuantizedCache
 
         backend, bits = HF_BASELINES[check_cache_name(name)]
         return QuantizedCache(backend=backend, config=model.config, nbits=bits)
-    return GearCache(check_cache_name(name), model.config)
+    recipe = recipes.get(check_cache_name(name))
+    if recipe.needs_saliency:
+        from gearkit.integrations.attention import register
+
+        model.set_attn_implementation(register())
+    return GearCache(recipe, model.config)
 
 
 def cache_step(cache) -> int:

@@ -57,7 +57,8 @@ def compare_recipes(keys: Tensor, values: Tensor, names: Sequence[str] | None = 
     Args:
         keys: `[batch, kv_heads, tokens, head_dim]`.
         values: same shape as `keys`.
-        names: recipe names (default: every registered recipe).
+        names: recipe names (default: every registered recipe that needs no token saliency: saliency comes
+            from a model's queries, which plain tensors lack).
 
     Returns:
         One `RecipeResult` per recipe, in the given order.
@@ -65,8 +66,10 @@ def compare_recipes(keys: Tensor, values: Tensor, names: Sequence[str] | None = 
     if keys.shape != values.shape:
         raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} must have the same shape")
     results = []
-    for name in names or recipes.names():
+    for name in names or [n for n in recipes.names() if not recipes.get(n).needs_saliency]:
         recipe = recipes.get(name)
+        if recipe.needs_saliency:
+            raise ValueError(f"recipe {name!r} needs token saliency from a model's queries; evaluate it in a cache")
         k_hat, k_parts = _chunked(recipe.key, keys, recipe.buffer_size)
         v_hat, v_parts = _chunked(recipe.value, values, recipe.buffer_size)
         parts = k_parts + v_parts

@@ -24,6 +24,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from gearkit import recipes
 from gearkit.compressed import CompressedTensor, add_counts, cat_batch, select_batch, tensor_nbytes
 from gearkit.compressors.base import check_kv, check_storable
+from gearkit.compressors.saliency import normalized_saliency, probe_attention
+from gearkit.integrations.attention import NAME as ATTENTION_NAME
 from gearkit.integrations.attention import mark_updated
 from gearkit.kernels.attention import compressed_attention
 from gearkit.kernels.reference import attention_reference, merge_attention
@@ -85,6 +87,7 @@ class GearLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False  # cropping into a compressed chunk cannot restore its tokens exactly
     is_sliding = False
+    compress_in_update = True  # False: whole chunks wait in the buffer until the layer compresses them itself
 
     def __init__(self, recipe: Recipe, buffer_dtype: torch.dtype | None = torch.float16):
         super().__init__()
@@ -138,19 +141,23 @@ class GearLayer(CacheLayerMixin):
         check_kv(states, name)
         return check_storable(states.to(self.buffer_dtype or states.dtype), name)
 
-    def _compress_full_chunks(self, buffer: Tensor, pipeline, current: CompressedTensor | None):
-        """Compress the buffer's whole chunks; returns (compressed storage, remaining buffer)."""
+    def _compress_full_chunks(self, buffer: Tensor, pipeline, current: CompressedTensor | None,
+                              saliency: Tensor | None = None):
+        """Compress the buffer's whole chunks (with per-token `saliency` `[batch, kv_heads, buffered]` for
+        pipelines that need it); returns (compressed storage, remaining buffer)."""
         full = buffer.shape[-2] // self.chunk_size * self.chunk_size
         if not full:
             return current, buffer
         chunks = rearrange(buffer[:, :, :full], "b h (n c) d -> (n b) h c d", c=self.chunk_size)
+        if saliency is not None:
+            saliency = rearrange(saliency[:, :, :full], "b h (n c) -> (n b) h c", c=self.chunk_size)
         first = self.chunks * self.chunk_size  # sequence position of the buffer's first token
         exclude = None
         if first < self.recipe.sink_tokens:  # sink positions are stored exactly in the sink copy
             position = first + torch.arange(full, device=buffer.device)
             exclude = rearrange(position < self.recipe.sink_tokens, "(n c) -> n 1 1 c 1", c=self.chunk_size)
             exclude = exclude.expand(-1, buffer.shape[0], *chunks.shape[1:]).reshape(chunks.shape)
-        new = pipeline.compress(chunks, exclude)
+        new = pipeline.compress(chunks, exclude, saliency)
         merged = new if current is None else cat_batch([current, new])
         return merged, buffer[:, :, full:].clone()  # clone: the buffer owns exactly its bytes
 
@@ -180,16 +187,27 @@ class GearLayer(CacheLayerMixin):
             out = (self._assemble(sink_keys, self.compressed_keys, self.recipe.key, keys_buffer),
                    self._assemble(sink_values, self.compressed_values, self.recipe.value, values_buffer))
         # Everything is computed before any state changes, so a failure leaves the layer as it was.
-        ck, kb = self._compress_full_chunks(keys_buffer, self.recipe.key, self.compressed_keys)
-        cv, vb = self._compress_full_chunks(values_buffer, self.recipe.value, self.compressed_values)
-        self.chunks += (keys_buffer.shape[-2] - kb.shape[-2]) // self.chunk_size
-        self.compressed_keys, self.compressed_values, self.keys, self.values = ck, cv, kb, vb
+        compressed = self._compress_buffer(keys_buffer, values_buffer) if self.compress_in_update else None
+        self.keys, self.values = keys_buffer, values_buffer
+        self._commit(compressed)
         self.sink_keys, self.sink_values = sink_keys, sink_values
         self.cumulative_length += key_states.shape[-2]
         # The storage as it was before this step's compression, for `attend` (dropped once it has run).
         self._storage_step = step if from_storage else None
         mark_updated(self, out[0])
         return out
+
+    def _compress_buffer(self, keys_buffer: Tensor, values_buffer: Tensor, saliency: Tensor | None = None):
+        """Compress the whole chunks of the given buffers (nothing changes yet); the result goes to `_commit`."""
+        ck, kb = self._compress_full_chunks(keys_buffer, self.recipe.key, self.compressed_keys, saliency)
+        cv, vb = self._compress_full_chunks(values_buffer, self.recipe.value, self.compressed_values, saliency)
+        return ck, cv, kb, vb, (keys_buffer.shape[-2] - kb.shape[-2]) // self.chunk_size
+
+    def _commit(self, compressed) -> None:
+        """Take over what `_compress_buffer` returned (None: nothing was compressed)."""
+        if compressed is not None:
+            self.compressed_keys, self.compressed_values, self.keys, self.values, chunks = compressed
+            self.chunks += chunks
 
     # -- gearkit's attention function (see gearkit.integrations.attention) -----------------------------------
     def observe_queries(self, query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float | None) -> None:
@@ -339,6 +357,107 @@ class GearLayer(CacheLayerMixin):
         return MemoryReport(components, self.cumulative_length, elements)
 
 
+NEEDS_QUERIES = ("recipe {name!r} picks salient tokens from the model's queries, which reach the cache only "
+                 "through gearkit's attention function: call model.set_attn_implementation("
+                 "gearkit.integrations.attention.register()) (or load the model with that attn_implementation)")
+
+
+class SaliencyLayer(GearLayer):
+    """A `GearLayer` for recipes whose stages need token saliency (ZipCache's `MixedPrecision`).
+
+    Saliency comes from probe queries (`gearkit.compressors.saliency`): gearkit's attention function hands each
+    step's queries to `observe_queries`, which adds the attention the probes give every buffered token to
+    `received` `[batch, kv_heads, buffered]` and the number of probes that saw it to `seen` `[batch, buffered]`.
+
+    Compression waits for the queries: `update` only appends to the buffer (the step attends to everything in
+    full precision), and `observe_queries` then compresses the buffer's whole chunks with saliency
+    `received / seen`. At prefill a chunk's saliency comes from the prefill's probes; a chunk filled while
+    decoding gets it from every probe that has seen its tokens since they entered the buffer: the prefill's
+    probes for tokens that were prefilled, and each later step's probes (a single decoded token is its step's
+    probe). Without gearkit's attention function no queries arrive, and the next `update` raises rather than
+    compress without saliency. The accumulators are bytes held: they count as the `probe_scores` component.
+    """
+
+    compress_in_update = False
+
+    def __init__(self, recipe: Recipe, buffer_dtype: torch.dtype | None = torch.float16):
+        super().__init__(recipe, buffer_dtype)
+        self.received: Tensor | None = None
+        self.seen: Tensor | None = None
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Append new tokens `[batch, kv_heads, new, head_dim]` to the buffer; return all keys and values.
+
+        Raises:
+            RuntimeError: if whole chunks from the previous step still wait for queries (the model does not
+                use gearkit's attention function).
+        """
+        if self.is_initialized and self.keys.shape[-2] >= self.chunk_size:
+            raise RuntimeError(NEEDS_QUERIES.format(name=self.recipe.name))
+        out = super().update(key_states, value_states, *args, **kwargs)
+        new = self.keys.shape[-2] - (0 if self.received is None else self.received.shape[-1])
+        batch, heads = self.keys.shape[:2]
+        received = self.keys.new_zeros(batch, heads, new, dtype=torch.float32)
+        seen = self.keys.new_zeros(batch, new, dtype=torch.float32)
+        self.received = received if self.received is None else torch.cat([self.received, received], -1)
+        self.seen = seen if self.seen is None else torch.cat([self.seen, seen], -1)
+        return out
+
+    def observe_queries(self, query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float | None) -> None:
+        """Add the probes' attention to the buffered tokens' saliency, then compress the buffer's whole chunks.
+
+        Args:
+            query: `[batch, heads, queries, head_dim]`, the step's queries.
+            keys: `[batch, kv_heads, kv_len, head_dim]`, what `update` returned (the buffer is its end).
+            attention_mask: the step's mask (see `gearkit.compressors.saliency.visible_keys`).
+            scaling: softmax scale.
+        """
+        buffered = self.keys.shape[-2]
+        if not buffered:
+            return
+        received, seen = probe_attention(query, keys, attention_mask, scaling, self.recipe.probes)
+        received, seen = self.received + received[..., -buffered:], self.seen + seen[..., -buffered:]
+        compressed = None
+        if buffered >= self.chunk_size:
+            compressed = self._compress_buffer(self.keys, self.values, normalized_saliency(received, seen))
+        done = compressed[-1] * self.chunk_size if compressed else 0
+        self._commit(compressed)
+        self.received, self.seen = received[..., done:].clone(), seen[..., done:].clone()
+
+    def reset(self) -> None:
+        super().reset()
+        self.received = self.seen = None
+
+    def _select(self, index: Tensor) -> None:
+        super()._select(index)
+        if self.received is not None:
+            index = index.to(self.received.device)
+            self.received, self.seen = self.received.index_select(0, index), self.seen.index_select(0, index)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """As `GearLayer.crop`; tokens that return to the buffer from a compressed chunk start with no saliency."""
+        buffered = self.keys.shape[-2] if self.is_initialized else 0
+        super().crop(tokens_to_remove)
+        if self.received is None:
+            return
+        kept = self.keys.shape[-2]
+        if -tokens_to_remove <= buffered:
+            self.received, self.seen = self.received[..., :kept].clone(), self.seen[..., :kept].clone()
+        else:
+            self.received = self.received.new_zeros(*self.received.shape[:2], kept)
+            self.seen = self.seen.new_zeros(self.seen.shape[0], kept)
+
+    def held_tensors(self) -> list[Tensor]:
+        extra = [] if self.received is None else [self.received, self.seen]
+        return super().held_tensors() + extra
+
+    def memory_report(self) -> MemoryReport:
+        report = super().memory_report()
+        if self.received is not None:
+            report.components["probe_scores"] = tensor_nbytes(self.received) + tensor_nbytes(self.seen)
+        return report
+
+
 class GearCache(Cache):
     """A `transformers` `Cache` that stores keys and values compressed by a gearkit recipe.
 
@@ -354,7 +473,8 @@ class GearCache(Cache):
 
     def __init__(self, recipe: Recipe | str, config=None, buffer_dtype: torch.dtype | None = torch.float16):
         self.recipe = recipes.get(recipe) if isinstance(recipe, str) else recipe
-        make = functools.partial(GearLayer, self.recipe, buffer_dtype)
+        layer = SaliencyLayer if self.recipe.needs_saliency else GearLayer
+        make = functools.partial(layer, self.recipe, buffer_dtype)
         if config is None:
             super().__init__(layer_class_to_replicate=make)
             return
@@ -362,6 +482,9 @@ class GearCache(Cache):
         types = set(getattr(text, "layer_types", None) or ["full_attention"])
         if types != {"full_attention"}:
             raise ValueError(f"GearCache supports full-attention layers only; this model has {sorted(types)}")
+        implementation = getattr(config, "_attn_implementation", None)
+        if self.recipe.needs_saliency and implementation not in (None, ATTENTION_NAME):
+            raise ValueError(f"the model uses {implementation!r} attention, but " + NEEDS_QUERIES.format(name=self.recipe.name))
         super().__init__(layers=[make() for _ in range(text.num_hidden_layers)])
 
     def memory_report(self) -> MemoryReport:

@@ -1,0 +1,309 @@
+"""ZipCache's token saliency (normalized attention from probe queries) and the mixed-precision stage it drives.
+
+**Normalization convention.** A token's saliency is the attention it receives from the probe queries,
+summed over the probes and over the query heads of its KV head's group, divided by the number of probe
+*queries* (positions, not heads) that can see it under the attention mask:
+
+    saliency[b, kv_head, t] = sum_{p sees t} sum_{h in group(kv_head)} softmax(q[b, h, p] . K[b, kv_head])[t]
+                              / #{p : p sees t}
+
+Plain accumulated attention favours early tokens because the causal mask lets more queries see them; the
+division removes that bias. Tokens no probe sees (padding) score `-inf` and are never preferred.
+
+**Probes.** Of each step's real (non-padding) queries, the `ceil(recent * n)` most recent and
+`round(random * n)` others drawn at random (a generator seeded with `seed` for every sequence, so the choice
+depends only on the sequence's own length, not on its batch neighbours or padding) are the probes. Only their
+attention rows are formed, in blocks of probes, so the `queries x keys` attention matrix never exists; the
+model's real attention output comes from its normal attention path.
+
+**Mixed precision.** `MixedPrecision` keeps the `round(ratio * tokens)` most salient tokens of each
+(batch, KV head) in one stage (e.g. 4-bit) and the rest in another (e.g. 2-bit). Which token is which is a
+bit-packed mask, one bit per token per KV head, stored in the part and counted as the `saliency_map`
+component.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor
+
+from gearkit.compressed import MixedPart
+from gearkit.compressors.base import Stage, check_kv
+from gearkit.kernels.reference import pack_bits, unpack_bits
+
+# Attention entries per block of probes: bounds the memory of the probe attention whatever the context length.
+_BLOCK_ELEMENTS = 1 << 24
+
+
+@dataclasses.dataclass(frozen=True)
+class Probes:
+    """Which of a step's queries serve as probes for saliency.
+
+    Attributes:
+        recent: fraction of the step's real queries taken from its end (at least one query).
+        random: fraction taken at random from the other queries.
+        seed: seed of the random choice (the same for every sequence, step and layer).
+    """
+
+    recent: float = 0.05
+    random: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("recent", "random"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ValueError(f"Probes.{name} must be a fraction in [0, 1], got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"Probes.seed must be an int, got {self.seed!r}")
+
+    def positions(self, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Choose the probes among each sequence's real queries.
+
+        Args:
+            valid: bool `[batch, queries]`, True for real (non-padding) queries.
+
+        Returns:
+            `(index, used)`: int64 `[batch, probes]` query positions (ascending per sequence) and bool
+            `[batch, probes]`, False for the filler of sequences with fewer probes than the longest.
+        """
+        if valid.dim() != 2 or valid.dtype != torch.bool:
+            raise ValueError(f"valid must be a bool tensor [batch, queries], got {valid.dtype} {tuple(valid.shape)}")
+        chosen = []
+        for row in valid.cpu():
+            real = row.nonzero().flatten()
+            n = real.numel()
+            n_recent = min(n, max(1, math.ceil(self.recent * n))) if n else 0
+            n_random = min(n - n_recent, round(self.random * n))
+            earlier = real[: n - n_recent]
+            g = torch.Generator().manual_seed(self.seed)
+            picked = earlier[torch.randperm(earlier.numel(), generator=g)[:n_random]]
+            chosen.append(torch.cat([picked, real[n - n_recent :]]).sort().values)
+        width = max(c.numel() for c in chosen) if chosen else 0
+        index = torch.zeros(valid.shape[0], width, dtype=torch.long)
+        used = torch.zeros(valid.shape[0], width, dtype=torch.bool)
+        for b, c in enumerate(chosen):
+            index[b, : c.numel()], used[b, : c.numel()] = c, True
+        return index.to(valid.device), used.to(valid.device)
+
+
+def visible_keys(attention_mask: Tensor | None, batch: int, queries: int, keys: int, device) -> Tensor:
+    """Which keys each query may attend to: bool `[batch, queries, keys]`.
+
+    Args:
+        attention_mask: bool `[batch or 1, 1, queries, keys]` (True = attend), an additive float mask of that
+            shape (a large negative entry = masked), or None for plain causal attention with the queries at
+            the end of the keys.
+        batch, queries, keys: sizes.
+        device: device of the result.
+    """
+    if attention_mask is None:
+        q = torch.arange(queries, device=device)[:, None] + (keys - queries)
+        return (torch.arange(keys, device=device)[None] <= q).expand(batch, queries, keys)
+    if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (queries, keys):
+        raise ValueError(f"attention_mask must be [batch, 1, {queries}, {keys}], got {tuple(attention_mask.shape)}")
+    mask = attention_mask[:, 0]
+    if mask.dtype != torch.bool:
+        mask = mask > torch.finfo(mask.dtype).min / 2
+    return mask.expand(batch, queries, keys)
+
+
+def probe_attention(query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float | None,
+                    probes: Probes) -> tuple[Tensor, Tensor]:
+    """Attention received by every key from the step's probe queries, and how many probes see each key.
+
+    The probes' attention rows are computed in blocks (never the full `queries x keys` matrix), from
+    `softmax(scaling * q . k)` under the mask, and summed over the probes and over the query heads of each KV
+    head's group (grouped-query attention).
+
+    Args:
+        query: `[batch, heads, queries, head_dim]`, the step's queries (the newest `queries` positions).
+        keys: `[batch, kv_heads, kv_len, head_dim]`, every key the step attends to; `heads % kv_heads == 0`.
+        attention_mask: see `visible_keys`; padding is excluded through it (padding queries are never probes,
+            padding keys receive nothing and are seen by no probe).
+        scaling: softmax scale, default `head_dim ** -0.5`.
+        probes: how probes are chosen.
+
+    Returns:
+        `(received, seen)`: float32 `[batch, kv_heads, kv_len]` summed attention, and float32 `[batch, kv_len]`
+        the number of probe queries that see each key.
+    """
+    if query.dim() != 4 or keys.dim() != 4 or query.shape[0] != keys.shape[0] or query.shape[-1] != keys.shape[-1]:
+        raise ValueError(f"query [batch, heads, queries, head_dim] and keys [batch, kv_heads, kv_len, head_dim] do not "
+                         f"match: {tuple(query.shape)} and {tuple(keys.shape)}")
+    b, heads, nq, d = query.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads cannot be grouped over {kv_heads} KV heads")
+    if nq > length:
+        raise ValueError(f"{nq} queries but only {length} keys: the queries must be the newest key positions")
+    visible = visible_keys(attention_mask, b, nq, length, query.device)
+    own = torch.arange(nq, device=query.device) + (length - nq)
+    valid = visible.gather(2, own[None, :, None].expand(b, nq, 1))[..., 0]  # a real query sees its own position
+    index, used = probes.positions(valid)
+    scale = d ** -0.5 if scaling is None else scaling
+    grouped_keys = keys.float().unflatten(1, (kv_heads, 1))  # [b, kv_heads, 1, kv_len, d]
+    received = query.new_zeros(b, kv_heads, length, dtype=torch.float32)
+    seen = query.new_zeros(b, length, dtype=torch.float32)
+    block = max(1, _BLOCK_ELEMENTS // max(1, heads * length))
+    for start in range(0, index.shape[1], block):
+        idx, ok = index[:, start : start + block], used[:, start : start + block]
+        sees = visible.gather(1, idx[..., None].expand(-1, -1, length)) & ok[..., None]  # [b, p, kv_len]
+        q = query.float().gather(2, idx[:, None, :, None].expand(-1, heads, -1, d))
+        q = q.unflatten(1, (kv_heads, heads // kv_heads))  # [b, kv_heads, group, p, d]
+        logits = (q @ grouped_keys.transpose(-1, -2)) * scale
+        logits = logits.masked_fill(~sees[:, None, None], float("-inf"))
+        weights = torch.softmax(logits, -1).nan_to_num(0.0)  # rows of filler probes are all masked: zero
+        received += weights.sum((2, 3))
+        seen += sees.sum(1)
+    return received, seen
+
+
+def normalized_saliency(received: Tensor, seen: Tensor) -> Tensor:
+    """Attention received divided by the number of probe queries that saw each token.
+
+    Args:
+        received: float `[batch, kv_heads, tokens]`.
+        seen: float `[batch, tokens]`.
+
+    Returns:
+        float32 `[batch, kv_heads, tokens]`; `-inf` where no probe saw the token.
+    """
+    seen = seen[:, None].float()
+    return torch.where(seen > 0, received.float() / seen.clamp_min(1), float("-inf"))
+
+
+def salient_count(tokens: int, ratio: float) -> int:
+    """Number of salient tokens among `tokens`: `round(ratio * tokens)`."""
+    return round(ratio * tokens)
+
+
+def salient_mask(saliency: Tensor, ratio: float) -> Tensor:
+    """The `salient_count(tokens, ratio)` highest-scoring tokens of each (batch, KV head).
+
+    Args:
+        saliency: float `[batch, kv_heads, tokens]` (`-inf` allowed, NaN not).
+        ratio: fraction of tokens marked salient.
+
+    Returns:
+        bool `[batch, kv_heads, tokens]` with exactly that many True per (batch, KV head); ties go to the
+        earlier token.
+    """
+    if saliency.dim() != 3:
+        raise ValueError(f"saliency must be [batch, kv_heads, tokens], got shape {tuple(saliency.shape)}")
+    if torch.isnan(saliency).any():
+        raise ValueError("saliency contains NaN")
+    k = salient_count(saliency.shape[-1], ratio)
+    order = torch.sort(saliency.float(), dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.zeros(saliency.shape, dtype=torch.bool, device=saliency.device).scatter(-1, order, True)
+
+
+class MixedPrecision(Stage):
+    """Salient tokens through one stage (more bits), the others through another (fewer bits).
+
+    Per (batch, KV head) the `round(ratio * tokens)` tokens with the highest saliency go to `high`, the rest to
+    `low`; each sees only its own tokens (in sequence order), so per-channel stages fit their ranges to their
+    own subset. The part holds both parts and the bit-packed salient map (`ceil(batch-entry heads * tokens / 8)`
+    bytes per batch entry, component `saliency_map`).
+
+    Saliency is per-request data and is passed to `encode` (a `Pipeline` forwards its `saliency` argument);
+    the stage itself holds only configuration.
+
+    Args:
+        high: stage for the salient tokens, e.g. `Quantizer(4, None, "channel")`.
+        low: stage for the other tokens, e.g. `Quantizer(2, None, "channel")`.
+        ratio: fraction of salient tokens per chunk, in [0, 1].
+    """
+
+    needs_saliency = True
+
+    def __init__(self, high: Stage, low: Stage, ratio: float = 0.4):
+        super().__init__()
+        for name, s in (("high", high), ("low", low)):
+            if not isinstance(s, Stage) or getattr(s, "needs_saliency", False):
+                raise TypeError(f"MixedPrecision {name} must be a gearkit Stage that needs no saliency, got {s!r}")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+            raise ValueError(f"ratio must be a fraction in [0, 1], got {ratio!r}")
+        self.high, self.low, self.ratio = high, low, float(ratio)
+
+    @staticmethod
+    def _split(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """`x` `[b, h, t, ...]` into its `mask`ed and un-masked tokens, `[b, h, k, ...]` and `[b, h, t - k, ...]`."""
+        b, h, t = mask.shape
+        k = int(mask[0, 0].sum()) if mask.numel() else 0
+        return x[mask].reshape(b, h, k, *x.shape[3:]), x[~mask].reshape(b, h, t - k, *x.shape[3:])
+
+    @staticmethod
+    def _merge(high: Tensor, low: Tensor, mask: Tensor) -> Tensor:
+        out = high.new_empty(*mask.shape, *high.shape[3:])
+        out[mask] = high.flatten(0, 2)
+        out[~mask] = low.flatten(0, 2)
+        return out
+
+    def salient(self, part: MixedPart) -> Tensor:
+        """The salient map of a part: bool `[batch, kv_heads, tokens]`."""
+        b, h, t, _ = part.shape
+        return unpack_bits(part.salient, 1, h * t).reshape(b, h, t).bool()
+
+    def encode(self, x: Tensor, exclude: Tensor | None = None, saliency: Tensor | None = None) -> MixedPart:
+        """Split `x` `[batch, kv_heads, tokens, head_dim]` by saliency and encode both halves.
+
+        Args:
+            x: the tensor.
+            exclude: optional bool tensor shaped like `x` (entries stored exactly elsewhere).
+            saliency: float `[batch, kv_heads, tokens]`, higher = more salient (see `normalized_saliency`).
+
+        Raises:
+            ValueError: if `saliency` is missing or does not match `x`.
+        """
+        if saliency is None:
+            raise ValueError("MixedPrecision needs per-token saliency scores [batch, kv_heads, tokens] (a ZipCache "
+                             "cache computes them from probe queries; pass saliency= to encode or Pipeline.compress)")
+        if tuple(saliency.shape) != tuple(x.shape[:3]):
+            raise ValueError(f"saliency must be [batch, kv_heads, tokens] = {tuple(x.shape[:3])}, got {tuple(saliency.shape)}")
+        mask = salient_mask(saliency.to(x.device), self.ratio)
+        xs, xl = self._split(x, mask)
+        es, el = (None, None) if exclude is None else self._split(exclude, mask)
+        b, h, t = mask.shape
+        packed = pack_bits(mask.reshape(b, h * t).to(torch.uint8), 1)
+        return MixedPart(packed, self.high.encode(xs, es), self.low.encode(xl, el), tuple(x.shape))
+
+    def decode(self, part: MixedPart) -> Tensor:
+        """float32 `[batch, kv_heads, tokens, head_dim]`."""
+        return self._merge(self.high.decode(part.high), self.low.decode(part.low), self.salient(part))
+
+    def _both(self, fn_name: str, part: MixedPart) -> Tensor | None:
+        high, low = getattr(self.high, fn_name, None), getattr(self.low, fn_name, None)
+        if high is None or low is None:
+            return None
+        hs, ls = high(part.high), low(part.low)
+        if hs is None and ls is None:
+            return None
+        mask = self.salient(part)
+        b, h, t, d = part.shape
+        k = int(mask[0, 0].sum()) if mask.numel() else 0
+        hs = torch.zeros(b, h, k, d, dtype=torch.bool, device=mask.device) if hs is None else hs
+        ls = torch.zeros(b, h, t - k, d, dtype=torch.bool, device=mask.device) if ls is None else ls
+        return self._merge(hs, ls.to(hs.device), mask.to(hs.device))
+
+    def exact_mask(self, part: MixedPart) -> Tensor | None:
+        """Entries the inner stages store exactly, bool `[batch, kv_heads, tokens, head_dim]`, or None."""
+        return self._both("exact_mask", part)
+
+    def error_bound(self, part: MixedPart) -> Tensor:
+        """Per-element error bound of the inner stages (both must define `error_bound`): float32, `x`'s shape."""
+        bound = self._both("error_bound", part)
+        if bound is None:
+            raise TypeError("error_bound needs inner stages that define error_bound")
+        return bound
+
+    def forward(self, x: Tensor, saliency: Tensor | None = None) -> Tensor:
+        """Round trip `x` with `saliency` `[batch, kv_heads, tokens]`; same shape and dtype as `x`."""
+        check_kv(x)
+        return self.decode(self.encode(x.float(), saliency=saliency)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"ratio={self.ratio}"
