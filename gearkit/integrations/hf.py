@@ -379,6 +379,7 @@ class SaliencyLayer(GearLayer):
     """
 
     compress_in_update = False
+    STORAGE_QUERIES = 0  # the probes need every key in full, so attention never reads the storage directly
 
     def __init__(self, recipe: Recipe, buffer_dtype: torch.dtype | None = torch.float16):
         super().__init__(recipe, buffer_dtype)
