@@ -156,6 +156,10 @@ def test_torch_compile_fullgraph_matches_eager():
     assert torch.equal(round_trip(x), pipeline(x))
     with pytest.raises(RuntimeError, match="NaN or Inf"):  # the input check survives compilation
         round_trip(x.index_fill(2, torch.tensor([3]), float("nan")))
+    dynamic = torch.compile(pipeline.compress, fullgraph=True, dynamic=True)  # custom ops' fake strides hold
+    for batch in (2, 3):
+        y = kv_like(batch, (batch, 2, 64, 64))
+        assert torch.equal(dynamic(y).parts[1].codes, pipeline.compress(y).parts[1].codes)
 
 
 @pytest.mark.parametrize("name", recipes.names())

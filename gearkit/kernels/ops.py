@@ -20,8 +20,10 @@ from gearkit.kernels.layout import StorageLayout
 def quantize_groups(
     x: Tensor, bits: int, param_dtype: torch.dtype, valid: Optional[Tensor] = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Group quantization; see `gearkit.kernels.reference.quantize_groups` (shapes and semantics)."""
-    return reference.quantize_groups(x, bits, param_dtype, valid)
+    """Group quantization; see `gearkit.kernels.reference.quantize_groups` (shapes and semantics).
+
+    Outputs are contiguous whatever the input's strides, as the fake implementation states."""
+    return tuple(t.contiguous() for t in reference.quantize_groups(x, bits, param_dtype, valid))
 
 
 @quantize_groups.register_fake
