@@ -9,7 +9,8 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.mark.parametrize("script, expect", [("quickstart.py", "gear-2"), ("generate_with_gearkit.py", "sink-3")])
+@pytest.mark.parametrize("script, expect", [("quickstart.py", "gear-2"), ("generate_with_gearkit.py", "sink-3"),
+                                            ("fabric_generate.py", '"index": 2')])
 def test_example_runs(script, expect):
     run = subprocess.run([sys.executable, str(EXAMPLES / script)], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
