@@ -348,6 +348,12 @@ def merge_rows(rows: Sequence[dict]) -> list[dict]:
 
     A distributed sampler may pad a shard with repeats of other batches; those rows are dropped. Rows of
     one index keep their order (the module's recipe order).
+
+    Args:
+        rows: rows of `GearInference.predict_step`, from any ranks, in any order.
+
+    Returns:
+        The first row of each `(index, recipe)`, sorted by `index` (stable).
     """
     seen, out = set(), []
     for row in rows:
