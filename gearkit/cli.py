@@ -49,8 +49,19 @@ def cmd_eval_ppl(args) -> None:
     names = [check_cache_name(n) for n in args.recipe]  # fail before loading anything
     text = load_text(args.text)
     model, tokenizer, model_name = _load()
-    results = evaluate(model, tokenizer, names, text, args.prefix, args.continuation, args.windows,
-                       progress=progress_bar(), model_name=model_name)
+    if args.devices > 1:
+        from gearkit.eval.perplexity import token_windows
+        from gearkit.integrations.lightning import perplexity_results, predict
+
+        spans = token_windows(tokenizer, text, args.prefix, args.continuation, args.windows)
+        rows = predict(spans, names, task="ppl", devices=args.devices, prefix=args.prefix, model=model,
+                       tokenizer=tokenizer)
+        if rows is None:  # a DDP rank other than 0: rank 0 prints
+            return
+        results = perplexity_results(rows, model_name, args.prefix)
+    else:
+        results = evaluate(model, tokenizer, names, text, args.prefix, args.continuation, args.windows,
+                           progress=progress_bar(), model_name=model_name)
     if args.json:
         for r in results:
             print(json.dumps(r.summary()))
@@ -78,12 +89,24 @@ def cmd_generate(args) -> None:
 
     check_cache_name(args.recipe)
     model, tokenizer, _ = _load()
-    cache = make_cache(args.recipe, model)
-    tokens, seconds = greedy(model, tokenizer, args.prompt, args.max_new_tokens, cache)
-    print(tokenizer.decode(tokens, skip_special_tokens=True))
-    report = memory_report(cache, model.config)
-    print(f"[{args.recipe}: {len(tokens)} tokens in {seconds:.1f} s, cache {report.nbytes} bytes, "
-          f"{report.bits_per_element:.2f} bits/element, {report.compression_ratio:.2f}x smaller than fp16]", file=sys.stderr)
+    if args.devices > 1 or args.batch_size > 1:
+        from gearkit.integrations.lightning import predict
+
+        rows = predict(args.prompt, args.recipe, devices=args.devices, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens, model=model, tokenizer=tokenizer)
+        for row in rows or []:  # None on DDP ranks other than 0
+            print(json.dumps(row) if args.json else row["text"])
+        return
+    for index, prompt in enumerate(args.prompt):
+        cache = make_cache(args.recipe, model)
+        tokens, seconds = greedy(model, tokenizer, prompt, args.max_new_tokens, cache)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        print(json.dumps({"index": index, "recipe": args.recipe, "prompt": prompt, "token_ids": tokens.tolist(),
+                          "text": text}) if args.json else text)
+        report = memory_report(cache, model.config)
+        print(f"[{args.recipe}: {len(tokens)} tokens in {seconds:.1f} s, cache {report.nbytes} bytes, "
+              f"{report.bits_per_element:.2f} bits/element, {report.compression_ratio:.2f}x smaller than fp16]",
+              file=sys.stderr)
 
 
 def cmd_demo(args) -> None:
@@ -105,6 +128,14 @@ def cmd_demo(args) -> None:
         print(f"\n[{g.recipe}] match {100 * g.match_rate:.0f}%, {g.tokens_per_s:.1f} tok/s\n{g.text.strip()}")
 
 
+def positive_int(value: str) -> int:
+    """argparse type: an int of at least 1."""
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gearkit", description="Composable KV-cache compression.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,8 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate with a compressed cache")
     gen.add_argument("--recipe", required=True)
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--devices", type=positive_int, default=1,
+                     help="N > 1: Lightning Trainer.predict with DDP over N processes/devices (gloo on CPU); "
+                          "1: a plain loop. Greedy tokens are the same either way")
+    gen.add_argument("--batch-size", type=positive_int, default=1,
+                     help="prompts per left-padded batch (Lightning path); a prompt's output can depend on its "
+                          "batch, never on --devices")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     gen.set_defaults(func=cmd_generate)
 
     ev = sub.add_parser("eval", help="evaluate recipes on the default model").add_subparsers(dest="what", required=True)
@@ -133,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--continuation", type=int, default=1024)
     ppl.add_argument("--windows", type=int, default=4, help="at most this many windows")
     ppl.add_argument("--json", action="store_true", help="print one JSON object per recipe")
+    ppl.add_argument("--devices", type=positive_int, default=1,
+                     help="N > 1: windows sharded over N processes/devices with Lightning DDP (gloo on CPU); 1: the "
+                          "plain loop. Perplexities and bytes are the same either way (only speeds differ)")
     ppl.set_defaults(func=cmd_eval_ppl)
     layers = ev.add_parser("layers", help="per-layer reconstruction error of keys and values")
     layers.add_argument("--recipe", required=True)

@@ -203,7 +203,6 @@ def evaluate(model, tokenizer, names: Sequence[str], text: str, prefix: int = 10
     spans = token_windows(tokenizer, text, prefix, continuation, windows)
     wrap = progress or (lambda it, **_: it)
     base = sum(baseline_nll(model, w, prefix) for w in wrap(spans, total=len(spans), desc="baseline"))
-    scored = len(spans) * continuation
     results = []
     for name in names:
         nll = prefill_s = cont_s = 0.0
@@ -212,12 +211,21 @@ def evaluate(model, tokenizer, names: Sequence[str], text: str, prefix: int = 10
             n, p, c = cached_nll(model, window, prefix, cache)
             nll, prefill_s, cont_s = nll + n, prefill_s + p, cont_s + c
         report = memory_report(cache, model.config)  # the last window's cache, holding prefix + continuation tokens
-        baseline_ppl, ppl = math.exp(base / scored), math.exp(nll / scored)
-        results.append(PerplexityResult(
-            recipe=name, model=model_name, tokens=scored, windows=len(spans), prefix=prefix, continuation=continuation,
-            baseline_ppl=baseline_ppl, ppl=ppl, ppl_increase_pct=100 * (ppl / baseline_ppl - 1),
-            bits_per_element=report.bits_per_element, compression_ratio=report.compression_ratio,
-            kv_bytes=report.nbytes, kv_bytes_fp16=report.fp16_nbytes, components=report.components,
-            prefill_tokens_per_s=len(spans) * prefix / prefill_s, continuation_tokens_per_s=scored / cont_s,
-        ))
+        results.append(perplexity_result(name, model_name, len(spans), prefix, continuation, base, nll, report,
+                                         prefill_s, cont_s))
     return results
+
+
+def perplexity_result(name: str, model_name: str, windows: int, prefix: int, continuation: int, base_nll: float,
+                      nll: float, report: MemoryReport, prefill_s: float, continuation_s: float) -> PerplexityResult:
+    """A `PerplexityResult` from NLLs summed over `windows` windows (in window order) and the report of the
+    last window's cache."""
+    scored = windows * continuation
+    baseline_ppl, ppl = math.exp(base_nll / scored), math.exp(nll / scored)
+    return PerplexityResult(
+        recipe=name, model=model_name, tokens=scored, windows=windows, prefix=prefix, continuation=continuation,
+        baseline_ppl=baseline_ppl, ppl=ppl, ppl_increase_pct=100 * (ppl / baseline_ppl - 1),
+        bits_per_element=report.bits_per_element, compression_ratio=report.compression_ratio,
+        kv_bytes=report.nbytes, kv_bytes_fp16=report.fp16_nbytes, components=report.components,
+        prefill_tokens_per_s=windows * prefix / prefill_s, continuation_tokens_per_s=scored / continuation_s,
+    )
