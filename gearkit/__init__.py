@@ -6,11 +6,11 @@ load when used.
 
 from gearkit import recipes
 from gearkit.compressed import (
-    ChannelScaledPart, CompressedTensor, DensePart, LowRankPart, MixedPart, OutlierPart, Part, QuantizedPart,
+    ChannelScaledPart, CompressedTensor, DensePart, DictionaryPart, LowRankPart, MixedPart, OutlierPart, Part, QuantizedPart,
 )
 from gearkit.compressors import (
-    ChannelSeparableQuantizer, FullPrecision, LowRankResidual, MixedPrecision, Pipeline, Probes, Quantizer, SparseOutlier,
-    Stage,
+    ChannelSeparableQuantizer, DictionarySet, FullPrecision, LowRankResidual, MixedPrecision, Pipeline, Probes, Quantizer,
+    Rotary, SparseDictionary, SparseOutlier, Stage,
 )
 from gearkit.recipes import Recipe
 
@@ -21,8 +21,10 @@ __all__ = [
     "Stage", "Quantizer", "ChannelSeparableQuantizer", "SparseOutlier", "LowRankResidual", "FullPrecision", "Pipeline",
     # ZipCache: saliency-driven mixed precision and the probe queries that score saliency
     "MixedPrecision", "Probes",
+    # CSR: sparse dictionary codes (NeuralDict training lives in gearkit.neuraldict, which loads Lightning)
+    "SparseDictionary", "DictionarySet", "Rotary",
     # stored parts
-    "Part", "CompressedTensor", "QuantizedPart", "ChannelScaledPart", "OutlierPart", "LowRankPart", "MixedPart", "DensePart",
+    "Part", "CompressedTensor", "QuantizedPart", "ChannelScaledPart", "OutlierPart", "LowRankPart", "MixedPart", "DictionaryPart", "DensePart",
     # recipes
     "Recipe", "recipes",
 ]

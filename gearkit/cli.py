@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 DEMO_RECIPES = ["fp16", "kivi-4", "gear-4", "sink-4", "kivi-3", "gear-3", "sink-3", "kivi-2", "gear-2", "sink-gear-2"]
 
@@ -25,9 +26,16 @@ def _load():
 
 
 def _ppl_rows(results) -> list[dict]:
-    return [{"cache": r.recipe, "ppl": r.ppl, "ppl +%": r.ppl_increase_pct, "bits/elt": r.bits_per_element,
-             "ratio": r.compression_ratio, "KV MiB": r.kv_bytes / 2**20, "prefill tok/s": r.prefill_tokens_per_s,
-             "cont. tok/s": r.continuation_tokens_per_s} for r in results]
+    """Table rows; with a CSR cache among them, also bits/elt without the amortised dictionary."""
+    shared = any(r.dictionary_bytes for r in results)
+    rows = []
+    for r in results:
+        row = {"cache": r.recipe, "ppl": r.ppl, "ppl +%": r.ppl_increase_pct, "bits/elt": r.bits_per_element}
+        if shared:
+            row["bits/elt w/o dict"] = r.bits_per_element_without_dictionary
+        rows.append({**row, "ratio": r.compression_ratio, "KV MiB": r.kv_bytes / 2**20,
+                     "prefill tok/s": r.prefill_tokens_per_s, "cont. tok/s": r.continuation_tokens_per_s})
+    return rows
 
 
 def cmd_recipes(args) -> None:
@@ -41,11 +49,24 @@ def cmd_recipes(args) -> None:
         print(f"{name:12s} Hugging Face QuantizedCache baseline{'' if name in have else ' (backend not installed)'}")
 
 
+def use_dictionary(path) -> None:
+    """Re-register `csr-8` and `csr-4` to read the dictionary at `path` (None: keep the default)."""
+    if path is None:
+        return
+    from gearkit import recipes
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no dictionary file {str(path)!r} (train one with: gearkit dict train)")
+    for sparsity in (8, 4):
+        recipes.register(recipes.csr(sparsity, path), replace=True)
+
+
 def cmd_eval_ppl(args) -> None:
     from gearkit.eval import format_table
     from gearkit.eval.perplexity import check_cache_name, evaluate
     from gearkit.models import load_text
 
+    use_dictionary(args.dictionary)
     names = [check_cache_name(n) for n in args.recipe]  # fail before loading anything
     text = load_text(args.text)
     model, tokenizer, model_name = _load()
@@ -69,6 +90,26 @@ def cmd_eval_ppl(args) -> None:
     print(f"{model_name}, text {args.text}, {results[0].windows} window(s) of {args.prefix} + {args.continuation} "
           f"tokens, baseline ppl {results[0].baseline_ppl:.4f}")
     print(format_table(_ppl_rows(results)))
+
+
+def cmd_dict_train(args) -> None:
+    import time
+
+    from gearkit.models import load_text
+    from gearkit.neuraldict import dictionary_mib, train_dictionaries
+
+    text = load_text(args.text)
+    model, tokenizer, model_name = _load()
+    start = time.perf_counter()
+    dictionaries, stats = train_dictionaries(
+        model, tokenizer, text, model_name, args.atoms, args.sparsity, args.group_layers, args.vectors, args.epochs,
+        args.tokens, args.windows, pre_rope=not args.post_rope, root=args.work_dir, progress=not args.quiet)
+    path = dictionaries.save(args.out)
+    print(json.dumps({"out": str(path), "atoms": args.atoms, "sparsity": args.sparsity, "groups": len(dictionaries.groups),
+                      "key_space": dictionaries.metadata()["key_space"], "MiB": dictionary_mib(dictionaries),
+                      "seconds": time.perf_counter() - start,
+                      **{f"{role}_rel_mse": stats[role]["mse_trained"] for role in ("keys", "values")},
+                      **{f"{role}_rel_mse_kmeans": stats[role]["mse_init"] for role in ("keys", "values")}}))
 
 
 def cmd_eval_layers(args) -> None:
@@ -171,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--continuation", type=int, default=1024)
     ppl.add_argument("--windows", type=int, default=4, help="at most this many windows")
     ppl.add_argument("--json", action="store_true", help="print one JSON object per recipe")
+    ppl.add_argument("--dictionary", default=None, help="dictionary file for csr-8 / csr-4 (default: the cached default)")
     ppl.add_argument("--devices", type=positive_int, default=1,
                      help="N > 1: windows sharded over N processes/devices with Lightning DDP (gloo on CPU); 1: the "
                           "plain loop. Perplexities and bytes are the same either way (only speeds differ)")
@@ -180,6 +222,22 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--text", default="pydoc-topics")
     layers.add_argument("--tokens", type=int, default=1024)
     layers.set_defaults(func=cmd_eval_layers)
+
+    dct = sub.add_parser("dict", help="CSR dictionaries").add_subparsers(dest="what", required=True)
+    train = dct.add_parser("train", help="train NeuralDict dictionaries on KV vectors of a text (Lightning)")
+    train.add_argument("--text", default="pydoc-topics", help="a text file, or a built-in text: pydoc-topics, idle-help")
+    train.add_argument("--atoms", type=positive_int, default=1024, help="atoms per dictionary")
+    train.add_argument("--sparsity", type=positive_int, default=8, help="key atoms per vector (values: half per half)")
+    train.add_argument("--out", required=True, help="output .safetensors path")
+    train.add_argument("--group-layers", type=positive_int, default=6, help="adjacent layers sharing a dictionary")
+    train.add_argument("--vectors", type=positive_int, default=12288, help="training vectors per group and role")
+    train.add_argument("--epochs", type=positive_int, default=4)
+    train.add_argument("--tokens", type=positive_int, default=1024, help="tokens per calibration window")
+    train.add_argument("--windows", type=positive_int, default=4, help="calibration windows")
+    train.add_argument("--post-rope", action="store_true", help="train key dictionaries on post-RoPE keys")
+    train.add_argument("--work-dir", default=None, help="Lightning checkpoints and logs (default: temporary)")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=cmd_dict_train)
     return parser
 
 

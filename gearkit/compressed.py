@@ -193,6 +193,39 @@ class MixedPart(Part):
 
 
 @_register
+class DictionaryPart(Part):
+    """Sparse dictionary codes (CSR): per vector, atom indices and coefficients over a shared dictionary.
+
+    The dictionary itself is not held here (it is shared by every chunk and layer of its group); caches report
+    its bytes separately (`dictionary` component).
+
+    Attributes:
+        indices: int16 `[batch, kv_heads, tokens, chunks * sparsity]` atom indices, slice-major.
+        coefficients: `[batch, kv_heads, tokens, chunks * sparsity]`, fp16, or int8 codes when `scale` is set.
+        scale: fp16 `[batch, kv_heads, tokens, 1]` per-vector scale of int8 coefficients, or None.
+        start: int32 `[batch]` sequence position of each entry's first token (pre-RoPE keys), or None.
+        layer: the model layer whose dictionary group coded it (None: a single-group dictionary).
+        chunks: slices per vector `s_n`.
+    """
+
+    indices: Tensor
+    coefficients: Tensor
+    scale: Tensor | None
+    start: Tensor | None
+    layer: int | None
+    chunks: int
+    component: ClassVar[str] = "sparse_codes"
+
+    def components(self) -> dict[str, int]:
+        out = {"atom_indices": tensor_nbytes(self.indices), "coefficients": tensor_nbytes(self.coefficients)}
+        if self.scale is not None:
+            out["scales"] = tensor_nbytes(self.scale)
+        if self.start is not None:
+            out["positions"] = tensor_nbytes(self.start)
+        return out
+
+
+@_register
 class CompressedTensor(Part):
     """A tensor compressed by a `Pipeline`: one part per stage, plus the original shape and dtype.
 

@@ -11,9 +11,11 @@ Look one up by exact name with `get`, list them with `names`, add your own with 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from gearkit.compressors import (
-    ChannelSeparableQuantizer, FullPrecision, LowRankResidual, MixedPrecision, Pipeline, Probes, Quantizer, SparseOutlier,
+    ChannelSeparableQuantizer, FullPrecision, LowRankResidual, MixedPrecision, Pipeline, Probes, Quantizer, SparseDictionary,
+    SparseOutlier,
 )
 
 
@@ -39,6 +41,11 @@ class Recipe:
     sink_tokens: int = 0
     description: str = ""
     probes: Probes = Probes()
+
+    @property
+    def needs_dictionary(self) -> bool:
+        """Whether a stage reads a trained dictionary (CSR), which must fit the model."""
+        return any(isinstance(s, SparseDictionary) for p in (self.key, self.value) for s in p.stages)
 
     @property
     def needs_saliency(self) -> bool:
@@ -127,7 +134,49 @@ def _builtin() -> list[Recipe]:
         64, sink_tokens=4,
         description="sink-2 + GEAR outliers (2% per key channel, 1% per token across heads), no low-rank term"))
     out += _zipcache()
+    out += [csr(8), csr(4)]
     return out
+
+
+def default_dictionary():
+    """The default CSR dictionary's path, trained on first use (see `gearkit.neuraldict.default_dictionary`)."""
+    from gearkit.neuraldict import default_dictionary as trained
+
+    return trained()
+
+
+def csr(sparsity: int, dictionary=default_dictionary, *, name: str | None = None, solver="mp", coef_bits: int = 16,
+        pre_rope: bool | None = None, buffer_size: int = 64) -> Recipe:
+    """A CSR recipe at the paper's Matching Pursuit levels: keys `sparsity` atoms per vector (`s_n = 1`), values
+    `sparsity / 2` atoms per half (`s_n = 2`).
+
+    With fp16 coefficients and int16 indices every kept atom costs 32 bits, so at head dim `d` keys and values
+    each cost `32 * sparsity / d` bits per element: at head dim 64, `csr-8` is 4 bits and `csr-4` 2 bits (plus the
+    amortised dictionary); at head dim 128 (the paper's models) 2 and 1 bits.
+
+    Args:
+        sparsity: key atoms per vector `s` (even: values take `s / 2` per half).
+        dictionary: a `DictionarySet`, a path to one, or a callable returning either (read on first use);
+            the default trains one on the default text once and caches it.
+        name: registry name (default `csr-{sparsity}`).
+        solver: `"mp"`, `"omp"` or a callable (see `SparseDictionary`).
+        coef_bits: 16 or 8.
+        pre_rope: code keys before RoPE (None: as the dictionary was trained).
+        buffer_size: the newest tokens kept in fp16.
+
+    Returns:
+        The recipe (not registered).
+    """
+    if not isinstance(sparsity, int) or sparsity < 2 or sparsity % 2:
+        raise ValueError(f"CSR sparsity must be an even int >= 2 (values take sparsity / 2 per half), got {sparsity!r}")
+    where = dictionary if isinstance(dictionary, (str, os.PathLike)) else "the default dictionary"
+    return Recipe(
+        name or f"csr-{sparsity}",
+        _pipeline(SparseDictionary(dictionary, "key", sparsity, 1, solver, coef_bits, pre_rope)),
+        _pipeline(SparseDictionary(dictionary, "value", sparsity // 2, 2, solver, coef_bits)),
+        buffer_size,
+        description=f"CSR: keys {sparsity} atoms (pre-RoPE), values {sparsity // 2} per half, {solver.upper() if isinstance(solver, str) else 'custom'}"
+                    f", {where}; {32 * sparsity // 64} bits/elt at head dim 64 + the amortised dictionary")
 
 
 def _zipcache() -> list[Recipe]:

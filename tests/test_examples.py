@@ -12,7 +12,7 @@ EXAMPLES = ROOT / "examples"
 
 
 @pytest.mark.parametrize("script, expect", [("quickstart.py", "gear-2"), ("generate_with_gearkit.py", "sink-3"),
-                                            ("fabric_generate.py", '"index": 2')])
+                                            ("fabric_generate.py", '"index": 2'), ("csr_dictionary.py", "csr-8-tiny")])
 def test_example_runs(script, expect):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout, whatever gearkit is installed elsewhere
     run = subprocess.run([sys.executable, str(EXAMPLES / script)], capture_output=True, text=True, timeout=900, env=env)

@@ -61,9 +61,12 @@ class Stage(nn.Module, abc.ABC):
 
     A stage with `needs_saliency = True` (ZipCache's `MixedPrecision`) also takes per-token saliency scores,
     `encode(x, exclude, saliency=...)`; a `Pipeline` forwards its `saliency` argument to such stages only.
+    A stage with `needs_positions = True` (CSR's `SparseDictionary`) takes `encode(x, exclude, positions=...,
+    layer=...)`: each batch entry's first sequence position and the model layer, which a `Pipeline` forwards.
     """
 
     needs_saliency: ClassVar[bool] = False
+    needs_positions: ClassVar[bool] = False
 
     @abc.abstractmethod
     def encode(self, x: Tensor, exclude: Tensor | None = None) -> Part:
@@ -84,6 +87,13 @@ class Stage(nn.Module, abc.ABC):
     def exact_mask(self, part: Part) -> Tensor | None:
         """Bool `[batch, kv_heads, tokens, head_dim]` of entries this part stores exactly, or None."""
         return None
+
+    def check_model(self, config) -> None:
+        """Raise `ValueError` if this stage cannot serve the model of `config` (default: every model fits)."""
+
+    def shared_nbytes(self, layer: int | None) -> int:
+        """Bytes of shared artifacts this stage reads for `layer` (a dictionary), as this layer's share; 0 here."""
+        return 0
 
     def forward(self, x: Tensor) -> Tensor:
         """Round trip `x` through this stage alone; returns `x`'s shape and dtype."""

@@ -57,7 +57,17 @@ class Pipeline(nn.Module):
         """Whether a stage needs per-token saliency scores (then `compress` must get `saliency`)."""
         return any(s.needs_saliency for s in self.stages)
 
-    def compress(self, x: Tensor, exclude: Tensor | None = None, saliency: Tensor | None = None) -> CompressedTensor:
+    def check_model(self, config) -> None:
+        """Raise `ValueError` if a stage cannot serve the model of `config` (a dictionary trained for another)."""
+        for stage in self.stages:
+            stage.check_model(config)
+
+    def shared_nbytes(self, layer: int | None) -> int:
+        """Bytes of shared artifacts (dictionaries) the stages read for `layer`, as this layer's share."""
+        return sum(stage.shared_nbytes(layer) for stage in self.stages)
+
+    def compress(self, x: Tensor, exclude: Tensor | None = None, saliency: Tensor | None = None,
+                 positions: Tensor | None = None, layer: int | None = None) -> CompressedTensor:
         """Compress `x` `[batch, kv_heads, tokens, head_dim]` (fp32, fp16 or bf16, finite).
 
         Args:
@@ -66,6 +76,8 @@ class Pipeline(nn.Module):
                 stage spends precision on them and their reconstruction is unspecified (but finite).
             saliency: optional float `[batch, kv_heads, tokens]` per-token saliency, passed to the stages that
                 need it (`needs_saliency`); ignored by the others.
+            positions: optional int `[batch]`: the sequence position of each entry's first token, and
+            layer: the model layer; both passed to the stages that need them (`needs_positions`).
 
         Returns:
             A `CompressedTensor` holding one part per stage.
@@ -79,6 +91,8 @@ class Pipeline(nn.Module):
         residual, exact, parts = x.float(), exclude, []
         for i, stage in enumerate(self.stages):
             extra = {"saliency": saliency} if stage.needs_saliency else {}
+            if stage.needs_positions:
+                extra.update(positions=positions, layer=layer)
             parts.append(stage.encode(residual, exact, **extra))
             if i + 1 < len(self.stages):  # the last stage's residual is never needed
                 contribution, exact = self._contribution(stage, parts[-1], exact)

@@ -123,6 +123,16 @@ class PerplexityResult:
     prefill_tokens_per_s: float
     continuation_tokens_per_s: float
 
+    @property
+    def dictionary_bytes(self) -> int:
+        """Bytes of the amortised dictionaries included in `kv_bytes` (CSR; 0 for other caches)."""
+        return self.components.get("dictionary", 0)
+
+    @property
+    def bits_per_element_without_dictionary(self) -> float:
+        """Bits per element of the cache's own bytes, without the amortised dictionaries."""
+        return 8 * (self.kv_bytes - self.dictionary_bytes) / (self.kv_bytes_fp16 / 2) if self.kv_bytes_fp16 else 0.0
+
     def summary(self) -> dict:
         """The fields `gearkit eval ppl --json` prints."""
         keys = ("recipe", "model", "tokens", "baseline_ppl", "ppl", "ppl_increase_pct", "bits_per_element",

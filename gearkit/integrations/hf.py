@@ -37,7 +37,9 @@ class MemoryReport:
     """Bytes a cache holds, by component, against an fp16 cache of the same tokens.
 
     Attributes:
-        components: bytes by component (`codes`, `scales`, `outliers`, `lowrank`, `dense`, `buffer`, `sink`).
+        components: bytes by component (`codes`, `scales`, `outliers`, `lowrank`, `dense`, `buffer`, `sink`;
+            CSR: `atom_indices`, `coefficients`, `positions`, and `dictionary`, the layers' shares of the shared
+            dictionaries, counted once per cache: amortised over the tokens the cache holds).
         tokens: logical sequence length.
         elements: key and value elements of those tokens, over all layers, heads and batch entries.
     """
@@ -61,6 +63,11 @@ class MemoryReport:
         """All-in bits per element (buffer included)."""
         return 8 * self.nbytes / self.elements if self.elements else 0.0
 
+    def bits_per_element_excluding(self, *components: str) -> float:
+        """Bits per element without the named components (e.g. `"dictionary"`: the per-token cost alone)."""
+        kept = sum(n for name, n in self.components.items() if name not in components)
+        return 8 * kept / self.elements if self.elements else 0.0
+
     @property
     def compression_ratio(self) -> float:
         """fp16 bytes over bytes held."""
@@ -81,6 +88,7 @@ class GearLayer(CacheLayerMixin):
     Args:
         recipe: the key/value pipelines and the buffer size (= chunk size).
         buffer_dtype: storage dtype of the buffer; None keeps the model's dtype.
+        layer_idx: the model layer this cache layer serves (stages with per-layer dictionaries need it).
     """
 
     STORAGE_QUERIES = 16  # steps with at most this many new tokens read the storage directly
@@ -89,9 +97,10 @@ class GearLayer(CacheLayerMixin):
     is_sliding = False
     compress_in_update = True  # False: whole chunks wait in the buffer until the layer compresses them itself
 
-    def __init__(self, recipe: Recipe, buffer_dtype: torch.dtype | None = torch.float16):
+    def __init__(self, recipe: Recipe, buffer_dtype: torch.dtype | None = torch.float16, layer_idx: int | None = None):
         super().__init__()
         self.recipe = recipe
+        self.layer_idx = layer_idx
         self.buffer_dtype = buffer_dtype
         self.compressed_keys: CompressedTensor | None = None
         self.compressed_values: CompressedTensor | None = None
@@ -157,7 +166,10 @@ class GearLayer(CacheLayerMixin):
             position = first + torch.arange(full, device=buffer.device)
             exclude = rearrange(position < self.recipe.sink_tokens, "(n c) -> n 1 1 c 1", c=self.chunk_size)
             exclude = exclude.expand(-1, buffer.shape[0], *chunks.shape[1:]).reshape(chunks.shape)
-        new = pipeline.compress(chunks, exclude, saliency)
+        # each entry's first sequence position (chunk-major), for stages that code keys before RoPE
+        starts = first + self.chunk_size * torch.arange(full // self.chunk_size, device=buffer.device)
+        positions = starts.repeat_interleave(buffer.shape[0])
+        new = pipeline.compress(chunks, exclude, saliency, positions, self.layer_idx)
         merged = new if current is None else cat_batch([current, new])
         return merged, buffer[:, :, full:].clone()  # clone: the buffer owns exactly its bytes
 
@@ -350,6 +362,9 @@ class GearLayer(CacheLayerMixin):
         own = {"buffer": tensor_nbytes(self.keys) + tensor_nbytes(self.values)}
         if self.recipe.sink_tokens:
             own["sink"] = tensor_nbytes(self.sink_keys) + tensor_nbytes(self.sink_values)
+        shared = self.recipe.key.shared_nbytes(self.layer_idx) + self.recipe.value.shared_nbytes(self.layer_idx)
+        if shared:  # this layer's share of the dictionaries; not a tensor the layer holds
+            own["dictionary"] = shared
         stored = [c.components() for c in (self.compressed_keys, self.compressed_values) if c is not None]
         components = add_counts(own, *stored)
         batch, heads = self.keys.shape[:2]
@@ -381,8 +396,8 @@ class SaliencyLayer(GearLayer):
     compress_in_update = False
     STORAGE_QUERIES = 0  # the probes need every key in full, so attention never reads the storage directly
 
-    def __init__(self, recipe: Recipe, buffer_dtype: torch.dtype | None = torch.float16):
-        super().__init__(recipe, buffer_dtype)
+    def __init__(self, recipe: Recipe, buffer_dtype: torch.dtype | None = torch.float16, layer_idx: int | None = None):
+        super().__init__(recipe, buffer_dtype, layer_idx)
         self.received: Tensor | None = None
         self.seen: Tensor | None = None
 
@@ -470,14 +485,16 @@ class GearCache(Cache):
             such as sliding-window attention, are refused).
         buffer_dtype: storage dtype of the full-precision buffer (fp16 by default, as the fp16 baseline);
             None keeps the model's dtype.
+
+    Raises:
+        ValueError: if the recipe cannot serve this model (e.g. a CSR dictionary trained for another model).
     """
 
     def __init__(self, recipe: Recipe | str, config=None, buffer_dtype: torch.dtype | None = torch.float16):
         self.recipe = recipes.get(recipe) if isinstance(recipe, str) else recipe
         layer = SaliencyLayer if self.recipe.needs_saliency else GearLayer
-        make = functools.partial(layer, self.recipe, buffer_dtype)
-        if config is None:
-            super().__init__(layer_class_to_replicate=make)
+        if config is None:  # layers are appended one at a time, so the next layer's index is len(self.layers)
+            super().__init__(layer_class_to_replicate=lambda: layer(self.recipe, buffer_dtype, len(self.layers)))
             return
         text = config.get_text_config(decoder=True)
         types = set(getattr(text, "layer_types", None) or ["full_attention"])
@@ -486,7 +503,9 @@ class GearCache(Cache):
         implementation = getattr(config, "_attn_implementation", None)
         if self.recipe.needs_saliency and implementation not in (None, ATTENTION_NAME):
             raise ValueError(f"the model uses {implementation!r} attention, but " + NEEDS_QUERIES.format(name=self.recipe.name))
-        super().__init__(layers=[make() for _ in range(text.num_hidden_layers)])
+        self.recipe.key.check_model(config)
+        self.recipe.value.check_model(config)
+        super().__init__(layers=[layer(self.recipe, buffer_dtype, i) for i in range(text.num_hidden_layers)])
 
     def memory_report(self) -> MemoryReport:
         """Bytes held over all layers, by component, with bits per element and ratio against fp16."""
