@@ -170,13 +170,16 @@ def csr(sparsity: int, dictionary=default_dictionary, *, name: str | None = None
     if not isinstance(sparsity, int) or sparsity < 2 or sparsity % 2:
         raise ValueError(f"CSR sparsity must be an even int >= 2 (values take sparsity / 2 per half), got {sparsity!r}")
     where = dictionary if isinstance(dictionary, (str, os.PathLike)) else "the default dictionary"
+    bits = (sparsity * (16 + coef_bits) + (16 if coef_bits == 8 else 0)) / 64  # per element at head dim 64
+    space = "" if pre_rope is False else " (pre-RoPE)"
+    label = solver.upper() if isinstance(solver, str) else "custom solver"
     return Recipe(
         name or f"csr-{sparsity}",
         _pipeline(SparseDictionary(dictionary, "key", sparsity, 1, solver, coef_bits, pre_rope)),
         _pipeline(SparseDictionary(dictionary, "value", sparsity // 2, 2, solver, coef_bits)),
         buffer_size,
-        description=f"CSR: keys {sparsity} atoms (pre-RoPE), values {sparsity // 2} per half, {solver.upper() if isinstance(solver, str) else 'custom'}"
-                    f", {where}; {32 * sparsity // 64} bits/elt at head dim 64 + the amortised dictionary")
+        description=f"CSR: keys {sparsity} atoms{space}, values {sparsity // 2} per half, {label}, {where}; "
+                    f"{bits:g} bits/elt at head dim 64 + the amortised dictionary")
 
 
 def _zipcache() -> list[Recipe]:
