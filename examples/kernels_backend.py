@@ -14,7 +14,7 @@ from gearkit import recipes
 from gearkit.eval import synthetic_kv
 from gearkit.kernels.backend import get_backend, use_backend
 
-keys = synthetic_kv((1, 2, 128, 64), heavy_channels=2, seed=0)  # [batch, kv_heads, tokens, head_dim]: one kivi-2 chunk
+keys = synthetic_kv((1, 2, 128, 64), heavy_channels=2, seed=0)  # [batch, kv_heads, tokens, head_dim]
 pipeline = recipes.get("gear-2").key  # [SparseOutlier, Quantizer(2, 64, "channel"), LowRankResidual(2)]
 
 
