@@ -41,8 +41,8 @@ def show(label: str, cache: GearCache, out: torch.Tensor, inputs: dict) -> None:
 inputs = chat("Explain in a few sentences how a lighthouse works.")
 
 # --8<-- [start:modes]
-# Greedy: the uncompressed fp16 cache, gearkit's sink-3 and GEAR as published.
-for name in ("fp16", "sink-3", "gear-2"):
+# Greedy: the uncompressed fp16 cache and gearkit's sink-3 (3-bit codes, 4 fp16 attention-sink tokens).
+for name in ("fp16", "sink-3"):
     cache = GearCache(name, model.config)
     out = model.generate(**inputs, do_sample=False, cache=cache, pad_token_id=pad, **new)
     show(f"greedy, {name}", cache, out, inputs)
@@ -55,8 +55,8 @@ show("sampling (temperature 0.7, top-k 50), sink-3", cache, out, inputs)
 
 # Beam search: the cache holds num_beams rows; transformers reorders them through the cache's reorder_cache.
 cache = GearCache("sink-3", model.config)
-out = model.generate(**inputs, do_sample=False, num_beams=3, cache=cache, pad_token_id=pad, **new)
-show("beam search (3 beams), sink-3", cache, out, inputs)
+out = model.generate(**inputs, do_sample=False, num_beams=2, cache=cache, pad_token_id=pad, **new)
+show("beam search (2 beams), sink-3", cache, out, inputs)
 
 # A batch of prompts of different lengths, left-padded; the attention mask keeps padding out of attention.
 batch = chat("Name a colour.", "Explain in a few sentences how a lighthouse works.")
