@@ -97,8 +97,10 @@ def visible_keys(attention_mask: Tensor | None, batch: int, queries: int, keys: 
         attention_mask: bool `[batch or 1, 1, queries, keys]` (True = attend), an additive float mask of that
             shape (a large negative entry = masked), or None for plain causal attention with the queries at
             the end of the keys.
-        batch, queries, keys: sizes.
-        device: device of the result.
+        batch (int): batch size.
+        queries (int): number of queries.
+        keys (int): number of keys.
+        device (torch.device | str): device of the result.
     """
     if attention_mask is None:
         q = torch.arange(queries, device=device)[:, None] + (keys - queries)

@@ -196,8 +196,8 @@ def evaluate(model, tokenizer, names: Sequence[str], text: str, prefix: int = 10
     """Perplexity of each cache in `names` with a compressed past, beside the baseline from the same run.
 
     Args:
-        model: a causal LM (`transformers`).
-        tokenizer: its tokenizer.
+        model (transformers.PreTrainedModel): a causal LM (`transformers`).
+        tokenizer (transformers.PreTrainedTokenizerBase): its tokenizer.
         names: recipe names and/or HF baselines (`hf-quanto-2`, ...).
         text: the text to score.
         prefix: tokens prefilled into the cache per window.

@@ -55,7 +55,7 @@ def gearkit_attention(
         value: `[batch, kv_heads, kv_len, head_dim]`.
         attention_mask: boolean `[batch, 1, queries, positions]` (True = attend) over every position the cache
             holds plus the queries, or None for plain causal attention.
-        dropout: attention dropout (must be 0 for the compressed path).
+        dropout: attention dropout (a step that reads the compressed storage refuses it).
         scaling: softmax scale, default `head_dim ** -0.5`.
 
     Returns:
@@ -66,10 +66,9 @@ def gearkit_attention(
     layer = updated_layer(key)
     if layer is not None:
         layer.observe_queries(query, key, attention_mask, scaling)
-        if not dropout:
-            out = layer.attend(query, key, value, attention_mask, scaling)
-            if out is not None:
-                return out, None
+        out = layer.attend(query, key, value, attention_mask, scaling, dropout)
+        if out is not None:
+            return out, None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

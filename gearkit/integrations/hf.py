@@ -481,7 +481,7 @@ class GearCache(Cache):
 
     Args:
         recipe: a `Recipe` or a registered recipe name.
-        config: the model config; when given, layers are created up front (and unsupported layer types,
+        config (transformers.PretrainedConfig | None): the model config; when given, layers are created up front (and unsupported layer types,
             such as sliding-window attention, are refused).
         buffer_dtype: storage dtype of the full-precision buffer (fp16 by default, as the fp16 baseline);
             None keeps the model's dtype.

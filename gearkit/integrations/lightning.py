@@ -150,8 +150,8 @@ class GearInference(pl.LightningModule):
         prefix: tokens prefilled into the cache before scoring (ppl).
         baseline: also score each sequence with the uncompressed model (ppl); rows get `baseline_nll`.
         chat_template: wrap each prompt as a user message with the tokenizer's chat template (generate).
-        model: a `transformers` causal LM; None loads one with `loader`.
-        tokenizer: its tokenizer (required with `model`).
+        model (transformers.PreTrainedModel | None): a `transformers` causal LM; None loads one with `loader`.
+        tokenizer (transformers.PreTrainedTokenizerBase | None): its tokenizer (required with `model`).
         loader: called as `loader()` to get `(model, tokenizer)`; default `gearkit.models.load_default_model`.
 
     Raises:
@@ -439,8 +439,8 @@ def predict(items: Sequence[Item], recipes: str | Recipe | Sequence[str | Recipe
         batch_size: prompts per batch (see the module docstring for how batching affects results).
         accelerator: Lightning accelerator (`"cpu"`, `"gpu"`, `"auto"`).
         callbacks: extra callbacks (e.g. `CompressionStatsLogger()`).
-        logger: Lightning logger(s), or False.
-        **module_kwargs: passed to `GearInference` (`max_new_tokens`, `prefix`, `model`, `tokenizer`, ...).
+        logger (lightning.pytorch.loggers.Logger | list | bool): Lightning logger(s), or False.
+        **module_kwargs (Any): passed to `GearInference` (`max_new_tokens`, `prefix`, `model`, `tokenizer`, ...).
 
     Returns:
         On global rank 0, the merged rows (see `GearInference.predict_step`); None on the other ranks.
