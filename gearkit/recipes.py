@@ -17,6 +17,7 @@ from gearkit.compressors import (
     ChannelSeparableQuantizer, FullPrecision, LowRankResidual, MixedPrecision, Pipeline, Probes, Quantizer, SparseDictionary,
     SparseOutlier,
 )
+from gearkit.compressors.dictionary import Solver, Source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +146,8 @@ def default_dictionary():
     return trained()
 
 
-def csr(sparsity: int, dictionary=default_dictionary, *, name: str | None = None, solver="mp", coef_bits: int = 16,
+def csr(sparsity: int, dictionary: Source = default_dictionary, *, name: str | None = None, solver: str | Solver = "mp",
+        coef_bits: int = 16,
         pre_rope: bool | None = None, buffer_size: int = 64) -> Recipe:
     """A CSR recipe at the paper's Matching Pursuit levels: keys `sparsity` atoms per vector (`s_n = 1`), values
     `sparsity / 2` atoms per half (`s_n = 2`).
