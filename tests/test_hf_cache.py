@@ -18,9 +18,9 @@ class CountingPipeline(Pipeline):
         super().__init__(stages)
         self.calls = []
 
-    def compress(self, x, exclude=None):
+    def compress(self, x, exclude=None, *args, **kwargs):
         self.calls.append(x.shape[0] * x.shape[2])  # chunks arrive stacked along the batch
-        return super().compress(x, exclude)
+        return super().compress(x, exclude, *args, **kwargs)
 
 
 def storage(cache: GearCache) -> int:
