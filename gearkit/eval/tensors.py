@@ -57,8 +57,8 @@ def compare_recipes(keys: Tensor, values: Tensor, names: Sequence[str] | None = 
     Args:
         keys: `[batch, kv_heads, tokens, head_dim]`.
         values: same shape as `keys`.
-        names: recipe names (default: every registered recipe that needs no token saliency: saliency comes
-            from a model's queries, which plain tensors lack).
+        names: recipe names (default: every registered recipe that needs neither token saliency, which comes
+            from a model's queries, nor a model's trained dictionary: plain tensors have neither).
 
     Returns:
         One `RecipeResult` per recipe, in the given order.
@@ -66,7 +66,8 @@ def compare_recipes(keys: Tensor, values: Tensor, names: Sequence[str] | None = 
     if keys.shape != values.shape:
         raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} must have the same shape")
     results = []
-    for name in names or [n for n in recipes.names() if not recipes.get(n).needs_saliency]:
+    default = [n for n in recipes.names() if not (recipes.get(n).needs_saliency or recipes.get(n).needs_dictionary)]
+    for name in names or default:
         recipe = recipes.get(name)
         if recipe.needs_saliency:
             raise ValueError(f"recipe {name!r} needs token saliency from a model's queries; evaluate it in a cache")
