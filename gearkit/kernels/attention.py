@@ -11,7 +11,7 @@ from gearkit.compressed import CompressedTensor
 from gearkit.kernels import ops
 from gearkit.kernels.backend import use_triton
 from gearkit.kernels.layout import layout_ints, layout_tensors, storage_layout
-from gearkit.kernels.reference import attention_reference
+from gearkit.kernels.reference import attention_reference, merge_attention
 
 
 def _splits(programs: int, chunks: int, device: torch.device) -> int:
@@ -55,9 +55,10 @@ def compressed_attention(query: Tensor, key_pipeline, keys: CompressedTensor, va
     m, l, acc = ops.decode_attention(q, bias, list(layout_tensors(keys)), layout_ints(key_layout),
                                      list(layout_tensors(values)), layout_ints(value_layout), chunks, splits,
                                      float(scaling), query.dtype in (torch.float16, torch.bfloat16))
-    top = m.amax(2, keepdim=True)
-    weight = torch.exp(m - torch.where(torch.isfinite(top), top, 0.0))
-    total = (weight * l).sum(2)
-    out = (weight[..., None] * acc).sum(2) / torch.where(total > 0, total, 1.0)[..., None]
-    lse = torch.where(total > 0, top.squeeze(2) + total.clamp_min(1e-38).log(), float("-inf"))
+    # Each split's partial result as (output, log-sum-exp), merged like any other segments.
+    seen = l > 0
+    out_s = acc / torch.where(seen, l, 1.0)[..., None]
+    lse_s = torch.where(seen, m + l.clamp_min(1e-38).log(), float("-inf"))
+    out = merge_attention(list(zip(out_s.unbind(2), lse_s.unbind(2))))
+    lse = lse_s.logsumexp(2)
     return out[:, :, :rows].reshape(b, hq, nq, d), lse[:, :, :rows].reshape(b, hq, nq)
