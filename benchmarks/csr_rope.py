@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from gearkit.compressors.dictionary import matching_pursuit, reconstruct
+from gearkit.compressors.solvers import combine_atoms, matching_pursuit
 from gearkit.models import load_default_model, load_text
 from gearkit.neuraldict import collect_kv, fit, group_vectors, layer_groups
 
@@ -38,7 +38,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         test = group_vectors(test_keys, groups, 1, args.vectors, seed=1)  # [groups, n, head_dim]
         for s in args.sparsity:
-            out = reconstruct(*matching_pursuit(test, atoms, s), atoms)
+            out = combine_atoms(*matching_pursuit(test, atoms, s), atoms)
             err = ((out - test).norm(dim=(1, 2)) / test.norm(dim=(1, 2))).mean().item()
             print(f"| {'pre-RoPE' if pre else 'post-RoPE'} | {s} | {err:.4f} | {seconds:.0f} |", flush=True)
 

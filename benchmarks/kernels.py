@@ -25,7 +25,7 @@ from einops import rearrange
 import gearkit
 from gearkit import recipes
 from gearkit.eval import synthetic_kv
-from gearkit.kernels.attention import compressed_attention
+from gearkit.cache import chunk_attention
 from gearkit.kernels.backend import use_backend
 
 PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}  # datasheet HBM bandwidth of the SXM parts
@@ -111,8 +111,8 @@ def main() -> None:
                            gbps=round(2 * k.numel() * 2 / sdpa / 1e6, 1), **key)
                     for backend in ("triton", "torch"):
                         with use_backend(backend):
-                            ms = bench_ms(lambda: compressed_attention(q, recipe.key, sk, recipe.value, sv,
-                                                                       context // chunk, bias, scale), device)
+                            ms = bench_ms(lambda: chunk_attention(q, recipe.key, sk, recipe.value, sv,
+                                                                  context // chunk, bias, scale), device)
                         record(op="decode_attention", backend=backend, ms=round(ms, 4),
                                speedup_vs_sdpa_fp16=round(sdpa / ms, 2),
                                bytes_read=sk.nbytes + sv.nbytes, **key)

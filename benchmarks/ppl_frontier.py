@@ -11,6 +11,7 @@ Run: python benchmarks/ppl_frontier.py [--text idle-help] [--windows 4] [--out b
 import argparse
 import csv
 import datetime
+import json
 import platform
 import sys
 import time
@@ -19,8 +20,17 @@ import torch
 
 import gearkit
 from gearkit.cli import progress_bar
-from gearkit.eval.perplexity import available_baselines, evaluate
+from gearkit.eval.perplexity import evaluate
+from gearkit.integrations.hf import HF_BASELINES, available_baselines
 from gearkit.models import DEFAULT_MODEL, load_default_model, load_text
+
+
+def definition(name: str) -> str:
+    """The cache's definition as JSON: the recipe's data, or the HF baseline's backend and bits."""
+    if name in HF_BASELINES:
+        backend, bits = HF_BASELINES[name]
+        return json.dumps({"hf_quantized_cache": backend, "nbits": bits})
+    return json.dumps(gearkit.recipes.get(name).to_dict())
 
 
 def main() -> None:
@@ -46,12 +56,14 @@ def main() -> None:
     for r in sorted(results, key=lambda r: r.bits_per_element):
         frontier = not any(o.bits_per_element <= r.bits_per_element and o.ppl_increase_pct < r.ppl_increase_pct
                            and o is not r for o in results)
-        parts = ", ".join(f"{k} {8 * v / (r.kv_bytes_fp16 / 2):.2f}" for k, v in sorted(r.components.items()) if v)
+        parts = ", ".join(f"{k} {gearkit.compressed.bits_per_element(v, r.kv_bytes_fp16 // 2):.2f}"
+                          for k, v in sorted(r.components.items()) if v)
         print(f"| {r.recipe} | {r.bits_per_element:.3f} | {r.compression_ratio:.2f} | {r.ppl:.3f} | "
               f"{r.ppl_increase_pct:+.2f}% | {'yes' if frontier else ''} | {parts} |")
         rows.append({**r.summary(), "frontier": frontier, "text": args.text, "windows": r.windows,
                      "prefill_tok_s": round(r.prefill_tokens_per_s, 1), "hardware": hardware,
-                     "date": datetime.date.today().isoformat(), "gearkit": gearkit.__version__})
+                     "date": datetime.date.today().isoformat(), "gearkit": gearkit.__version__,
+                     "definition": definition(r.recipe)})
     if args.out:
         with open(args.out, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from gearkit import DictionarySet, recipes
-from gearkit.integrations.hf import GearCache
+from gearkit.integrations.hf import make_cache
 from gearkit.models import DEFAULT_MODEL, load_default_model, load_text
 from gearkit.neuraldict import dictionary_mib, train_dictionaries
 
@@ -31,7 +31,7 @@ print("saved", path.name, loaded.metadata()["key_space"], "keys,", len(loaded.gr
 
 # 3. A CSR-8 recipe that reads this file (keys 8 atoms, values 4 per half), used as a transformers cache.
 recipe = recipes.csr(8, path, name="csr-8-tiny")
-cache = GearCache(recipe, model.config)
+cache = make_cache(recipe, model)
 ids = tokenizer(load_text("idle-help"), return_tensors="pt")["input_ids"][:, :160]  # 2 chunks of 64 get compressed
 with torch.inference_mode():
     out = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=8, do_sample=False)

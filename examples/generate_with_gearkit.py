@@ -8,8 +8,8 @@ import argparse
 
 import torch
 
-from gearkit.integrations.hf import GearCache
-from gearkit.models import load_default_model
+from gearkit.integrations.hf import GearCache, make_cache
+from gearkit.models import load_default_model, pad_token_id
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -18,7 +18,7 @@ new = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_token
 
 # --8<-- [start:setup]
 model, tokenizer = load_default_model()  # SmolLM2-135M-Instruct, converted once and cached
-pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+pad = pad_token_id(tokenizer)
 
 
 def chat(*prompts: str) -> dict:
@@ -43,24 +43,24 @@ inputs = chat("Explain in a few sentences how a lighthouse works.")
 # --8<-- [start:modes]
 # Greedy: the uncompressed fp16 cache and gearkit's sink-3 (3-bit codes, 4 fp16 attention-sink tokens).
 for name in ("fp16", "sink-3"):
-    cache = GearCache(name, model.config)
+    cache = make_cache(name, model)
     out = model.generate(**inputs, do_sample=False, cache=cache, pad_token_id=pad, **new)
     show(f"greedy, {name}", cache, out, inputs)
 
 # Sampling: seed torch's generator for a repeatable draw.
 torch.manual_seed(0)
-cache = GearCache("sink-3", model.config)
+cache = make_cache("sink-3", model)
 out = model.generate(**inputs, do_sample=True, temperature=0.7, top_k=50, cache=cache, pad_token_id=pad, **new)
 show("sampling (temperature 0.7, top-k 50), sink-3", cache, out, inputs)
 
 # Beam search: the cache holds num_beams rows; transformers reorders them through the cache's reorder_cache.
-cache = GearCache("sink-3", model.config)
+cache = make_cache("sink-3", model)
 out = model.generate(**inputs, do_sample=False, num_beams=2, cache=cache, pad_token_id=pad, **new)
 show("beam search (2 beams), sink-3", cache, out, inputs)
 
 # A batch of prompts of different lengths, left-padded; the attention mask keeps padding out of attention.
 batch = chat("Name a colour.", "Explain in a few sentences how a lighthouse works.")
-cache = GearCache("sink-3", model.config)
+cache = make_cache("sink-3", model)
 out = model.generate(**batch, do_sample=False, cache=cache, pad_token_id=pad, **new)
 show("batch of 2 with left padding, sink-3", cache, out, batch)
 # --8<-- [end:modes]

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gearkit.compressed import tensor_nbytes
-from gearkit.integrations.hf import GearCache
+from gearkit.integrations.hf import make_cache
 
 torch.manual_seed(0)
 config = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -19,12 +19,12 @@ model = LlamaForCausalLM(config).eval()  # head_dim 64, 2 KV heads, 2 layers
 
 def bits(report) -> str:
     """Each component in bits per element, so they add up to the all-in figure."""
-    return ", ".join(f"{k} {8 * v / report.elements:.2f}" for k, v in report.components.items())
+    return ", ".join(f"{k} {v:.2f}" for k, v in report.component_bits().items())
 
 
 ids = torch.randint(2, 97, (1, 260), generator=torch.Generator().manual_seed(0))
 for name in ("fp16", "kivi-2", "gear-2", "sink-3"):
-    cache = GearCache(name, model.config)
+    cache = make_cache(name, model)
     print(f"--- {name}: {cache.recipe.description}")
     with torch.no_grad():
         model(ids[:, :250], cache=cache, use_cache=True)  # prefill 250 tokens

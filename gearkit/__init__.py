@@ -4,27 +4,12 @@ Importing gearkit loads only torch and einops; integrations (transformers, Light
 load when used.
 """
 
-from gearkit import recipes
-from gearkit.compressed import (
-    ChannelScaledPart, CompressedTensor, DensePart, DictionaryPart, LowRankPart, MixedPart, OutlierPart, Part, QuantizedPart,
-)
-from gearkit.compressors import (
-    ChannelSeparableQuantizer, DictionarySet, FullPrecision, LowRankResidual, MixedPrecision, Pipeline, Probes, Quantizer,
-    Rotary, SparseDictionary, SparseOutlier, Stage,
-)
+from gearkit import compressed, compressors, recipes
+from gearkit.compressed import *  # noqa: F403 (the stored parts and MemoryReport)
+from gearkit.compressors import *  # noqa: F403 (the stages)
+from gearkit.compressors import Rotary  # noqa: F401 (RoPE's old name, for one release)
 from gearkit.recipes import Recipe
 
 __version__ = "0.1.0"
 
-__all__ = [
-    # stages and their composition
-    "Stage", "Quantizer", "ChannelSeparableQuantizer", "SparseOutlier", "LowRankResidual", "FullPrecision", "Pipeline",
-    # ZipCache: saliency-driven mixed precision and the probe queries that score saliency
-    "MixedPrecision", "Probes",
-    # CSR: sparse dictionary codes (NeuralDict training lives in gearkit.neuraldict, which loads Lightning)
-    "SparseDictionary", "DictionarySet", "Rotary",
-    # stored parts
-    "Part", "CompressedTensor", "QuantizedPart", "ChannelScaledPart", "OutlierPart", "LowRankPart", "MixedPart", "DictionaryPart", "DensePart",
-    # recipes
-    "Recipe", "recipes",
-]
+__all__ = [*compressors.__all__, *compressed.__all__, "Recipe", "recipes"]

@@ -40,7 +40,15 @@ def _ppl_rows(results) -> list[dict]:
 
 def cmd_recipes(args) -> None:
     from gearkit import recipes
-    from gearkit.eval.perplexity import HF_BASELINES, available_baselines
+    from gearkit.integrations.hf import HF_BASELINES, available_baselines
+
+    if args.json:
+        for name in recipes.names():
+            try:
+                print(json.dumps(recipes.get(name).to_dict()))
+            except TypeError as e:  # a user recipe holding a dictionary set in memory, say
+                print(json.dumps({"name": name, "error": str(e)}))
+        return
 
     for name in recipes.names():
         print(f"{name:12s} {recipes.get(name).description}")
@@ -49,29 +57,34 @@ def cmd_recipes(args) -> None:
         print(f"{name:12s} Hugging Face QuantizedCache baseline{'' if name in have else ' (backend not installed)'}")
 
 
-def use_dictionary(path) -> None:
-    """Re-register `csr-8` and `csr-4` to read the dictionary at `path` (None: keep the default)."""
-    if path is None:
-        return
+def check_names(names, dictionary=None) -> list[str]:
+    """Check cache names before anything loads. With `dictionary`, `csr-8` and `csr-4` read that file; without,
+    the default dictionary is trained once if a CSR recipe needs it and it is not there yet."""
     from gearkit import recipes
+    from gearkit.integrations.hf import check_cache_name
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no dictionary file {str(path)!r} (train one with: gearkit dict train)")
-    for sparsity in (8, 4):
-        recipes.register(recipes.csr(sparsity, path), replace=True)
+    if dictionary is not None:
+        if not Path(dictionary).is_file():
+            raise FileNotFoundError(f"no dictionary file {str(dictionary)!r} (train one with: gearkit dict train)")
+        for sparsity in (8, 4):
+            recipes.register(recipes.csr(sparsity, dictionary), replace=True)
+    names = [check_cache_name(n) for n in names]
+    if any(n in ("csr-8", "csr-4") for n in names) and dictionary is None and not recipes.default_dictionary_path().is_file():
+        from gearkit.neuraldict import train_default_dictionary
+
+        train_default_dictionary()
+    return names
 
 
 def cmd_eval_ppl(args) -> None:
     from gearkit.eval import format_table
-    from gearkit.eval.perplexity import check_cache_name, evaluate
-    from gearkit.models import load_text
+    from gearkit.eval.perplexity import evaluate
+    from gearkit.models import load_text, token_windows
 
-    use_dictionary(args.dictionary)
-    names = [check_cache_name(n) for n in args.recipe]  # fail before loading anything
+    names = check_names(args.recipe, args.dictionary)  # fail before loading anything
     text = load_text(args.text)
     model, tokenizer, model_name = _load()
     if args.devices > 1:
-        from gearkit.eval.perplexity import token_windows
         from gearkit.integrations.lightning import perplexity_results, predict
 
         spans = token_windows(tokenizer, text, args.prefix, args.continuation, args.windows)
@@ -96,8 +109,13 @@ def cmd_dict_train(args) -> None:
     import time
 
     from gearkit.models import load_text
-    from gearkit.neuraldict import dictionary_mib, train_dictionaries
+    from gearkit.neuraldict import dictionary_mib, train_default_dictionary, train_dictionaries
 
+    if args.default:
+        print(json.dumps({"out": str(train_default_dictionary(force=True))}))
+        return
+    if args.out is None:
+        raise ValueError("dict train needs --out (or --default, to train the default dictionary of csr-8 / csr-4)")
     text = load_text(args.text)
     model, tokenizer, model_name = _load()
     start = time.perf_counter()
@@ -115,10 +133,9 @@ def cmd_dict_train(args) -> None:
 def cmd_eval_layers(args) -> None:
     from gearkit.eval import format_table
     from gearkit.eval.generation import layer_errors
-    from gearkit.eval.perplexity import check_cache_name
     from gearkit.models import load_text
 
-    check_cache_name(args.recipe)
+    check_names([args.recipe])
     text = load_text(args.text)
     model, tokenizer, _ = _load()
     print(format_table(layer_errors(model, tokenizer, args.recipe, text, args.tokens)))
@@ -126,9 +143,9 @@ def cmd_eval_layers(args) -> None:
 
 def cmd_generate(args) -> None:
     from gearkit.eval.generation import greedy
-    from gearkit.eval.perplexity import check_cache_name, make_cache, memory_report
+    from gearkit.integrations.hf import make_cache, memory_report
 
-    check_cache_name(args.recipe)
+    check_names([args.recipe])
     model, tokenizer, _ = _load()
     if args.devices > 1 or args.batch_size > 1:
         from gearkit.integrations.lightning import predict
@@ -153,7 +170,8 @@ def cmd_generate(args) -> None:
 def cmd_demo(args) -> None:
     from gearkit.eval import format_table
     from gearkit.eval.generation import agreement
-    from gearkit.eval.perplexity import available_baselines, evaluate
+    from gearkit.eval.perplexity import evaluate
+    from gearkit.integrations.hf import available_baselines
     from gearkit.models import DEFAULT_TEXT, load_text
 
     names = DEMO_RECIPES + available_baselines()
@@ -171,10 +189,20 @@ def cmd_demo(args) -> None:
 
 def positive_int(value: str) -> int:
     """argparse type: an int of at least 1."""
-    n = int(value)
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {value!r}") from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
     return n
+
+
+def add_text(parser: argparse.ArgumentParser) -> None:
+    """The `--text` option, the same for every command that reads text."""
+    from gearkit.models import DEFAULT_TEXT, TEXTS
+
+    parser.add_argument("--text", default=DEFAULT_TEXT, help=f"a text file, or a built-in text: {', '.join(TEXTS)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,19 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="compare recipes on the default model and text")
-    demo.add_argument("--prefix", type=int, default=512)
-    demo.add_argument("--continuation", type=int, default=512)
-    demo.add_argument("--windows", type=int, default=1)
+    demo.add_argument("--prefix", type=positive_int, default=512)
+    demo.add_argument("--continuation", type=positive_int, default=512)
+    demo.add_argument("--windows", type=positive_int, default=1)
     demo.add_argument("--prompt", default="Explain in three sentences why the sky is blue.")
-    demo.add_argument("--max-new-tokens", type=int, default=100, help="enough that every recipe compresses a chunk")
+    demo.add_argument("--max-new-tokens", type=positive_int, default=100, help="enough that every recipe compresses a chunk")
     demo.set_defaults(func=cmd_demo)
 
-    sub.add_parser("recipes", help="list the recipes").set_defaults(func=cmd_recipes)
+    listing = sub.add_parser("recipes", help="list the recipes")
+    listing.add_argument("--json", action="store_true", help="print each recipe's definition as one JSON object")
+    listing.set_defaults(func=cmd_recipes)
 
     gen = sub.add_parser("generate", help="generate with a compressed cache")
     gen.add_argument("--recipe", required=True)
     gen.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=128)
     gen.add_argument("--devices", type=positive_int, default=1,
                      help="N > 1: Lightning Trainer.predict with DDP over N processes/devices (gloo on CPU); "
                           "1: a plain loop. Greedy tokens are the same either way")
@@ -207,10 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate recipes on the default model").add_subparsers(dest="what", required=True)
     ppl = ev.add_parser("ppl", help="perplexity with a compressed past")
     ppl.add_argument("--recipe", action="append", required=True, help="recipe or HF baseline; repeat for several")
-    ppl.add_argument("--text", default="pydoc-topics", help="a text file, or a built-in text: pydoc-topics, idle-help")
-    ppl.add_argument("--prefix", type=int, default=1024)
-    ppl.add_argument("--continuation", type=int, default=1024)
-    ppl.add_argument("--windows", type=int, default=4, help="at most this many windows")
+    add_text(ppl)
+    ppl.add_argument("--prefix", type=positive_int, default=1024)
+    ppl.add_argument("--continuation", type=positive_int, default=1024)
+    ppl.add_argument("--windows", type=positive_int, default=4, help="at most this many windows")
     ppl.add_argument("--json", action="store_true", help="print one JSON object per recipe")
     ppl.add_argument("--dictionary", default=None, help="dictionary file for csr-8 / csr-4 (default: the cached default)")
     ppl.add_argument("--devices", type=positive_int, default=1,
@@ -219,16 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.set_defaults(func=cmd_eval_ppl)
     layers = ev.add_parser("layers", help="per-layer reconstruction error of keys and values")
     layers.add_argument("--recipe", required=True)
-    layers.add_argument("--text", default="pydoc-topics")
-    layers.add_argument("--tokens", type=int, default=1024)
+    add_text(layers)
+    layers.add_argument("--tokens", type=positive_int, default=1024)
     layers.set_defaults(func=cmd_eval_layers)
 
     dct = sub.add_parser("dict", help="CSR dictionaries").add_subparsers(dest="what", required=True)
     train = dct.add_parser("train", help="train NeuralDict dictionaries on KV vectors of a text (Lightning)")
-    train.add_argument("--text", default="pydoc-topics", help="a text file, or a built-in text: pydoc-topics, idle-help")
+    add_text(train)
     train.add_argument("--atoms", type=positive_int, default=1024, help="atoms per dictionary")
     train.add_argument("--sparsity", type=positive_int, default=8, help="key atoms per vector (values: half per half)")
-    train.add_argument("--out", required=True, help="output .safetensors path")
+    train.add_argument("--out", help="output .safetensors path")
+    train.add_argument("--default", action="store_true",
+                       help="train the default dictionary (read by csr-8 / csr-4) with the default settings")
     train.add_argument("--group-layers", type=positive_int, default=6, help="adjacent layers sharing a dictionary")
     train.add_argument("--vectors", type=positive_int, default=12288, help="training vectors per group and role")
     train.add_argument("--epochs", type=positive_int, default=4)

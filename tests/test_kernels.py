@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from gearkit import LowRankResidual, Pipeline, Quantizer, SparseOutlier
-from gearkit.kernels.attention import compressed_attention
+from gearkit.cache import chunk_attention
 from gearkit.kernels.backend import get_backend, set_backend, use_backend, use_triton
-from gearkit.kernels.layout import storage_layout
 from conftest import kv_like
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
@@ -83,7 +82,7 @@ def gear(k_axis: str, q_axis: str, bits: int, group: int, rank: int, ratio: floa
 def test_fused_reconstruction_matches_pipeline(pipeline, head_dim):
     x = kv(3, (4, 2, 64, head_dim), magnitude=2.0)
     c = pipeline.compress(x)
-    assert storage_layout(pipeline, c.shape)[0] is not None
+    assert pipeline.kernel_layout(c.shape)[0] is not None
     ref, got = both(lambda: pipeline.decompress(c))
     assert got.dtype == ref.dtype and got.shape == ref.shape
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
@@ -111,7 +110,7 @@ def test_decode_attention_matches_reference_and_sdpa(heads, kv_heads, queries, h
     bias[0, :5] = float("-inf")  # left padding of the first sequence
     scale = head_dim**-0.5
     (ref, ref_lse), (got, got_lse) = both(
-        lambda: compressed_attention(query, kp, keys, vp, values, chunks, bias, scale))
+        lambda: chunk_attention(query, kp, keys, vp, values, chunks, bias, scale))
     tol = 1e-5 if qdtype == torch.float32 else 1e-2
     assert torch.allclose(got, ref, rtol=tol, atol=tol) and torch.allclose(got_lse, ref_lse, rtol=tol, atol=tol)
     # and against PyTorch's SDPA on the dequantized tensors
@@ -130,7 +129,7 @@ def test_decode_attention_fully_masked_sequence_gives_zero_weight():
     bias = torch.zeros(2, 64, device=DEVICE)
     bias[1] = float("-inf")
     with use_backend("triton"):
-        out, lse = compressed_attention(torch.randn(2, 1, 1, 64, device=DEVICE), kp, keys, vp, values, 2, bias, 0.125)
+        out, lse = chunk_attention(torch.randn(2, 1, 1, 64, device=DEVICE), kp, keys, vp, values, 2, bias, 0.125)
     assert torch.isfinite(out).all() and (out[1] == 0).all() and torch.isinf(lse[1]).all()
 
 
@@ -155,5 +154,5 @@ def test_backend_choice():
 def test_unsupported_layouts_fall_back_under_auto():
     x = kv(0, (1, 2, 48, 64))
     q = Quantizer(3, 48, "channel")  # 3-bit, 48-token rows: outside the kernels
-    assert storage_layout(Pipeline([q]), x.shape)[0] is None
+    assert Pipeline([q]).kernel_layout(x.shape)[0] is None
     assert torch.equal(q.encode(x).codes, Quantizer(3, 48, "channel").encode(x).codes)

@@ -94,7 +94,7 @@ def test_callback_logs_the_bytes_the_cache_reports(smol, tmp_path):
     inputs = tok(texts, return_tensors="pt", padding=True)
     cache = GearCache("sink-3", model.config)
     out = model.generate(**inputs, cache=cache, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert cache.layers[0].chunks >= 1
+    assert cache.layers[0].store.chunks >= 1
     report = cache.memory_report()
     assert logged["predict/sink-3/kv_bytes"] == report.nbytes
     assert logged["predict/sink-3/kv_bytes_fp16"] == report.fp16_nbytes

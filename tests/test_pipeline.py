@@ -16,7 +16,7 @@ def gear(bits=2, group=16, axis="channel", ratio=0.05, rank=2):
 
 def scores(pipeline: Pipeline, x: torch.Tensor) -> dict:
     """Random token saliency for pipelines that need it (ZipCache), as keyword arguments."""
-    if not pipeline.needs_saliency:
+    if "saliency" not in pipeline.requires:
         return {}
     return {"saliency": torch.randn(x.shape[:3], generator=torch.Generator().manual_seed(x.shape[0] + x.shape[2]))}
 

@@ -52,3 +52,33 @@ def test_gear_corrections_reduce_key_error_over_their_backbone():
     gear, gear_l = recipes.get("gear-2").key, recipes.get("gear-l-2").key
     backbone = Pipeline([Quantizer(2, 64, "channel")])
     assert rel_error(k, gear(k)) <= rel_error(k, gear_l(k)) <= rel_error(k, backbone(k))
+
+
+@pytest.mark.parametrize("name", recipes.names())
+def test_every_builtin_recipe_round_trips_as_data(name):
+    import json
+
+    recipe = recipes.get(name)
+    data = json.loads(json.dumps(recipe.to_dict()))
+    again = Recipe.from_dict(data)
+    assert again.to_dict() == data and again.buffer_size == recipe.buffer_size and again.probes == recipe.probes
+    if not recipe.needs_dictionary:  # the same stages: the same bytes
+        k = kv_like(2, (1, 3, recipe.buffer_size, 64))
+        ctx = dict(saliency=torch.randn(1, 3, recipe.buffer_size)) if recipe.needs_saliency else {}
+        a, b = recipe.key.compress(k, **ctx), again.key.compress(k, **ctx)
+        assert all(torch.equal(t, b.tensors()[n]) for n, t in a.tensors().items())
+
+
+def test_recipe_data_of_another_format_is_refused():
+    data = recipes.get("kivi-2").to_dict()
+    with pytest.raises(ValueError, match="format version"):
+        Recipe.from_dict({**data, "version": 99})
+    with pytest.raises(ValueError, match="unknown stage 'Quantiser'"):
+        Recipe.from_dict({**data, "key": {"stages": [{"stage": "Quantiser", "bits": 2}]}})
+
+
+def test_stage_constraints_are_checked_against_the_chunk_size_at_construction():
+    with pytest.raises(ValueError, match="rank 2 exceeds.*buffer_size"):
+        Recipe("x", recipes.get("gear-2").key, recipes.get("gear-2").value, buffer_size=1)
+    with pytest.raises(ValueError, match="buffer_size must be a positive int, got True"):
+        Recipe("x", Pipeline([Quantizer(2)]), Pipeline([Quantizer(2)]), buffer_size=True)

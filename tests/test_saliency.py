@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gearkit import ChannelSeparableQuantizer, MixedPrecision, Pipeline, Probes, Quantizer, SparseOutlier
+from gearkit import ChannelSeparableQuantizer, Context, MixedPrecision, Pipeline, Probes, Quantizer, SparseOutlier
 from gearkit.compressed import MixedPart, cat_batch, select_batch
 from gearkit.compressors.saliency import normalized_saliency, probe_attention, salient_mask
 from gearkit.kernels.reference import packed_nbytes
@@ -115,7 +115,7 @@ def test_salient_mask_marks_exactly_the_top_scores(seed, tokens, ratio):
 def test_error_bounds_hold_and_salient_tokens_get_the_high_stage(x, kind, ratio, seed):
     stage = MixedPrecision(STAGES[kind](4), STAGES[kind](2), ratio)
     scores = scores_for(x, seed)
-    part = stage.encode(x, saliency=scores)
+    part = stage.encode(x, ctx=Context(saliency=scores))
     out = stage.decode(part)
     tol = 1e-5 * x.abs().amax()
     assert ((out - x).abs() <= stage.error_bound(part) + tol).all()
@@ -159,9 +159,9 @@ def test_bad_input_gets_clear_errors():
     with pytest.raises(ValueError, match="needs per-token saliency"):
         Pipeline([stage]).compress(x)
     with pytest.raises(ValueError, match="saliency must be"):
-        stage.encode(x, saliency=torch.zeros(1, 2, 15))
+        stage.encode(x, ctx=Context(saliency=torch.zeros(1, 2, 15)))
     with pytest.raises(ValueError, match="NaN"):
-        stage.encode(x, saliency=torch.full((1, 2, 16), float("nan")))
+        stage.encode(x, ctx=Context(saliency=torch.full((1, 2, 16), float("nan"))))
     with pytest.raises(ValueError, match="fraction"):
         MixedPrecision(Quantizer(4), Quantizer(2), 1.5)
     with pytest.raises(TypeError, match="needs no saliency"):

@@ -2,21 +2,14 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from gearkit import Recipe, recipes
 from gearkit.integrations.attention import register
 from gearkit.integrations.hf import GearCache
 from gearkit.kernels.backend import use_backend
 
-from test_hf_cache import SHAPES, chat, generate
-
-
-def tiny_model(shape: str) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=512,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=1, **SHAPES[shape])
-    return LlamaForCausalLM(config).eval()
+from conftest import SHAPES, tiny_llama
+from test_hf_cache import chat, generate
 
 
 TINY_GEAR = Recipe("tiny-sink-gear-2", recipes.get("gear-2").key, recipes.get("gear-2").value, buffer_size=16,
@@ -27,7 +20,7 @@ TINY_GEAR = Recipe("tiny-sink-gear-2", recipes.get("gear-2").key, recipes.get("g
 @pytest.mark.parametrize("queries", [1, 3])
 @pytest.mark.parametrize("padded", [True, False], ids=["left-padded", "no-mask"])
 def test_storage_attention_logits_match_dequantize_path(shape, queries, padded):
-    model = tiny_model(shape)
+    model = tiny_llama(shape)
     ids = torch.randint(2, 97, (2, 40), generator=torch.Generator().manual_seed(2))
     step = torch.randint(2, 97, (2, queries), generator=torch.Generator().manual_seed(3))
     masks = {}
@@ -40,7 +33,7 @@ def test_storage_attention_logits_match_dequantize_path(shape, queries, padded):
         cache = GearCache(TINY_GEAR, model.config)
         model(ids, attention_mask=masks.get("prefill"), cache=cache)
         logits[impl] = model(step, attention_mask=masks.get("step"), cache=cache).logits
-        assert cache.layers[0].reads_storage == (impl != "sdpa") and cache.layers[0].chunks == 2
+        assert cache.layers[0].reads_storage == (impl != "sdpa") and cache.layers[0].store.chunks == 2
     assert torch.allclose(logits["sdpa"], logits["gearkit"], atol=1e-4, rtol=1e-4)
 
 
@@ -58,5 +51,5 @@ def test_greedy_through_triton_storage_attention_equals_dequantize_path(smol):
             out = generate(model, inputs, cache, max_new_tokens=8, min_new_tokens=8)
     finally:
         model.set_attn_implementation("sdpa")
-    assert all(layer.reads_storage and layer.chunks >= 1 for layer in cache.layers)
+    assert all(layer.reads_storage and layer.store.chunks >= 1 for layer in cache.layers)
     assert torch.equal(out, reference)

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from gearkit import MixedPrecision, Pipeline, Probes, Quantizer, Recipe, recipes
 from gearkit.integrations.attention import register
-from gearkit.integrations.hf import GearCache, SaliencyLayer
+from gearkit.integrations.hf import GearCache
 
+from conftest import tiny_llama
 from test_hf_cache import storage
 
 CHUNK = 16
@@ -18,11 +18,7 @@ TINY = Recipe("tiny-zipcache", Pipeline([MixedPrecision(Quantizer(4, None, "chan
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=512,
-                         num_attention_heads=6, num_key_value_heads=2, hidden_size=96, pad_token_id=0, eos_token_id=1,
-                         bos_token_id=1, attn_implementation=register())
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(dict(num_attention_heads=6, num_key_value_heads=2, hidden_size=96), attn_implementation=register())
 
 
 def ids(n, seed=0, batch=1):
@@ -35,13 +31,13 @@ def test_prefill_attends_in_full_precision_and_then_compresses_with_saliency(tin
     exact = GearCache(TINY, tiny.config, buffer_dtype=None)
     logits = tiny(prompt, cache=exact, use_cache=True).logits
     torch.testing.assert_close(logits, tiny(prompt).logits)  # the step saw no compressed copy
-    assert exact.layers[0].chunks == 2  # ... although two chunks were compressed after it
+    assert exact.layers[0].store.chunks == 2  # ... although two chunks were compressed after it
     cache = GearCache(TINY, tiny.config)
     tiny(prompt, cache=cache, use_cache=True)
-    layer = cache.layers[0]
-    assert isinstance(layer, SaliencyLayer) and layer.chunks == 2 and layer.keys.shape[-2] == 40 - 2 * CHUNK
-    assert layer.received.shape == (1, 2, 8) and layer.seen.shape == (1, 8)
-    assert (layer.seen > 0).all()  # the most recent probe sees every buffered token
+    layer = cache.layers[0].store
+    assert layer.saliency is not None and layer.chunks == 2 and layer.keys.shape[-2] == 40 - 2 * CHUNK
+    assert layer.saliency.received.shape == (1, 2, 8) and layer.saliency.seen.shape == (1, 8)
+    assert (layer.saliency.seen > 0).all()  # the most recent probe sees every buffered token
     mask = TINY.key.stages[0].salient(layer.compressed_keys.parts[0])
     assert mask.shape == (2, 2, CHUNK) and (mask.sum(-1) == 4).all()
     report = cache.memory_report()
@@ -53,13 +49,13 @@ def test_prefill_attends_in_full_precision_and_then_compresses_with_saliency(tin
 def test_decode_streams_chunks_with_saliency_from_the_decode_probes(tiny):
     cache = GearCache(TINY, tiny.config)
     out = tiny.generate(ids(20, 1), cache=cache, max_new_tokens=30, min_new_tokens=30, do_sample=False)
-    layer = cache.layers[1]
+    layer = cache.layers[1].store
     assert out.shape[1] == 50 and layer.chunks == 49 // CHUNK and layer.keys.shape[-2] == 49 % CHUNK
-    assert layer.received.shape[-1] == layer.keys.shape[-2] and (layer.seen > 0).all()
+    assert layer.saliency.received.shape[-1] == layer.keys.shape[-2] and (layer.saliency.seen > 0).all()
     assert cache.memory_report().nbytes == storage(cache)
     beam = GearCache(TINY, tiny.config)
     tiny.generate(ids(20, 1, batch=2), cache=beam, max_new_tokens=20, num_beams=2, do_sample=False)
-    assert beam.layers[0].received.shape[0] == 4 and beam.memory_report().nbytes == storage(beam)
+    assert beam.layers[0].store.saliency.received.shape[0] == 4 and beam.memory_report().nbytes == storage(beam)
 
 
 @torch.inference_mode()
@@ -81,18 +77,18 @@ def test_batch_with_left_padding_gives_each_sequence_its_batch_of_one_result(tin
         tiny(seq, cache=alone, use_cache=True)
         want = tiny(cont[row : row + 1], cache=alone, use_cache=True).logits
         torch.testing.assert_close(got[row : row + 1], want, rtol=1e-4, atol=1e-4)
-        kept = TINY.key.stages[0].salient(alone.layers[0].compressed_keys.parts[0])
-        in_batch = TINY.key.stages[0].salient(batch.layers[0].compressed_keys.parts[0])
+        kept = TINY.key.stages[0].salient(alone.layers[0].store.compressed_keys.parts[0])
+        in_batch = TINY.key.stages[0].salient(batch.layers[0].store.compressed_keys.parts[0])
         first_real = row  # chunk-major storage: (chunk, batch); sequence b's first real chunk is the batch's second
         assert torch.equal(in_batch[2 * first_real + row], kept[0])
 
 
 def test_without_gearkit_attention_the_cache_says_how_to_enable_it():
-    config = LlamaConfig(vocab_size=97, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, hidden_size=32, attn_implementation="sdpa")
+    model = tiny_llama(dict(num_attention_heads=2, num_key_value_heads=1, hidden_size=32), layers=1,
+                       attn_implementation="sdpa")
+    config = model.config
     with pytest.raises(ValueError, match="register"):
         GearCache(TINY, config)
-    model = LlamaForCausalLM(config).eval()
     cache = GearCache(TINY)  # no config: the first update after a chunk is due finds no queries were seen
     with torch.inference_mode():
         model(ids(20), cache=cache, use_cache=True)
@@ -122,7 +118,7 @@ def test_saliency_on_the_real_model_marks_the_sink_and_the_recently_attended_tok
     chunk, groups = recipe.buffer_size, model.config.num_attention_heads // model.config.num_key_value_heads
     sinks, recent_hits, recent_total = [], 0, 0
     for layer, attn in zip(cache.layers[2:], attentions[2:]):  # the first layers attend locally, without a sink
-        salient = stage.salient(layer.compressed_keys.parts[0])[0]  # first chunk, [kv_heads, chunk]
+        salient = stage.salient(layer.store.compressed_keys.parts[0])[0]  # first chunk, [kv_heads, chunk]
         sinks.append(salient[:, 0])
         # What the last 5% of queries attend to most in the first chunk, summed over each KV head's query heads.
         recent = attn[0, :, -13:, :chunk].sum(1).unflatten(0, (-1, groups)).sum(1)[:, 1:]

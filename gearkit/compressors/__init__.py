@@ -1,12 +1,27 @@
 """Compression stages (`nn.Module`s with `encode`/`decode`) and the `Pipeline` that chains them."""
 
-from gearkit.compressors.base import FullPrecision, Stage, check_kv
+from gearkit.compressors.base import Context, FullPrecision, Stage
 from gearkit.compressors.channel_separable import ChannelSeparableQuantizer
-from gearkit.compressors.dictionary import DictionarySet, Rotary, SparseDictionary
+from gearkit.compressors.checks import check_kv
+from gearkit.compressors.dictionary_set import DictionarySet
 from gearkit.compressors.lowrank import LowRankResidual
+from gearkit.compressors.mixed import MixedPrecision
 from gearkit.compressors.outlier import SparseOutlier
 from gearkit.compressors.pipeline import Pipeline
+from gearkit.compressors.probes import Probes
 from gearkit.compressors.quantizer import Quantizer
-from gearkit.compressors.saliency import MixedPrecision, Probes
+from gearkit.compressors.rope import RoPE
+from gearkit.compressors.rotation import Rotation
+from gearkit.compressors.sparse_dictionary import SparseDictionary
 
-__all__ = ["ChannelSeparableQuantizer", "DictionarySet", "Rotary", "SparseDictionary", "FullPrecision", "LowRankResidual", "MixedPrecision", "Pipeline", "Probes", "Quantizer", "SparseOutlier", "Stage", "check_kv"]
+Rotary = RoPE  # the old name, for one release
+
+__all__ = [
+    # stages and their composition
+    "Stage", "Context", "Pipeline", "Quantizer", "ChannelSeparableQuantizer", "SparseOutlier", "LowRankResidual",
+    "FullPrecision", "Rotation",
+    # ZipCache: saliency-driven mixed precision and the probe queries that score saliency
+    "MixedPrecision", "Probes",
+    # CSR: sparse dictionary codes (NeuralDict training lives in gearkit.neuraldict, which loads Lightning)
+    "SparseDictionary", "DictionarySet", "RoPE",
+]

@@ -1,80 +1,108 @@
-"""The stage interface and the input checks every stage shares."""
+"""The stage interface: `encode(x, exclude, ctx) -> part`, `decode(part) -> tensor`, a declared `requires` set,
+and `config()` / `Stage.from_config()` so stages (and so recipes) can be written down as plain data."""
 
 from __future__ import annotations
 
 import abc
-from typing import ClassVar, Literal
+import dataclasses
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from gearkit.compressed import DensePart, Part
+from gearkit.compressors.checks import check_kv, check_storable
 
-Axis = Literal["token", "channel"]
-AXES = ("token", "channel")
-
-
-def check_kv(x: Tensor, name: str = "x") -> None:
-    """Raise `ValueError` unless `x` is a finite floating tensor `[batch, kv_heads, tokens, head_dim]`."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must be 4-D [batch, kv_heads, tokens, head_dim], got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    check_finite(x, f"{name} contains NaN or Inf; gearkit compresses finite values only")
+CONTEXT_FIELDS = ("saliency", "positions", "layer")
 
 
-def check_finite(t: Tensor, message: str) -> None:
-    """Raise `ValueError(message)` if `t` holds NaN or Inf.
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What one request supplies to the stages of a pipeline (stages themselves hold configuration only).
 
-    Inside `torch.compile` the check becomes an assertion op in the graph (a data-dependent Python branch
-    would break the graph), which raises `RuntimeError(message)` when the compiled code runs.
+    Attributes:
+        saliency: float `[batch, kv_heads, tokens]` per-token saliency (ZipCache's `MixedPrecision`).
+        positions: int `[batch]`: the sequence position of each batch entry's first token (pre-RoPE coding).
+        layer: the model layer (stages with per-layer artifacts, such as CSR dictionaries).
     """
-    if not t.numel():
-        return
-    if torch.compiler.is_compiling():
-        torch._assert_async(torch.isfinite(t).all(), message)
-    elif not torch.isfinite(t).all():
-        raise ValueError(message)
+
+    saliency: Tensor | None = None
+    positions: Tensor | None = None
+    layer: int | None = None
+
+    def given(self) -> set[str]:
+        """Names of the fields that are set."""
+        return {name for name in CONTEXT_FIELDS if getattr(self, name) is not None}
 
 
-def check_axis(axis: str) -> str:
-    """Return `axis` if it is 'token' or 'channel', else raise `ValueError`."""
-    if axis not in AXES:
-        raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
-    return axis
+NO_CONTEXT = Context()
 
 
-def check_storable(t: Tensor, what: str) -> Tensor:
-    """Raise `ValueError` if casting to a storage dtype overflowed `t` to Inf."""
-    check_finite(t, f"{what} overflow {t.dtype}; configure a wider storage dtype (e.g. torch.float32)")
-    return t
+def to_data(value: Any) -> Any:
+    """A stage argument as JSON-ready data: dtypes as `"torch.float16"`, stages as their `to_dict()`."""
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, Stage):
+        return value.to_dict()
+    if isinstance(value, (list, tuple)):
+        return [to_data(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} as recipe data")
+
+
+def from_data(value: Any) -> Any:
+    """Inverse of `to_data`."""
+    if isinstance(value, str) and value.startswith("torch."):
+        dtype = getattr(torch, value.removeprefix("torch."), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {value!r}")
+        return dtype
+    if isinstance(value, dict) and "stage" in value:
+        return Stage.from_dict(value)
+    if isinstance(value, list):
+        return [from_data(v) for v in value]
+    return value
 
 
 class Stage(nn.Module, abc.ABC):
-    """One compression stage: `encode(x) -> part`, `decode(part) -> tensor`.
+    """One compression stage: `encode(x, exclude, ctx) -> part`, `decode(part) -> tensor`.
 
     Stages hold configuration only, never per-request state. Inside a `Pipeline` a stage encodes the
     residual the earlier stages left; `exclude` marks entries an earlier stage already stores exactly, which
-    the stage should not spend precision on (the pipeline discards its output there).
+    the stage should not spend precision on (the pipeline discards its output there). What a request supplies
+    (saliency, positions, layer) comes in one `Context`; `requires` names the fields a stage cannot do without,
+    and a `Pipeline` checks them once before any stage runs.
 
-    A stage with `needs_saliency = True` (ZipCache's `MixedPrecision`) also takes per-token saliency scores,
-    `encode(x, exclude, saliency=...)`; a `Pipeline` forwards its `saliency` argument to such stages only.
-    A stage with `needs_positions = True` (CSR's `SparseDictionary`) takes `encode(x, exclude, positions=...,
-    layer=...)`: each batch entry's first sequence position and the model layer, which a `Pipeline` forwards.
+    `config()` returns a stage's constructor arguments, so `Stage.from_dict(stage.to_dict())` rebuilds an equal
+    stage (found by class name among the subclasses defined so far).
     """
 
-    needs_saliency: ClassVar[bool] = False
-    needs_positions: ClassVar[bool] = False
+    REQUIRES: ClassVar[frozenset[str]] = frozenset()
+
+    @staticmethod
+    def known() -> dict[str, type[Stage]]:
+        """Every stage class defined so far (gearkit's and users'), by class name."""
+        out, todo = {}, list(Stage.__subclasses__())
+        while todo:
+            cls = todo.pop()
+            out[cls.__name__] = cls
+            todo += cls.__subclasses__()
+        return out
+
+    @property
+    def requires(self) -> frozenset[str]:
+        """Context fields this stage needs (composite stages add their children's)."""
+        return self.REQUIRES
 
     @abc.abstractmethod
-    def encode(self, x: Tensor, exclude: Tensor | None = None) -> Part:
+    def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> Part:
         """Compress `x`.
 
         Args:
             x: float tensor `[batch, kv_heads, tokens, head_dim]`, finite.
             exclude: optional bool tensor shaped like `x`; True entries are stored exactly elsewhere.
+            ctx: what the request supplies (see `Context`).
 
         Returns:
             The stored part.
@@ -84,9 +112,33 @@ class Stage(nn.Module, abc.ABC):
     def decode(self, part: Part) -> Tensor:
         """Reconstruct from a part: float32 `[batch, kv_heads, tokens, head_dim]`."""
 
+    @abc.abstractmethod
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this stage (`type(self)(**config())`)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stage as JSON-ready data: `{"stage": class name, **config()}`."""
+        return {"stage": type(self).__name__, **{k: to_data(v) for k, v in self.config().items()}}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> Stage:
+        """Rebuild a stage from `to_dict()` data.
+
+        Raises:
+            ValueError: for an unknown stage name.
+        """
+        data = dict(data)
+        name, known = data.pop("stage", None), Stage.known()
+        if name not in known:
+            raise ValueError(f"unknown stage {name!r}; known stages: {', '.join(sorted(known))}")
+        return known[name](**{k: from_data(v) for k, v in data.items()})
+
     def exact_mask(self, part: Part) -> Tensor | None:
         """Bool `[batch, kv_heads, tokens, head_dim]` of entries this part stores exactly, or None."""
         return None
+
+    def check_chunk(self, tokens: int, head_dim: int | None = None) -> None:
+        """Raise `ValueError` if this stage cannot encode chunks of `tokens` tokens (default: it can)."""
 
     def check_model(self, config) -> None:
         """Raise `ValueError` if this stage cannot serve the model of `config` (default: every model fits)."""
@@ -95,10 +147,30 @@ class Stage(nn.Module, abc.ABC):
         """Bytes of shared artifacts this stage reads for `layer` (a dictionary), as this layer's share; 0 here."""
         return 0
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Round trip `x` through this stage alone; returns `x`'s shape and dtype."""
+    def forward(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT, **context: Any) -> Tensor:
+        """Round trip `x` `[batch, kv_heads, tokens, head_dim]` through this stage alone; returns `x`'s shape and
+        dtype. Context fields may be given as a `Context` or as keywords (`saliency=...`)."""
         check_kv(x)
-        return self.decode(self.encode(x.float())).to(x.dtype)
+        return self.decode(self.encode(x.float(), exclude, make_context(ctx, context, self.requires))).to(x.dtype)
+
+
+def make_context(ctx: Context | None, fields: dict[str, Any], requires: frozenset[str]) -> Context:
+    """`ctx` with `fields` set, checked to hold every field in `requires`.
+
+    Raises:
+        ValueError: for an unknown field or a missing required one.
+    """
+    unknown = set(fields) - set(CONTEXT_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown context field(s) {sorted(unknown)}; stages take {', '.join(CONTEXT_FIELDS)}")
+    ctx = dataclasses.replace(ctx or NO_CONTEXT, **fields) if fields else (ctx or NO_CONTEXT)
+    missing = requires - ctx.given()
+    if "saliency" in missing:
+        raise ValueError("this pipeline needs per-token saliency scores [batch, kv_heads, tokens] (a ZipCache cache "
+                         "computes them from probe queries; pass saliency=...)")
+    if missing:
+        raise ValueError(f"this pipeline needs context field(s) {sorted(missing)}")
+    return ctx
 
 
 class FullPrecision(Stage):
@@ -110,13 +182,16 @@ class FullPrecision(Stage):
 
     def __init__(self, dtype: torch.dtype = torch.float16):
         super().__init__()
-        if not dtype.is_floating_point:
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"FullPrecision needs a floating dtype, got {dtype}")
         self.dtype = dtype
 
-    def encode(self, x: Tensor, exclude: Tensor | None = None) -> DensePart:
+    def config(self) -> dict[str, Any]:
+        return {"dtype": self.dtype}
+
+    def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> DensePart:
         data = x.to(self.dtype, memory_format=torch.contiguous_format, copy=True)
-        return DensePart(check_storable(data, "values"))
+        return DensePart(check_storable(data, "values", "FullPrecision dtype"))
 
     def decode(self, part: DensePart) -> Tensor:
         return part.data.float()

@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from gearkit.compressed import ChannelScaledPart
-from gearkit.compressors.base import Stage, check_storable
+from gearkit.compressors.base import NO_CONTEXT, Context, Stage
+from gearkit.compressors.checks import check_storable
 from gearkit.compressors.quantizer import Quantizer
 
 
@@ -29,14 +30,17 @@ class ChannelSeparableQuantizer(Stage):
         self.tokenwise = Quantizer(bits, None, "token", param_dtype=param_dtype)
         self.param_dtype = param_dtype
 
+    def config(self) -> dict:
+        return {"bits": self.tokenwise.bits, "param_dtype": self.param_dtype}
+
     def channel_scale(self, x: Tensor, exclude: Tensor | None = None) -> Tensor:
         """`sqrt(max_t |x|)` per channel, as stored: `[batch, kv_heads, 1, head_dim]` in `param_dtype`."""
         magnitude = x.float().abs() if exclude is None else x.float().abs().masked_fill(exclude, 0.0)
         peak = magnitude.amax(-2, keepdim=True) if x.shape[-2] else magnitude.new_ones(*x.shape[:2], 1, x.shape[-1])
         c = peak.sqrt().to(self.param_dtype)
-        return check_storable(torch.where(c > 0, c, torch.ones_like(c)), "channel scales")
+        return check_storable(torch.where(c > 0, c, torch.ones_like(c)), "channel scales", "param_dtype")
 
-    def encode(self, x: Tensor, exclude: Tensor | None = None) -> ChannelScaledPart:
+    def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> ChannelScaledPart:
         """Quantize `x` `[batch, kv_heads, tokens, head_dim]` token by token after channel normalisation."""
         c = self.channel_scale(x, exclude)
         return ChannelScaledPart(self.tokenwise.encode(x.float() / c.float(), exclude), c)

@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from gearkit.compressed import LowRankPart
-from gearkit.compressors.base import Stage, check_storable
+from gearkit.compressors.base import NO_CONTEXT, Context, Stage
+from gearkit.compressors.checks import check_int, check_storable
 
 METHODS = ("power", "svd")
 
@@ -43,22 +44,30 @@ class LowRankResidual(Stage):
         self, rank: int, method: str = "power", iters: int = 2, seed: int = 0, factor_dtype: torch.dtype = torch.float16
     ):
         super().__init__()
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive int, got {rank!r}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if iters < 0:
-            raise ValueError(f"iters must be >= 0, got {iters}")
+        check_int(rank, "rank")
+        check_int(iters, "iters", 0)
+        check_int(seed, "seed", 0)
         self.rank, self.method, self.iters, self.seed, self.factor_dtype = rank, method, iters, seed, factor_dtype
 
-    def encode(self, x: Tensor, exclude: Tensor | None = None) -> LowRankPart:
+    def config(self) -> dict:
+        return {"rank": self.rank, "method": self.method, "iters": self.iters, "seed": self.seed,
+                "factor_dtype": self.factor_dtype}
+
+    def check_chunk(self, tokens: int, head_dim: int | None = None) -> None:
+        """Raise `ValueError` if a chunk of `tokens` tokens (and `head_dim` channels) is too small for the rank."""
+        if self.rank > min(tokens, head_dim or tokens):
+            raise ValueError(f"rank {self.rank} exceeds the matrix size [tokens={tokens}, head_dim={head_dim}]: use "
+                             f"a rank of at most {min(tokens, head_dim or tokens)} or larger chunks (buffer_size)")
+
+    def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> LowRankPart:
         """Factor `x` `[batch, kv_heads, tokens, head_dim]` (excluded entries count as zero)."""
         r = x.float() if exclude is None else x.float().masked_fill(exclude, 0.0)
         b, h, t, d = r.shape
         if r.numel() == 0:
             return LowRankPart(r.new_zeros(b, h, t, 0, dtype=self.factor_dtype), r.new_zeros(b, h, d, 0, dtype=self.factor_dtype))
-        if self.rank > min(t, d):
-            raise ValueError(f"rank {self.rank} exceeds the matrix size [tokens={t}, head_dim={d}]")
+        self.check_chunk(t, d)
         if self.method == "svd":
             u, s, vh = torch.linalg.svd(r, full_matrices=False)
             root = s[..., : self.rank].sqrt()[..., None, :]  # split the singular values between the factors
@@ -71,8 +80,8 @@ class LowRankResidual(Stage):
                 q = torch.linalg.qr(r @ (r.mT @ q)).Q
             left, right = q, r.mT @ q
         return LowRankPart(
-            check_storable(left.to(self.factor_dtype), "low-rank factors"),
-            check_storable(right.to(self.factor_dtype), "low-rank factors"),
+            check_storable(left.to(self.factor_dtype), "low-rank factors", "LowRankResidual factor_dtype"),
+            check_storable(right.to(self.factor_dtype), "low-rank factors", "LowRankResidual factor_dtype"),
         )
 
     def decode(self, part: LowRankPart) -> Tensor:

@@ -7,7 +7,8 @@ from einops import rearrange
 from torch import Tensor
 
 from gearkit.compressed import OutlierPart
-from gearkit.compressors.base import Axis, Stage, check_axis, check_storable
+from gearkit.compressors.base import NO_CONTEXT, Context, Stage
+from gearkit.compressors.checks import Axis, check_axis, check_fraction, check_storable
 
 
 def index_dtype(length: int) -> torch.dtype:
@@ -39,13 +40,14 @@ class SparseOutlier(Stage):
     def __init__(self, ratio: float, axis: Axis = "token", value_dtype: torch.dtype = torch.float16,
                  across_heads: bool = False):
         super().__init__()
-        if not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"outlier ratio must be a number in [0, 1], got {ratio!r}")
-        self.ratio = float(ratio)
+        self.ratio = check_fraction(ratio, "outlier ratio")
         self.axis = check_axis(axis)
         if across_heads and axis != "token":
             raise ValueError("across_heads takes a token's vectors of all heads, so it needs axis='token'")
         self.value_dtype, self.across_heads = value_dtype, across_heads
+
+    def config(self) -> dict:
+        return {"ratio": self.ratio, "axis": self.axis, "value_dtype": self.value_dtype, "across_heads": self.across_heads}
 
     def count_per_side(self, row_length: int) -> int:
         """Entries taken from each end of a row of `row_length`."""
@@ -61,7 +63,7 @@ class SparseOutlier(Stage):
             return rearrange(rows, "b t (h d) -> b h t d", h=heads)
         return rows.transpose(-1, -2) if self.axis == "channel" else rows
 
-    def encode(self, x: Tensor, exclude: Tensor | None = None) -> OutlierPart:
+    def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> OutlierPart:
         """Store the extremes of each row of `x` `[batch, kv_heads, tokens, head_dim]`."""
         rows = self._to_rows(x.float())
         length = rows.shape[-1]
@@ -75,7 +77,7 @@ class SparseOutlier(Stage):
             low_pool = low_pool.masked_fill(skip, float("inf"))
         bottom = low_pool.topk(k, dim=-1, largest=False).indices
         idx = torch.cat([top, bottom], -1)
-        values = check_storable(rows.gather(-1, idx).to(self.value_dtype), "outlier values")
+        values = check_storable(rows.gather(-1, idx).to(self.value_dtype), "outlier values", "SparseOutlier value_dtype")
         return OutlierPart(values, idx.to(index_dtype(length)), length, x.shape[1])
 
     def _scatter(self, part: OutlierPart, src: Tensor) -> Tensor:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
 from gearkit.compressed import CompressedTensor, Part
-from gearkit.compressors.base import Stage, check_kv
+from gearkit.compressors.base import Context, Stage, make_context
+from gearkit.compressors.checks import check_kv
+from gearkit.compressors.lowrank import LowRankResidual
+from gearkit.compressors.outlier import SparseOutlier
+from gearkit.compressors.quantizer import Quantizer
 from gearkit.kernels import ops
 from gearkit.kernels.backend import use_triton
-from gearkit.kernels.layout import layout_ints, layout_tensors, storage_layout
+from gearkit.kernels.layout import StorageLayout, is_pow2, layout_ints, layout_tensors
 
 
 class Pipeline(nn.Module):
@@ -18,7 +23,8 @@ class Pipeline(nn.Module):
 
     Stage `k` encodes `x` minus the decoded parts of stages `1..k-1`. Entries that a stage stores exactly
     (sparse outliers) are excluded from every later stage: later stages ignore them when fitting and their
-    output there is discarded, so those entries come back exactly.
+    output there is discarded, so those entries come back exactly. What a request supplies (saliency,
+    positions, layer) goes to every stage in one `Context`; `requires` is what the stages need of it.
 
     Example:
         >>> gear = Pipeline([SparseOutlier(0.02), Quantizer(2, 64, "token"), LowRankResidual(2)])
@@ -40,6 +46,20 @@ class Pipeline(nn.Module):
                 raise TypeError(f"pipeline stages must be gearkit Stage modules, got {type(s).__name__}")
         self.stages = nn.ModuleList(stages)
 
+    @property
+    def requires(self) -> frozenset[str]:
+        """Context fields some stage needs (`"saliency"`: the cache must score tokens from queries)."""
+        return frozenset().union(*(s.requires for s in self.stages))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The pipeline as JSON-ready data: `{"stages": [stage.to_dict(), ...]}`."""
+        return {"stages": [s.to_dict() for s in self.stages]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Pipeline:
+        """Inverse of `to_dict`."""
+        return cls([Stage.from_dict(s) for s in data["stages"]])
+
     @staticmethod
     def _contribution(stage: Stage, part: Part, exact: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """A part's decoded contribution with entries stored exactly by earlier parts zeroed, and the
@@ -52,10 +72,10 @@ class Pipeline(nn.Module):
             exact = mask if exact is None else exact | mask
         return out, exact
 
-    @property
-    def needs_saliency(self) -> bool:
-        """Whether a stage needs per-token saliency scores (then `compress` must get `saliency`)."""
-        return any(s.needs_saliency for s in self.stages)
+    def check_chunk(self, tokens: int, head_dim: int | None = None) -> None:
+        """Raise `ValueError` if a stage cannot encode chunks of `tokens` tokens (a rank above the chunk size)."""
+        for stage in self.stages:
+            stage.check_chunk(tokens, head_dim)
 
     def check_model(self, config) -> None:
         """Raise `ValueError` if a stage cannot serve the model of `config` (a dictionary trained for another)."""
@@ -66,34 +86,31 @@ class Pipeline(nn.Module):
         """Bytes of shared artifacts (dictionaries) the stages read for `layer`, as this layer's share."""
         return sum(stage.shared_nbytes(layer) for stage in self.stages)
 
-    def compress(self, x: Tensor, exclude: Tensor | None = None, saliency: Tensor | None = None,
-                 positions: Tensor | None = None, layer: int | None = None) -> CompressedTensor:
+    def compress(self, x: Tensor, exclude: Tensor | None = None, ctx: Context | None = None, **context: Any) -> CompressedTensor:
         """Compress `x` `[batch, kv_heads, tokens, head_dim]` (fp32, fp16 or bf16, finite).
 
         Args:
             x: the tensor.
             exclude: optional bool tensor shaped like `x`: entries the caller stores exactly elsewhere. No
                 stage spends precision on them and their reconstruction is unspecified (but finite).
-            saliency: optional float `[batch, kv_heads, tokens]` per-token saliency, passed to the stages that
-                need it (`needs_saliency`); ignored by the others.
-            positions: optional int `[batch]`: the sequence position of each entry's first token, and
-            layer: the model layer; both passed to the stages that need them (`needs_positions`).
+            ctx: what the request supplies (`Context`), passed to every stage.
+            **context: context fields as keywords, e.g. `saliency=` float `[batch, kv_heads, tokens]`,
+                `positions=` int `[batch]` (each entry's first sequence position), `layer=` (the model layer).
 
         Returns:
             A `CompressedTensor` holding one part per stage.
 
         Raises:
-            ValueError: if `x` is not 4-D, not floating point, or not finite.
+            ValueError: if `x` is not 4-D, not floating point, or not finite, or the context lacks a field a
+                stage requires.
         """
+        ctx = make_context(ctx, context, self.requires)
         check_kv(x)
         if exclude is not None and exclude.shape != x.shape:
             raise ValueError(f"exclude must have the shape of x {tuple(x.shape)}, got {tuple(exclude.shape)}")
         residual, exact, parts = x.float(), exclude, []
         for i, stage in enumerate(self.stages):
-            extra = {"saliency": saliency} if stage.needs_saliency else {}
-            if stage.needs_positions:
-                extra.update(positions=positions, layer=layer)
-            parts.append(stage.encode(residual, exact, **extra))
+            parts.append(stage.encode(residual, exact, ctx))
             if i + 1 < len(self.stages):  # the last stage's residual is never needed
                 contribution, exact = self._contribution(stage, parts[-1], exact)
                 residual = residual - contribution
@@ -103,7 +120,7 @@ class Pipeline(nn.Module):
         """Reconstruct: tensor of `c.shape` `[batch, kv_heads, tokens, head_dim]` and `c.dtype`."""
         if len(c.parts) != len(self.stages):
             raise ValueError(f"compressed tensor has {len(c.parts)} parts but the pipeline has {len(self.stages)} stages")
-        layout, unsupported = storage_layout(self, c.shape)
+        layout, unsupported = self.kernel_layout(c.shape)
         device = next(iter(c.tensors().values())).device
         if c.numel and use_triton(device, unsupported):  # one fused pass over the stored bytes
             return ops.reconstruct(list(layout_tensors(c)), layout_ints(layout), c.shape[0], c.shape[1], c.dtype)
@@ -113,6 +130,33 @@ class Pipeline(nn.Module):
             total = contribution if total is None else total + contribution
         return total.to(c.dtype)
 
-    def forward(self, x: Tensor, saliency: Tensor | None = None) -> Tensor:
-        """Round trip: `decompress(compress(x, saliency=saliency))`, same shape and dtype as `x`."""
-        return self.decompress(self.compress(x, saliency=saliency))
+    def forward(self, x: Tensor, exclude: Tensor | None = None, ctx: Context | None = None, **context: Any) -> Tensor:
+        """Round trip: `decompress(compress(x, exclude, ctx, **context))`, same shape and dtype as `x`."""
+        return self.decompress(self.compress(x, exclude, ctx, **context))
+
+    def kernel_layout(self, shape: tuple[int, ...]) -> tuple[StorageLayout | None, str | None]:
+        """The fused kernels' view of this pipeline compressing tensors of `shape` `[entries, heads, T, D]`.
+
+        The kernels read `[SparseOutlier?, Quantizer, LowRankResidual?]` with power-of-two chunks and head dims.
+
+        Returns:
+            `(layout, None)` when the kernels cover it, else `(None, reason)`.
+        """
+        stages = list(self.stages)
+        outlier = stages.pop(0) if stages and isinstance(stages[0], SparseOutlier) else None
+        quant = stages.pop(0) if stages and type(stages[0]) is Quantizer else None
+        lowrank = stages.pop(0) if stages and isinstance(stages[0], LowRankResidual) else None
+        if quant is None or stages:
+            return None, "the fused kernels read pipelines [SparseOutlier?, Quantizer, LowRankResidual?]"
+        _, _, t, d = shape
+        if not (is_pow2(t) and is_pow2(d) and t >= 16 and d >= 16):
+            return None, f"chunk tokens and head_dim must be powers of two >= 16, got {t} and {d}"
+        length = t if quant.axis == "channel" else d
+        reason = "the kernels read per-head quantizers" if quant.across_heads else quant.kernel_unsupported(length)
+        if reason:
+            return None, reason
+        if outlier is not None and outlier.across_heads:
+            return None, "outliers across heads are not covered by the kernels"
+        k2 = 2 * outlier.count_per_side(t if outlier.axis == "channel" else d) if outlier is not None else 0
+        return StorageLayout(t, d, quant.bits, quant.group_size or length, quant.axis == "channel", k2,
+                             outlier is not None and outlier.axis == "channel", lowrank.rank if lowrank else 0), None

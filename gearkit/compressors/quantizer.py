@@ -9,7 +9,8 @@ from einops import rearrange
 from torch import Tensor
 
 from gearkit.compressed import QuantizedPart
-from gearkit.compressors.base import Axis, Stage, check_axis
+from gearkit.compressors.base import NO_CONTEXT, Context, Stage
+from gearkit.compressors.checks import Axis, check_axis, check_int
 from gearkit.kernels import ops
 from gearkit.kernels.backend import use_triton
 from gearkit.kernels.layout import KERNEL_BITS, is_pow2
@@ -46,16 +47,18 @@ class Quantizer(Stage):
     ):
         super().__init__()
         self.bits = check_bits(bits)
-        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
-            raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
-        self.group_size = group_size
+        self.group_size = None if group_size is None else check_int(group_size, "group_size")
         self.axis = check_axis(axis)
         if across_heads and axis != "token":
             raise ValueError("across_heads groups a token's channels, so it needs axis='token'")
         self.across_heads = across_heads
-        if not param_dtype.is_floating_point:
+        if not isinstance(param_dtype, torch.dtype) or not param_dtype.is_floating_point:
             raise ValueError(f"param_dtype must be a floating dtype, got {param_dtype}")
         self.param_dtype = param_dtype
+
+    def config(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "axis": self.axis, "across_heads": self.across_heads,
+                "param_dtype": self.param_dtype}
 
     # Layout: rows are the last axis, cut into groups.
     def _to_rows(self, x: Tensor) -> Tensor:
@@ -83,7 +86,7 @@ class Quantizer(Stage):
         size = self.group_size or max(length, 1)
         return size, math.ceil(length / size)
 
-    def encode(self, x: Tensor, exclude: Tensor | None = None) -> QuantizedPart:
+    def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> QuantizedPart:
         """Quantize `x` `[batch, kv_heads, tokens, head_dim]`; `exclude`d entries do not widen any range."""
         rows = self._to_rows(x.float())
         length = rows.shape[-1]

@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from gearkit.compressed import Part
-from gearkit.compressors.base import Stage
+from gearkit.compressors.base import NO_CONTEXT, Context, Stage
+from gearkit.compressors.checks import check_int
 
 
 def random_orthogonal(dim: int, seed: int = 0) -> Tensor:
@@ -32,14 +33,24 @@ class Rotation(Stage):
         super().__init__()
         if not isinstance(inner, Stage):
             raise TypeError(f"Rotation wraps a gearkit Stage, got {type(inner).__name__}")
-        self.inner, self.seed = inner, seed
+        self.inner, self.seed = inner, check_int(seed, "seed", 0)
+
+    @property
+    def requires(self) -> frozenset[str]:
+        return self.inner.requires
+
+    def config(self) -> dict:
+        return {"inner": self.inner, "seed": self.seed}
+
+    def check_chunk(self, tokens: int, head_dim: int | None = None) -> None:
+        self.inner.check_chunk(tokens, head_dim)
 
     def _matrix(self, dim: int, device) -> Tensor:
         return random_orthogonal(dim, self.seed).to(device)
 
-    def encode(self, x: Tensor, exclude: Tensor | None = None) -> Part:
+    def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> Part:
         """Encode `x @ Q`, `x` `[batch, kv_heads, tokens, head_dim]` (exclusions do not survive a rotation)."""
-        return self.inner.encode(x.float() @ self._matrix(x.shape[-1], x.device))
+        return self.inner.encode(x.float() @ self._matrix(x.shape[-1], x.device), None, ctx)
 
     def decode(self, part: Part) -> Tensor:
         """`inner.decode(part) @ Q^T`: float32 `[batch, kv_heads, tokens, head_dim]`."""

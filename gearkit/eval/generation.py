@@ -9,8 +9,8 @@ import time
 import torch
 from torch import Tensor
 
-from gearkit.eval.perplexity import make_cache
-from gearkit.integrations.hf import GearCache
+from gearkit.integrations.hf import GearCache, cache_name, make_cache
+from gearkit.models import chat_ids, pad_token_id
 
 
 @dataclasses.dataclass
@@ -35,11 +35,10 @@ class Generation:
 @torch.inference_mode()
 def greedy(model, tokenizer, prompt: str, max_new_tokens: int, cache=None) -> tuple[Tensor, float]:
     """Greedy new tokens `[new]` for `prompt` (chat template applied) and the seconds `generate` took."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)
+    ids = chat_ids(tokenizer, prompt)
     start = time.perf_counter()
     out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, cache=cache,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                         pad_token_id=pad_token_id(tokenizer))
     return out[0, ids["input_ids"].shape[-1] :], time.perf_counter() - start
 
 
@@ -47,12 +46,12 @@ def agreement(model, tokenizer, names, prompt: str, max_new_tokens: int = 64) ->
     """Greedy generation with each cache in `names`, compared token by token with the uncompressed cache."""
     reference, _ = greedy(model, tokenizer, prompt, max_new_tokens)
     results = []
-    for name in names:
-        tokens, seconds = greedy(model, tokenizer, prompt, max_new_tokens, make_cache(name, model))
+    for spec in names:
+        tokens, seconds = greedy(model, tokenizer, prompt, max_new_tokens, make_cache(spec, model))
         n = min(len(tokens), len(reference))
         same = (tokens[:n] == reference[:n]).tolist() + [False] * abs(len(tokens) - len(reference))
         first = next((i for i, s in enumerate(same) if not s), None)
-        results.append(Generation(name, tokenizer.decode(tokens, skip_special_tokens=True),
+        results.append(Generation(cache_name(spec), tokenizer.decode(tokens, skip_special_tokens=True),
                                   sum(same) / max(len(same), 1), first, len(tokens) / seconds))
     return results
 
@@ -73,7 +72,7 @@ def layer_errors(model, tokenizer, name: str, text: str, tokens: int = 1024) -> 
     model(ids, cache=cache, use_cache=True)
     rows = []
     for i, (ref, held) in enumerate(zip(reference.layers, cache.layers)):
-        keys, values = held.dequantized()
+        keys, values = held.store.dequantized()
         row = {"layer": i}
         for kind, x, y in (("key", ref.keys, keys), ("value", ref.values, values)):
             err = (x.float() - y.float()).norm() / x.float().norm()

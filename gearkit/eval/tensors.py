@@ -9,8 +9,7 @@ import torch
 from torch import Tensor
 
 from gearkit import recipes
-from gearkit.compressed import add_counts
-from gearkit.compressors import Pipeline
+from gearkit.cache import ChunkStore
 
 
 def synthetic_kv(shape: tuple[int, int, int, int], heavy_channels: int = 2, seed: int = 0) -> Tensor:
@@ -38,12 +37,6 @@ class RecipeResult:
     components: dict[str, int]
 
 
-def _chunked(pipeline: Pipeline, x: Tensor, chunk: int) -> tuple[Tensor, list]:
-    """Compress `x` `[batch, kv_heads, tokens, head_dim]` in chunks of `chunk` tokens, as a cache would."""
-    compressed = [pipeline.compress(part) for part in x.split(chunk, dim=2)]
-    return torch.cat([pipeline.decompress(c) for c in compressed], dim=2), compressed
-
-
 def _rel(x: Tensor, y: Tensor) -> float:
     return ((x.float() - y.float()).norm() / x.float().norm().clamp_min(1e-30)).item()
 
@@ -51,8 +44,9 @@ def _rel(x: Tensor, y: Tensor) -> float:
 def compare_recipes(keys: Tensor, values: Tensor, names: Sequence[str] | None = None) -> list[RecipeResult]:
     """Relative Frobenius error and all-in bits per element of each recipe.
 
-    Each recipe compresses the tensors in chunks of its `buffer_size` tokens, as its cache would; the
-    streaming buffer and attention-sink tokens are cache features and play no part here.
+    Each recipe's `ChunkStore` (the cache of one layer, without a model) takes the tensors as one prefill:
+    whole chunks are compressed, the remainder stays in the buffer and sink tokens in their exact copy, so the
+    bytes are exactly what the recipe's cache would hold.
 
     Args:
         keys: `[batch, kv_heads, tokens, head_dim]`.
@@ -71,14 +65,12 @@ def compare_recipes(keys: Tensor, values: Tensor, names: Sequence[str] | None = 
         recipe = recipes.get(name)
         if recipe.needs_saliency:
             raise ValueError(f"recipe {name!r} needs token saliency from a model's queries; evaluate it in a cache")
-        k_hat, k_parts = _chunked(recipe.key, keys, recipe.buffer_size)
-        v_hat, v_parts = _chunked(recipe.value, values, recipe.buffer_size)
-        parts = k_parts + v_parts
-        nbytes = sum(c.nbytes for c in parts)
-        components = add_counts(*(c.components() for c in parts))
-        numel = keys.numel() + values.numel()
-        results.append(RecipeResult(name, _rel(keys, k_hat), _rel(values, v_hat), 8 * nbytes / numel,
-                                    2 * numel / nbytes, components))
+        store = ChunkStore(recipe)  # fp16 buffer and sink copy, as in a cache
+        store.append(keys, values)
+        k_hat, v_hat = store.dequantized()
+        report = store.memory_report()
+        results.append(RecipeResult(name, _rel(keys, k_hat), _rel(values, v_hat), report.bits_per_element,
+                                    report.compression_ratio, report.components))
     return results
 
 

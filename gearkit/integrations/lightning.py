@@ -44,9 +44,11 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from gearkit.eval.perplexity import (PerplexityResult, baseline_nll, cached_nll, check_cache_name, make_cache,
-                                     memory_report, perplexity_result)
-from gearkit.integrations.hf import GearCache, MemoryReport
+from gearkit.compressed import MemoryReport
+from gearkit.compressors.checks import check_int
+from gearkit.eval.perplexity import PerplexityResult, baseline_nll, cached_nll, perplexity_result
+from gearkit.integrations.hf import cache_name, check_cache_name, make_cache, memory_report
+from gearkit.models import chat_ids, pad_token_id
 from gearkit.recipes import Recipe
 
 Item = str | Tensor  # a prompt / text, or token ids `[tokens]` (int64) for the ppl task
@@ -108,8 +110,7 @@ class PromptBatches(Dataset):
         items = list(items)
         if not items:
             raise ValueError("the prompt list is empty: nothing to predict")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_int(batch_size, "batch_size")
         for i, item in enumerate(items):
             if isinstance(item, str):
                 if not item:
@@ -130,10 +131,6 @@ class PromptBatches(Dataset):
     def loader(self) -> DataLoader:
         """A `DataLoader` yielding one batch per step, in order (Lightning shards it over ranks)."""
         return DataLoader(self, batch_size=1, shuffle=False, collate_fn=_unwrap)
-
-
-def _cache_name(spec: str | Recipe) -> str:
-    return spec.name if isinstance(spec, Recipe) else spec
 
 
 class GearInference(pl.LightningModule):
@@ -168,15 +165,15 @@ class GearInference(pl.LightningModule):
         for spec in specs:
             if not isinstance(spec, Recipe):
                 check_cache_name(spec)
-        names = [_cache_name(s) for s in specs]
+        names = [cache_name(s) for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"recipe names must be distinct, got {names}")
         if task not in ("generate", "ppl"):
             raise ValueError(f"task must be 'generate' or 'ppl', got {task!r}")
-        if task == "generate" and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if task == "ppl" and (not isinstance(prefix, int) or prefix < 1):
-            raise ValueError(f"prefix must be a positive int, got {prefix!r}")
+        if task == "generate":
+            check_int(max_new_tokens, "max_new_tokens")
+        if task == "ppl":
+            check_int(prefix, "prefix")
         if (model is None) != (tokenizer is None):
             raise ValueError("pass model and tokenizer together, or neither (then `loader` loads them)")
         self.specs, self.task, self.max_new_tokens, self.prefix = specs, task, max_new_tokens, prefix
@@ -186,7 +183,7 @@ class GearInference(pl.LightningModule):
     @property
     def names(self) -> list[str]:
         """The cache names, in the order rows are produced."""
-        return [_cache_name(s) for s in self.specs]
+        return [cache_name(s) for s in self.specs]
 
     def configure_model(self) -> None:
         """Load the model and tokenizer with `loader` if they were not given (called by Lightning)."""
@@ -204,8 +201,7 @@ class GearInference(pl.LightningModule):
         if isinstance(item, Tensor):
             return item.long()
         if self.task == "generate" and self.chat_template:
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": item}], add_generation_prompt=True,
-                                                      return_tensors="pt", return_dict=True)["input_ids"][0]
+            return chat_ids(self.tokenizer, item)["input_ids"][0]
         return torch.tensor(self.tokenizer(item)["input_ids"], dtype=torch.long)
 
     def context_length(self) -> int:
@@ -236,9 +232,6 @@ class GearInference(pl.LightningModule):
                 raise ValueError(f"prompt {i} has {n} tokens; scoring after a prefix of {self.prefix} needs at least "
                                  f"{self.prefix + 1}")
 
-    def _cache(self, spec: str | Recipe):
-        return GearCache(spec, self.model.config) if isinstance(spec, Recipe) else make_cache(spec, self.model)
-
     # -- steps ---------------------------------------------------------------------------------------------
     def predict_step(self, batch: dict, batch_idx: int = 0) -> BatchResult:
         """Run every cache on one batch from `PromptBatches`.
@@ -258,7 +251,7 @@ class GearInference(pl.LightningModule):
     def _generate(self, batch: dict) -> BatchResult:
         ids = [self.encode(item) for item in batch["items"]]
         width = max(x.numel() for x in ids)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad = pad_token_id(self.tokenizer)
         input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)
         for row, x in enumerate(ids):  # left padding: every prompt ends at the last column
@@ -266,11 +259,11 @@ class GearInference(pl.LightningModule):
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         rows, stats = [], {}
         for spec in self.specs:
-            cache, start = self._cache(spec), time.perf_counter()
+            cache, start = make_cache(spec, self.model), time.perf_counter()
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, cache=cache, do_sample=False,
                                       max_new_tokens=self.max_new_tokens, pad_token_id=pad)
             seconds, new = time.perf_counter() - start, out[:, width:].cpu()
-            name = _cache_name(spec)
+            name = cache_name(spec)
             stats[name] = BatchStats(memory_report(cache, self.model.config, len(ids)), new.numel(), seconds)
             for index, item, tokens in zip(batch["index"], batch["items"], new):
                 tokens = tokens.tolist()
@@ -285,9 +278,9 @@ class GearInference(pl.LightningModule):
         base = [baseline_nll(self.model, w, self.prefix) if self.baseline else None for w in windows]
         rows, stats = [], {}
         for spec in self.specs:
-            name, total = _cache_name(spec), BatchStats(MemoryReport({}, 0, 0), 0, 0.0)
+            name, total = cache_name(spec), BatchStats(MemoryReport({}, 0, 0), 0, 0.0)
             for index, window, b in zip(batch["index"], windows, base):
-                cache = self._cache(spec)
+                cache = make_cache(spec, self.model)
                 nll, prefill_s, cont_s = cached_nll(self.model, window, self.prefix, cache)
                 report = memory_report(cache, self.model.config)
                 total = BatchStats(total.report + report, total.tokens + window.numel(), total.seconds + prefill_s + cont_s)
@@ -448,8 +441,7 @@ def predict(items: Sequence[Item], recipes: str | Recipe | Sequence[str | Recipe
     Raises:
         ValueError: for bad input, before anything is launched.
     """
-    if not isinstance(devices, int) or devices < 1:
-        raise ValueError(f"devices must be a positive int, got {devices!r}")
+    check_int(devices, "devices")
     dataset = PromptBatches(items, batch_size)
     module = GearInference(recipes, task, **module_kwargs)
     module.check(dataset.items)

@@ -47,36 +47,6 @@ class StorageLayout:
                     Q_CHANNEL=self.q_channel, K2=self.k2, O_CHANNEL=self.o_channel, RANK=self.rank)
 
 
-def storage_layout(pipeline, shape: tuple[int, ...]) -> tuple[StorageLayout | None, str | None]:
-    """The fused kernels' view of `pipeline` compressing tensors of `shape` `[entries, heads, T, D]`.
-
-    Returns:
-        `(layout, None)` when the kernels cover it, else `(None, reason)`.
-    """
-    from gearkit.compressors import LowRankResidual, Quantizer, SparseOutlier
-
-    stages = list(pipeline.stages)
-    outlier = stages.pop(0) if stages and isinstance(stages[0], SparseOutlier) else None
-    quant = stages.pop(0) if stages and type(stages[0]) is Quantizer else None
-    lowrank = stages.pop(0) if stages and isinstance(stages[0], LowRankResidual) else None
-    if quant is None or stages:
-        return None, "the fused kernels read pipelines [SparseOutlier?, Quantizer, LowRankResidual?]"
-    _, _, t, d = shape
-    if not (is_pow2(t) and is_pow2(d) and t >= 16 and d >= 16):
-        return None, f"chunk tokens and head_dim must be powers of two >= 16, got {t} and {d}"
-    length = t if quant.axis == "channel" else d
-    reason = "the kernels read per-head quantizers" if quant.across_heads else quant.kernel_unsupported(length)
-    if reason:
-        return None, reason
-    if outlier is not None and outlier.across_heads:
-        return None, "outliers across heads are not covered by the kernels"
-    k2 = 0
-    if outlier is not None:
-        k2 = 2 * outlier.count_per_side(t if outlier.axis == "channel" else d)
-    return StorageLayout(t, d, quant.bits, quant.group_size or length, quant.axis == "channel", k2,
-                         outlier is not None and outlier.axis == "channel", lowrank.rank if lowrank else 0), None
-
-
 def layout_ints(layout: StorageLayout) -> list[int]:
     """A `StorageLayout` as the int list the custom ops take."""
     return [int(v) for v in dataclasses.astuple(layout)]

@@ -3,15 +3,18 @@ decompresses them; both return the segment's output and log-sum-exp so segments 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-from einops import rearrange
 from torch import Tensor
 
 from gearkit.compressed import CompressedTensor
 from gearkit.kernels import ops
 from gearkit.kernels.backend import use_triton
-from gearkit.kernels.layout import layout_ints, layout_tensors, storage_layout
+from gearkit.kernels.layout import StorageLayout, layout_ints, layout_tensors
 from gearkit.kernels.reference import attention_reference, merge_attention
+
+Layout = tuple[StorageLayout | None, str | None]  # a layout, or why there is none
 
 
 def _splits(programs: int, chunks: int, device: torch.device) -> int:
@@ -22,30 +25,31 @@ def _splits(programs: int, chunks: int, device: torch.device) -> int:
     return max(1, min(chunks, -(-2 * sms // programs)))
 
 
-def compressed_attention(query: Tensor, key_pipeline, keys: CompressedTensor, value_pipeline,
-                         values: CompressedTensor, chunks: int, bias: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+def compressed_attention(query: Tensor, keys: CompressedTensor, key_layout: Layout, values: CompressedTensor,
+                         value_layout: Layout, chunks: int, bias: Tensor, scaling: float,
+                         rebuild: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     """Attention of a few queries over a cache's compressed chunks, read from their stored form.
 
     Args:
         query: `[batch, heads, queries, head_dim]`; query head `j` reads KV head `j // (heads / kv_heads)`.
-        key_pipeline: the pipeline that compressed `keys`.
         keys: stored chunks stacked chunk-major along the batch: shape `[(chunks batch), kv_heads, T, head_dim]`.
-        value_pipeline: the pipeline that compressed `values`.
+        key_layout: `(layout, None)` if the kernels read `keys`, else `(None, reason)` (`Pipeline.kernel_layout`).
         values: like `keys`.
+        value_layout: like `key_layout`, for `values`.
         chunks: number of chunks per sequence.
         bias: additive float `[batch, chunks * T]` (`-inf` masks a position), the same for every query.
         scaling: softmax scale.
+        rebuild: returns the chunks decompressed, keys and values float32 `[batch, kv_heads, chunks * T,
+            head_dim]`: the reference path, taken when the kernels do not run.
 
     Returns:
         `(out, lse)`: float32 `[batch, heads, queries, head_dim]` and `[batch, heads, queries]`.
     """
     b, hq, nq, d = query.shape
     heads = keys.shape[1]
-    key_layout, key_reason = storage_layout(key_pipeline, keys.shape)
-    value_layout, value_reason = storage_layout(value_pipeline, values.shape)
+    (key_layout, key_reason), (value_layout, value_reason) = key_layout, value_layout
     if not use_triton(query.device, key_reason or value_reason):
-        k = rearrange(key_pipeline.decompress(keys).float(), "(n b) h c d -> b h (n c) d", n=chunks)
-        v = rearrange(value_pipeline.decompress(values).float(), "(n b) h c d -> b h (n c) d", n=chunks)
+        k, v = rebuild()
         return attention_reference(query, k, v, bias[:, None], scaling)
     group = hq // heads
     rows = group * nq

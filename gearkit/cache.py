@@ -1,0 +1,431 @@
+"""The framework-free chunk store: one layer's compressed KV cache, without any model framework.
+
+A `ChunkStore` holds a recipe's compressed chunks plus a small full-precision buffer of the newest tokens. New
+tokens enter the buffer; when it holds `recipe.buffer_size` tokens they are compressed as one chunk and
+appended to the compressed storage, where they stay as compressed bytes and are never re-compressed.
+Attention of the current step sees the compressed past, the buffer and the new tokens (the buffer is
+compressed after the step, so a token never sees a compressed copy of the step it belongs to).
+
+A recipe may keep the first `sink_tokens` tokens of each sequence (attention sinks) as an exact copy: the
+chunk that holds them is compressed with those positions excluded (they do not widen any quantization
+range), and reads take them from the copy. The chunk grid is unchanged.
+
+Recipes whose stages need token saliency (ZipCache) add a `SaliencyScores` component: the buffered tokens'
+running probe attention, fed by `ChunkStore.observe_queries`; their chunks are compressed only then.
+
+Held tensors are never written in place, so a `StepView` (what one step attends to) stays valid after the
+store moves on. `gearkit.integrations.hf.GearLayer` adapts a store to `transformers`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from gearkit.compressed import CompressedTensor, MemoryReport, add_counts, cat_batch, select_batch, tensor_nbytes
+from gearkit.compressors.base import Context
+from gearkit.compressors.pipeline import Pipeline
+from gearkit.compressors.checks import check_kv, check_storable
+from gearkit.compressors.probes import Probes, normalized_saliency, probe_attention
+from gearkit.kernels.decode import compressed_attention
+from gearkit.kernels.reference import attention_reference, merge_attention
+from gearkit.recipes import Recipe
+
+
+def chunk_attention(query: Tensor, key_pipeline: Pipeline, keys: CompressedTensor, value_pipeline: Pipeline,
+                    values: CompressedTensor, chunks: int, bias: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    """Attention of a few queries over stored chunks: the kernels read the packed bytes where they cover the
+    pipelines' layouts (`Pipeline.kernel_layout`), the reference decompresses otherwise.
+
+    Args:
+        query: `[batch, heads, queries, head_dim]`.
+        key_pipeline: the pipeline that compressed `keys`.
+        keys: chunks stacked chunk-major along the batch, `[(chunks batch), kv_heads, T, head_dim]`.
+        value_pipeline: the pipeline that compressed `values`.
+        values: like `keys`.
+        chunks: chunks per sequence.
+        bias: additive float `[batch, chunks * T]` (`-inf` masks a position).
+        scaling: softmax scale.
+
+    Returns:
+        `(out, lse)`: float32 `[batch, heads, queries, head_dim]` and `[batch, heads, queries]`.
+    """
+    def rebuild() -> tuple[Tensor, Tensor]:
+        return (rearrange(key_pipeline.decompress(keys).float(), "(n b) h c d -> b h (n c) d", n=chunks),
+                rearrange(value_pipeline.decompress(values).float(), "(n b) h c d -> b h (n c) d", n=chunks))
+
+    return compressed_attention(query, keys, key_pipeline.kernel_layout(keys.shape), values,
+                                value_pipeline.kernel_layout(values.shape), chunks, bias, scaling, rebuild)
+
+
+class SaliencyScores:
+    """The buffered tokens' running saliency evidence (ZipCache), a component of a `ChunkStore`.
+
+    `received` `[batch, kv_heads, buffered]` is the attention the probes gave each buffered token and `seen`
+    `[batch, buffered]` how many probes saw it; a chunk is compressed with saliency `received / seen` (see
+    `gearkit.compressors.probes`). Both are bytes held, reported as the `probe_scores` component.
+
+    Args:
+        probes: which queries serve as probes.
+    """
+
+    def __init__(self, probes: Probes):
+        self.probes = probes
+        self.received: Tensor | None = None
+        self.seen: Tensor | None = None
+
+    def extend(self, like: Tensor, buffered: int) -> None:
+        """Add zero scores for the tokens that joined a buffer `like` `[batch, kv_heads, buffered, head_dim]`."""
+        new = buffered - (0 if self.received is None else self.received.shape[-1])
+        received = like.new_zeros(*like.shape[:2], new, dtype=torch.float32)
+        seen = like.new_zeros(like.shape[0], new, dtype=torch.float32)
+        self.received = received if self.received is None else torch.cat([self.received, received], -1)
+        self.seen = seen if self.seen is None else torch.cat([self.seen, seen], -1)
+
+    def observed(self, query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float | None,
+                 buffered: int) -> tuple[Tensor, Tensor]:
+        """The scores after this step's probes (nothing changes yet): `(received, seen)` of the last `buffered`
+        keys. Args as `probe_attention`."""
+        received, seen = probe_attention(query, keys, attention_mask, scaling, self.probes)
+        return self.received + received[..., -buffered:], self.seen + seen[..., -buffered:]
+
+    def keep(self, received: Tensor, seen: Tensor, start: int) -> None:
+        """Keep the scores of tokens `start:` (the ones still buffered)."""
+        self.received, self.seen = received[..., start:].clone(), seen[..., start:].clone()
+
+    def select(self, index: Tensor) -> None:
+        """Keep batch entries `index`."""
+        if self.received is not None:
+            index = index.to(self.received.device)
+            self.received, self.seen = self.received.index_select(0, index), self.seen.index_select(0, index)
+
+    def crop(self, kept: int, from_buffer: bool) -> None:
+        """`kept` tokens stay buffered: the first `kept` scores if only buffered tokens were removed, else zeros
+        (tokens back from a compressed chunk start with no saliency)."""
+        if self.received is None:
+            return
+        if from_buffer:
+            self.keep(self.received[..., :kept], self.seen[..., :kept], 0)
+        else:
+            self.received = self.received.new_zeros(*self.received.shape[:2], kept)
+            self.seen = self.seen.new_zeros(self.seen.shape[0], kept)
+
+    def tensors(self) -> list[Tensor]:
+        """The tensors held."""
+        return [] if self.received is None else [self.received, self.seen]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepView:
+    """What one step attends to: the store as it was before the step compressed anything, plus the step's
+    tokens. Tensors here are never written in place, so the view stays valid after the store moves on.
+
+    Attributes:
+        store: the store (for its recipe, chunk grid and compute dtype).
+        keys: buffer and the step's new keys `[batch, kv_heads, buffered + new, head_dim]` (buffer dtype).
+        values: like `keys`.
+        sink_keys: the sink copy `[batch, kv_heads, sink, head_dim]` including the step's sink tokens.
+        sink_values: like `sink_keys`.
+        compressed_keys: chunks held before the step, chunk-major `[(chunks batch), kv_heads, chunk, head_dim]`.
+        compressed_values: like `compressed_keys`.
+        chunks: compressed chunks per sequence.
+    """
+
+    store: ChunkStore
+    keys: Tensor
+    values: Tensor
+    sink_keys: Tensor
+    sink_values: Tensor
+    compressed_keys: CompressedTensor | None
+    compressed_values: CompressedTensor | None
+    chunks: int
+
+    def _unchunk(self, c: CompressedTensor | None, pipeline, like: Tensor) -> Tensor:
+        """The compressed chunks decompressed into `[batch, kv_heads, chunks * chunk, head_dim]`."""
+        if c is None:
+            return like.new_zeros(*like.shape[:2], 0, like.shape[-1], dtype=self.store.dtype)
+        return rearrange(pipeline.decompress(c).to(self.store.dtype), "(n b) h c d -> b h (n c) d", n=self.chunks)
+
+    def _assemble(self, sink: Tensor, c: CompressedTensor | None, pipeline, buffer: Tensor) -> Tensor:
+        held = torch.cat([self._unchunk(c, pipeline, buffer), buffer.to(self.store.dtype)], -2)
+        held[:, :, : sink.shape[-2]] = sink  # a fresh tensor: writing into it touches nothing held
+        return held
+
+    def dense(self) -> tuple[Tensor, Tensor]:
+        """Every token decompressed, sink copy in front: keys and values `[batch, kv_heads, tokens, head_dim]` in
+        the compute dtype."""
+        recipe = self.store.recipe
+        return (self._assemble(self.sink_keys, self.compressed_keys, recipe.key, self.keys),
+                self._assemble(self.sink_values, self.compressed_values, recipe.value, self.values))
+
+    def fresh(self) -> tuple[Tensor, Tensor]:
+        """The buffer and the step's tokens only, in the compute dtype (a step that reads the storage)."""
+        return self.keys.to(self.store.dtype), self.values.to(self.store.dtype)
+
+    def attend(self, query: Tensor, keys: Tensor, values: Tensor, attention_mask: Tensor | None,
+               scaling: float | None) -> Tensor:
+        """The step's attention read from the storage: compressed chunks through `compressed_attention` (Triton
+        reads the packed bytes; the reference decompresses), the sink copy and `keys`/`values` through exact
+        attention, merged by log-sum-exp.
+
+        Args:
+            query: `[batch, heads, queries, head_dim]`.
+            keys: `fresh()`'s keys `[batch, kv_heads, buffered + queries, head_dim]`.
+            values: like `keys`.
+            attention_mask: boolean `[batch, 1, queries, held + queries]` (True = attend) or None (causal).
+            scaling: softmax scale (default `head_dim ** -0.5`).
+
+        Returns:
+            `[batch, queries, heads, head_dim]` in the query's dtype.
+
+        Raises:
+            ValueError: if queries of one sequence see different compressed pasts.
+        """
+        store = self.store
+        b, _, nq, d = query.shape
+        held, sink, fresh = self.chunks * store.buffer_size, self.sink_keys.shape[-2], keys.shape[-2]
+        scaling = d**-0.5 if scaling is None else scaling
+        if attention_mask is None:  # causal: the past is visible, the fresh tokens causally
+            visible = torch.ones(b, nq, held + fresh, dtype=torch.bool, device=query.device)
+            visible[:, :, held:] = torch.ones(nq, fresh, dtype=torch.bool, device=query.device).tril(fresh - nq)
+        else:
+            visible = attention_mask[:, 0].to(torch.bool)
+        past = visible[:, :, :held]
+        if not (past == past[:, :1]).all():
+            raise ValueError("attention over the compressed storage needs every query to see the same compressed past")
+        neg = torch.tensor(float("-inf"), device=query.device)
+        bias = torch.where(past[:, 0], 0.0, neg)
+        bias[:, :sink] = neg  # the sink positions are read from the exact copy
+        compressed = chunk_attention(query, store.recipe.key, self.compressed_keys, store.recipe.value,
+                                     self.compressed_values, self.chunks, bias, scaling)
+        exact_visible = torch.cat([visible[:, :, :sink], visible[:, :, held:]], -1)
+        exact = attention_reference(query, torch.cat([self.sink_keys.to(keys.dtype), keys], -2),
+                                    torch.cat([self.sink_values.to(values.dtype), values], -2),
+                                    torch.where(exact_visible, 0.0, neg), scaling)
+        return merge_attention([compressed, exact]).to(query.dtype).transpose(1, 2)
+
+
+class ChunkStore:
+    """One layer's compressed chunks, sink copy and full-precision buffer.
+
+    `keys`/`values` hold the buffer `[batch, kv_heads, buffered, head_dim]` in `buffer_dtype`, and
+    `sink_keys`/`sink_values` a copy of the first `recipe.sink_tokens` tokens, also in `buffer_dtype`. The
+    compressed chunks are stacked along the batch, chunk-major: `[(chunks batch), kv_heads, chunk, head_dim]`,
+    so every compressed chunk stays its own bytes and decompression is one call.
+
+    Args:
+        recipe: the key/value pipelines, the buffer size (= chunk size) and the sink tokens.
+        buffer_dtype: storage dtype of the buffer and the sink copy; None keeps the incoming dtype.
+        layer: the model layer this store serves (stages with per-layer dictionaries need it).
+    """
+
+    def __init__(self, recipe: Recipe, buffer_dtype: torch.dtype | None = torch.float16, layer: int | None = None):
+        self.recipe, self.buffer_dtype, self.layer = recipe, buffer_dtype, layer
+        self.saliency = SaliencyScores(recipe.probes) if recipe.needs_saliency else None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every token."""
+        self.keys = self.values = self.sink_keys = self.sink_values = None
+        self.compressed_keys: CompressedTensor | None = None
+        self.compressed_values: CompressedTensor | None = None
+        self.chunks = self.length = 0
+        self.dtype: torch.dtype | None = None  # the compute dtype: that of the incoming states
+        if self.saliency is not None:
+            self.saliency = SaliencyScores(self.recipe.probes)
+
+    @property
+    def buffer_size(self) -> int:
+        """Tokens per compressed chunk (the buffer compresses when it holds this many)."""
+        return self.recipe.buffer_size
+
+    @property
+    def is_initialized(self) -> bool:
+        """Whether a first update has set the batch, heads and dtypes."""
+        return self.keys is not None
+
+    @property
+    def buffered(self) -> int:
+        """Tokens in the full-precision buffer."""
+        return self.keys.shape[-2] if self.is_initialized else 0
+
+    def tokens_to_next_chunk(self) -> int:
+        """How many more tokens fill the buffer, so that the next chunk is compressed."""
+        return self.buffer_size - self.buffered
+
+    def view(self) -> StepView:
+        """Everything held, as a `StepView` with no new tokens."""
+        return StepView(self, self.keys, self.values, self.sink_keys, self.sink_values, self.compressed_keys,
+                        self.compressed_values, self.chunks)
+
+    def dequantized(self) -> tuple[Tensor, Tensor]:
+        """Everything held, decompressed: keys and values `[batch, kv_heads, tokens, head_dim]`."""
+        return self.view().dense()
+
+    # -- writing -------------------------------------------------------------------------------------------
+    def _stored(self, states: Tensor, name: str) -> Tensor:
+        check_kv(states, name)
+        return check_storable(states.to(self.buffer_dtype or states.dtype), name,
+                              "buffer_dtype of the cache (e.g. buffer_dtype=None keeps the model's dtype)")
+
+    def append(self, key_states: Tensor, value_states: Tensor) -> StepView:
+        """Add new tokens `[batch, kv_heads, new, head_dim]`; compress the buffer's whole chunks (unless the
+        recipe waits for saliency). Everything is computed before any state changes, so a failure leaves the
+        store as it was.
+
+        Returns:
+            What this step attends to: the store before it compressed anything, plus the new tokens.
+
+        Raises:
+            ValueError: for non-finite or malformed states, or states that overflow the buffer dtype.
+        """
+        new_keys, new_values = self._stored(key_states, "key_states"), self._stored(value_states, "value_states")
+        if not self.is_initialized:
+            self.keys, self.sink_keys = (new_keys.new_zeros(*new_keys.shape[:2], 0, new_keys.shape[-1]) for _ in range(2))
+            self.values, self.sink_values = (new_values.new_zeros(*new_values.shape[:2], 0, new_values.shape[-1]) for _ in range(2))
+            self.dtype = key_states.dtype
+        to_sink = max(min(self.recipe.sink_tokens - self.length, new_keys.shape[-2]), 0)
+        step = StepView(self, torch.cat([self.keys, new_keys], -2), torch.cat([self.values, new_values], -2),
+                        torch.cat([self.sink_keys, new_keys[:, :, :to_sink]], -2),
+                        torch.cat([self.sink_values, new_values[:, :, :to_sink]], -2),
+                        self.compressed_keys, self.compressed_values, self.chunks)
+        compressed = None if self.saliency is not None else self._compress_buffer(step.keys, step.values)
+        self.keys, self.values, self.sink_keys, self.sink_values = step.keys, step.values, step.sink_keys, step.sink_values
+        self._commit(compressed)
+        self.length += key_states.shape[-2]
+        if self.saliency is not None:
+            self.saliency.extend(self.keys, self.buffered)
+        return step
+
+    def observe_queries(self, query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float | None) -> None:
+        """Add the step's probe attention to the buffered tokens' saliency, then compress the buffer's whole
+        chunks (saliency-driven recipes; a no-op otherwise).
+
+        Args:
+            query: `[batch, heads, queries, head_dim]`, the step's queries.
+            keys: `[batch, kv_heads, kv_len, head_dim]`, every key the step attends to (the buffer is its end).
+            attention_mask: the step's mask (see `gearkit.compressors.probes.visible_keys`).
+            scaling: softmax scale.
+        """
+        if self.saliency is None or not self.buffered:
+            return
+        received, seen = self.saliency.observed(query, keys, attention_mask, scaling, self.buffered)
+        compressed = None
+        if self.buffered >= self.buffer_size:
+            compressed = self._compress_buffer(self.keys, self.values, normalized_saliency(received, seen))
+        self._commit(compressed)
+        self.saliency.keep(received, seen, compressed[-1] * self.buffer_size if compressed else 0)
+
+    def _compress_chunks(self, buffer: Tensor, pipeline, current: CompressedTensor | None,
+                         saliency: Tensor | None = None) -> tuple[CompressedTensor | None, Tensor]:
+        """Compress the buffer's whole chunks (with per-token `saliency` `[batch, kv_heads, buffered]` where the
+        pipeline needs it); returns (compressed storage, remaining buffer)."""
+        size = self.buffer_size
+        full = buffer.shape[-2] // size * size
+        if not full:
+            return current, buffer
+        chunks = rearrange(buffer[:, :, :full], "b h (n c) d -> (n b) h c d", c=size)
+        if saliency is not None:
+            saliency = rearrange(saliency[:, :, :full], "b h (n c) -> (n b) h c", c=size)
+        first = self.chunks * size  # sequence position of the buffer's first token
+        exclude = None
+        if first < self.recipe.sink_tokens:  # sink positions are stored exactly in the sink copy
+            position = first + torch.arange(full, device=buffer.device)
+            exclude = rearrange(position < self.recipe.sink_tokens, "(n c) -> n 1 1 c 1", c=size)
+            exclude = exclude.expand(-1, buffer.shape[0], *chunks.shape[1:]).reshape(chunks.shape)
+        # each entry's first sequence position (chunk-major), for stages that code keys before RoPE
+        positions = (first + size * torch.arange(full // size, device=buffer.device)).repeat_interleave(buffer.shape[0])
+        new = pipeline.compress(chunks, exclude, Context(saliency, positions, self.layer))
+        merged = new if current is None else cat_batch([current, new])
+        return merged, buffer[:, :, full:].clone()  # clone: the buffer owns exactly its bytes
+
+    def _compress_buffer(self, keys: Tensor, values: Tensor, saliency: Tensor | None = None):
+        """Compress the whole chunks of the given buffers (nothing changes yet); the result goes to `_commit`."""
+        ck, kb = self._compress_chunks(keys, self.recipe.key, self.compressed_keys, saliency)
+        cv, vb = self._compress_chunks(values, self.recipe.value, self.compressed_values, saliency)
+        return ck, cv, kb, vb, (keys.shape[-2] - kb.shape[-2]) // self.buffer_size
+
+    def _commit(self, compressed) -> None:
+        """Take over what `_compress_buffer` returned (None: nothing was compressed)."""
+        if compressed is not None:
+            self.compressed_keys, self.compressed_values, self.keys, self.values, chunks = compressed
+            self.chunks += chunks
+
+    # -- batch and length edits ----------------------------------------------------------------------------
+    def select(self, index: Tensor) -> None:
+        """Keep batch entries `index` (reorder, repeat, drop) in the buffer, the sink copy and every chunk."""
+        if not self.is_initialized:
+            return
+        index = index.to(self.keys.device)
+        batch = self.keys.shape[0]
+        self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
+        self.sink_keys, self.sink_values = self.sink_keys.index_select(0, index), self.sink_values.index_select(0, index)
+        if self.compressed_keys is not None:
+            chunk_index = (torch.arange(self.chunks, device=index.device)[:, None] * batch + index).flatten()
+            self.compressed_keys = select_batch(self.compressed_keys, chunk_index)
+            self.compressed_values = select_batch(self.compressed_values, chunk_index)
+        if self.saliency is not None:
+            self.saliency.select(index)
+
+    def crop(self, remove: int) -> None:
+        """Remove the last `remove` tokens.
+
+        Tokens of a partly removed chunk that survive go back to the buffer as their decompressed values (and
+        are compressed again when the buffer fills): the one case where compressed tokens are re-encoded.
+        """
+        remove = min(remove, self.length)
+        if not remove or not self.is_initialized:
+            return
+        from_buffer = remove <= self.buffered
+        keep = self.length - remove
+        sink = min(keep, self.sink_keys.shape[-2])
+        self.sink_keys, self.sink_values = self.sink_keys[:, :, :sink].clone(), self.sink_values[:, :, :sink].clone()
+        if from_buffer:
+            end = self.buffered - remove
+            self.keys, self.values = self.keys[:, :, :end].clone(), self.values[:, :, :end].clone()
+        else:
+            keys, values = self.dequantized()
+            whole, store = keep // self.buffer_size, self.keys.dtype
+            self.keys = keys[:, :, whole * self.buffer_size : keep].to(store).clone()
+            self.values = values[:, :, whole * self.buffer_size : keep].to(store).clone()
+            if whole:
+                index = torch.arange(whole * self.keys.shape[0], device=self.keys.device)
+                self.compressed_keys = select_batch(self.compressed_keys, index)
+                self.compressed_values = select_batch(self.compressed_values, index)
+            else:
+                self.compressed_keys = self.compressed_values = None
+            self.chunks = whole
+        self.length = keep
+        if self.saliency is not None:
+            self.saliency.crop(self.buffered, from_buffer)
+
+    # -- accounting ----------------------------------------------------------------------------------------
+    def held_tensors(self) -> list[Tensor]:
+        """Every tensor this store holds (compressed parts, buffer, sink copy, saliency scores)."""
+        if not self.is_initialized:
+            return []
+        out = [self.keys, self.values, self.sink_keys, self.sink_values]
+        for c in (self.compressed_keys, self.compressed_values):
+            if c is not None:
+                out += list(c.tensors().values())
+        return out + (self.saliency.tensors() if self.saliency is not None else [])
+
+    def memory_report(self) -> MemoryReport:
+        """Bytes held, by component (`buffer`, `sink`, the parts' components, `dictionary` shares, `probe_scores`)."""
+        if not self.is_initialized:
+            return MemoryReport({}, 0, 0)
+        own = {"buffer": tensor_nbytes(self.keys) + tensor_nbytes(self.values)}
+        if self.recipe.sink_tokens:
+            own["sink"] = tensor_nbytes(self.sink_keys) + tensor_nbytes(self.sink_values)
+        shared = self.recipe.key.shared_nbytes(self.layer) + self.recipe.value.shared_nbytes(self.layer)
+        if shared:  # this layer's share of the dictionaries; not a tensor the store holds
+            own["dictionary"] = shared
+        if self.saliency is not None and self.saliency.received is not None:
+            own["probe_scores"] = sum(tensor_nbytes(t) for t in self.saliency.tensors())
+        stored = [c.components() for c in (self.compressed_keys, self.compressed_values) if c is not None]
+        batch, heads = self.keys.shape[:2]
+        elements = batch * heads * self.length * (self.keys.shape[-1] + self.values.shape[-1])
+        return MemoryReport(add_counts(own, *stored), self.length, elements)

@@ -1,0 +1,64 @@
+"""Input checks shared by stages, recipes and caches: each raises a clear error naming the problem."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Axis = Literal["token", "channel"]
+AXES = ("token", "channel")
+
+
+def check_int(value, name: str, minimum: int = 1) -> int:
+    """Return `value` if it is an int (not a bool) of at least `minimum`, else raise `ValueError` naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        want = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    return value
+
+
+def check_fraction(value, name: str) -> float:
+    """Return `value` as a float if it is a number in [0, 1] (not a bool), else raise `ValueError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_kv(x: Tensor, name: str = "x") -> None:
+    """Raise `ValueError` unless `x` is a finite floating tensor `[batch, kv_heads, tokens, head_dim]`."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D [batch, kv_heads, tokens, head_dim], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    check_finite(x, f"{name} contains NaN or Inf; gearkit compresses finite values only")
+
+
+def check_finite(t: Tensor, message: str) -> None:
+    """Raise `ValueError(message)` if `t` holds NaN or Inf.
+
+    Inside `torch.compile` the check becomes an assertion op in the graph (a data-dependent Python branch
+    would break the graph), which raises `RuntimeError(message)` when the compiled code runs.
+    """
+    if not t.numel():
+        return
+    if torch.compiler.is_compiling():
+        torch._assert_async(torch.isfinite(t).all(), message)
+    elif not torch.isfinite(t).all():
+        raise ValueError(message)
+
+
+def check_axis(axis: str) -> str:
+    """Return `axis` if it is 'token' or 'channel', else raise `ValueError`."""
+    if axis not in AXES:
+        raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
+    return axis
+
+
+def check_storable(t: Tensor, what: str, setting: str = "the stage's storage dtype") -> Tensor:
+    """Raise `ValueError` if casting to a storage dtype overflowed `t` to Inf; the message names `setting`."""
+    check_finite(t, f"{what} overflow {t.dtype}; set a wider {setting} (e.g. torch.float32)")
+    return t

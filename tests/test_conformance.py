@@ -1,0 +1,126 @@
+"""The conformance matrix, keyed on stages: every stage (alone, in a pipeline) keeps the same contract."""
+
+import pytest
+import torch
+
+import gearkit
+from gearkit import (ChannelSeparableQuantizer, Context, FullPrecision, LowRankResidual, MixedPrecision, Pipeline, Quantizer,
+                     Rotation, SparseDictionary, SparseOutlier, Stage)
+from gearkit.compressed import cat_batch, select_batch
+
+from conftest import kv_like
+from test_dictionary import tiny_set
+
+DICTIONARY = tiny_set()  # head dim 16, layers 0 and 1, pre-RoPE keys
+
+STAGES = {
+    "quantizer-channel": Quantizer(2, 8, "channel"),
+    "quantizer-token-3bit": Quantizer(3, None, "token"),
+    "quantizer-across-heads": Quantizer(4, 8, "token", across_heads=True),
+    "outlier-token": SparseOutlier(0.2, "token"),
+    "outlier-channel": SparseOutlier(0.1, "channel"),
+    "outlier-across-heads": SparseOutlier(0.1, "token", across_heads=True),
+    "lowrank-power": LowRankResidual(2),
+    "lowrank-svd": LowRankResidual(1, "svd"),
+    "full-precision": FullPrecision(torch.bfloat16),
+    "rotation": Rotation(Quantizer(3, 8, "token"), seed=3),
+    "channel-separable": ChannelSeparableQuantizer(3),
+    "mixed-precision": MixedPrecision(Quantizer(4, None, "channel"), ChannelSeparableQuantizer(2), 0.25),
+    "dictionary-key": SparseDictionary(DICTIONARY, "key", 2),
+    "dictionary-value-int8": SparseDictionary(DICTIONARY, "value", 2, coef_bits=8),
+}
+SHAPE = (2, 2, 16, 16)  # [batch, kv_heads, tokens, head_dim]
+
+
+def context(stage: Stage, shape=SHAPE) -> Context:
+    """What a cache would supply: saliency where required, positions and layer always."""
+    b, h, t, _ = shape
+    saliency = torch.randn(b, h, t, generator=torch.Generator().manual_seed(t)) if "saliency" in stage.requires else None
+    return Context(saliency, torch.arange(b) * 100, 1)
+
+
+def storage_bytes(c) -> int:
+    return sum(t.untyped_storage().nbytes() for t in c.tensors().values())
+
+
+@pytest.fixture(params=list(STAGES))
+def stage(request) -> Stage:
+    return STAGES[request.param]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_round_trip_keeps_shape_dtype_device_and_bytes_equal_storage(stage, dtype):
+    x = kv_like(0, SHAPE).to(dtype)
+    pipeline = Pipeline([stage])
+    c = pipeline.compress(x, ctx=context(stage))
+    y = pipeline.decompress(c)
+    assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device and torch.isfinite(y).all()
+    assert c.nbytes == storage_bytes(c) == sum(c.components().values())
+    assert ((y.float() - x.float()).norm() / x.float().norm()) < 1.0  # it reconstructs something of x
+
+
+def test_batch_join_and_select_never_touch_the_bytes(stage):
+    pipeline = Pipeline([stage])
+    a, b = kv_like(1, SHAPE), kv_like(2, SHAPE)
+    ca, cb = pipeline.compress(a, ctx=context(stage)), pipeline.compress(b, ctx=context(stage))
+    joined = cat_batch([ca, cb])
+    assert torch.equal(pipeline.decompress(joined), torch.cat([pipeline.decompress(ca), pipeline.decompress(cb)]))
+    picked = select_batch(joined, torch.tensor([3, 0]))
+    assert torch.equal(pipeline.decompress(picked), torch.cat([pipeline.decompress(cb)[1:], pipeline.decompress(ca)[:1]]))
+    assert joined.nbytes == ca.nbytes + cb.nbytes
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 16, 16), (2, 2, 0, 16)], ids=["no-batch", "no-tokens"])
+def test_empty_tensors_round_trip(stage, shape):
+    pipeline = Pipeline([stage])
+    x = torch.empty(shape)
+    c = pipeline.compress(x, ctx=context(stage, shape))
+    assert pipeline.decompress(c).shape == shape and c.nbytes == storage_bytes(c)
+
+
+def test_compression_is_deterministic_and_survives_config_round_trip(stage):
+    x = kv_like(3, SHAPE)
+    again = Stage.from_dict(stage.to_dict()) if not isinstance(stage, SparseDictionary) else stage
+    c1 = Pipeline([stage]).compress(x, ctx=context(stage))
+    c2 = Pipeline([again]).compress(x, ctx=context(stage))
+    assert all(torch.equal(t, c2.tensors()[k]) for k, t in c1.tensors().items())
+
+
+def test_dictionary_stage_written_as_data_names_its_source(tmp_path):
+    path = DICTIONARY.save(tmp_path / "d.safetensors")
+    stage = SparseDictionary(path, "key", 2, coef_bits=8)
+    again = Stage.from_dict(stage.to_dict())
+    assert again.to_dict() == stage.to_dict() and again.to_dict()["dictionary"] == str(path)
+    with pytest.raises(TypeError, match="cannot write"):
+        STAGES["dictionary-key"].to_dict()  # a set held in memory is not data
+
+
+def test_torch_compile_traces_every_stage(stage):
+    x = kv_like(4, SHAPE)
+    pipeline = Pipeline([stage])
+    ctx = context(stage)
+    eager = pipeline.decompress(pipeline.compress(x, ctx=ctx))
+    compiled = torch.compile(lambda t: pipeline.decompress(pipeline.compress(t, ctx=ctx)), backend="eager")
+    assert torch.equal(compiled(x), eager)
+
+
+def test_requirements_are_declared_and_checked_once():
+    mixed = STAGES["mixed-precision"]
+    assert mixed.requires == {"saliency"} and Rotation(mixed).requires == {"saliency"}
+    assert Pipeline([SparseOutlier(0.1), mixed]).requires == {"saliency"}
+    with pytest.raises(ValueError, match="saliency"):
+        Pipeline([mixed]).compress(kv_like(0, SHAPE))
+    with pytest.raises(ValueError, match="unknown context"):
+        Pipeline([Quantizer(2)]).compress(kv_like(0, SHAPE), salience=torch.ones(2, 2, 16))
+    # a multi-group dictionary pipeline works as a module once the layer is given
+    pipeline = Pipeline([STAGES["dictionary-key"]])
+    assert pipeline(kv_like(0, SHAPE), layer=1).shape == SHAPE
+
+
+def test_every_stage_the_docs_name_is_exported():
+    documented = {"Quantizer", "ChannelSeparableQuantizer", "SparseOutlier", "LowRankResidual", "FullPrecision", "Rotation",
+                  "MixedPrecision", "SparseDictionary"}
+    assert documented <= set(gearkit.__all__)
+    assert {name for name, cls in Stage.known().items() if cls.__module__.startswith("gearkit.")} <= set(gearkit.__all__)
+    for name in gearkit.__all__:
+        assert getattr(gearkit, name) is not None
