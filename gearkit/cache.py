@@ -20,19 +20,108 @@ store moves on. `gearkit.integrations.hf.GearLayer` adapts a store to `transform
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from einops import rearrange
 from torch import Tensor
 
-from gearkit.compressed import CompressedTensor, MemoryReport, add_counts, cat_batch, select_batch, tensor_nbytes
+from gearkit.compressed import (CompressedTensor, MemoryReport, add_counts, cat_batch, select_batch, slice_batch,
+                                tensor_nbytes)
 from gearkit.compressors.base import Context
 from gearkit.compressors.pipeline import Pipeline
 from gearkit.compressors.checks import check_kv, check_storable
 from gearkit.compressors.probes import Probes, normalized_saliency, probe_attention
+from gearkit.kernels.backend import may_use_triton
 from gearkit.kernels.decode import compressed_attention
-from gearkit.kernels.reference import attention_reference, merge_attention
+from gearkit.kernels.reference import attention_reference, merge_segments
 from gearkit.recipes import Recipe
+
+
+class ChunkList:
+    """One role's compressed chunks, kept as the compressed tensors that produced them (one per compression:
+    a prefill's chunks, then each chunk the buffer fills), stacked chunk-major along the batch:
+    `[(chunks batch), kv_heads, chunk, head_dim]`.
+
+    Appending adds a reference, so it costs nothing whatever is held: nothing held is copied, re-allocated or
+    re-compressed, and no capacity is held beyond the chunks themselves. An object is a snapshot (editing
+    returns a new one), so a step's view stays valid. `blocks` cuts the chunks into blocks of at most `per_block`
+    chunks for decode attention: views of large groups, short groups joined (a copy of at most one block).
+
+    Args:
+        per_block: chunks decode attention reads at once.
+        groups: the compressed tensors, in sequence order.
+        batch: sequences.
+    """
+
+    def __init__(self, per_block: int, groups: tuple[CompressedTensor, ...] = (), batch: int = 0):
+        self.per_block, self.groups, self.batch = per_block, groups, batch
+        self.chunks = sum(g.shape[0] for g in groups) // batch if batch else 0
+
+    def append(self, new: CompressedTensor, batch: int) -> ChunkList:
+        """These chunks plus `new` chunks `[(n batch), kv_heads, chunk, head_dim]` (chunk-major)."""
+        if self.chunks and batch != self.batch:
+            raise ValueError(f"appending chunks of batch {batch} to storage of batch {self.batch}")
+        return ChunkList(self.per_block, (*self.groups, new), batch)
+
+    @functools.cached_property
+    def _blocks(self) -> list[tuple[int, CompressedTensor]]:
+        out, pending, first, b = [], [], 0, self.batch
+        for group in self.groups:
+            n = group.shape[0] // b
+            if n >= self.per_block:  # a large group: cut it into blocks (views)
+                for start in range(0, n, self.per_block):
+                    stop = min(n, start + self.per_block)
+                    out.append((first + start, slice_batch(group, start * b, stop * b)))
+            else:
+                pending.append((first, group))
+            if pending and (n >= self.per_block or sum(g.shape[0] for _, g in pending) // b >= self.per_block):
+                out.append((pending[0][0], cat_batch([g for _, g in pending])))
+                pending = []
+            first += n
+        if pending:
+            out.append((pending[0][0], cat_batch([g for _, g in pending])))
+        return sorted(out, key=lambda block: block[0])
+
+    def blocks(self) -> list[tuple[int, CompressedTensor]]:
+        """`(first chunk index, chunks [(n batch), kv_heads, chunk, head_dim])` in sequence order, `n <= per_block`
+        except for joined short groups (fewer than `2 * per_block`)."""
+        return self._blocks
+
+    def joined(self) -> CompressedTensor | None:
+        """All chunks as one compressed tensor (a copy; for inspection)."""
+        return cat_batch(list(self.groups)) if self.groups else None
+
+    def select(self, index: Tensor) -> ChunkList:
+        """Keep batch entries `index` (reorder, repeat, drop) of every chunk."""
+        groups = []
+        for group in self.groups:
+            n = group.shape[0] // self.batch
+            rows = (torch.arange(n, device=index.device)[:, None] * self.batch + index).flatten()
+            groups.append(select_batch(group, rows))
+        return ChunkList(self.per_block, tuple(groups), index.numel())
+
+    def truncate(self, chunks: int) -> ChunkList:
+        """The first `chunks` chunks (the group holding the boundary is kept as a view of its first chunks)."""
+        kept, covered = [], 0
+        for group in self.groups:
+            n = group.shape[0] // self.batch
+            if covered + n > chunks:
+                if chunks > covered:
+                    rows = torch.arange((chunks - covered) * self.batch)
+                    kept.append(select_batch(group, rows))  # a copy: the removed chunks' bytes are let go
+                break
+            kept.append(group)
+            covered += n
+        return ChunkList(self.per_block, tuple(kept), self.batch)
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor held."""
+        return [t for group in self.groups for t in group.tensors().values()]
+
+    def components(self) -> dict[str, int]:
+        """Bytes held, by component."""
+        return add_counts(*(group.components() for group in self.groups))
 
 
 def chunk_attention(query: Tensor, key_pipeline: Pipeline, keys: CompressedTensor, value_pipeline: Pipeline,
@@ -57,6 +146,9 @@ def chunk_attention(query: Tensor, key_pipeline: Pipeline, keys: CompressedTenso
         return (rearrange(key_pipeline.decompress(keys).float(), "(n b) h c d -> b h (n c) d", n=chunks),
                 rearrange(value_pipeline.decompress(values).float(), "(n b) h c d -> b h (n c) d", n=chunks))
 
+    if not may_use_triton(query.device):  # the reference: no need to work out the kernels' layouts
+        return compressed_attention(query, keys, (None, "reference"), values, (None, "reference"), chunks, bias,
+                                    scaling, rebuild)
     return compressed_attention(query, keys, key_pipeline.kernel_layout(keys.shape), values,
                                 value_pipeline.kernel_layout(values.shape), chunks, bias, scaling, rebuild)
 
@@ -121,7 +213,7 @@ class SaliencyScores:
 @dataclasses.dataclass(frozen=True)
 class StepView:
     """What one step attends to: the store as it was before the step compressed anything, plus the step's
-    tokens. Tensors here are never written in place, so the view stays valid after the store moves on.
+    tokens. Nothing here is written in place later, so the view stays valid after the store moves on.
 
     Attributes:
         store: the store (for its recipe, chunk grid and compute dtype).
@@ -129,9 +221,8 @@ class StepView:
         values: like `keys`.
         sink_keys: the sink copy `[batch, kv_heads, sink, head_dim]` including the step's sink tokens.
         sink_values: like `sink_keys`.
-        compressed_keys: chunks held before the step, chunk-major `[(chunks batch), kv_heads, chunk, head_dim]`.
-        compressed_values: like `compressed_keys`.
-        chunks: compressed chunks per sequence.
+        key_chunks: the compressed key chunks held before the step.
+        value_chunks: the compressed value chunks.
     """
 
     store: ChunkStore
@@ -139,18 +230,22 @@ class StepView:
     values: Tensor
     sink_keys: Tensor
     sink_values: Tensor
-    compressed_keys: CompressedTensor | None
-    compressed_values: CompressedTensor | None
-    chunks: int
+    key_chunks: ChunkList
+    value_chunks: ChunkList
 
-    def _unchunk(self, c: CompressedTensor | None, pipeline, like: Tensor) -> Tensor:
+    @property
+    def chunks(self) -> int:
+        """Compressed chunks per sequence."""
+        return self.key_chunks.chunks
+
+    def _unchunk(self, chunks: ChunkList, pipeline, like: Tensor) -> Tensor:
         """The compressed chunks decompressed into `[batch, kv_heads, chunks * chunk, head_dim]`."""
-        if c is None:
-            return like.new_zeros(*like.shape[:2], 0, like.shape[-1], dtype=self.store.dtype)
-        return rearrange(pipeline.decompress(c).to(self.store.dtype), "(n b) h c d -> b h (n c) d", n=self.chunks)
+        blocks = [rearrange(pipeline.decompress(view).to(self.store.dtype), "(n b) h c d -> b h (n c) d", b=chunks.batch)
+                  for _, view in chunks.blocks()]
+        return torch.cat(blocks, -2) if blocks else like.new_zeros(*like.shape[:2], 0, like.shape[-1], dtype=self.store.dtype)
 
-    def _assemble(self, sink: Tensor, c: CompressedTensor | None, pipeline, buffer: Tensor) -> Tensor:
-        held = torch.cat([self._unchunk(c, pipeline, buffer), buffer.to(self.store.dtype)], -2)
+    def _assemble(self, sink: Tensor, chunks: ChunkList, pipeline, buffer: Tensor) -> Tensor:
+        held = torch.cat([self._unchunk(chunks, pipeline, buffer), buffer.to(self.store.dtype)], -2)
         held[:, :, : sink.shape[-2]] = sink  # a fresh tensor: writing into it touches nothing held
         return held
 
@@ -158,8 +253,8 @@ class StepView:
         """Every token decompressed, sink copy in front: keys and values `[batch, kv_heads, tokens, head_dim]` in
         the compute dtype."""
         recipe = self.store.recipe
-        return (self._assemble(self.sink_keys, self.compressed_keys, recipe.key, self.keys),
-                self._assemble(self.sink_values, self.compressed_values, recipe.value, self.values))
+        return (self._assemble(self.sink_keys, self.key_chunks, recipe.key, self.keys),
+                self._assemble(self.sink_values, self.value_chunks, recipe.value, self.values))
 
     def fresh(self) -> tuple[Tensor, Tensor]:
         """The buffer and the step's tokens only, in the compute dtype (a step that reads the storage)."""
@@ -167,9 +262,10 @@ class StepView:
 
     def attend(self, query: Tensor, keys: Tensor, values: Tensor, attention_mask: Tensor | None,
                scaling: float | None) -> Tensor:
-        """The step's attention read from the storage: compressed chunks through `compressed_attention` (Triton
-        reads the packed bytes; the reference decompresses), the sink copy and `keys`/`values` through exact
-        attention, merged by log-sum-exp.
+        """The step's attention read from the storage, block by block: each block of chunks through
+        `chunk_attention` (Triton reads the packed bytes; the reference decompresses one block at a time, so the
+        working set is one block whatever the context), the sink copy and `keys`/`values` through exact attention,
+        merged by log-sum-exp.
 
         Args:
             query: `[batch, heads, queries, head_dim]`.
@@ -186,7 +282,8 @@ class StepView:
         """
         store = self.store
         b, _, nq, d = query.shape
-        held, sink, fresh = self.chunks * store.buffer_size, self.sink_keys.shape[-2], keys.shape[-2]
+        size = store.buffer_size
+        held, sink, fresh = self.chunks * size, self.sink_keys.shape[-2], keys.shape[-2]
         scaling = d**-0.5 if scaling is None else scaling
         if attention_mask is None:  # causal: the past is visible, the fresh tokens causally
             visible = torch.ones(b, nq, held + fresh, dtype=torch.bool, device=query.device)
@@ -199,13 +296,16 @@ class StepView:
         neg = torch.tensor(float("-inf"), device=query.device)
         bias = torch.where(past[:, 0], 0.0, neg)
         bias[:, :sink] = neg  # the sink positions are read from the exact copy
-        compressed = chunk_attention(query, store.recipe.key, self.compressed_keys, store.recipe.value,
-                                     self.compressed_values, self.chunks, bias, scaling)
         exact_visible = torch.cat([visible[:, :, :sink], visible[:, :, held:]], -1)
-        exact = attention_reference(query, torch.cat([self.sink_keys.to(keys.dtype), keys], -2),
-                                    torch.cat([self.sink_values.to(values.dtype), values], -2),
-                                    torch.where(exact_visible, 0.0, neg), scaling)
-        return merge_attention([compressed, exact]).to(query.dtype).transpose(1, 2)
+        out = attention_reference(query, torch.cat([self.sink_keys.to(keys.dtype), keys], -2),
+                                  torch.cat([self.sink_values.to(values.dtype), values], -2),
+                                  torch.where(exact_visible, 0.0, neg), scaling)
+        for (first, kv), (_, vv) in zip(self.key_chunks.blocks(), self.value_chunks.blocks()):
+            n = kv.shape[0] // b
+            block = chunk_attention(query, store.recipe.key, kv, store.recipe.value, vv, n,
+                                   bias[:, first * size : (first + n) * size], scaling)
+            out = merge_segments([out, block])  # a running merge: one block's partial result at a time
+        return out[0].to(query.dtype).transpose(1, 2)
 
 
 class ChunkStore:
@@ -213,14 +313,17 @@ class ChunkStore:
 
     `keys`/`values` hold the buffer `[batch, kv_heads, buffered, head_dim]` in `buffer_dtype`, and
     `sink_keys`/`sink_values` a copy of the first `recipe.sink_tokens` tokens, also in `buffer_dtype`. The
-    compressed chunks are stacked along the batch, chunk-major: `[(chunks batch), kv_heads, chunk, head_dim]`,
-    so every compressed chunk stays its own bytes and decompression is one call.
+    compressed chunks live in `key_chunks`/`value_chunks` (`ChunkList`s: appending a chunk adds a reference), so
+    every compressed chunk stays its own bytes and is never copied or re-compressed. Decode attention reads them
+    in blocks of about `BLOCK_TOKENS` tokens.
 
     Args:
         recipe: the key/value pipelines, the buffer size (= chunk size) and the sink tokens.
         buffer_dtype: storage dtype of the buffer and the sink copy; None keeps the incoming dtype.
         layer: the model layer this store serves (stages with per-layer dictionaries need it).
     """
+
+    BLOCK_TOKENS = 512  # tokens of compressed chunks decode attention decompresses at once: its working set
 
     def __init__(self, recipe: Recipe, buffer_dtype: torch.dtype | None = torch.float16, layer: int | None = None):
         self.recipe, self.buffer_dtype, self.layer = recipe, buffer_dtype, layer
@@ -230,9 +333,9 @@ class ChunkStore:
     def reset(self) -> None:
         """Forget every token."""
         self.keys = self.values = self.sink_keys = self.sink_values = None
-        self.compressed_keys: CompressedTensor | None = None
-        self.compressed_values: CompressedTensor | None = None
-        self.chunks = self.length = 0
+        per_block = max(1, self.BLOCK_TOKENS // self.buffer_size)
+        self.key_chunks, self.value_chunks = ChunkList(per_block), ChunkList(per_block)
+        self.length = 0
         self.dtype: torch.dtype | None = None  # the compute dtype: that of the incoming states
         if self.saliency is not None:
             self.saliency = SaliencyScores(self.recipe.probes)
@@ -248,6 +351,22 @@ class ChunkStore:
         return self.keys is not None
 
     @property
+    def chunks(self) -> int:
+        """Compressed chunks per sequence."""
+        return self.key_chunks.chunks
+
+    @property
+    def compressed_keys(self) -> CompressedTensor | None:
+        """Every compressed key chunk, joined chunk-major `[(chunks batch), kv_heads, chunk, head_dim]` (a copy, for
+        inspection; the store reads its `ChunkList`)."""
+        return self.key_chunks.joined()
+
+    @property
+    def compressed_values(self) -> CompressedTensor | None:
+        """Like `compressed_keys`, for values."""
+        return self.value_chunks.joined()
+
+    @property
     def buffered(self) -> int:
         """Tokens in the full-precision buffer."""
         return self.keys.shape[-2] if self.is_initialized else 0
@@ -258,8 +377,8 @@ class ChunkStore:
 
     def view(self) -> StepView:
         """Everything held, as a `StepView` with no new tokens."""
-        return StepView(self, self.keys, self.values, self.sink_keys, self.sink_values, self.compressed_keys,
-                        self.compressed_values, self.chunks)
+        return StepView(self, self.keys, self.values, self.sink_keys, self.sink_values, self.key_chunks,
+                        self.value_chunks)
 
     def dequantized(self) -> tuple[Tensor, Tensor]:
         """Everything held, decompressed: keys and values `[batch, kv_heads, tokens, head_dim]`."""
@@ -291,7 +410,7 @@ class ChunkStore:
         step = StepView(self, torch.cat([self.keys, new_keys], -2), torch.cat([self.values, new_values], -2),
                         torch.cat([self.sink_keys, new_keys[:, :, :to_sink]], -2),
                         torch.cat([self.sink_values, new_values[:, :, :to_sink]], -2),
-                        self.compressed_keys, self.compressed_values, self.chunks)
+                        self.key_chunks, self.value_chunks)
         compressed = None if self.saliency is not None else self._compress_buffer(step.keys, step.values)
         self.keys, self.values, self.sink_keys, self.sink_values = step.keys, step.values, step.sink_keys, step.sink_values
         self._commit(compressed)
@@ -319,14 +438,14 @@ class ChunkStore:
         self._commit(compressed)
         self.saliency.keep(received, seen, compressed[-1] * self.buffer_size if compressed else 0)
 
-    def _compress_chunks(self, buffer: Tensor, pipeline, current: CompressedTensor | None,
-                         saliency: Tensor | None = None) -> tuple[CompressedTensor | None, Tensor]:
+    def _compress_chunks(self, buffer: Tensor, pipeline, held: ChunkList,
+                         saliency: Tensor | None = None) -> tuple[ChunkList, Tensor]:
         """Compress the buffer's whole chunks (with per-token `saliency` `[batch, kv_heads, buffered]` where the
-        pipeline needs it); returns (compressed storage, remaining buffer)."""
+        pipeline needs it); returns (the chunks held with them, remaining buffer)."""
         size = self.buffer_size
         full = buffer.shape[-2] // size * size
         if not full:
-            return current, buffer
+            return held, buffer
         chunks = rearrange(buffer[:, :, :full], "b h (n c) d -> (n b) h c d", c=size)
         if saliency is not None:
             saliency = rearrange(saliency[:, :, :full], "b h (n c) -> (n b) h c", c=size)
@@ -339,20 +458,18 @@ class ChunkStore:
         # each entry's first sequence position (chunk-major), for stages that code keys before RoPE
         positions = (first + size * torch.arange(full // size, device=buffer.device)).repeat_interleave(buffer.shape[0])
         new = pipeline.compress(chunks, exclude, Context(saliency, positions, self.layer))
-        merged = new if current is None else cat_batch([current, new])
-        return merged, buffer[:, :, full:].clone()  # clone: the buffer owns exactly its bytes
+        return held.append(new, buffer.shape[0]), buffer[:, :, full:].clone()  # clone: the buffer owns its bytes
 
     def _compress_buffer(self, keys: Tensor, values: Tensor, saliency: Tensor | None = None):
         """Compress the whole chunks of the given buffers (nothing changes yet); the result goes to `_commit`."""
-        ck, kb = self._compress_chunks(keys, self.recipe.key, self.compressed_keys, saliency)
-        cv, vb = self._compress_chunks(values, self.recipe.value, self.compressed_values, saliency)
-        return ck, cv, kb, vb, (keys.shape[-2] - kb.shape[-2]) // self.buffer_size
+        kp, kb = self._compress_chunks(keys, self.recipe.key, self.key_chunks, saliency)
+        vp, vb = self._compress_chunks(values, self.recipe.value, self.value_chunks, saliency)
+        return kp, vp, kb, vb, (keys.shape[-2] - kb.shape[-2]) // self.buffer_size
 
     def _commit(self, compressed) -> None:
         """Take over what `_compress_buffer` returned (None: nothing was compressed)."""
         if compressed is not None:
-            self.compressed_keys, self.compressed_values, self.keys, self.values, chunks = compressed
-            self.chunks += chunks
+            self.key_chunks, self.value_chunks, self.keys, self.values, _ = compressed
 
     # -- batch and length edits ----------------------------------------------------------------------------
     def select(self, index: Tensor) -> None:
@@ -360,13 +477,9 @@ class ChunkStore:
         if not self.is_initialized:
             return
         index = index.to(self.keys.device)
-        batch = self.keys.shape[0]
         self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
         self.sink_keys, self.sink_values = self.sink_keys.index_select(0, index), self.sink_values.index_select(0, index)
-        if self.compressed_keys is not None:
-            chunk_index = (torch.arange(self.chunks, device=index.device)[:, None] * batch + index).flatten()
-            self.compressed_keys = select_batch(self.compressed_keys, chunk_index)
-            self.compressed_values = select_batch(self.compressed_values, chunk_index)
+        self.key_chunks, self.value_chunks = self.key_chunks.select(index), self.value_chunks.select(index)
         if self.saliency is not None:
             self.saliency.select(index)
 
@@ -391,13 +504,7 @@ class ChunkStore:
             whole, store = keep // self.buffer_size, self.keys.dtype
             self.keys = keys[:, :, whole * self.buffer_size : keep].to(store).clone()
             self.values = values[:, :, whole * self.buffer_size : keep].to(store).clone()
-            if whole:
-                index = torch.arange(whole * self.keys.shape[0], device=self.keys.device)
-                self.compressed_keys = select_batch(self.compressed_keys, index)
-                self.compressed_values = select_batch(self.compressed_values, index)
-            else:
-                self.compressed_keys = self.compressed_values = None
-            self.chunks = whole
+            self.key_chunks, self.value_chunks = self.key_chunks.truncate(whole), self.value_chunks.truncate(whole)
         self.length = keep
         if self.saliency is not None:
             self.saliency.crop(self.buffered, from_buffer)
@@ -407,10 +514,7 @@ class ChunkStore:
         """Every tensor this store holds (compressed parts, buffer, sink copy, saliency scores)."""
         if not self.is_initialized:
             return []
-        out = [self.keys, self.values, self.sink_keys, self.sink_values]
-        for c in (self.compressed_keys, self.compressed_values):
-            if c is not None:
-                out += list(c.tensors().values())
+        out = [self.keys, self.values, self.sink_keys, self.sink_values, *self.key_chunks.tensors(), *self.value_chunks.tensors()]
         return out + (self.saliency.tensors() if self.saliency is not None else [])
 
     def memory_report(self) -> MemoryReport:
@@ -425,7 +529,7 @@ class ChunkStore:
             own["dictionary"] = shared
         if self.saliency is not None and self.saliency.received is not None:
             own["probe_scores"] = sum(tensor_nbytes(t) for t in self.saliency.tensors())
-        stored = [c.components() for c in (self.compressed_keys, self.compressed_values) if c is not None]
+        stored = [self.key_chunks.components(), self.value_chunks.components()]
         batch, heads = self.keys.shape[:2]
         elements = batch * heads * self.length * (self.keys.shape[-1] + self.values.shape[-1])
         return MemoryReport(add_counts(own, *stored), self.length, elements)

@@ -377,3 +377,17 @@ def select_batch(item: CompressedTensor, index: Tensor) -> CompressedTensor:
         A compressed tensor `[n, kv_heads, tokens, head_dim]`.
     """
     return _combine([item], lambda ts: ts[0].index_select(0, index.to(ts[0].device)), index.numel())
+
+
+def slice_batch(item: CompressedTensor, start: int, stop: int) -> CompressedTensor:
+    """Batch entries `start:stop` as views of the same bytes (nothing is copied).
+
+    Args:
+        item: compressed tensor `[batch, kv_heads, tokens, head_dim]`.
+        start: first entry.
+        stop: one past the last entry.
+
+    Returns:
+        A compressed tensor `[stop - start, kv_heads, tokens, head_dim]` whose tensors view `item`'s.
+    """
+    return _combine([item], lambda ts: ts[0][start:stop], stop - start)

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gearkit.kernels.reference import SUPPORTED_BITS, pack_bits, packed_nbytes, unpack_bits
+from gearkit.kernels.reference import SUPPORTED_BITS, pack_bits, packed_nbytes, unpack_bits, unpack_float
 
 
 @given(bits=st.sampled_from(SUPPORTED_BITS), n=st.integers(0, 300), seed=st.integers(0, 2**31 - 1))
@@ -43,3 +43,10 @@ def test_unsupported_widths_are_rejected(bits):
 def test_unpack_checks_the_byte_count():
     with pytest.raises(ValueError, match="cannot hold"):
         unpack_bits(torch.zeros(5, dtype=torch.uint8), 3, 16)
+
+
+@given(bits=st.sampled_from(SUPPORTED_BITS), rows=st.integers(0, 3), n=st.integers(0, 130), seed=st.integers(0, 2**31 - 1))
+def test_table_lookup_unpacking_equals_shift_unpacking(bits, rows, n, seed):
+    codes = torch.randint(0, 2**bits, (rows, n), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    packed = pack_bits(codes, bits)
+    assert torch.equal(unpack_float(packed, bits, n), unpack_bits(packed, bits, n).float())

@@ -5,7 +5,8 @@ import torch
 
 from gearkit import Recipe, recipes
 from gearkit.integrations.attention import register
-from gearkit.integrations.hf import GearCache
+from gearkit.eval.speed import largest_tensor
+from gearkit.integrations.hf import GearCache, make_cache
 from gearkit.kernels.backend import use_backend
 
 from conftest import SHAPES, tiny_llama
@@ -53,3 +54,107 @@ def test_greedy_through_triton_storage_attention_equals_dequantize_path(smol):
         model.set_attn_implementation("sdpa")
     assert all(layer.reads_storage and layer.store.chunks >= 1 for layer in cache.layers)
     assert torch.equal(out, reference)
+
+
+# -- decode reads the storage page by page: the default path (issue 14) --------------------------------------
+
+READS_STORAGE = [n for n in recipes.names() if not (recipes.get(n).needs_saliency or recipes.get(n).needs_dictionary)]
+
+
+@torch.inference_mode()
+def decode_logits(model, recipe, attention: str, ids, mask, steps: int = 3):
+    cache = make_cache(recipe, model, attention=attention)
+    logits = [model(ids, attention_mask=mask, cache=cache).logits[:, -1]]
+    for _ in range(steps):
+        token = logits[-1].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones_like(token)], 1)
+        logits.append(model(token, attention_mask=mask, cache=cache).logits[:, -1])
+    return torch.stack(logits, 1), cache
+
+
+@pytest.mark.parametrize("name", READS_STORAGE)
+def test_every_recipe_decodes_from_storage_as_from_the_dequantized_past(name):
+    model = tiny_llama("gqa")
+    size = recipes.get(name).buffer_size
+    ids = torch.randint(2, 97, (2, 2 * size + 7), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :size] = 0  # left padding by a whole chunk
+    ref, _ = decode_logits(model, name, "sdpa", ids, mask)
+    got, cache = decode_logits(model, name, "gearkit", ids, mask)
+    assert all(layer.reads_storage for layer in cache.layers) and cache.layers[0].store.chunks == 2
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("heads", [dict(num_attention_heads=4, num_key_value_heads=1, hidden_size=320),  # MQA, dim 80
+                                   dict(num_attention_heads=3, num_key_value_heads=3, hidden_size=288)],  # MHA, dim 96
+                         ids=["mqa-80", "mha-96"])
+def test_other_head_dims_read_the_storage_through_the_reference(heads):
+    model = tiny_llama(heads)
+    ids = torch.randint(2, 97, (1, 40), generator=torch.Generator().manual_seed(6))
+    ref, _ = decode_logits(model, TINY_GEAR, "sdpa", ids, torch.ones_like(ids))
+    got, cache = decode_logits(model, TINY_GEAR, "gearkit", ids, torch.ones_like(ids))
+    assert cache.layers[0].reads_storage
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
+
+
+def test_beam_search_sampling_and_crop_through_storage_attention():
+    model = tiny_llama("gqa")
+    ids = torch.randint(2, 97, (1, 40), generator=torch.Generator().manual_seed(7))
+    outs = {}
+    for attention in ("sdpa", "gearkit"):
+        cache = make_cache(TINY_GEAR, model, attention=attention)
+        outs[attention] = model.generate(ids, cache=cache, max_new_tokens=12, min_new_tokens=12, num_beams=3,
+                                         do_sample=False, pad_token_id=0)
+    assert torch.equal(outs["sdpa"], outs["gearkit"])
+    torch.manual_seed(0)
+    sampled = model.generate(ids, cache=make_cache(TINY_GEAR, model), max_new_tokens=8, do_sample=True, top_k=5,
+                             pad_token_id=0)
+    assert sampled.shape[1] == 48
+    cache = make_cache(TINY_GEAR, model)
+    with torch.inference_mode():
+        model(ids, cache=cache)
+        cache.crop(-20)  # into a compressed chunk: the survivors go back to the buffer
+        after = model(ids[:, 20:21], cache=cache).logits
+    plain = make_cache(TINY_GEAR, model, attention="sdpa")
+    with torch.inference_mode():
+        model(ids, cache=plain)
+        plain.crop(-20)
+        torch.testing.assert_close(after, model(ids[:, 20:21], cache=plain).logits, atol=2e-4, rtol=2e-4)
+
+
+@torch.inference_mode()
+def test_a_decode_step_creates_nothing_that_grows_with_the_context():
+    model = tiny_llama("head-dim-128", layers=1)
+    largest = {}
+    for attention in ("sdpa", "gearkit"):
+        for length in (600, 2400):
+            ids = torch.randint(2, 97, (1, length), generator=torch.Generator().manual_seed(8))
+            cache = make_cache("sink-3", model, attention=attention)
+            model(ids, cache=cache)
+            model(ids[:, -1:], cache=cache)  # the first step may build lookup tables once
+            _, largest[attention, length] = largest_tensor(lambda: model(ids[:, -1:], cache=cache))
+    assert largest["gearkit", 2400] <= 1.1 * largest["gearkit", 600]  # bounded: one page at a time
+    assert largest["sdpa", 2400] > 3 * largest["sdpa", 600]  # the compatibility path rebuilds the past
+
+
+def test_saliency_recipes_refuse_the_sdpa_compatibility_mode():
+    model = tiny_llama("gqa")
+    with pytest.raises(ValueError, match="needs attention='gearkit'"):
+        make_cache("zipcache", model, attention="sdpa")
+
+
+def test_a_switch_to_sdpa_mid_stream_keeps_the_compressed_past():
+    model = tiny_llama("gqa")
+    ids = torch.randint(2, 97, (1, 45), generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        cache = make_cache(TINY_GEAR, model)  # gearkit's attention
+        model(ids[:, :40], cache=cache)
+        model(ids[:, 40:41], cache=cache)
+        assert cache.layers[0].reads_storage
+        model.set_attn_implementation("sdpa")
+        switched = model(ids[:, 41:42], cache=cache).logits
+        assert not cache.layers[0].reads_storage
+        plain = make_cache(TINY_GEAR, model, attention="sdpa")
+        model(ids[:, :40], cache=plain)
+        model(ids[:, 40:41], cache=plain)
+        torch.testing.assert_close(switched, model(ids[:, 41:42], cache=plain).logits, atol=2e-4, rtol=2e-4)

@@ -14,7 +14,7 @@ from gearkit.compressors.lowrank import LowRankResidual
 from gearkit.compressors.outlier import SparseOutlier
 from gearkit.compressors.quantizer import Quantizer
 from gearkit.kernels import ops
-from gearkit.kernels.backend import use_triton
+from gearkit.kernels.backend import may_use_triton, use_triton
 from gearkit.kernels.layout import StorageLayout, is_pow2, layout_ints, layout_tensors
 
 
@@ -120,10 +120,11 @@ class Pipeline(nn.Module):
         """Reconstruct: tensor of `c.shape` `[batch, kv_heads, tokens, head_dim]` and `c.dtype`."""
         if len(c.parts) != len(self.stages):
             raise ValueError(f"compressed tensor has {len(c.parts)} parts but the pipeline has {len(self.stages)} stages")
-        layout, unsupported = self.kernel_layout(c.shape)
         device = next(iter(c.tensors().values())).device
-        if c.numel and use_triton(device, unsupported):  # one fused pass over the stored bytes
-            return ops.reconstruct(list(layout_tensors(c)), layout_ints(layout), c.shape[0], c.shape[1], c.dtype)
+        if c.numel and may_use_triton(device):
+            layout, unsupported = self.kernel_layout(c.shape)
+            if use_triton(device, unsupported):  # one fused pass over the stored bytes
+                return ops.reconstruct(list(layout_tensors(c)), layout_ints(layout), c.shape[0], c.shape[1], c.dtype)
         total, exact = None, None
         for stage, part in zip(self.stages, c.parts):
             contribution, exact = self._contribution(stage, part, exact)

@@ -14,7 +14,7 @@ from gearkit.compressors.checks import Axis, check_axis, check_int
 from gearkit.kernels import ops
 from gearkit.kernels.backend import use_triton
 from gearkit.kernels.layout import KERNEL_BITS, is_pow2
-from gearkit.kernels.reference import check_bits, dequantize_groups, pack_bits, unpack_bits
+from gearkit.kernels.reference import check_bits, dequantize_groups, pack_bits, unpack_bits, unpack_float
 
 
 class Quantizer(Stage):
@@ -129,11 +129,13 @@ class Quantizer(Stage):
         flat = grouped.flatten(-2)[..., : rows_shape[-1]]
         return self._from_rows(flat, shape)
 
-    def _grouped_codes(self, part: QuantizedPart) -> Tensor:
+    def _grouped_codes(self, part: QuantizedPart, unpack=unpack_float) -> Tensor:
+        """The codes in groups `[..., n_groups, group]` (float32 by default: decoding reads them by table lookup)."""
         rows_shape = self._rows_shape(part.shape)
         size, n = self._groups(rows_shape[-1])
-        codes = unpack_bits(part.codes, part.bits, math.prod(rows_shape[1:])).reshape(rows_shape)
-        codes = torch.nn.functional.pad(codes, (0, n * size - rows_shape[-1]))
+        codes = unpack(part.codes, part.bits, math.prod(rows_shape[1:])).reshape(rows_shape)
+        if n * size != rows_shape[-1]:
+            codes = torch.nn.functional.pad(codes, (0, n * size - rows_shape[-1]))
         return codes.reshape(*rows_shape[:-1], n, size)
 
     def decode(self, part: QuantizedPart) -> Tensor:
@@ -144,7 +146,7 @@ class Quantizer(Stage):
 
     def codes(self, part: QuantizedPart) -> Tensor:
         """The integer codes of a part, uint8 `[batch, kv_heads, tokens, head_dim]`."""
-        return self._ungroup(self._grouped_codes(part), part.shape)
+        return self._ungroup(self._grouped_codes(part, unpack_bits), part.shape)
 
     def error_bound(self, part: QuantizedPart) -> Tensor:
         """Per-element bound on the quantization error, `scale / 2`: float32 `[batch, kv_heads, tokens, head_dim]`."""

@@ -42,16 +42,18 @@ class GearLayer(CacheLayerMixin):
         layer_idx: the model layer this cache layer serves (stages with per-layer dictionaries need it).
     """
 
-    STORAGE_QUERIES = 16  # steps with at most this many new tokens read the storage directly
+    STORAGE_QUERIES = 16  # on CUDA, steps with at most this many new tokens read the storage (the kernel's query rows)
     is_compileable = False
     is_croppable = False  # cropping into a compressed chunk cannot restore its tokens exactly
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self, recipe: Recipe, buffer_dtype: torch.dtype | None = torch.float16, layer_idx: int | None = None):
+    def __init__(self, recipe: Recipe, buffer_dtype: torch.dtype | None = torch.float16, layer_idx: int | None = None,
+                 config=None):
         self.store = ChunkStore(recipe, buffer_dtype, layer_idx)
         self.layer_idx = layer_idx
-        self.reads_storage = False  # set once gearkit's attention function calls `attend`
+        self.config = config  # the model's config: it says which attention function runs this step
+        self.reads_storage = False  # whether the last step read the compressed storage
         self._step: StepView | None = None  # the step `attend` reads, when it reads the storage
 
     recipe = property(lambda self: self.store.recipe, doc="The recipe.")
@@ -67,25 +69,35 @@ class GearLayer(CacheLayerMixin):
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """Add new tokens `[batch, kv_heads, new, head_dim]`; return the keys and values attention reads.
 
-        Normally that is every token held, decompressed, `[batch, kv_heads, tokens, head_dim]`. When the model
-        runs gearkit's attention function and this is a decode step (at most `STORAGE_QUERIES` new tokens over
-        compressed chunks), it is only the buffer and the new tokens: `attend` reads the chunks as stored.
+        When the model's config says gearkit's attention function runs this step (`make_cache` sets it), that is
+        only the buffer and the new tokens, and `attend` reads the compressed chunks as stored, block by block: the
+        full-precision past is never rebuilt. Otherwise (another attention function, no config to tell, a
+        saliency-driven recipe) it is every token held, decompressed, `[batch, kv_heads, tokens, head_dim]`.
 
         Raises:
             RuntimeError: for a saliency-driven recipe whose whole chunks still wait for queries (the model does
-                not use gearkit's attention function).
+                not use gearkit's attention function), or when the previous step's storage read never ran.
             ValueError: for non-finite or malformed states; the layer is left unchanged.
         """
         store = self.store
         if store.saliency is not None and store.buffered >= store.buffer_size:
             raise RuntimeError(NEEDS_QUERIES.format(name=store.recipe.name))
-        from_storage = (self.reads_storage and store.saliency is None and store.chunks > 0
-                        and key_states.shape[-2] <= self.STORAGE_QUERIES)
+        if self._step is not None:  # never silently lose the compressed past
+            raise RuntimeError("the previous step returned only the buffer for gearkit's attention function, which "
+                               "never read the compressed storage; do not call the cache's update outside a model step")
+        on_gpu = key_states.device.type == "cuda"
+        from_storage = (self.storage_attention_in_use() and store.saliency is None and store.chunks > 0
+                        and (not on_gpu or key_states.shape[-2] <= self.STORAGE_QUERIES))
         step = store.append(key_states, value_states)
         self._step = step if from_storage else None
+        self.reads_storage = from_storage
         out = step.fresh() if from_storage else step.dense()
         mark_updated(self, out[0])
         return out
+
+    def storage_attention_in_use(self) -> bool:
+        """Whether gearkit's attention function runs the model's attention now (so a step may read the storage)."""
+        return self.config is not None and getattr(self.config, "_attn_implementation", None) == ATTENTION_NAME
 
     # -- gearkit's attention function (see gearkit.integrations.attention) -----------------------------------
     def observe_queries(self, query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float | None) -> None:
@@ -97,8 +109,7 @@ class GearLayer(CacheLayerMixin):
                scaling: float | None, dropout: float = 0.0) -> Tensor | None:
         """The step's attention, read from the compressed storage, or None for the standard path.
 
-        Called by gearkit's attention function right after `update`. The first call switches the layer to
-        reading its storage on later decode steps (the function is known to be in use); see `StepView.attend`.
+        Called by gearkit's attention function right after `update`; see `StepView.attend`.
 
         Args:
             query: `[batch, heads, queries, head_dim]`.
@@ -112,7 +123,6 @@ class GearLayer(CacheLayerMixin):
             `[batch, queries, heads, head_dim]` in the query's dtype, or None.
         """
         step, self._step = self._step, None
-        self.reads_storage = self.store.saliency is None  # saliency layers' probes need every key in full
         if step is None:
             return None
         if dropout:
@@ -131,7 +141,7 @@ class GearLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.store.reset()
-        self._step = None
+        self._step, self.reads_storage = None, False
 
     def offload(self):
         raise NotImplementedError("GearCache does not offload layers (its compressed chunks are the saving)")
@@ -154,6 +164,7 @@ class GearLayer(CacheLayerMixin):
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative number of tokens to remove, as DynamicLayer.crop does")
         self.store.crop(-tokens_to_remove)
+        self._step = None
 
     def memory_report(self) -> MemoryReport:
         """Bytes held by this layer, by component."""
@@ -167,8 +178,10 @@ class GearCache(Cache):
 
     Args:
         recipe: a `Recipe` or a registered recipe name.
-        config (transformers.PretrainedConfig | None): the model config; when given, layers are created up front (and unsupported layer types,
-            such as sliding-window attention, are refused).
+        config (transformers.PretrainedConfig | None): the model's config; when given, layers are created up front
+            (unsupported layer types, such as sliding-window attention, are refused) and read it to see whether
+            gearkit's attention function runs a step (then decode reads the compressed storage). Without it
+            every step attends to the whole past, decompressed.
         buffer_dtype: storage dtype of the full-precision buffer (fp16 by default, as the fp16 baseline);
             None keeps the model's dtype.
 
@@ -190,7 +203,7 @@ class GearCache(Cache):
             raise ValueError(f"the model uses {implementation!r} attention, but " + NEEDS_QUERIES.format(name=self.recipe.name))
         self.recipe.key.check_model(config)
         self.recipe.value.check_model(config)
-        super().__init__(layers=[GearLayer(self.recipe, buffer_dtype, i) for i in range(text.num_hidden_layers)])
+        super().__init__(layers=[GearLayer(self.recipe, buffer_dtype, i, config) for i in range(text.num_hidden_layers)])
 
     def memory_report(self) -> MemoryReport:
         """Bytes held over all layers, by component, with bits per element and ratio against fp16."""
@@ -230,30 +243,42 @@ def cache_name(spec: str | Recipe) -> str:
     return spec.name if isinstance(spec, Recipe) else spec
 
 
-def make_cache(spec: str | Recipe, model) -> Cache:
+def make_cache(spec: str | Recipe, model, attention: str = "gearkit") -> Cache:
     """A fresh cache for `spec`: a recipe (name or `Recipe`) as a `GearCache`, or an HF baseline name as a
     `QuantizedCache`.
 
-    A recipe that needs token saliency (ZipCache) switches `model` to gearkit's attention function, which
-    passes the queries to the cache; for every other cache that function gives SDPA's result.
+    With `attention="gearkit"` (the default) a recipe's cache switches `model` to gearkit's attention function
+    (`model.set_attn_implementation`), so decode steps read the compressed chunks as stored, block by block,
+    without rebuilding the full-precision past; every other attention call (no cache, other caches) gets SDPA's
+    result from it. `attention="sdpa"` is the compatibility mode: the model attends with SDPA over the whole
+    past decompressed at every step (same results, more memory and time). Saliency-driven recipes (ZipCache)
+    need gearkit's function: it passes them the queries.
 
     Args:
         spec: a recipe name, a `Recipe`, or one of `HF_BASELINES`.
         model (transformers.PreTrainedModel): the model the cache serves.
+        attention: `"gearkit"` or `"sdpa"` (recipes only).
 
     Raises:
-        ValueError: for an unknown name, a missing baseline backend, or a recipe that cannot serve the model.
+        ValueError: for an unknown name, a missing baseline backend, a recipe that cannot serve the model, or
+            `attention="sdpa"` with a saliency-driven recipe.
     """
+    if attention not in ("gearkit", "sdpa"):
+        raise ValueError(f"attention must be 'gearkit' or 'sdpa', got {attention!r}")
     if isinstance(spec, str) and spec in HF_BASELINES:
         from transformers import QuantizedCache
 
         backend, bits = HF_BASELINES[check_cache_name(spec)]
         return QuantizedCache(backend=backend, config=model.config, nbits=bits)
     recipe = spec if isinstance(spec, Recipe) else recipes.get(check_cache_name(spec))
-    if recipe.needs_saliency:
+    if attention == "gearkit" or recipe.needs_saliency:
+        if attention == "sdpa":
+            raise ValueError(f"recipe {recipe.name!r} scores tokens from the model's queries: it needs attention='gearkit'")
         from gearkit.integrations.attention import register
 
         model.set_attn_implementation(register())
+    elif getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME:
+        model.set_attn_implementation("sdpa")
     return GearCache(recipe, model.config)
 
 
@@ -266,7 +291,8 @@ def memory_report(cache: Cache, config, batch: int = 1) -> MemoryReport:
     """Bytes held by a cache of a model with `config`, holding `batch` sequences.
 
     For an HF `QuantizedCache` the quantized part is nominal (codes at `nbits`, an fp16 scale and zero per
-    group) and its full-precision residual is counted at fp16, as for an fp16 model.
+    group) and its full-precision residual is counted at fp16, as for an fp16 model. Any other cache (a
+    `DynamicCache`) is counted as the bytes of the keys and values it holds (`dense`).
     """
     if isinstance(cache, GearCache):
         return cache.memory_report()
@@ -275,6 +301,10 @@ def memory_report(cache: Cache, config, batch: int = 1) -> MemoryReport:
     reports = []
     for layer in cache.layers:
         length = layer.get_seq_length()
+        if not hasattr(layer, "nbits"):
+            held = sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+            reports.append(MemoryReport({"dense": held}, length, row * length))
+            continue
         residual = layer.keys.shape[-2] if layer.keys is not None and layer.keys.dim() == 4 else 0
         quantized = row * (length - residual)
         reports.append(MemoryReport(

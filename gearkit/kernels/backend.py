@@ -59,6 +59,13 @@ def triton_unavailable(device: torch.device) -> str | None:
     return None
 
 
+def may_use_triton(device: torch.device) -> bool:
+    """Whether a call on `device` could run Triton at all (cheap: callers then work out whether the layout is
+    covered, and `use_triton` decides)."""
+    backend = get_backend()
+    return backend == "triton" or (backend == "auto" and device.type == "cuda")
+
+
 def use_triton(device: torch.device, unsupported: str | None = None) -> bool:
     """Whether a kernel call on `device` should run Triton.
 

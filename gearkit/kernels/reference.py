@@ -5,6 +5,8 @@ These are the CPU path of every stage and the oracle that faster kernels are tes
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -49,8 +51,17 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
     return ((word[..., None] >> byte_shift) & 0xFF).to(torch.uint8).reshape(*lead, packed_nbytes(n, bits))
 
 
-def unpack_bits(data: Tensor, bits: int, n: int) -> Tensor:
-    """Inverse of `pack_bits`.
+@functools.cache
+def _code_table(bits: int, device: torch.device) -> Tensor:
+    """Float32 lookup table from a packed field to its codes (see `unpack_float`): `[256, 8 // bits]` for widths
+    that divide 8 (a byte), `[4096, 4]` for 3 bits (half of a 3-byte block: 12 bits, 4 whole codes)."""
+    width = 12 if bits == 3 else 8
+    field = torch.arange(1 << width, dtype=torch.int64)
+    return ((field[:, None] >> torch.arange(0, width, bits)) & ((1 << bits) - 1)).float().to(device)
+
+
+def unpack_float(data: Tensor, bits: int, n: int) -> Tensor:
+    """`unpack_bits(data, bits, n)` as float32 codes, by table lookup (fewer passes than shifting widened ints).
 
     Args:
         data: uint8 tensor `[..., packed_nbytes(n, bits)]`.
@@ -58,23 +69,24 @@ def unpack_bits(data: Tensor, bits: int, n: int) -> Tensor:
         n: number of codes per row.
 
     Returns:
-        uint8 tensor `[..., n]`.
+        float32 tensor `[..., n]` holding the integer codes.
     """
     check_bits(bits)
     if data.shape[-1] != packed_nbytes(n, bits):
         raise ValueError(f"{data.shape[-1]} packed bytes per row cannot hold {n} codes of {bits} bits")
     if bits == 8:
-        return data.clone(memory_format=torch.contiguous_format)
-    lead, blocks = data.shape[:-1], -(-n // 8)
-    if 8 % bits == 0:  # codes never straddle a byte: shift the bytes themselves
-        shift = torch.arange(0, 8, bits, device=data.device, dtype=torch.uint8)
-        codes = (data[..., None] >> shift) & ((1 << bits) - 1)
-    else:
-        byte_shift = torch.arange(bits, device=data.device, dtype=torch.int32) * 8
-        word = (data.reshape(*lead, blocks, bits).to(torch.int32) << byte_shift).sum(-1, dtype=torch.int32)
-        code_shift = torch.arange(8, device=data.device, dtype=torch.int32) * bits
-        codes = (word[..., None] >> code_shift) & ((1 << bits) - 1)
-    return codes.reshape(*lead, blocks * 8)[..., :n].to(torch.uint8)
+        return data.float()
+    lead, index = data.shape[:-1], data.int()
+    if bits == 3:  # a 3-byte block's low and high 12 bits each hold 4 codes
+        b0, b1, b2 = index.reshape(*lead, index.shape[-1] // 3, 3).unbind(-1)
+        index = torch.stack([b0 + ((b1 & 15) << 8), (b1 >> 4) + (b2 << 4)], -1)
+    codes = torch.nn.functional.embedding(index, _code_table(bits, data.device))
+    return codes.flatten(len(lead))[..., :n]
+
+
+def unpack_bits(data: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of `pack_bits`: uint8 codes `[..., n]` from `data` uint8 `[..., packed_nbytes(n, bits)]`."""
+    return unpack_float(data, bits, n).to(torch.uint8)
 
 
 def _round_toward(v: Tensor, dtype: torch.dtype, down: bool) -> Tensor:
@@ -132,14 +144,14 @@ def dequantize_groups(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     """Reconstruct `zero + scale * codes` in float32.
 
     Args:
-        codes: uint8 tensor `[..., n_groups, group]`.
+        codes: uint8 (or float32 from `unpack_float`) tensor `[..., n_groups, group]`.
         scale: tensor `[..., n_groups]`.
         zero: tensor `[..., n_groups]`.
 
     Returns:
         float32 tensor `[..., n_groups, group]`.
     """
-    return zero.float()[..., None] + scale.float()[..., None] * codes.float()
+    return torch.addcmul(zero.float()[..., None], scale.float()[..., None], codes.float())
 
 
 def attention_reference(query: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
@@ -168,11 +180,23 @@ def attention_reference(query: Tensor, keys: Tensor, values: Tensor, bias: Tenso
     return out.reshape(b, hq, nq, d), lse.reshape(b, hq, nq)
 
 
-def merge_attention(segments: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """Combine per-segment attention `(out [..., head_dim], lse [...])` into attention over all segments."""
+def merge_segments(segments: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Combine per-segment attention `(out [..., head_dim], lse [...])` into attention over all segments.
+
+    Returns:
+        `(out [..., head_dim], lse [...])` of the segments together, so merges can run one segment at a time.
+    """
     lse = torch.stack([s[1] for s in segments])
     top = lse.amax(0)
-    weight = torch.exp(lse - torch.where(torch.isfinite(top), top, 0.0))  # [segments, ...]
+    shift = torch.where(torch.isfinite(top), top, 0.0)
+    weight = torch.exp(lse - shift)  # [segments, ...]
     total = weight.sum(0)
     out = sum(w[..., None] * s[0] for w, s in zip(weight, segments))
-    return out / torch.where(total > 0, total, 1.0)[..., None]
+    merged = torch.where(total > 0, shift + total.clamp_min(1e-38).log(), float("-inf"))
+    return out / torch.where(total > 0, total, 1.0)[..., None], merged
+
+
+def merge_attention(segments: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """Combine per-segment attention `(out [..., head_dim], lse [...])` into attention over all segments:
+    `[..., head_dim]`."""
+    return merge_segments(segments)[0]
