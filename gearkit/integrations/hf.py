@@ -64,12 +64,16 @@ class GearLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         """Nothing to do: the store initialises itself on its first append."""
 
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+    def update(self, key_states: Tensor, value_states: Tensor, *args: object, **kwargs: object) -> tuple[Tensor, Tensor]:
         """Add new tokens `[batch, kv_heads, new, head_dim]`; return the keys and values attention reads.
 
         Normally that is every token held, decompressed, `[batch, kv_heads, tokens, head_dim]`. When the model
         runs gearkit's attention function and this is a decode step (at most `STORAGE_QUERIES` new tokens over
         compressed chunks), it is only the buffer and the new tokens: `attend` reads the chunks as stored.
+
+        The attention layer's keyword arguments (`kwargs=`, as `transformers` passes them) carry `position_ids`
+        `[batch or 1, new]`: on the first update they tell where a left-padded row's real tokens start, so the
+        sink copy holds each row's own first tokens.
 
         Raises:
             RuntimeError: for a saliency-driven recipe whose whole chunks still wait for queries (the model does
@@ -81,7 +85,9 @@ class GearLayer(CacheLayerMixin):
             raise RuntimeError(NEEDS_QUERIES.format(name=store.recipe.name))
         from_storage = (self.reads_storage and store.saliency is None and store.chunks > 0
                         and key_states.shape[-2] <= self.STORAGE_QUERIES)
-        step = store.append(key_states, value_states)
+        forwarded = kwargs.get("kwargs")
+        position_ids = forwarded.get("position_ids") if isinstance(forwarded, dict) else None
+        step = store.append(key_states, value_states, position_ids)
         self._step = step if from_storage else None
         out = step.fresh() if from_storage else step.dense()
         mark_updated(self, out[0])
@@ -133,6 +139,15 @@ class GearLayer(CacheLayerMixin):
         self.store.reset()
         self._step = None
 
+    def snapshot(self) -> dict:
+        """This layer's state, for `restore` (see `ChunkStore.snapshot`)."""
+        return self.store.snapshot()
+
+    def restore(self, snapshot: dict) -> None:
+        """Go back to the state `snapshot()` returned."""
+        self.store.restore(snapshot)
+        self._step = None
+
     def offload(self):
         raise NotImplementedError("GearCache does not offload layers (its compressed chunks are the saving)")
 
@@ -178,19 +193,60 @@ class GearCache(Cache):
 
     def __init__(self, recipe: Recipe | str, config=None, buffer_dtype: torch.dtype | None = torch.float16):
         self.recipe = recipes.get(recipe) if isinstance(recipe, str) else recipe
-        if config is None:  # layers are appended one at a time, so the next layer's index is len(self.layers)
-            super().__init__(layer_class_to_replicate=lambda: GearLayer(self.recipe, buffer_dtype, len(self.layers)))
+        self.buffer_dtype = buffer_dtype
+        self._before: list[dict] = []  # the layers' states before the current step (see `update`)
+        self._layers_known = config is not None  # whether the last layer's update ends a step
+        if config is None:  # layers are created by `update`, as the model reaches them
+            super().__init__(layers=[])
             return
-        text = config.get_text_config(decoder=True)
-        types = set(getattr(text, "layer_types", None) or ["full_attention"])
-        if types != {"full_attention"}:
-            raise ValueError(f"GearCache supports full-attention layers only; this model has {sorted(types)}")
+        check_full_attention(config)
         implementation = getattr(config, "_attn_implementation", None)
         if self.recipe.needs_saliency and implementation not in (None, ATTENTION_NAME):
             raise ValueError(f"the model uses {implementation!r} attention, but " + NEEDS_QUERIES.format(name=self.recipe.name))
         self.recipe.key.check_model(config)
         self.recipe.value.check_model(config)
-        super().__init__(layers=[GearLayer(self.recipe, buffer_dtype, i) for i in range(text.num_hidden_layers)])
+        layers = config.get_text_config(decoder=True).num_hidden_layers
+        super().__init__(layers=[GearLayer(self.recipe, buffer_dtype, i) for i in range(layers)])
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: object,
+               **kwargs: object) -> tuple[Tensor, Tensor]:
+        """`GearLayer.update` of layer `layer_idx` (created here when the cache was built without a config), as
+        one step of all layers: if it raises, every layer this step has updated goes back to its state before
+        the step, and the error propagates. A step abandoned between layers (an error in the model's own code)
+        is undone the same way when the next step starts.
+
+        Args:
+            key_states: `[batch, kv_heads, new, head_dim]`.
+            value_states: like `key_states`.
+            layer_idx: the model layer.
+            *args: passed on to `GearLayer.update`.
+            **kwargs: passed on to `GearLayer.update` (transformers' `kwargs=` with the `position_ids`).
+
+        Returns:
+            The keys and values attention reads (see `GearLayer.update`).
+        """
+        while len(self.layers) <= layer_idx:
+            self.layers.append(GearLayer(self.recipe, self.buffer_dtype, len(self.layers)))
+        if layer_idx == 0 and self._before:  # the previous step was not seen to finish
+            if len({layer.get_seq_length() for layer in self.layers}) > 1:
+                self._roll_back()  # it stopped part-way
+            self._before, self._layers_known = [], True  # else it was a first step that created the layers
+        if layer_idx == len(self._before):
+            self._before.append(self.layers[layer_idx].snapshot())
+        try:
+            out = self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+        except BaseException:
+            self._roll_back()
+            raise
+        if len(self._before) == len(self.layers) and self._layers_known:
+            self._before = []  # the step is complete: hold no earlier state
+        return out
+
+    def _roll_back(self) -> None:
+        """Put every layer the current step has updated back as it was before the step."""
+        for layer, state in zip(self.layers, self._before):
+            layer.restore(state)
+        self._before = []
 
     def memory_report(self) -> MemoryReport:
         """Bytes held over all layers, by component, with bits per element and ratio against fp16."""
@@ -199,6 +255,24 @@ class GearCache(Cache):
     def held_tensors(self) -> list[Tensor]:
         """Every tensor the cache holds."""
         return [t for layer in self.layers for t in layer.store.held_tensors()]
+
+
+def check_full_attention(config) -> None:
+    """Raise `ValueError` unless every layer of the model with `config` attends to the whole past.
+
+    A sliding-window layer (a `layer_types` entry other than `full_attention`, or a Mistral-style
+    `sliding_window` without `layer_types`) holds only its window; a `GearCache` would keep and report every
+    token, so it refuses such models rather than mis-report them.
+    """
+    text = config.get_text_config(decoder=True)
+    types = getattr(text, "layer_types", None)
+    if types is not None:
+        if set(types) != {"full_attention"}:
+            raise ValueError(f"GearCache supports full-attention layers only; this model has {sorted(set(types))}")
+    elif getattr(text, "sliding_window", None) is not None and getattr(text, "use_sliding_window", True):
+        raise ValueError(f"GearCache supports full-attention layers only; this model attends to a sliding window of "
+                         f"{text.sliding_window} tokens (config.sliding_window); set config.sliding_window = None to "
+                         "attend to the whole past instead (unlike the model's training beyond the window)")
 
 
 # -- the one cache factory ------------------------------------------------------------------------------------
