@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 
 import torch
 from einops import rearrange
@@ -323,7 +324,7 @@ class ChunkStore:
     def _stored(self, states: Tensor, name: str) -> Tensor:
         check_kv(states, name)
         return check_storable(states.to(self.buffer_dtype or states.dtype), name,
-                              "buffer_dtype of the cache (e.g. buffer_dtype=None keeps the model's dtype)")
+                              "buffer_dtype of the cache (buffer_dtype=None keeps the model's dtype)")
 
     def append(self, key_states: Tensor, value_states: Tensor, position_ids: Tensor | None = None) -> StepView:
         """Add new tokens `[batch, kv_heads, new, head_dim]`; compress the buffer's whole chunks (unless the
@@ -440,6 +441,11 @@ class ChunkStore:
     def _commit(self, compressed) -> None:
         """Take over what `_compress_buffer` returned (None: nothing was compressed)."""
         if compressed is not None:
+            if not self.chunks and compressed[-1]:  # the first chunk: say so if the recipe enlarges the cache
+                bits = max(compressed[0].bits_per_element, compressed[1].bits_per_element)
+                if bits > 16:
+                    warnings.warn(f"recipe {self.recipe.name!r} stores more bits per element than fp16 (16) on this "
+                                  "data: it enlarges the cache instead of compressing it", stacklevel=2)
             self.compressed_keys, self.compressed_values, self.keys, self.values, chunks = compressed
             self.chunks += chunks
 

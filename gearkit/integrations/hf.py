@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import time
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -213,7 +216,8 @@ class GearCache(Cache):
         """`GearLayer.update` of layer `layer_idx` (created here when the cache was built without a config), as
         one step of all layers: if it raises, every layer this step has updated goes back to its state before
         the step, and the error propagates. A step abandoned between layers (an error in the model's own code)
-        is undone the same way when the next step starts.
+        is undone the same way when the next step starts, which then raises (its mask counted the abandoned
+        tokens) and can simply be run again.
 
         Args:
             key_states: `[batch, kv_heads, new, head_dim]`.
@@ -224,13 +228,18 @@ class GearCache(Cache):
 
         Returns:
             The keys and values attention reads (see `GearLayer.update`).
+
+        Raises:
+            RuntimeError: when the previous step stopped between layers (the cache is rolled back; run again).
         """
         while len(self.layers) <= layer_idx:
             self.layers.append(GearLayer(self.recipe, self.buffer_dtype, len(self.layers)))
         if layer_idx == 0 and self._before:  # the previous step was not seen to finish
-            if len({layer.get_seq_length() for layer in self.layers}) > 1:
-                self._roll_back()  # it stopped part-way
-            self._before, self._layers_known = [], True  # else it was a first step that created the layers
+            if len({layer.get_seq_length() for layer in self.layers}) > 1:  # it stopped part-way
+                self._roll_back()  # (this step's mask already counted its tokens: it cannot go on)
+                raise RuntimeError("the previous step stopped between layers (an error in the model); the cache "
+                                   "is back as it was before that step: run this step again")
+            self._before, self._layers_known = [], True  # it was a first step, which created the layers
         if layer_idx == len(self._before):
             self._before.append(self.layers[layer_idx].snapshot())
         try:
@@ -286,11 +295,40 @@ def available_baselines() -> list[str]:
     return [name for name, (backend, _) in HF_BASELINES.items() if have[backend]]
 
 
+STALE_LOCK_S = 600  # a build lock this old, with no library beside it, belongs to an interrupted build
+
+
+def check_build_lock(directory: str | os.PathLike, library: str, stale_after: float = STALE_LOCK_S) -> None:
+    """Raise `FileExistsError` naming the file to delete if a PyTorch C++ extension build in `directory` is blocked
+    by a stale lock (PyTorch waits on such a lock forever, silently).
+
+    The lock is stale if the built library (`library*.so`) lies beside it, or if it is older than `stale_after`
+    seconds; a younger lock without a library may be a build in progress and is left alone.
+    """
+    lock = Path(directory) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if any(Path(directory).glob(f"{library}*.so")) or age > stale_after:
+        raise FileExistsError(f"a stale build lock (from an interrupted build) blocks {library}: delete {lock} and run again")
+
+
 def check_cache_name(name: str) -> str:
-    """Return `name` if it is a recipe or an installed HF baseline, else raise `ValueError` listing both."""
+    """Return `name` if it is a recipe or an installed HF baseline, else raise `ValueError` listing both.
+
+    Raises:
+        ValueError: for an unknown name or a baseline whose backend is not installed.
+        FileExistsError: for a quanto baseline whose C++ extension build is blocked by a stale lock.
+    """
     if name in HF_BASELINES:
         if name not in available_baselines():
             raise ValueError(f"{name} needs its backend package: pip install {'optimum-quanto' if 'quanto' in name else 'hqq'}")
+        if HF_BASELINES[name][0] == "quanto":  # its C++ extension is compiled on first use, under a lock file
+            from optimum.quanto.library.extensions import get_extension
+
+            extension = get_extension("quanto_cpp")
+            check_build_lock(extension.build_directory, extension.name)
         return name
     try:
         recipes.get(name)
@@ -357,6 +395,19 @@ def memory_report(cache: Cache, config, batch: int = 1) -> MemoryReport:
             length, row * length,
         ))
     return MemoryReport.total(reports)
+
+
+def compressed_tokens(cache: Cache) -> tuple[int, int]:
+    """How many of the tokens `cache` holds per sequence are held compressed: `(compressed, held)` (the rest is
+    the full-precision buffer; an HF `QuantizedCache`'s residual)."""
+    if not cache.layers:
+        return 0, 0
+    layer = cache.layers[0]
+    held = layer.get_seq_length()
+    if isinstance(cache, GearCache):
+        return layer.store.chunks * layer.store.buffer_size, held
+    residual = layer.keys.shape[-2] if layer.keys is not None and layer.keys.dim() == 4 else 0
+    return held - residual, held
 
 
 def cache_step(cache: Cache, hf_step: int = 64) -> int:
