@@ -250,7 +250,8 @@ class ChunkStore:
     `keys`/`values` hold the buffer `[batch, kv_heads, buffered, head_dim]` in `buffer_dtype`, and
     `sink_keys`/`sink_values` a copy of each row's first `recipe.sink_tokens` tokens, also in `buffer_dtype`.
     In a left-padded batch a row's first token is its first real one: `starts` `[batch]` holds where each row's
-    real tokens start (None when no row is padded), read from the position ids of the first append. The
+    real tokens start (None when no row is padded), read from the position ids of the first append; stages
+    that code keys before RoPE get the rows' own positions. The
     compressed chunks are stacked along the batch, chunk-major: `[(chunks batch), kv_heads, chunk, head_dim]`,
     so every compressed chunk stays its own bytes and decompression is one call.
 
@@ -350,7 +351,7 @@ class ChunkStore:
             self.keys, self.sink_keys = (new_keys.new_zeros(*new_keys.shape[:2], 0, new_keys.shape[-1]) for _ in range(2))
             self.values, self.sink_values = (new_values.new_zeros(*new_values.shape[:2], 0, new_values.shape[-1]) for _ in range(2))
             self.dtype = key_states.dtype
-            starts = padding(position_ids, key_states) if self.recipe.sink_tokens else None
+            starts = padding(position_ids, key_states)
             # the position after every row's sink tokens (a Python int: no device sync on later steps)
             self.sink_until = self.recipe.sink_tokens + (0 if starts is None else int(starts.max()))
         step = StepView(self, torch.cat([self.keys, new_keys], -2), torch.cat([self.values, new_values], -2),
@@ -516,8 +517,10 @@ class ChunkStore:
         if not self.is_initialized:
             return MemoryReport({}, 0, 0)
         own = {"buffer": tensor_nbytes(self.keys) + tensor_nbytes(self.values)}
-        if self.recipe.sink_tokens:  # with the rows' starts, where a left-padded batch needs them
-            own["sink"] = sum(tensor_nbytes(t) for t in (self.sink_keys, self.sink_values, self.starts) if t is not None)
+        if self.recipe.sink_tokens:
+            own["sink"] = tensor_nbytes(self.sink_keys) + tensor_nbytes(self.sink_values)
+        if self.starts is not None:
+            own["row_starts"] = tensor_nbytes(self.starts)
         shared = self.recipe.key.shared_nbytes(self.layer) + self.recipe.value.shared_nbytes(self.layer)
         if shared:  # this layer's share of the dictionaries; not a tensor the store holds
             own["dictionary"] = shared

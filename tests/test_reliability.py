@@ -79,6 +79,22 @@ def test_padded_rows_keep_their_own_first_tokens_as_sinks():
     assert store.memory_report().nbytes == sum(t.untyped_storage().nbytes() for t in store.held_tensors())
 
 
+def test_padded_rows_give_stages_their_own_positions():
+    seen = []
+
+    class Recording(FullPrecision):
+        def encode(self, x, exclude=None, ctx=NO_CONTEXT):
+            seen.append(ctx.positions.tolist())
+            return super().encode(x, exclude, ctx)
+
+    store = ChunkStore(Recipe("recording", Pipeline([Recording()]), Pipeline([FullPrecision()]), 16))
+    positions = torch.stack([torch.arange(40), (torch.arange(40) - 16).clamp_min(1)])  # row 1: 16 pads
+    positions[1, 16] = 0
+    store.append(kv_like(0, (2, 1, 40, 8)), kv_like(1, (2, 1, 40, 8)), positions)
+    assert seen == [[0, -16, 16, 0]]  # chunk-major: chunk 0 of rows 0 and 1, then chunk 1 (RoPE positions)
+    assert store.memory_report().components["row_starts"] == 2 * 8
+
+
 def test_1000_token_stream_compresses_each_chunk_once_and_reports_the_bytes_held(model):
     calls = []
 
