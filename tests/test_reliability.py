@@ -148,6 +148,12 @@ def test_a_step_abandoned_between_layers_is_undone_at_the_next(model):
     assert [layer.get_seq_length() for layer in cache.layers] == [30, 30]
     assert torch.equal(model(ids[:, 30:], cache=cache, use_cache=True).logits,
                        model(ids[:, 30:], cache=clean, use_cache=True).logits)
+    hook = model.model.layers[1].register_forward_pre_hook(fail)
+    with pytest.raises(KeyboardInterrupt):
+        model(ids[:, :1], cache=cache, use_cache=True)
+    hook.remove()
+    cache.crop(-5)  # crop first undoes the abandoned step
+    assert [layer.get_seq_length() for layer in cache.layers] == [35, 35]
 
 
 @pytest.mark.parametrize("with_config", [True, False])

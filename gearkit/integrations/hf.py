@@ -234,12 +234,9 @@ class GearCache(Cache):
         """
         while len(self.layers) <= layer_idx:
             self.layers.append(GearLayer(self.recipe, self.buffer_dtype, len(self.layers)))
-        if layer_idx == 0 and self._before:  # the previous step was not seen to finish
-            if len({layer.get_seq_length() for layer in self.layers}) > 1:  # it stopped part-way
-                self._roll_back()  # (this step's mask already counted its tokens: it cannot go on)
-                raise RuntimeError("the previous step stopped between layers (an error in the model); the cache "
-                                   "is back as it was before that step: run this step again")
-            self._before, self._layers_known = [], True  # it was a first step, which created the layers
+        if layer_idx == 0 and self._settle():  # this step's mask counted the abandoned tokens: it cannot go on
+            raise RuntimeError("the previous step stopped between layers (an error in the model); the cache is back "
+                               "as it was before that step: run this step again")
         if layer_idx == len(self._before):
             self._before.append(self.layers[layer_idx].snapshot())
         try:
@@ -250,6 +247,27 @@ class GearCache(Cache):
         if len(self._before) == len(self.layers) and self._layers_known:
             self._before = []  # the step is complete: hold no earlier state
         return out
+
+    def _settle(self) -> bool:
+        """Between steps: undo a step that stopped between layers; returns whether there was one."""
+        if not self._before:
+            return False
+        if len({layer.get_seq_length() for layer in self.layers}) > 1:  # it stopped part-way
+            self._roll_back()
+            return True
+        self._before, self._layers_known = [], True  # it was a first step, which created the layers
+        return False
+
+    def reset(self) -> None:
+        """Forget every token (a step abandoned part-way included)."""
+        self._before = []
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last `-tokens_to_remove` tokens (see `GearLayer.crop`), after undoing a step abandoned
+        part-way."""
+        self._settle()
+        super().crop(tokens_to_remove)
 
     def _roll_back(self) -> None:
         """Put every layer the current step has updated back as it was before the step."""
