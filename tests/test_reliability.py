@@ -50,9 +50,12 @@ def test_exact_recipe_equals_dynamic_cache_over_300_greedy_tokens(model, attenti
     assert cache.layers[0].store.chunks == (21 + 299) // 16  # the storage was really read
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "gearkit"])
 @pytest.mark.parametrize("name", NO_DICTIONARY)
-def test_padded_row_equals_the_prompt_alone(model, name):
-    """Left padding of one whole chunk: the padded row's logits equal the prompt's alone (sinks included)."""
+def test_padded_row_equals_the_prompt_alone(model, name, attention):
+    """Left padding of one whole chunk: the padded row's logits equal the prompt's alone (sinks included), with
+    the decompressed past (SDPA) and with decode steps read from the storage (gearkit's attention)."""
+    model.set_attn_implementation(register() if attention == "gearkit" else "sdpa")  # ZipCache switches to gearkit
     size = recipes.get(name).buffer_size
     gen = torch.Generator().manual_seed(3)
     long, short = torch.randint(2, 97, (1, 2 * size + 20), generator=gen), torch.randint(2, 97, (1, size + 20), generator=gen)
