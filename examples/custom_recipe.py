@@ -60,6 +60,6 @@ results = evaluate(model, tokenizer, names, load_text("idle-help"), args.prefix,
                    model_name=DEFAULT_MODEL)
 print(f"\n{DEFAULT_MODEL}, idle-help, 1 window of {args.prefix} prefilled + {args.continuation} scored tokens, "
       f"uncompressed ppl {results[0].baseline_ppl:.3f}:")
-print(format_table([{"cache": r.recipe, "ppl": r.ppl, "ppl +%": r.ppl_increase_pct, "bits/elt": r.bits_per_element,
+print(format_table([{"cache": r.recipe, "ppl": r.ppl, "ppl change": f"{r.ppl_increase_pct:+.2f}%", "bits/elt": r.bits_per_element,
                      "ratio": r.compression_ratio} for r in results]))
 # --8<-- [end:measure]

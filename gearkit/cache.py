@@ -19,8 +19,10 @@ store moves on. `gearkit.integrations.hf.GearLayer` adapts a store to `transform
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+import warnings
 
 import torch
 from einops import rearrange
@@ -153,6 +155,19 @@ def chunk_attention(query: Tensor, key_pipeline: Pipeline, keys: CompressedTenso
                                 value_pipeline.kernel_layout(values.shape), chunks, bias, scaling, rebuild)
 
 
+def padding(position_ids: Tensor | None, states: Tensor) -> Tensor | None:
+    """Each row's left padding `[batch]` (long), read from a first step's position ids `[batch or 1, new]` and
+    its states `[batch, kv_heads, new, head_dim]`, or None when no row is padded (or the ids do not say).
+
+    `transformers` numbers a left-padded row's real tokens from 0, so its last token sits at `new - 1 - padding`.
+    """
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] not in (1, states.shape[0]):
+        return None
+    new = states.shape[-2]
+    pad = (new - 1 - position_ids[:, -1].to(states.device, torch.long)).clamp(0, new - 1).expand(states.shape[0])
+    return pad.contiguous() if bool(pad.any()) else None
+
+
 class SaliencyScores:
     """The buffered tokens' running saliency evidence (ZipCache), a component of a `ChunkStore`.
 
@@ -223,6 +238,7 @@ class StepView:
         sink_values: like `sink_keys`.
         key_chunks: the compressed key chunks held before the step.
         value_chunks: the compressed value chunks.
+        starts: each row's first real token `[batch]` (left padding) or None (every row starts at 0).
     """
 
     store: ChunkStore
@@ -232,6 +248,20 @@ class StepView:
     sink_values: Tensor
     key_chunks: ChunkList
     value_chunks: ChunkList
+    starts: Tensor | None = None
+
+    def sink_positions(self) -> Tensor:
+        """Sequence position of each sink-copy slot, `[batch, slots]`: slot `j` of a row holds its token
+        `starts + j` (a slot past the row's tokens so far holds zeros)."""
+        slots = torch.arange(self.sink_keys.shape[-2], device=self.sink_keys.device)
+        return slots if self.starts is None else self.starts[:, None] + slots
+
+    def _sink_slots(self, tokens: int) -> tuple[Tensor, Tensor]:
+        """For positions `0:tokens`: the sink-copy slot of each `[batch, tokens]` and whether it has one."""
+        batch, slots = self.sink_keys.shape[0], self.sink_keys.shape[-2]
+        slot = torch.arange(tokens, device=self.sink_keys.device) - (0 if self.starts is None else self.starts[:, None])
+        covered = ((slot >= 0) & (slot < slots)).expand(batch, tokens)
+        return slot.clamp(0, max(slots - 1, 0)).expand(batch, tokens), covered
 
     @property
     def chunks(self) -> int:
@@ -246,8 +276,11 @@ class StepView:
 
     def _assemble(self, sink: Tensor, chunks: ChunkList, pipeline, buffer: Tensor) -> Tensor:
         held = torch.cat([self._unchunk(chunks, pipeline, buffer), buffer.to(self.store.dtype)], -2)
-        held[:, :, : sink.shape[-2]] = sink  # a fresh tensor: writing into it touches nothing held
-        return held
+        if not sink.shape[-2]:
+            return held
+        slot, covered = self._sink_slots(held.shape[-2])
+        laid = sink.to(held.dtype).gather(2, slot[:, None, :, None].expand(*held.shape))
+        return torch.where(covered[:, None, :, None], laid, held)
 
     def dense(self) -> tuple[Tensor, Tensor]:
         """Every token decompressed, sink copy in front: keys and values `[batch, kv_heads, tokens, head_dim]` in
@@ -283,7 +316,7 @@ class StepView:
         store = self.store
         b, _, nq, d = query.shape
         size = store.buffer_size
-        held, sink, fresh = self.chunks * size, self.sink_keys.shape[-2], keys.shape[-2]
+        held, fresh = self.chunks * size, keys.shape[-2]
         scaling = d**-0.5 if scaling is None else scaling
         if attention_mask is None:  # causal: the past is visible, the fresh tokens causally
             visible = torch.ones(b, nq, held + fresh, dtype=torch.bool, device=query.device)
@@ -294,16 +327,19 @@ class StepView:
         if not (past == past[:, :1]).all():
             raise ValueError("attention over the compressed storage needs every query to see the same compressed past")
         neg = torch.tensor(float("-inf"), device=query.device)
-        bias = torch.where(past[:, 0], 0.0, neg)
-        bias[:, :sink] = neg  # the sink positions are read from the exact copy
-        exact_visible = torch.cat([visible[:, :, :sink], visible[:, :, held:]], -1)
+        # sink tokens inside the compressed chunks are read from the exact copy (later ones are in `keys`)
+        sink_at = self.sink_positions().expand(b, -1)
+        sink_visible = past.gather(2, sink_at.clamp(max=max(held - 1, 0))[:, None].expand(-1, nq, -1)) & (sink_at < held)[:, None]
+        _, covered = self._sink_slots(held)
+        bias = torch.where(past[:, 0] & ~covered, 0.0, neg)
+        exact_visible = torch.cat([sink_visible, visible[:, :, held:]], -1)
         out = attention_reference(query, torch.cat([self.sink_keys.to(keys.dtype), keys], -2),
                                   torch.cat([self.sink_values.to(values.dtype), values], -2),
                                   torch.where(exact_visible, 0.0, neg), scaling)
         for (first, kv), (_, vv) in zip(self.key_chunks.blocks(), self.value_chunks.blocks()):
             n = kv.shape[0] // b
             block = chunk_attention(query, store.recipe.key, kv, store.recipe.value, vv, n,
-                                   bias[:, first * size : (first + n) * size], scaling)
+                                    bias[:, first * size : (first + n) * size], scaling)
             out = merge_segments([out, block])  # a running merge: one block's partial result at a time
         return out[0].to(query.dtype).transpose(1, 2)
 
@@ -312,10 +348,13 @@ class ChunkStore:
     """One layer's compressed chunks, sink copy and full-precision buffer.
 
     `keys`/`values` hold the buffer `[batch, kv_heads, buffered, head_dim]` in `buffer_dtype`, and
-    `sink_keys`/`sink_values` a copy of the first `recipe.sink_tokens` tokens, also in `buffer_dtype`. The
-    compressed chunks live in `key_chunks`/`value_chunks` (`ChunkList`s: appending a chunk adds a reference), so
-    every compressed chunk stays its own bytes and is never copied or re-compressed. Decode attention reads them
-    in blocks of about `BLOCK_TOKENS` tokens.
+    `sink_keys`/`sink_values` a copy of each row's first `recipe.sink_tokens` tokens, also in `buffer_dtype`.
+    In a left-padded batch a row's first token is its first real one: `starts` `[batch]` holds where each row's
+    real tokens start (None when no row is padded), read from the position ids of the first append; stages
+    that code keys before RoPE get the rows' own positions. The compressed chunks live in
+    `key_chunks`/`value_chunks` (`ChunkList`s: appending a chunk adds a reference), so every compressed chunk
+    stays its own bytes and is never copied or re-compressed. Decode attention reads them in blocks of about
+    `BLOCK_TOKENS` tokens.
 
     Args:
         recipe: the key/value pipelines, the buffer size (= chunk size) and the sink tokens.
@@ -333,6 +372,8 @@ class ChunkStore:
     def reset(self) -> None:
         """Forget every token."""
         self.keys = self.values = self.sink_keys = self.sink_values = None
+        self.starts: Tensor | None = None  # each row's first real token [batch]; None: every row starts at 0
+        self.sink_until = self.recipe.sink_tokens
         per_block = max(1, self.BLOCK_TOKENS // self.buffer_size)
         self.key_chunks, self.value_chunks = ChunkList(per_block), ChunkList(per_block)
         self.length = 0
@@ -378,7 +419,22 @@ class ChunkStore:
     def view(self) -> StepView:
         """Everything held, as a `StepView` with no new tokens."""
         return StepView(self, self.keys, self.values, self.sink_keys, self.sink_values, self.key_chunks,
-                        self.value_chunks)
+                        self.value_chunks, self.starts)
+
+    def snapshot(self) -> dict:
+        """The store's state, for `restore`: held tensors are never written in place, so a shallow copy of the
+        attributes (and of the saliency scores' attributes) is the whole state."""
+        state = dict(vars(self))
+        if self.saliency is not None:
+            state["saliency"] = copy.copy(self.saliency)
+        return state
+
+    def restore(self, snapshot: dict) -> None:
+        """Go back to the state `snapshot()` returned (it stays valid for another restore)."""
+        vars(self).clear()
+        vars(self).update(snapshot)
+        if self.saliency is not None:
+            self.saliency = copy.copy(self.saliency)
 
     def dequantized(self) -> tuple[Tensor, Tensor]:
         """Everything held, decompressed: keys and values `[batch, kv_heads, tokens, head_dim]`."""
@@ -388,12 +444,19 @@ class ChunkStore:
     def _stored(self, states: Tensor, name: str) -> Tensor:
         check_kv(states, name)
         return check_storable(states.to(self.buffer_dtype or states.dtype), name,
-                              "buffer_dtype of the cache (e.g. buffer_dtype=None keeps the model's dtype)")
+                              "buffer_dtype of the cache (buffer_dtype=None keeps the model's dtype)")
 
-    def append(self, key_states: Tensor, value_states: Tensor) -> StepView:
+    def append(self, key_states: Tensor, value_states: Tensor, position_ids: Tensor | None = None) -> StepView:
         """Add new tokens `[batch, kv_heads, new, head_dim]`; compress the buffer's whole chunks (unless the
         recipe waits for saliency). Everything is computed before any state changes, so a failure leaves the
         store as it was.
+
+        Args:
+            key_states: `[batch, kv_heads, new, head_dim]`.
+            value_states: like `key_states`.
+            position_ids: the tokens' positions `[batch or 1, new]` (as `transformers` computes them from the
+                attention mask). Read on the first append only: a left-padded row's last token sits at position
+                `new - 1 - padding`, which is where the row's sink tokens start.
 
         Returns:
             What this step attends to: the store before it compressed anything, plus the new tokens.
@@ -402,22 +465,43 @@ class ChunkStore:
             ValueError: for non-finite or malformed states, or states that overflow the buffer dtype.
         """
         new_keys, new_values = self._stored(key_states, "key_states"), self._stored(value_states, "value_states")
+        starts = self.starts
         if not self.is_initialized:
             self.keys, self.sink_keys = (new_keys.new_zeros(*new_keys.shape[:2], 0, new_keys.shape[-1]) for _ in range(2))
             self.values, self.sink_values = (new_values.new_zeros(*new_values.shape[:2], 0, new_values.shape[-1]) for _ in range(2))
             self.dtype = key_states.dtype
-        to_sink = max(min(self.recipe.sink_tokens - self.length, new_keys.shape[-2]), 0)
+            starts = padding(position_ids, key_states)
+            # the position after every row's sink tokens (a Python int: no device sync on later steps)
+            self.sink_until = self.recipe.sink_tokens + (0 if starts is None else int(starts.max()))
         step = StepView(self, torch.cat([self.keys, new_keys], -2), torch.cat([self.values, new_values], -2),
-                        torch.cat([self.sink_keys, new_keys[:, :, :to_sink]], -2),
-                        torch.cat([self.sink_values, new_values[:, :, :to_sink]], -2),
-                        self.key_chunks, self.value_chunks)
-        compressed = None if self.saliency is not None else self._compress_buffer(step.keys, step.values)
+                        *self._sinks(new_keys, new_values, starts), self.key_chunks, self.value_chunks, starts)
+        compressed = None if self.saliency is not None else self._compress_buffer(step.keys, step.values, starts=starts)
         self.keys, self.values, self.sink_keys, self.sink_values = step.keys, step.values, step.sink_keys, step.sink_values
+        self.starts = starts
         self._commit(compressed)
         self.length += key_states.shape[-2]
         if self.saliency is not None:
             self.saliency.extend(self.keys, self.buffered)
         return step
+
+    def _sinks(self, new_keys: Tensor, new_values: Tensor, starts: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The sink copy with this step's tokens `[batch, kv_heads, new, head_dim]` added: slot `j` of a row holds
+        its token `starts + j`; a slot whose token has not arrived holds zeros (nothing reads it)."""
+        sink, length, new = self.recipe.sink_tokens, self.length, new_keys.shape[-2]
+        if starts is None:  # the common case: the first tokens of every row
+            take = max(min(sink - length, new), 0)
+            return torch.cat([self.sink_keys, new_keys[:, :, :take]], -2), torch.cat([self.sink_values, new_values[:, :, :take]], -2)
+        if length >= self.sink_until:
+            return self.sink_keys, self.sink_values
+        slots = int((length + new - starts).clamp(0, sink).max())
+        position = starts[:, None] + torch.arange(slots, device=starts.device)  # [batch, slots]
+        arrives = ((position >= length) & (position < length + new))[:, None, :, None]
+        index = (position - length).clamp(0, new - 1)[:, None, :, None]
+        out = []
+        for held, fresh in ((self.sink_keys, new_keys), (self.sink_values, new_values)):
+            held = torch.cat([held, held.new_zeros(*held.shape[:2], slots - held.shape[-2], held.shape[-1])], -2)
+            out.append(torch.where(arrives, fresh.gather(2, index.expand(*fresh.shape[:2], slots, fresh.shape[-1])), held))
+        return out[0], out[1]
 
     def observe_queries(self, query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float | None) -> None:
         """Add the step's probe attention to the buffered tokens' saliency, then compress the buffer's whole
@@ -438,10 +522,11 @@ class ChunkStore:
         self._commit(compressed)
         self.saliency.keep(received, seen, compressed[-1] * self.buffer_size if compressed else 0)
 
-    def _compress_chunks(self, buffer: Tensor, pipeline, held: ChunkList,
-                         saliency: Tensor | None = None) -> tuple[ChunkList, Tensor]:
+    def _compress_chunks(self, buffer: Tensor, pipeline, held: ChunkList, saliency: Tensor | None,
+                         starts: Tensor | None) -> tuple[ChunkList, Tensor]:
         """Compress the buffer's whole chunks (with per-token `saliency` `[batch, kv_heads, buffered]` where the
-        pipeline needs it); returns (the chunks held with them, remaining buffer)."""
+        pipeline needs it, and rows starting at `starts` `[batch]`); returns (the chunks held with them, remaining
+        buffer)."""
         size = self.buffer_size
         full = buffer.shape[-2] // size * size
         if not full:
@@ -449,26 +534,37 @@ class ChunkStore:
         chunks = rearrange(buffer[:, :, :full], "b h (n c) d -> (n b) h c d", c=size)
         if saliency is not None:
             saliency = rearrange(saliency[:, :, :full], "b h (n c) -> (n b) h c", c=size)
-        first = self.chunks * size  # sequence position of the buffer's first token
+        first = self.chunks * size  # cache index of the buffer's first token
+        batch = buffer.shape[0]
+        offset = torch.zeros(batch, dtype=torch.long, device=buffer.device) if starts is None else starts
         exclude = None
-        if first < self.recipe.sink_tokens:  # sink positions are stored exactly in the sink copy
-            position = first + torch.arange(full, device=buffer.device)
-            exclude = rearrange(position < self.recipe.sink_tokens, "(n c) -> n 1 1 c 1", c=size)
-            exclude = exclude.expand(-1, buffer.shape[0], *chunks.shape[1:]).reshape(chunks.shape)
-        # each entry's first sequence position (chunk-major), for stages that code keys before RoPE
-        positions = (first + size * torch.arange(full // size, device=buffer.device)).repeat_interleave(buffer.shape[0])
+        if first < self.sink_until:  # sink positions are stored exactly in the sink copy
+            position = first + torch.arange(full, device=buffer.device) - offset[:, None]  # [batch, full]
+            exclude = rearrange((position >= 0) & (position < self.recipe.sink_tokens), "b (n c) -> (n b) 1 c 1", c=size)
+            exclude = exclude.expand(chunks.shape)
+        # each entry's first token position (chunk-major; a row's real tokens start at 0), for stages that code
+        # keys before RoPE
+        positions = rearrange(first + size * torch.arange(full // size, device=buffer.device)[:, None] - offset,
+                              "n b -> (n b)")
         new = pipeline.compress(chunks, exclude, Context(saliency, positions, self.layer))
         return held.append(new, buffer.shape[0]), buffer[:, :, full:].clone()  # clone: the buffer owns its bytes
 
-    def _compress_buffer(self, keys: Tensor, values: Tensor, saliency: Tensor | None = None):
-        """Compress the whole chunks of the given buffers (nothing changes yet); the result goes to `_commit`."""
-        kp, kb = self._compress_chunks(keys, self.recipe.key, self.key_chunks, saliency)
-        vp, vb = self._compress_chunks(values, self.recipe.value, self.value_chunks, saliency)
-        return kp, vp, kb, vb, (keys.shape[-2] - kb.shape[-2]) // self.buffer_size
+    def _compress_buffer(self, keys: Tensor, values: Tensor, saliency: Tensor | None = None, starts: Tensor | None = None):
+        """Compress the whole chunks of the given buffers (nothing changes yet); the result goes to `_commit`.
+        `starts`: the rows' first real tokens (default: the store's)."""
+        starts = self.starts if starts is None else starts
+        kc, kb = self._compress_chunks(keys, self.recipe.key, self.key_chunks, saliency, starts)
+        vc, vb = self._compress_chunks(values, self.recipe.value, self.value_chunks, saliency, starts)
+        return kc, vc, kb, vb, (keys.shape[-2] - kb.shape[-2]) // self.buffer_size
 
     def _commit(self, compressed) -> None:
         """Take over what `_compress_buffer` returned (None: nothing was compressed)."""
         if compressed is not None:
+            if not self.chunks and compressed[-1]:  # the first chunk: say so if the recipe enlarges the cache
+                bits = max(compressed[0].groups[-1].bits_per_element, compressed[1].groups[-1].bits_per_element)
+                if bits > 16:
+                    warnings.warn(f"recipe {self.recipe.name!r} stores more bits per element than fp16 (16) on this "
+                                  "data: it enlarges the cache instead of compressing it", stacklevel=2)
             self.key_chunks, self.value_chunks, self.keys, self.values, _ = compressed
 
     # -- batch and length edits ----------------------------------------------------------------------------
@@ -479,6 +575,8 @@ class ChunkStore:
         index = index.to(self.keys.device)
         self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
         self.sink_keys, self.sink_values = self.sink_keys.index_select(0, index), self.sink_values.index_select(0, index)
+        if self.starts is not None:
+            self.starts = self.starts.index_select(0, index)
         self.key_chunks, self.value_chunks = self.key_chunks.select(index), self.value_chunks.select(index)
         if self.saliency is not None:
             self.saliency.select(index)
@@ -494,7 +592,8 @@ class ChunkStore:
             return
         from_buffer = remove <= self.buffered
         keep = self.length - remove
-        sink = min(keep, self.sink_keys.shape[-2])
+        # the slots whose tokens survive
+        sink = max(min(keep - (0 if self.starts is None else int(self.starts.min())), self.sink_keys.shape[-2]), 0)
         self.sink_keys, self.sink_values = self.sink_keys[:, :, :sink].clone(), self.sink_values[:, :, :sink].clone()
         if from_buffer:
             end = self.buffered - remove
@@ -514,7 +613,8 @@ class ChunkStore:
         """Every tensor this store holds (compressed parts, buffer, sink copy, saliency scores)."""
         if not self.is_initialized:
             return []
-        out = [self.keys, self.values, self.sink_keys, self.sink_values, *self.key_chunks.tensors(), *self.value_chunks.tensors()]
+        out = [self.keys, self.values, self.sink_keys, self.sink_values] + ([] if self.starts is None else [self.starts])
+        out += [*self.key_chunks.tensors(), *self.value_chunks.tensors()]
         return out + (self.saliency.tensors() if self.saliency is not None else [])
 
     def memory_report(self) -> MemoryReport:
@@ -524,6 +624,8 @@ class ChunkStore:
         own = {"buffer": tensor_nbytes(self.keys) + tensor_nbytes(self.values)}
         if self.recipe.sink_tokens:
             own["sink"] = tensor_nbytes(self.sink_keys) + tensor_nbytes(self.sink_values)
+        if self.starts is not None:
+            own["row_starts"] = tensor_nbytes(self.starts)
         shared = self.recipe.key.shared_nbytes(self.layer) + self.recipe.value.shared_nbytes(self.layer)
         if shared:  # this layer's share of the dictionaries; not a tensor the store holds
             own["dictionary"] = shared

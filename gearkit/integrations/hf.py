@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import time
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -66,13 +69,17 @@ class GearLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         """Nothing to do: the store initialises itself on its first append."""
 
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+    def update(self, key_states: Tensor, value_states: Tensor, *args: object, **kwargs: object) -> tuple[Tensor, Tensor]:
         """Add new tokens `[batch, kv_heads, new, head_dim]`; return the keys and values attention reads.
 
         When the model's config says gearkit's attention function runs this step (`make_cache` sets it), that is
         only the buffer and the new tokens, and `attend` reads the compressed chunks as stored, block by block: the
         full-precision past is never rebuilt. Otherwise (another attention function, no config to tell, a
         saliency-driven recipe) it is every token held, decompressed, `[batch, kv_heads, tokens, head_dim]`.
+
+        The attention layer's keyword arguments (`kwargs=`, as `transformers` passes them) carry `position_ids`
+        `[batch or 1, new]`: on the first update they tell where a left-padded row's real tokens start, so the
+        sink copy holds each row's own first tokens.
 
         Raises:
             RuntimeError: for a saliency-driven recipe whose whole chunks still wait for queries (the model does
@@ -88,7 +95,9 @@ class GearLayer(CacheLayerMixin):
         on_gpu = key_states.device.type == "cuda"
         from_storage = (self.storage_attention_in_use() and store.saliency is None and store.chunks > 0
                         and (not on_gpu or key_states.shape[-2] <= self.STORAGE_QUERIES))
-        step = store.append(key_states, value_states)
+        forwarded = kwargs.get("kwargs")
+        position_ids = forwarded.get("position_ids") if isinstance(forwarded, dict) else None
+        step = store.append(key_states, value_states, position_ids)
         self._step = step if from_storage else None
         self.reads_storage = from_storage
         out = step.fresh() if from_storage else step.dense()
@@ -143,6 +152,15 @@ class GearLayer(CacheLayerMixin):
         self.store.reset()
         self._step, self.reads_storage = None, False
 
+    def snapshot(self) -> dict:
+        """This layer's state, for `restore` (see `ChunkStore.snapshot`)."""
+        return self.store.snapshot()
+
+    def restore(self, snapshot: dict) -> None:
+        """Go back to the state `snapshot()` returned."""
+        self.store.restore(snapshot)
+        self._step = None
+
     def offload(self):
         raise NotImplementedError("GearCache does not offload layers (its compressed chunks are the saving)")
 
@@ -191,19 +209,84 @@ class GearCache(Cache):
 
     def __init__(self, recipe: Recipe | str, config=None, buffer_dtype: torch.dtype | None = torch.float16):
         self.recipe = recipes.get(recipe) if isinstance(recipe, str) else recipe
-        if config is None:  # layers are appended one at a time, so the next layer's index is len(self.layers)
-            super().__init__(layer_class_to_replicate=lambda: GearLayer(self.recipe, buffer_dtype, len(self.layers)))
+        self.buffer_dtype = buffer_dtype
+        self._before: list[dict] = []  # the layers' states before the current step (see `update`)
+        self._layers_known = config is not None  # whether the last layer's update ends a step
+        if config is None:  # layers are created by `update`, as the model reaches them
+            super().__init__(layers=[])
             return
-        text = config.get_text_config(decoder=True)
-        types = set(getattr(text, "layer_types", None) or ["full_attention"])
-        if types != {"full_attention"}:
-            raise ValueError(f"GearCache supports full-attention layers only; this model has {sorted(types)}")
+        check_full_attention(config)
         implementation = getattr(config, "_attn_implementation", None)
         if self.recipe.needs_saliency and implementation not in (None, ATTENTION_NAME):
             raise ValueError(f"the model uses {implementation!r} attention, but " + NEEDS_QUERIES.format(name=self.recipe.name))
         self.recipe.key.check_model(config)
         self.recipe.value.check_model(config)
-        super().__init__(layers=[GearLayer(self.recipe, buffer_dtype, i, config) for i in range(text.num_hidden_layers)])
+        layers = config.get_text_config(decoder=True).num_hidden_layers
+        super().__init__(layers=[GearLayer(self.recipe, buffer_dtype, i, config) for i in range(layers)])
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: object,
+               **kwargs: object) -> tuple[Tensor, Tensor]:
+        """`GearLayer.update` of layer `layer_idx` (created here when the cache was built without a config), as
+        one step of all layers: if it raises, every layer this step has updated goes back to its state before
+        the step, and the error propagates. A step abandoned between layers (an error in the model's own code)
+        is undone the same way when the next step starts, which then raises (its mask counted the abandoned
+        tokens) and can simply be run again.
+
+        Args:
+            key_states: `[batch, kv_heads, new, head_dim]`.
+            value_states: like `key_states`.
+            layer_idx: the model layer.
+            *args: passed on to `GearLayer.update`.
+            **kwargs: passed on to `GearLayer.update` (transformers' `kwargs=` with the `position_ids`).
+
+        Returns:
+            The keys and values attention reads (see `GearLayer.update`).
+
+        Raises:
+            RuntimeError: when the previous step stopped between layers (the cache is rolled back; run again).
+        """
+        while len(self.layers) <= layer_idx:
+            self.layers.append(GearLayer(self.recipe, self.buffer_dtype, len(self.layers)))
+        if layer_idx == 0 and self._settle():  # this step's mask counted the abandoned tokens: it cannot go on
+            raise RuntimeError("the previous step stopped between layers (an error in the model); the cache is back "
+                               "as it was before that step: run this step again")
+        if layer_idx == len(self._before):
+            self._before.append(self.layers[layer_idx].snapshot())
+        try:
+            out = self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+        except BaseException:
+            self._roll_back()
+            raise
+        if len(self._before) == len(self.layers) and self._layers_known:
+            self._before = []  # the step is complete: hold no earlier state
+        return out
+
+    def _settle(self) -> bool:
+        """Between steps: undo a step that stopped between layers; returns whether there was one."""
+        if not self._before:
+            return False
+        if len({layer.get_seq_length() for layer in self.layers}) > 1:  # it stopped part-way
+            self._roll_back()
+            return True
+        self._before, self._layers_known = [], True  # it was a first step, which created the layers
+        return False
+
+    def reset(self) -> None:
+        """Forget every token (a step abandoned part-way included)."""
+        self._before = []
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last `-tokens_to_remove` tokens (see `GearLayer.crop`), after undoing a step abandoned
+        part-way."""
+        self._settle()
+        super().crop(tokens_to_remove)
+
+    def _roll_back(self) -> None:
+        """Put every layer the current step has updated back as it was before the step."""
+        for layer, state in zip(self.layers, self._before):
+            layer.restore(state)
+        self._before = []
 
     def memory_report(self) -> MemoryReport:
         """Bytes held over all layers, by component, with bits per element and ratio against fp16."""
@@ -212,6 +295,24 @@ class GearCache(Cache):
     def held_tensors(self) -> list[Tensor]:
         """Every tensor the cache holds."""
         return [t for layer in self.layers for t in layer.store.held_tensors()]
+
+
+def check_full_attention(config) -> None:
+    """Raise `ValueError` unless every layer of the model with `config` attends to the whole past.
+
+    A sliding-window layer (a `layer_types` entry other than `full_attention`, or a Mistral-style
+    `sliding_window` without `layer_types`) holds only its window; a `GearCache` would keep and report every
+    token, so it refuses such models rather than mis-report them.
+    """
+    text = config.get_text_config(decoder=True)
+    types = getattr(text, "layer_types", None)
+    if types is not None:
+        if set(types) != {"full_attention"}:
+            raise ValueError(f"GearCache supports full-attention layers only; this model has {sorted(set(types))}")
+    elif getattr(text, "sliding_window", None) is not None and getattr(text, "use_sliding_window", True):
+        raise ValueError(f"GearCache supports full-attention layers only; this model attends to a sliding window of "
+                         f"{text.sliding_window} tokens (config.sliding_window); set config.sliding_window = None to "
+                         "attend to the whole past instead (unlike the model's training beyond the window)")
 
 
 # -- the one cache factory ------------------------------------------------------------------------------------
@@ -225,11 +326,40 @@ def available_baselines() -> list[str]:
     return [name for name, (backend, _) in HF_BASELINES.items() if have[backend]]
 
 
+STALE_LOCK_S = 600  # a build lock this old, with no library beside it, belongs to an interrupted build
+
+
+def check_build_lock(directory: str | os.PathLike, library: str, stale_after: float = STALE_LOCK_S) -> None:
+    """Raise `FileExistsError` naming the file to delete if a PyTorch C++ extension build in `directory` is blocked
+    by a stale lock (PyTorch waits on such a lock forever, silently).
+
+    The lock is stale if the built library (`library*.so`) lies beside it, or if it is older than `stale_after`
+    seconds; a younger lock without a library may be a build in progress and is left alone.
+    """
+    lock = Path(directory) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if any(Path(directory).glob(f"{library}*.so")) or age > stale_after:
+        raise FileExistsError(f"a stale build lock (from an interrupted build) blocks {library}: delete {lock} and run again")
+
+
 def check_cache_name(name: str) -> str:
-    """Return `name` if it is a recipe or an installed HF baseline, else raise `ValueError` listing both."""
+    """Return `name` if it is a recipe or an installed HF baseline, else raise `ValueError` listing both.
+
+    Raises:
+        ValueError: for an unknown name or a baseline whose backend is not installed.
+        FileExistsError: for a quanto baseline whose C++ extension build is blocked by a stale lock.
+    """
     if name in HF_BASELINES:
         if name not in available_baselines():
             raise ValueError(f"{name} needs its backend package: pip install {'optimum-quanto' if 'quanto' in name else 'hqq'}")
+        if HF_BASELINES[name][0] == "quanto":  # its C++ extension is compiled on first use, under a lock file
+            from optimum.quanto.library.extensions import get_extension
+
+            extension = get_extension("quanto_cpp")
+            check_build_lock(extension.build_directory, extension.name)
         return name
     try:
         recipes.get(name)
@@ -313,6 +443,19 @@ def memory_report(cache: Cache, config, batch: int = 1) -> MemoryReport:
             length, row * length,
         ))
     return MemoryReport.total(reports)
+
+
+def compressed_tokens(cache: Cache) -> tuple[int, int]:
+    """How many of the tokens `cache` holds per sequence are held compressed: `(compressed, held)` (the rest is
+    the full-precision buffer; an HF `QuantizedCache`'s residual)."""
+    if not cache.layers:
+        return 0, 0
+    layer = cache.layers[0]
+    held = layer.get_seq_length()
+    if isinstance(cache, GearCache):
+        return layer.store.chunks * layer.store.buffer_size, held
+    residual = layer.keys.shape[-2] if layer.keys is not None and layer.keys.dim() == 4 else 0
+    return held - residual, held
 
 
 def cache_step(cache: Cache, hf_step: int = 64) -> int:

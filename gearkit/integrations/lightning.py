@@ -17,8 +17,8 @@ Pieces:
 Conventions (what "the same results on any number of devices" means):
 
 - Generation is greedy. Prompts are batched with left padding; padded positions are stored in the cache
-  like any token (they share compressed chunks with the real tokens), so a prompt's output depends on its
-  batch. With `PromptBatches` the batch of a prompt is fixed by `batch_size` alone, so outputs are identical
+  like any token (they share compressed chunks with the real tokens unless the padding is a multiple of the
+  chunk size), so a prompt's output depends on its batch. Sink tokens are each row's first real tokens. With `PromptBatches` the batch of a prompt is fixed by `batch_size` alone, so outputs are identical
   on 1 or N devices; with `batch_size=1` they equal the output of the prompt generated on its own.
 - Perplexity is scored one sequence at a time, exactly as `gearkit.eval.perplexity.evaluate` does (prefill
   `prefix` tokens into the cache, then the rest teacher-forced in steps that end where the buffer fills);

@@ -1,0 +1,297 @@
+"""Probes a new user would run (issue 13): exact recipes against `DynamicCache`, padded batches, streaming,
+failed steps, pickling, crop, refused models, bad input, the CLI's counts and honest reports. Tiny random
+models (`tiny_llama`), seconds each."""
+
+import copy
+import os
+import pickle
+import re
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache, Gemma2Config, MistralConfig, Qwen2Config
+
+from gearkit import FullPrecision, Pipeline, Quantizer, Recipe, SparseOutlier, recipes
+from gearkit.cache import ChunkStore
+from gearkit.compressors.base import NO_CONTEXT
+from gearkit.integrations.attention import register
+from gearkit.integrations.hf import HF_BASELINES, GearCache, check_build_lock, compressed_tokens, make_cache
+
+from conftest import kv_like, tiny_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+EXACT = Recipe("exact-fp32", Pipeline([FullPrecision(torch.float32)]), Pipeline([FullPrecision(torch.float32)]), buffer_size=16)
+NO_DICTIONARY = [n for n in recipes.names() if not recipes.get(n).needs_dictionary]  # CSR needs the model's dictionary
+GREEDY = dict(do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_grad_enabled(False)
+    yield tiny_llama("gqa", 2, max_position_embeddings=1100)
+    torch.set_grad_enabled(True)
+
+
+def held_bytes(cache: GearCache) -> int:
+    return sum(t.untyped_storage().nbytes() for t in cache.held_tensors())
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "gearkit"])
+def test_exact_recipe_equals_dynamic_cache_over_300_greedy_tokens(model, attention):
+    model.set_attn_implementation(register() if attention == "gearkit" else "sdpa")
+    ids = torch.randint(2, 97, (1, 21), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=300, min_new_tokens=300, do_sample=False, pad_token_id=0)
+    reference = model.generate(ids, cache=DynamicCache(config=model.config), **kw)
+    cache = GearCache(EXACT, model.config, buffer_dtype=None)
+    assert torch.equal(model.generate(ids, cache=cache, **kw), reference)
+    assert cache.layers[0].store.chunks == (21 + 299) // 16  # the storage was really read
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "gearkit"])
+@pytest.mark.parametrize("name", NO_DICTIONARY)
+def test_padded_row_equals_the_prompt_alone(model, name, attention):
+    """Left padding of one whole chunk: the padded row's logits equal the prompt's alone (sinks included), with
+    the decompressed past (SDPA) and with decode steps read from the storage (gearkit's attention)."""
+    model.set_attn_implementation(register() if attention == "gearkit" else "sdpa")  # ZipCache switches to gearkit
+    size = recipes.get(name).buffer_size
+    gen = torch.Generator().manual_seed(3)
+    long, short = torch.randint(2, 97, (1, 2 * size + 20), generator=gen), torch.randint(2, 97, (1, size + 20), generator=gen)
+    ids = torch.cat([long, torch.cat([torch.zeros(1, size, dtype=torch.long), short], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :size] = 0
+    both = model.generate(ids, attention_mask=mask, cache=make_cache(name, model), max_new_tokens=6, **GREEDY)
+    alone = model.generate(short, cache=make_cache(name, model), max_new_tokens=6, **GREEDY)
+    assert torch.equal(both.sequences[1, -6:], alone.sequences[0, -6:])
+    assert (torch.stack(both.scores)[:, 1] - torch.stack(alone.scores)[:, 0]).abs().max() < 1e-4
+
+
+def test_padded_rows_keep_their_own_first_tokens_as_sinks():
+    sink = recipes.get("sink-2")
+    store = ChunkStore(sink, None)
+    keys, values = kv_like(0, (2, 2, 100, 16)), kv_like(1, (2, 2, 100, 16))
+    positions = torch.stack([torch.arange(100), (torch.arange(100) - 64).clamp_min(1)])  # row 1: 64 pads
+    positions[1, 64] = 0
+    store.append(keys, values, positions)
+    assert store.starts.tolist() == [0, 64]
+    assert torch.equal(store.sink_keys[1], keys[1, :, 64:68]) and torch.equal(store.sink_keys[0], keys[0, :, :4])
+    held, _ = store.dequantized()
+    assert torch.equal(held[1, :, 64:68], keys[1, :, 64:68]) and torch.equal(held[0, :, :4], keys[0, :, :4])
+    assert store.memory_report().nbytes == sum(t.untyped_storage().nbytes() for t in store.held_tensors())
+
+
+def test_padded_rows_give_stages_their_own_positions():
+    seen = []
+
+    class Recording(FullPrecision):
+        def encode(self, x, exclude=None, ctx=NO_CONTEXT):
+            seen.append(ctx.positions.tolist())
+            return super().encode(x, exclude, ctx)
+
+    store = ChunkStore(Recipe("recording", Pipeline([Recording()]), Pipeline([FullPrecision()]), 16))
+    positions = torch.stack([torch.arange(40), (torch.arange(40) - 16).clamp_min(1)])  # row 1: 16 pads
+    positions[1, 16] = 0
+    store.append(kv_like(0, (2, 1, 40, 8)), kv_like(1, (2, 1, 40, 8)), positions)
+    assert seen == [[0, -16, 16, 0]]  # chunk-major: chunk 0 of rows 0 and 1, then chunk 1 (RoPE positions)
+    assert store.memory_report().components["row_starts"] == 2 * 8
+
+
+def test_1000_token_stream_compresses_each_chunk_once_and_reports_the_bytes_held(model):
+    calls = []
+
+    class Counting(Quantizer):
+        def encode(self, x, exclude=None, ctx=NO_CONTEXT):
+            calls.append(x.shape[0] * x.shape[2])  # chunks arrive stacked along the batch
+            return super().encode(x, exclude, ctx)
+
+    recipe = Recipe("counting-4", Pipeline([Counting(4, 64, "channel")]), Pipeline([Quantizer(4, 64, "token")]), 64)
+    cache = GearCache(recipe, model.config)
+    ids = torch.randint(2, 97, (1, 1000), generator=torch.Generator().manual_seed(5))
+    model(ids[:, :100], cache=cache, use_cache=True)
+    for start in range(100, 1000, 50):
+        model(ids[:, start : start + 50], cache=cache, use_cache=True)
+        assert cache.memory_report().nbytes == held_bytes(cache)
+    assert [layer.get_seq_length() for layer in cache.layers] == [1000, 1000]
+    assert sum(calls) == 2 * 15 * 64  # 2 layers x 15 chunks of 64 tokens, each compressed exactly once
+
+
+def test_a_nan_in_a_later_layer_leaves_every_layer_as_before(model):
+    ids = torch.randint(2, 97, (1, 72), generator=torch.Generator().manual_seed(6))
+    for config in (model.config, None):
+        cache, clean = GearCache("kivi-2", config), GearCache("kivi-2", config)
+        model(ids[:, :71], cache=cache, use_cache=True)
+        model(ids[:, :71], cache=clean, use_cache=True)
+        hook = model.model.layers[1].self_attn.k_proj.register_forward_hook(lambda m, i, out: out * float("nan"))
+        with pytest.raises(ValueError, match="NaN"):
+            model(ids[:, 71:], cache=cache, use_cache=True)
+        hook.remove()
+        assert [layer.get_seq_length() for layer in cache.layers] == [71, 71]
+        after = model(ids[:, 71:], cache=cache, use_cache=True).logits
+        assert torch.equal(after, model(ids[:, 71:], cache=clean, use_cache=True).logits)
+
+
+def test_a_step_abandoned_between_layers_is_undone_at_the_next(model):
+    ids = torch.randint(2, 97, (1, 40), generator=torch.Generator().manual_seed(7))
+    cache, clean = GearCache(EXACT, model.config), GearCache(EXACT, model.config)
+    model(ids[:, :30], cache=cache, use_cache=True)
+    model(ids[:, :30], cache=clean, use_cache=True)
+
+    def fail(module, args):
+        raise KeyboardInterrupt  # an interrupt in the model's own code, between layer 0's and layer 1's updates
+
+    hook = model.model.layers[1].register_forward_pre_hook(fail)
+    with pytest.raises(KeyboardInterrupt):
+        model(ids[:, 30:35], cache=cache, use_cache=True)
+    hook.remove()
+    assert [layer.get_seq_length() for layer in cache.layers] == [35, 30]  # out of step, until the next step
+    with pytest.raises(RuntimeError, match="run this step again"):
+        model(ids[:, 30:], cache=cache, use_cache=True)
+    assert [layer.get_seq_length() for layer in cache.layers] == [30, 30]
+    assert torch.equal(model(ids[:, 30:], cache=cache, use_cache=True).logits,
+                       model(ids[:, 30:], cache=clean, use_cache=True).logits)
+    hook = model.model.layers[1].register_forward_pre_hook(fail)
+    with pytest.raises(KeyboardInterrupt):
+        model(ids[:, :1], cache=cache, use_cache=True)
+    hook.remove()
+    cache.crop(-5)  # crop first undoes the abandoned step
+    assert [layer.get_seq_length() for layer in cache.layers] == [35, 35]
+
+
+@pytest.mark.parametrize("with_config", [True, False])
+def test_pickle_and_deepcopy_continue_identically(model, with_config):
+    ids = torch.randint(2, 97, (1, 90), generator=torch.Generator().manual_seed(8))
+    cache = GearCache("gear-2", model.config if with_config else None)
+    model(ids[:, :80], cache=cache, use_cache=True)
+    expected = model(ids[:, 80:], cache=copy.deepcopy(cache), use_cache=True).logits
+    for twin in (pickle.loads(pickle.dumps(cache)), copy.deepcopy(cache)):
+        assert torch.equal(model(ids[:, 80:], cache=twin, use_cache=True).logits, expected)
+    assert pickle.loads(pickle.dumps(GearCache("gear-2"))).recipe.name == "gear-2"  # empty, no config
+
+
+def test_crop_into_a_chunk_then_continue_equals_dynamic_cache(model):
+    ids = torch.randint(2, 97, (1, 80), generator=torch.Generator().manual_seed(9))
+    cache, reference = GearCache(EXACT, model.config, buffer_dtype=None), DynamicCache(config=model.config)
+    for c in (cache, reference):
+        model(ids[:, :70], cache=c, use_cache=True)
+        c.crop(-33)  # remove 33: 37 stay, inside the third 16-token chunk
+    assert cache.get_seq_length() == 37 and cache.layers[0].store.chunks == 2
+    out = model(ids[:, 37:60], cache=cache, use_cache=True).logits
+    assert torch.allclose(out, model(ids[:, 37:60], cache=reference, use_cache=True).logits, atol=1e-5)
+
+
+def test_sliding_window_and_hybrid_models_are_refused():
+    heads = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16)
+    with pytest.raises(ValueError, match="sliding_window"):
+        GearCache("kivi-2", MistralConfig(sliding_window=8, **heads))
+    with pytest.raises(ValueError, match="sliding_attention"):
+        GearCache("kivi-2", Gemma2Config(sliding_window=8, **heads))
+    GearCache("kivi-2", MistralConfig(sliding_window=None, **heads))  # full attention: accepted
+    GearCache("kivi-2", Qwen2Config(use_sliding_window=False, sliding_window=8, **heads))  # window switched off
+
+
+def test_late_and_unclear_errors_come_early_and_name_the_fix(tmp_path):
+    gear = recipes.get("gear-2")
+    with pytest.raises(ValueError, match="rank 2 exceeds"):
+        Recipe("g", gear.key, gear.value, buffer_size=1)
+    with pytest.raises(ValueError, match="buffer_size must be a positive int, got True"):
+        Recipe("g", gear.key, gear.value, buffer_size=True)
+    huge = kv_like(0, (1, 2, 128, 16))  # one kivi-2 chunk
+    huge[..., 0, 0], huge[..., 1, 0] = 1e9, -1e9
+    with pytest.raises(ValueError, match="buffer_dtype"):
+        ChunkStore(recipes.get("kivi-2")).append(huge, huge)
+    with pytest.raises(ValueError, match="param_dtype"):
+        ChunkStore(recipes.get("kivi-2"), None).append(huge, huge)
+    binary = tmp_path / "data.bin"
+    binary.write_bytes(b"\x00\xff\xfe\x80")
+    from gearkit.models import load_text
+
+    with pytest.raises(ValueError, match=re.escape(str(binary))):
+        load_text(binary)
+
+
+def test_a_recipe_that_enlarges_the_cache_warns():
+    wide = Recipe("wide", Pipeline([SparseOutlier(0.6), Quantizer(2)]), Pipeline([Quantizer(2)]))
+    with pytest.warns(UserWarning, match="more bits per element than fp16"):
+        ChunkStore(wide).append(kv_like(0, (1, 2, 64, 16)), kv_like(1, (1, 2, 64, 16)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ChunkStore(recipes.get("kivi-2")).append(kv_like(0, (1, 2, 128, 16)), kv_like(1, (1, 2, 128, 16)))
+
+
+@pytest.mark.parametrize("argv", [["eval", "ppl", "--recipe", "kivi-2", "--windows", "0"],
+                                  ["eval", "ppl", "--recipe", "kivi-2", "--windows", "-1"],
+                                  ["eval", "layers", "--recipe", "kivi-2", "--tokens", "0"],
+                                  ["eval", "layers", "--recipe", "kivi-2", "--tokens", "-5"],
+                                  ["demo", "--context", "0"]])
+def test_cli_counts_are_checked_by_the_parser(argv, capsys):
+    from gearkit.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()[-1:]) == 1
+
+
+def test_cli_text_too_short_fails_before_the_model_loads(capsys):
+    from gearkit.cli import main
+
+    assert main(["eval", "layers", "--recipe", "kivi-2", "--text", "idle-help", "--tokens", "1000000"]) == 2
+    err = capsys.readouterr().err
+    assert "tokens; 1000000 are needed" in err and "loading" not in err
+    assert main(["eval", "ppl", "--recipe", "kivi-2", "--text", "idle-help", "--prefix", "600000"]) == 2
+    err = capsys.readouterr().err
+    assert "needs at least" in err and "loading" not in err
+
+
+def test_reports_are_honest(model):
+    from gearkit.cli import _ppl_rows, versus_fp16
+    from gearkit.eval.perplexity import evaluate
+
+    assert versus_fp16(4.0) == "4.00x smaller than fp16" and versus_fp16(0.89) == "1.12x larger than fp16"
+    cache = GearCache("kivi-2", model.config)
+    model(torch.randint(2, 97, (1, 300)), cache=cache, use_cache=True)
+    assert compressed_tokens(cache) == (256, 300)
+
+    class Tokenizer:
+        def __call__(self, text):
+            return {"input_ids": [int(t) for t in text.split()]}
+
+    text = " ".join(str(i % 95 + 2) for i in range(200))
+    seen = []
+    progress = lambda it, total=None, desc=None: (seen.append(desc), it)[1]
+    rows = _ppl_rows(evaluate(model, Tokenizer(), ["kivi-2"], text, 40, 100, 1, progress=progress))
+    assert re.fullmatch(r"[+-]\d+\.\d\d%", rows[0]["ppl change"])
+    assert "steps" in seen  # progress within a window, not only per window
+
+
+def test_readme_docs_and_registry_agree_on_recipe_names():
+    known = set(recipes.names()) | set(HF_BASELINES)
+    readme = (ROOT / "README.md").read_text()
+    listing = readme[readme.index("Recipes (`gearkit recipes`)"):].split("\n\n")[0]
+    listed = set()
+    for name in re.findall(r"`([a-z0-9{},-]+)`", listing):
+        head, _, tail = name.partition("{")
+        listed |= {head + x + tail.split("}")[1] for x in tail.split("}")[0].split(",")} if tail else {name}
+    assert listed == known
+    family = re.compile(r"\b(?:uniform|kivi|gear-l|gear|kcvt|sink-gear|sink|csr|hf-quanto|hf-hqq)-\d+\b")
+    for page in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]:
+        named = set(family.findall(page.read_text())) - known
+        assert not named, f"{page.relative_to(ROOT)} names recipes that do not exist: {sorted(named)}"
+
+
+def test_a_stale_build_lock_is_named(tmp_path):
+    check_build_lock(tmp_path, "quanto_cpp")  # no lock
+    lock = tmp_path / "lock"
+    lock.touch()
+    check_build_lock(tmp_path, "quanto_cpp")  # a fresh lock: maybe a build in progress
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    with pytest.raises(FileExistsError, match=re.escape(f"delete {lock}")):
+        check_build_lock(tmp_path, "quanto_cpp")
+    lock.touch()
+    (tmp_path / "quanto_cpp.so").touch()  # built, yet locked: stale however young
+    with pytest.raises(FileExistsError, match="stale build lock"):
+        check_build_lock(tmp_path, "quanto_cpp")
