@@ -25,6 +25,7 @@ from gearkit.compressors.sparse_dictionary import Source
 from gearkit.models import DEFAULT_MODEL, DEFAULT_TEXT, cache_dir
 
 FORMAT_VERSION = 1  # of `Recipe.to_dict()`
+DEFAULT_ROPE_THETA = 100000.0  # the default model's RoPE base, for recipes that code keys before RoPE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -65,6 +65,7 @@ def test_every_builtin_recipe_round_trips_as_data(name):
     if not recipe.needs_dictionary:  # the same stages: the same bytes
         k = kv_like(2, (1, 3, recipe.buffer_size, 64))
         ctx = dict(saliency=torch.randn(1, 3, recipe.buffer_size)) if recipe.needs_saliency else {}
+        ctx |= dict(positions=torch.tensor([64])) if "positions" in recipe.key.requires else {}
         a, b = recipe.key.compress(k, **ctx), again.key.compress(k, **ctx)
         assert all(torch.equal(t, b.tensors()[n]) for n, t in a.tensors().items())
 
