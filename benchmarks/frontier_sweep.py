@@ -20,7 +20,7 @@ import time
 import torch
 
 from gearkit import (CodebookQuantizer, HadamardRotation, LowRankResidual, Pipeline, PreRoPE, Quantizer, Recipe,
-                     SparseOutlier, recipes)
+                     SparseOutlier)
 from gearkit.cli import progress_bar
 from gearkit.eval.perplexity import evaluate
 from gearkit.models import DEFAULT_MODEL, load_default_model, load_text
@@ -90,7 +90,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="markdown file for the table")
     args = ap.parse_args()
     by_name = {r.name: r for r in CANDIDATES}
-    chosen = [by_name.get(n) or recipes.get(n) for n in args.only] if args.only else CANDIDATES
+    chosen = [by_name.get(n, n) for n in args.only] if args.only else CANDIDATES  # or registered names
     model, tokenizer = load_default_model()
     start = time.time()
     results = evaluate(model, tokenizer, chosen, load_text(args.text), args.prefix, args.continuation, args.windows,
