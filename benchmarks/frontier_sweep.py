@@ -6,7 +6,7 @@ otherwise. Perplexity with a compressed past (prefix 1024 + 1024 scored tokens p
 bits all-in from the cache's own byte report. The choices behind the built-in `gk-*` recipes come from this
 run on `idle-help` (the tuning text); the held-out figures come from `frontier_heldout.sh`, never from here.
 
-Run: OMP_NUM_THREADS=1 python benchmarks/frontier_sweep.py --text idle-help --windows 2 \
+Run: OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/frontier_sweep.py --text idle-help --windows 1 \
          --out benchmarks/results/frontier_sweep_idle-help.md [--only NAME ...]
 """
 
@@ -64,19 +64,15 @@ def candidate(key: str, kb: int, value: str, vb: int, sinks: int = 4, buffer: in
 
 CANDIDATES = [
     # ~2.5 bits
-    candidate("ch", 2, "had-lm", 2), candidate("pre-ch", 2, "had-lm", 2), candidate("pre-lm-ch", 2, "had-lm", 2),
-    candidate("had-lm", 2, "had-lm", 2), candidate("pre-had-lm", 2, "had-lm", 2), candidate("pre-ch", 2, "had-lm", 3),
-    candidate("pre-lr1-ch", 2, "had-lm", 2), candidate("pre-ch-lr1", 2, "had-lm", 2),
+    candidate("pre-ch", 2, "had-lm", 2), candidate("pre-lm-ch", 2, "had-lm", 2), candidate("had-lm", 2, "had-lm", 2),
+    candidate("pre-lr1-ch", 2, "had-lm", 2),
     # ~3 bits
-    candidate("ch", 3, "had-lm", 2), candidate("pre-ch", 3, "had-lm", 2), candidate("pre-lm-ch", 3, "had-lm", 2),
-    candidate("pre-had-lm", 3, "had-lm", 2), candidate("had-lm", 3, "had-lm", 3), candidate("pre-lr1-ch", 2, "had-lm", 3),
-    candidate("pre-out-lm-ch", 2, "had-lm", 3),
+    candidate("pre-ch", 3, "had-lm", 2), candidate("ch", 3, "had-lm", 2), candidate("pre-lm-ch", 3, "had-lm", 2),
+    candidate("pre-ch", 2, "had-lm", 3), candidate("pre-lr1-ch", 2, "had-lm", 3),
     # ~3.5 bits
-    candidate("pre-ch", 3, "had-lm", 3), candidate("pre-lm-ch", 3, "had-lm", 3), candidate("ch", 3, "had-lm", 3),
-    candidate("pre-had-lm", 3, "had-lm", 3), candidate("pre-lr1-ch", 3, "had-lm", 3),
+    candidate("pre-ch", 3, "had-lm", 3), candidate("pre-lm-ch", 3, "had-lm", 3),
     # ~4.5 bits
-    candidate("pre-ch", 4, "had-lm", 4), candidate("pre-lm-ch", 4, "had-lm", 4), candidate("ch", 4, "had-lm", 4),
-    candidate("pre-ch", 4, "had-lm", 3), candidate("pre-had-lm", 4, "had-lm", 4),
+    candidate("pre-ch", 4, "had-lm", 4), candidate("pre-lm-ch", 4, "had-lm", 4),
 ]
 
 
@@ -94,7 +90,9 @@ def main() -> None:
     model, tokenizer = load_default_model()
     start = time.time()
     results = evaluate(model, tokenizer, chosen, load_text(args.text), args.prefix, args.continuation, args.windows,
-                       progress=progress_bar(), model_name=DEFAULT_MODEL)
+                       progress=progress_bar(), model_name=DEFAULT_MODEL,
+                       on_result=lambda r: print(f"{r.recipe}: {r.bits_per_element:.3f} bits, {r.ppl_increase_pct:+.2f}%",
+                                                 file=sys.stderr, flush=True))
     lines = [f"{DEFAULT_MODEL} fp32, text {args.text}, {results[0].windows} windows of {args.prefix}+{args.continuation} "
              f"tokens, baseline ppl {results[0].baseline_ppl:.4f}; {platform.machine()}, {torch.get_num_threads()} "
              f"threads, torch {torch.__version__}; {time.time() - start:.0f} s", "",
@@ -105,7 +103,7 @@ def main() -> None:
     print(text)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(f"Command: `OMP_NUM_THREADS=1 python {' '.join(sys.argv)}`\n\n" + text)
+            f.write(f"Command: `OMP_NUM_THREADS=1 PYTHONPATH=. python {' '.join(sys.argv)}`\n\n" + text)
 
 
 if __name__ == "__main__":
