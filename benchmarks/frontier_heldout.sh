@@ -6,4 +6,4 @@ export OMP_NUM_THREADS=1 PYTHONPATH=.
 python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 --out benchmarks/results/frontier_heldout_anchors.md \
     --only sink-3 sink-4 sink-gear-2 kivi-3 kivi-4 hf-quanto-2 hf-quanto-4 turboquant-2.5 turboquant-3.5 kvquant-2 kvquant-3
 python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 --out benchmarks/results/frontier_heldout_gearkit.md \
-    --only gk-2.5 gk-3 gk-3.5 gk-4.5 gk-lowrank-3
+    --only gk-2.5 gk-3 gk-3.5 gk-4.5

@@ -8,6 +8,7 @@ run on `idle-help` (the tuning text); the held-out figures come from `frontier_h
 
 Run: OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/frontier_sweep.py --text idle-help --windows 1 \
          --out benchmarks/results/frontier_sweep_idle-help.md [--only NAME ...]
+(the results file holds the first round and the second, `--only` the `SECOND` list, run after it)
 """
 
 from __future__ import annotations
@@ -62,17 +63,17 @@ def candidate(key: str, kb: int, value: str, vb: int, sinks: int = 4, buffer: in
     return Recipe(name, Pipeline(keys(key, kb)), Pipeline(values(value, vb)), buffer, sink_tokens=sinks)
 
 
-CANDIDATES = [
+CANDIDATES = [  # first round
     # ~2.5 bits
     candidate("pre-ch", 2, "had-lm", 2), candidate("pre-lm-ch", 2, "had-lm", 2), candidate("had-lm", 2, "had-lm", 2),
     candidate("pre-lr1-ch", 2, "had-lm", 2),
     # ~3 bits
     candidate("pre-ch", 3, "had-lm", 2), candidate("ch", 3, "had-lm", 2), candidate("pre-lm-ch", 3, "had-lm", 2),
     candidate("pre-ch", 2, "had-lm", 3), candidate("pre-lr1-ch", 2, "had-lm", 3),
-    # ~3.5 bits
-    candidate("pre-ch", 3, "had-lm", 3), candidate("pre-lm-ch", 3, "had-lm", 3),
-    # ~4.5 bits
-    candidate("pre-ch", 4, "had-lm", 4), candidate("pre-lm-ch", 4, "had-lm", 4),
+]
+SECOND = [  # after the first round: post-RoPE per-channel keys won at 3 bits, so the higher widths use them
+    candidate("ch", 2, "had-lm", 2), candidate("had-lm", 3, "had-lm", 2), candidate("ch", 3, "had-lm", 3),
+    candidate("ch", 4, "had-lm", 3), candidate("ch", 4, "had-lm", 4), candidate("ch", 3, "had-lm-32", 2),
 ]
 
 
@@ -85,8 +86,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="candidate or registered recipe names (default: every candidate)")
     ap.add_argument("--out", default=None, help="markdown file for the table")
     args = ap.parse_args()
-    by_name = {r.name: r for r in CANDIDATES}
-    chosen = [by_name.get(n, n) for n in args.only] if args.only else CANDIDATES  # or registered names
+    by_name = {r.name: r for r in CANDIDATES + SECOND}
+    chosen = [by_name.get(n, n) for n in args.only] if args.only else CANDIDATES + SECOND  # or registered names
     model, tokenizer = load_default_model()
     start = time.time()
     results = evaluate(model, tokenizer, chosen, load_text(args.text), args.prefix, args.continuation, args.windows,
