@@ -30,15 +30,14 @@ class PasskeyResult:
         length: prompt tokens.
         correct: trials whose greedy answer contains the key.
         trials: depths x keys tried.
-        bits_per_element: all-in bits of the last trial's cache (16 for the uncompressed fp baseline's
-            reference, which is not a gearkit cache).
+        bits_per_element: all-in bits of the last trial's cache, or None for the model's own (uncompressed) cache.
     """
 
     recipe: str
     length: int
     correct: int
     trials: int
-    bits_per_element: float
+    bits_per_element: float | None
 
     @property
     def accuracy(self) -> float:
@@ -48,7 +47,8 @@ class PasskeyResult:
     def summary(self) -> dict:
         """The result as a JSON-ready dict."""
         return {"recipe": self.recipe, "length": self.length, "accuracy": round(self.accuracy, 4), "correct": self.correct,
-                "trials": self.trials, "bits_per_element": round(self.bits_per_element, 4)}
+                "trials": self.trials,
+                "bits_per_element": None if self.bits_per_element is None else round(self.bits_per_element, 4)}
 
 
 def passkey_ids(tokenizer, filler: str, length: int, depth: float, key: int) -> Tensor:
@@ -118,7 +118,7 @@ def passkey(model, tokenizer, names: Sequence[str | Recipe], filler: str, length
     for spec in [None, *specs]:
         name = BASELINE if spec is None else cache_name(spec)
         for n, trials in prompts.items():
-            correct, bits = 0, 16.0
+            correct, bits = 0, None
             for ids, key in wrap(trials, total=len(trials), desc=f"{name} @ {n}"):
                 hit, cache = retrieves(model, tokenizer, ids, key, None if spec is None else make_cache(spec, model))
                 correct += hit
