@@ -8,7 +8,8 @@ run on `idle-help` (the tuning text); the held-out figures come from `frontier_h
 
 Run: OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/frontier_sweep.py --text idle-help --windows 1 \
          --out benchmarks/results/frontier_sweep_idle-help.md [--only NAME ...]
-(the results file holds the first round and the second, `--only` the `SECOND` list, run after it)
+(rounds: `CANDIDATES`, then `--only` the `SECOND` list, then the `THIRD`; results in
+benchmarks/results/frontier_sweep{,2,3}_idle-help.md)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def keys(kind: str, bits: int):
     """Key stages by short name (all per chunk of 64 tokens)."""
     return {
         "ch": [Quantizer(bits, 64, "channel")],  # KIVI-style per-channel, post-RoPE
+        "ch128-": [Quantizer(bits, 128, "channel")],  # the same over 128-token chunks (buffer 128)
         "pre-ch": [PreRoPE(Quantizer(bits, 64, "channel"), THETA)],  # per-channel, before RoPE
         "pre-lm-ch": [PreRoPE(CodebookQuantizer(bits, 64, "channel", centered=True), THETA)],
         "had-lm": [HadamardRotation(CodebookQuantizer(bits))],  # TurboQuant-style
@@ -75,6 +77,9 @@ SECOND = [  # after the first round: post-RoPE per-channel keys won at 3 bits, s
     candidate("ch", 2, "had-lm", 2), candidate("had-lm", 3, "had-lm", 2), candidate("ch", 3, "had-lm", 3),
     candidate("ch", 4, "had-lm", 3), candidate("ch", 4, "had-lm", 4), candidate("ch", 3, "had-lm-32", 2),
 ]
+THIRD = [  # under 3 bits: longer key groups pay for finer value scales
+    candidate("ch128-", 3, "had-lm-32", 2, buffer=128), candidate("ch128-", 3, "had-lm", 2, buffer=128),
+]
 
 
 def main() -> None:
@@ -86,8 +91,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="candidate or registered recipe names (default: every candidate)")
     ap.add_argument("--out", default=None, help="markdown file for the table")
     args = ap.parse_args()
-    by_name = {r.name: r for r in CANDIDATES + SECOND}
-    chosen = [by_name.get(n, n) for n in args.only] if args.only else CANDIDATES + SECOND  # or registered names
+    by_name = {r.name: r for r in CANDIDATES + SECOND + THIRD}
+    chosen = [by_name.get(n, n) for n in args.only] if args.only else CANDIDATES + SECOND + THIRD  # or registered names
     model, tokenizer = load_default_model()
     start = time.time()
     results = evaluate(model, tokenizer, chosen, load_text(args.text), args.prefix, args.continuation, args.windows,
