@@ -151,6 +151,46 @@ def cmd_eval_layers(args) -> None:
     print(format_table(layer_errors(model, tokenizer, args.recipe, text, args.tokens)))
 
 
+def cmd_eval_passkey(args) -> None:
+    from gearkit.eval import format_table
+    from gearkit.eval.passkey import passkey
+    from gearkit.models import load_text
+
+    names = check_names(args.recipe or [], args.dictionary)
+    filler = load_text(args.text)
+    model, tokenizer, model_name = _load()
+    lengths, depths = args.length or [1024, 2048], args.depth or [0.1, 0.5, 0.9]
+    results = passkey(model, tokenizer, names, filler, lengths, depths, args.keys, progress=progress_bar())
+    if args.json:
+        for r in results:
+            print(json.dumps(r.summary()))
+        return
+    print(f"{model_name}, filler {args.text}, depths {depths}, {args.keys} key(s) per depth")
+    print(format_table([r.summary() for r in results]))
+
+
+def cmd_eval_generation(args) -> None:
+    from gearkit.eval.generation import agreement
+
+    names = check_names(args.recipe, args.dictionary)
+    model, tokenizer, model_name = _load()
+    prompts = args.prompt or GENERATION_PROMPTS
+    for index, prompt in enumerate(progress_bar()(prompts, total=len(prompts), desc="prompts")):
+        for g in agreement(model, tokenizer, names, prompt, args.max_new_tokens):
+            row = {"prompt": index, "recipe": g.recipe, "match_rate": round(g.match_rate, 4),
+                   "first_divergence": g.first_divergence, "tokens_per_s": round(g.tokens_per_s, 2)}
+            print(json.dumps(row) if args.json else
+                  f"prompt {index} [{g.recipe}] match {100 * g.match_rate:.1f}%, first divergence at new token "
+                  f"{g.first_divergence}, {g.tokens_per_s:.1f} tok/s")
+
+
+GENERATION_PROMPTS = [
+    "Write a detailed essay about the history of the printing press and its effects on European society.",
+    "Explain step by step how a hash table works, including collisions and resizing.",
+    "Tell a long story about a lighthouse keeper who finds a message in a bottle.",
+]
+
+
 def cmd_generate(args) -> None:
     from gearkit.eval.generation import greedy
     from gearkit.integrations.hf import make_cache, memory_report
@@ -276,6 +316,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="N > 1: windows sharded over N processes/devices with Lightning DDP (gloo on CPU); 1: the "
                           "plain loop. Perplexities and bytes are the same either way (only speeds differ)")
     ppl.set_defaults(func=cmd_eval_ppl)
+    pk = ev.add_parser("passkey", help="passkey retrieval: a number hidden in filler text, asked for at the end")
+    pk.add_argument("--recipe", action="append", help="recipe or HF baseline; repeat for several (the uncompressed "
+                                                       "cache always runs too)")
+    add_text(pk)
+    pk.add_argument("--length", type=positive_int, action="extend", nargs="+", help="prompt lengths in tokens (default 1024 2048)")
+    pk.add_argument("--depth", type=float, action="extend", nargs="+", help="needle depths in [0, 1] (default 0.1 0.5 0.9)")
+    pk.add_argument("--keys", type=positive_int, default=2, help="keys tried per depth")
+    pk.add_argument("--json", action="store_true", help="print one JSON object per (cache, length)")
+    pk.add_argument("--dictionary", default=None, help="dictionary file for csr-8 / csr-4 (default: the cached default)")
+    pk.set_defaults(func=cmd_eval_passkey)
+    gen_eval = ev.add_parser("generation", help="long greedy continuations: agreement with the uncompressed cache")
+    gen_eval.add_argument("--recipe", action="append", required=True, help="recipe or HF baseline; repeat for several")
+    gen_eval.add_argument("--prompt", action="append", help="repeat for several (default: three built-in prompts)")
+    gen_eval.add_argument("--max-new-tokens", type=positive_int, default=256)
+    gen_eval.add_argument("--json", action="store_true", help="print one JSON object per (prompt, recipe)")
+    gen_eval.add_argument("--dictionary", default=None, help="dictionary file for csr-8 / csr-4 (default: the cached default)")
+    gen_eval.set_defaults(func=cmd_eval_generation)
     layers = ev.add_parser("layers", help="per-layer reconstruction error of keys and values")
     layers.add_argument("--recipe", required=True)
     add_text(layers)

@@ -17,8 +17,8 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 
-__all__ = ["Part", "CompressedTensor", "QuantizedPart", "ChannelScaledPart", "OutlierPart", "LowRankPart", "MixedPart",
-           "DictionaryPart", "DensePart", "MemoryReport"]
+__all__ = ["Part", "CompressedTensor", "QuantizedPart", "CodebookPart", "ChannelScaledPart", "OutlierPart", "LowRankPart",
+           "MixedPart", "DictionaryPart", "DensePart", "PositionedPart", "MemoryReport"]
 
 
 def bits_per_element(nbytes: int, elements: int) -> float:
@@ -140,6 +140,44 @@ class QuantizedPart(Part):
 
     def components(self) -> dict[str, int]:
         return {"codes": tensor_nbytes(self.codes), "scales": tensor_nbytes(self.scale) + tensor_nbytes(self.zero)}
+
+
+@_register
+class CodebookPart(Part):
+    """Bit-packed indices into a fixed codebook of levels, with one scale (and optionally one center) per group.
+
+    Attributes:
+        codes: uint8 `[batch, packed_nbytes(numel // batch, bits)]`: each batch entry's codes, in the grouped
+            layout's order, packed on their own.
+        scale: `[..., n_groups]` in the quantizer's parameter dtype.
+        center: `[..., n_groups]`, same dtype, or None for codebooks centered at zero.
+        bits: code width.
+        shape: shape of the tensor that was quantized, `[batch, kv_heads, tokens, head_dim]`.
+    """
+
+    codes: Tensor
+    scale: Tensor
+    center: Tensor | None
+    bits: int
+    shape: tuple[int, ...]
+
+    def components(self) -> dict[str, int]:
+        scales = tensor_nbytes(self.scale) + (0 if self.center is None else tensor_nbytes(self.center))
+        return {"codes": tensor_nbytes(self.codes), "scales": scales}
+
+
+@_register
+class PositionedPart(Part):
+    """An inner part coded at known sequence positions (pre-RoPE keys), and each batch entry's first position.
+
+    Attributes:
+        inner: the part of the tensor as it was coded (before the rotary embedding).
+        start: int32 `[batch]` sequence position of each entry's first token.
+    """
+
+    inner: Part
+    start: Tensor
+    component: ClassVar[str] = "positions"
 
 
 @_register

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from gearkit.compressors import (
-    ChannelSeparableQuantizer, FullPrecision, LowRankResidual, MixedPrecision, Pipeline, Probes, Quantizer,
-    SparseDictionary, SparseOutlier,
+    ChannelSeparableQuantizer, CodebookQuantizer, FullPrecision, HadamardRotation, LowRankResidual, MixedPrecision, Pipeline,
+    PreRoPE, Probes, Quantizer, SparseDictionary, SparseOutlier,
 )
 from gearkit.compressors.checks import check_int
 from gearkit.compressors.solvers import Solver
@@ -25,6 +25,7 @@ from gearkit.compressors.sparse_dictionary import Source
 from gearkit.models import DEFAULT_MODEL, DEFAULT_TEXT, cache_dir
 
 FORMAT_VERSION = 1  # of `Recipe.to_dict()`
+DEFAULT_ROPE_THETA = 100000.0  # the default model's RoPE base, for recipes that code keys before RoPE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +166,47 @@ def _builtin() -> list[Recipe]:
         description="sink-2 + GEAR outliers (2% per key channel, 1% per token across heads), no low-rank term"))
     out += _zipcache()
     out += [csr(8), csr(4)]
+    out += _frontier()
+    return out
+
+
+def _turboquant(bits: int) -> Pipeline:
+    """TurboQuant's MSE quantizer: a randomized Hadamard rotation, then a Lloyd-Max code per coordinate, the
+    vector's scale (its norm / sqrt(d)) in fp16."""
+    return _pipeline(HadamardRotation(CodebookQuantizer(bits)))
+
+
+def _kvquant(bits: int, role: str) -> Pipeline:
+    """KVQuant: 1% dense-and-sparse outliers per token (across heads), then a non-uniform code; keys per channel and
+    before RoPE, values per token."""
+    if role == "key":
+        return _pipeline(PreRoPE(SparseOutlier(0.01, "token", across_heads=True), DEFAULT_ROPE_THETA),
+                         PreRoPE(CodebookQuantizer(bits, 64, "channel", centered=True), DEFAULT_ROPE_THETA))
+    return _pipeline(SparseOutlier(0.01, "token", across_heads=True), CodebookQuantizer(bits))
+
+
+def _frontier() -> list[Recipe]:
+    """The anchors of issue 15 (TurboQuant, KVQuant) reproduced with gearkit's stages, and gearkit's own
+    compositions at about 2.5, 3, 3.5 and 4.5 bits, chosen on `idle-help` by `benchmarks/frontier_sweep.py`."""
+    out = []
+    for code_bits, (kb, vb) in {"2.5": (3, 2), "3.5": (4, 3)}.items():
+        out.append(Recipe(f"turboquant-{code_bits}", _turboquant(kb), _turboquant(vb), 64,
+                          description=f"TurboQuant {code_bits} code bits: Hadamard rotation + Lloyd-Max codes, keys {kb}-bit, "
+                                      f"values {vb}-bit, fp16 norms (not in the paper's count)"))
+    for bits in (2, 3):
+        out.append(Recipe(f"kvquant-{bits}", _kvquant(bits, "key"), _kvquant(bits, "value"), 64, sink_tokens=1,
+                          description=f"KVQuant {bits}-bit: pre-RoPE per-channel keys, per-token values, Gaussian "
+                                      "non-uniform codes (not calibrated), 1% outliers, 1 fp16 sink token"))
+    # gearkit's own: per-channel keys in groups of 64 (keys' channel structure is what they exploit; measured
+    # on idle-help, post-RoPE beat pre-RoPE here) and values through a Hadamard rotation and a Lloyd-Max code,
+    # 4 fp16 sink tokens. Low-rank terms and pre-RoPE keys were tried and did not earn their bytes. At ~2.5 bits
+    # rotated Lloyd-Max keys (2.25 bits) beat per-channel 2-bit keys (2.5 bits) outright.
+    out.append(Recipe("gk-2.5", _turboquant(2), _turboquant(2), 64, sink_tokens=4,
+                      description="keys and values 2-bit Lloyd-Max after a Hadamard rotation, fp16 norms, 4 fp16 sink tokens"))
+    for name, kb, vb in (("gk-3", 3, 2), ("gk-3.5", 3, 3), ("gk-4.5", 4, 4)):
+        out.append(Recipe(name, _pipeline(Quantizer(kb, 64, "channel")), _turboquant(vb), 64, sink_tokens=4,
+                          description=f"keys {kb}-bit per channel in groups of 64, values {vb}-bit Lloyd-Max after a "
+                                      "Hadamard rotation, 4 fp16 sink tokens"))
     return out
 
 

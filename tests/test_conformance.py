@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import gearkit
-from gearkit import (ChannelSeparableQuantizer, Context, FullPrecision, LowRankResidual, MixedPrecision, Pipeline, Quantizer,
-                     Rotation, SparseDictionary, SparseOutlier, Stage)
+from gearkit import (ChannelSeparableQuantizer, CodebookQuantizer, Context, FullPrecision, HadamardRotation, LowRankResidual,
+                     MixedPrecision, Pipeline, PreRoPE, Quantizer, Rotation, SparseDictionary, SparseOutlier, Stage)
 from gearkit.compressed import cat_batch, select_batch
 
 from conftest import kv_like
@@ -24,6 +24,11 @@ STAGES = {
     "lowrank-svd": LowRankResidual(1, "svd"),
     "full-precision": FullPrecision(torch.bfloat16),
     "rotation": Rotation(Quantizer(3, 8, "token"), seed=3),
+    "hadamard-rotation": HadamardRotation(Quantizer(3, 8, "token"), seed=3),
+    "codebook-vector": CodebookQuantizer(3),
+    "codebook-channel-centered": CodebookQuantizer(2, 8, "channel", centered=True),
+    "hadamard-codebook": HadamardRotation(CodebookQuantizer(2, 8), seed=1),
+    "pre-rope-codebook": PreRoPE(CodebookQuantizer(3, None, "channel", centered=True), 10000.0),
     "channel-separable": ChannelSeparableQuantizer(3),
     "mixed-precision": MixedPrecision(Quantizer(4, None, "channel"), ChannelSeparableQuantizer(2), 0.25),
     "dictionary-key": SparseDictionary(DICTIONARY, "key", 2),
@@ -108,6 +113,7 @@ def test_requirements_are_declared_and_checked_once():
     mixed = STAGES["mixed-precision"]
     assert mixed.requires == {"saliency"} and Rotation(mixed).requires == {"saliency"}
     assert Pipeline([SparseOutlier(0.1), mixed]).requires == {"saliency"}
+    assert PreRoPE(HadamardRotation(mixed)).requires == {"saliency", "positions"}
     with pytest.raises(ValueError, match="saliency"):
         Pipeline([mixed]).compress(kv_like(0, SHAPE))
     with pytest.raises(ValueError, match="unknown context"):
@@ -119,7 +125,7 @@ def test_requirements_are_declared_and_checked_once():
 
 def test_every_stage_the_docs_name_is_exported():
     documented = {"Quantizer", "ChannelSeparableQuantizer", "SparseOutlier", "LowRankResidual", "FullPrecision", "Rotation",
-                  "MixedPrecision", "SparseDictionary"}
+                  "MixedPrecision", "SparseDictionary", "HadamardRotation", "CodebookQuantizer", "PreRoPE"}
     assert documented <= set(gearkit.__all__)
     assert {name for name, cls in Stage.known().items() if cls.__module__.startswith("gearkit.")} <= set(gearkit.__all__)
     for name in gearkit.__all__:

@@ -65,6 +65,7 @@ def test_every_builtin_recipe_round_trips_as_data(name):
     if not recipe.needs_dictionary:  # the same stages: the same bytes
         k = kv_like(2, (1, 3, recipe.buffer_size, 64))
         ctx = dict(saliency=torch.randn(1, 3, recipe.buffer_size)) if recipe.needs_saliency else {}
+        ctx |= dict(positions=torch.tensor([64])) if "positions" in recipe.key.requires else {}
         a, b = recipe.key.compress(k, **ctx), again.key.compress(k, **ctx)
         assert all(torch.equal(t, b.tensors()[n]) for n, t in a.tensors().items())
 
@@ -82,3 +83,17 @@ def test_stage_constraints_are_checked_against_the_chunk_size_at_construction():
         Recipe("x", recipes.get("gear-2").key, recipes.get("gear-2").value, buffer_size=1)
     with pytest.raises(ValueError, match="buffer_size must be a positive int, got True"):
         Recipe("x", Pipeline([Quantizer(2)]), Pipeline([Quantizer(2)]), buffer_size=True)
+
+
+def test_frontier_recipes_cost_the_bits_they_state():
+    """All-in bits of one 64-token chunk at head dim 64 (3 KV heads), per role: codes + scales (+ outliers)."""
+    x, start = kv_like(5, (1, 3, 64, 64)), torch.tensor([64])
+    expected = {"turboquant-2.5": (3.25, 2.25), "turboquant-3.5": (4.25, 3.25), "gk-2.5": (2.25, 2.25),
+                "gk-3": (3.5, 2.25), "gk-3.5": (3.5, 3.25), "gk-4.5": (4.5, 4.25),
+                # 1% outliers: one per side of each token's 192 entries across heads, fp16 value + uint8 index;
+                # keys: two pre-RoPE stages, each storing the chunk's int32 first position
+                "kvquant-2": (2.75 + 64 / (3 * 64 * 64), 2.5), "kvquant-3": (3.75 + 64 / (3 * 64 * 64), 3.5)}
+    for name, (key_bits, value_bits) in expected.items():
+        recipe = recipes.get(name)
+        assert recipe.key.compress(x, positions=start).bits_per_element == pytest.approx(key_bits), name
+        assert recipe.value.compress(x).bits_per_element == pytest.approx(value_bits), name

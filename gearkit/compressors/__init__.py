@@ -1,6 +1,7 @@
 """Compression stages (`nn.Module`s with `encode`/`decode`) and the `Pipeline` that chains them."""
 
 from gearkit.compressors.base import Context, FullPrecision, Stage
+from gearkit.compressors.codebook import CodebookQuantizer
 from gearkit.compressors.channel_separable import ChannelSeparableQuantizer
 from gearkit.compressors.checks import check_kv
 from gearkit.compressors.dictionary_set import DictionarySet
@@ -8,10 +9,11 @@ from gearkit.compressors.lowrank import LowRankResidual
 from gearkit.compressors.mixed import MixedPrecision
 from gearkit.compressors.outlier import SparseOutlier
 from gearkit.compressors.pipeline import Pipeline
+from gearkit.compressors.pre_rope import PreRoPE
 from gearkit.compressors.probes import Probes
 from gearkit.compressors.quantizer import Quantizer
 from gearkit.compressors.rope import RoPE
-from gearkit.compressors.rotation import Rotation
+from gearkit.compressors.rotation import HadamardRotation, Rotation
 from gearkit.compressors.sparse_dictionary import SparseDictionary
 
 Rotary = RoPE  # the old name, for one release
@@ -20,6 +22,8 @@ __all__ = [
     # stages and their composition
     "Stage", "Context", "Pipeline", "Quantizer", "ChannelSeparableQuantizer", "SparseOutlier", "LowRankResidual",
     "FullPrecision", "Rotation",
+    # rotation + non-uniform codebooks (TurboQuant), keys coded before RoPE (KVQuant)
+    "HadamardRotation", "CodebookQuantizer", "PreRoPE",
     # ZipCache: saliency-driven mixed precision and the probe queries that score saliency
     "MixedPrecision", "Probes",
     # CSR: sparse dictionary codes (NeuralDict training lives in gearkit.neuraldict, which loads Lightning)

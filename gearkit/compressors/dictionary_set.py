@@ -15,7 +15,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from gearkit.compressors.rope import RoPE
+from gearkit.compressors.rope import RoPE, rope_parameters
 
 FORMAT_VERSION = 1
 MAX_ATOMS = 2**15  # indices are stored as int16
@@ -26,15 +26,14 @@ def model_signature(config) -> dict:
     """What a dictionary must agree with to fit a model: `{model_type, num_hidden_layers, hidden_size,
     num_key_value_heads, head_dim, rope_theta}` from a `transformers` config."""
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    rope = getattr(text, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta", getattr(text, "rope_theta", None)) if isinstance(rope, dict) else None
+    theta, _ = rope_parameters(text)
     return {
         "model_type": getattr(text, "model_type", None),
         "num_hidden_layers": text.num_hidden_layers,
         "hidden_size": text.hidden_size,
         "num_key_value_heads": getattr(text, "num_key_value_heads", text.num_attention_heads),
         "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-        "rope_theta": None if theta is None else float(theta),
+        "rope_theta": theta,
     }
 
 

@@ -10,6 +10,21 @@ import torch
 from torch import Tensor, nn
 
 
+def rope_parameters(config) -> tuple[float | None, str]:
+    """`(rope_theta, rope_type)` of a `transformers` config (older configs: `rope_theta` and `rope_scaling`)."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    rope = rope if isinstance(rope, dict) else {}
+    theta = rope.get("rope_theta", getattr(text, "rope_theta", None))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    return (None if theta is None else float(theta)), kind
+
+
+def inverse_frequencies(head_dim: int, theta: float) -> Tensor:
+    """Plain RoPE's inverse frequencies `theta ** (-2i / head_dim)`: float32 `[head_dim / 2]`."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))  # as transformers computes it
+
+
 class RoPE(nn.Module):
     """The rotary position embedding of a LLaMA-style model (`transformers`' `rotate_half` convention), applied
     and undone from token positions.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -48,14 +50,79 @@ class Rotation(Stage):
     def _matrix(self, dim: int, device) -> Tensor:
         return random_orthogonal(dim, self.seed).to(device)
 
+    def rotate(self, x: Tensor) -> Tensor:
+        """`x @ Q` for float32 `x` `[..., head_dim]`."""
+        return x @ self._matrix(x.shape[-1], x.device)
+
+    def unrotate(self, y: Tensor) -> Tensor:
+        """`y @ Q^T`, the inverse of `rotate`."""
+        return y @ self._matrix(y.shape[-1], y.device).T
+
     def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> Part:
-        """Encode `x @ Q`, `x` `[batch, kv_heads, tokens, head_dim]` (exclusions do not survive a rotation)."""
-        return self.inner.encode(x.float() @ self._matrix(x.shape[-1], x.device), None, ctx)
+        """Encode the rotated `x` `[batch, kv_heads, tokens, head_dim]`. A rotation mixes every channel of a vector,
+        so only exclusions of whole vectors (sink tokens) survive it."""
+        if exclude is not None:
+            exclude = exclude.all(-1, keepdim=True).expand_as(exclude)
+            exclude = exclude if exclude.any() else None
+        return self.inner.encode(self.rotate(x.float()), exclude, ctx)
 
     def decode(self, part: Part) -> Tensor:
-        """`inner.decode(part) @ Q^T`: float32 `[batch, kv_heads, tokens, head_dim]`."""
-        y = self.inner.decode(part)
-        return y @ self._matrix(y.shape[-1], y.device).T
+        """The inner stage's reconstruction rotated back: float32 `[batch, kv_heads, tokens, head_dim]`."""
+        return self.unrotate(self.inner.decode(part))
 
     def extra_repr(self) -> str:
         return f"seed={self.seed}"
+
+
+def hadamard_transform(x: Tensor) -> Tensor:
+    """The orthonormal fast Walsh-Hadamard transform along the last axis, O(d log d): `x @ H / sqrt(d)`.
+
+    It is its own inverse.
+
+    Args:
+        x: float `[..., d]`, `d` a power of two.
+
+    Returns:
+        float `[..., d]`.
+
+    Raises:
+        ValueError: if `d` is not a power of two.
+    """
+    d = x.shape[-1]
+    if d & (d - 1):
+        raise ValueError(f"the fast Hadamard transform needs a power-of-two head dim, got {d} (use Rotation)")
+    lead, h = x.shape[:-1], 1
+    while h < d:  # butterflies of width h: (a, b) -> (a + b, a - b)
+        pairs = x.reshape(*lead, d // (2 * h), 2, h)
+        x = torch.stack([pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]], -2).reshape(*lead, d)
+        h *= 2
+    return x / math.sqrt(d)
+
+
+class HadamardRotation(Rotation):
+    """A randomized Hadamard rotation around another stage: random signs, then the fast Walsh-Hadamard transform.
+
+    Like `Rotation` but O(d log d) instead of a dense `d x d` product, and only for power-of-two head dims (others
+    get a clear error). Nothing is stored but the seed of the signs.
+
+    Args:
+        inner: the stage that encodes the rotated tensor.
+        seed: seed of the random signs.
+    """
+
+    def check_chunk(self, tokens: int, head_dim: int | None = None) -> None:
+        if head_dim is not None and head_dim & (head_dim - 1):
+            raise ValueError(f"HadamardRotation needs a power-of-two head dim, got {head_dim}")
+        super().check_chunk(tokens, head_dim)
+
+    def _signs(self, dim: int, device) -> Tensor:
+        gen = torch.Generator().manual_seed(self.seed)
+        return (torch.randint(0, 2, (dim,), generator=gen) * 2 - 1).float().to(device)
+
+    def rotate(self, x: Tensor) -> Tensor:
+        """`H (s * x) / sqrt(d)` for float32 `x` `[..., head_dim]`."""
+        return hadamard_transform(x * self._signs(x.shape[-1], x.device))
+
+    def unrotate(self, y: Tensor) -> Tensor:
+        """The inverse of `rotate`."""
+        return hadamard_transform(y) * self._signs(y.shape[-1], y.device)

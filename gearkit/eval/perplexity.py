@@ -103,7 +103,8 @@ def cached_nll(model, window: Tensor, prefix: int, cache, progress: Callable | N
 
 
 def evaluate(model, tokenizer, names: Sequence[str | Recipe], text: str, prefix: int = 1024, continuation: int = 1024,
-             windows: int | None = 4, progress: Callable | None = None, model_name: str = "") -> list[PerplexityResult]:
+             windows: int | None = 4, progress: Callable | None = None, model_name: str = "",
+             on_result: Callable[[PerplexityResult], None] | None = None) -> list[PerplexityResult]:
     """Perplexity of each cache in `names` with a compressed past, beside the baseline from the same run.
 
     Args:
@@ -116,6 +117,7 @@ def evaluate(model, tokenizer, names: Sequence[str | Recipe], text: str, prefix:
         windows: at most this many windows (None: as many as the text holds).
         progress: optional wrapper for progress display, called as `progress(iterable, total=, desc=)`.
         model_name: name reported in the results.
+        on_result: called with each result as soon as it is measured (long sweeps report as they go).
 
     Returns:
         One `PerplexityResult` per name, in order.
@@ -135,6 +137,8 @@ def evaluate(model, tokenizer, names: Sequence[str | Recipe], text: str, prefix:
         report = memory_report(cache, model.config)  # the last window's cache, holding prefix + continuation tokens
         results.append(perplexity_result(name, model_name, len(spans), prefix, continuation, base, nll, report,
                                          prefill_s, cont_s))
+        if on_result is not None:
+            on_result(results[-1])
     return results
 
 

@@ -1,0 +1,9 @@
+#!/bin/sh
+# Held-out figures of the 3-bit frontier (issue 15): the same protocol as frontier_sweep.py on pydoc-topics,
+# a text no choice was tuned on (the sweep ran on idle-help). Anchors and baselines first, gearkit's own after.
+set -e
+export OMP_NUM_THREADS=1 PYTHONPATH=.
+python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 --out benchmarks/results/frontier_heldout_anchors.md \
+    --only sink-3 sink-4 sink-gear-2 kivi-3 kivi-4 hf-quanto-2 hf-quanto-4 turboquant-2.5 turboquant-3.5 kvquant-2 kvquant-3
+python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 --out benchmarks/results/frontier_heldout_gearkit.md \
+    --only gk-2.5 gk-3 gk-3.5 gk-4.5

@@ -1,0 +1,128 @@
+"""Passkey retrieval: a number hidden at some depth of a long filler text, asked for at the end.
+
+The filler is a built-in text (nothing is downloaded); the uncompressed cache is scored in the same run, so a
+recipe's accuracy is read against the lengths where the model itself retrieves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from gearkit.integrations.hf import cache_name, check_cache_name, make_cache, memory_report
+from gearkit.models import pad_token_id
+from gearkit.recipes import Recipe
+
+BASELINE = "uncompressed"
+NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+@dataclasses.dataclass
+class PasskeyResult:
+    """Retrieval accuracy of one cache at one prompt length, over every depth and key tried.
+
+    Attributes:
+        recipe: cache name (`uncompressed` for the model's own cache).
+        length: prompt tokens.
+        correct: trials whose greedy answer contains the key.
+        trials: depths x keys tried.
+        bits_per_element: all-in bits of the last trial's cache, or None for the model's own (uncompressed) cache.
+    """
+
+    recipe: str
+    length: int
+    correct: int
+    trials: int
+    bits_per_element: float | None
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of trials retrieved."""
+        return self.correct / self.trials if self.trials else 0.0
+
+    def summary(self) -> dict:
+        """The result as a JSON-ready dict."""
+        return {"recipe": self.recipe, "length": self.length, "accuracy": round(self.accuracy, 4), "correct": self.correct,
+                "trials": self.trials,
+                "bits_per_element": None if self.bits_per_element is None else round(self.bits_per_element, 4)}
+
+
+def passkey_ids(tokenizer, filler: str, length: int, depth: float, key: int) -> Tensor:
+    """A prompt of exactly `length` tokens: filler, the needle naming `key` at `depth`, more filler, the question.
+
+    Args:
+        tokenizer (transformers.PreTrainedTokenizerBase): the model's tokenizer.
+        filler: text to take the filler from (its first tokens).
+        length: prompt tokens.
+        depth: where the needle goes, as a fraction of the filler (0 = start, 1 = just before the question).
+        key: the number to hide.
+
+    Returns:
+        int64 `[length]`.
+
+    Raises:
+        ValueError: for a depth outside [0, 1], or a length too short for the needle or too long for the filler.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be within [0, 1], got {depth}")
+    needle = tokenizer(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
+    question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+    budget = length - len(needle) - len(question)
+    if budget < 1:
+        raise ValueError(f"a passkey prompt needs more than {len(needle) + len(question)} tokens, got {length}")
+    text = tokenizer(filler, add_special_tokens=False)["input_ids"]
+    if len(text) < budget:
+        raise ValueError(f"the filler text has {len(text)} tokens; a {length}-token prompt needs {budget}")
+    at = round(depth * budget)
+    return torch.tensor(text[:at] + needle + text[at:budget] + question, dtype=torch.long)
+
+
+def passkey_keys(count: int, seed: int = 0) -> list[int]:
+    """`count` seeded five-digit keys."""
+    return torch.randint(10000, 100000, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@torch.inference_mode()
+def retrieves(model, tokenizer, ids: Tensor, key: int, cache=None, max_new_tokens: int = 8) -> tuple[bool, object]:
+    """Whether greedy decoding after `ids` `[tokens]` names `key`, and the cache it used."""
+    out = model.generate(ids[None], attention_mask=torch.ones_like(ids)[None], max_new_tokens=max_new_tokens,
+                         do_sample=False, cache=cache, pad_token_id=pad_token_id(tokenizer))
+    return str(key) in tokenizer.decode(out[0, ids.numel():], skip_special_tokens=True), cache
+
+
+def passkey(model, tokenizer, names: Sequence[str | Recipe], filler: str, lengths: Sequence[int],
+            depths: Sequence[float] = (0.1, 0.5, 0.9), keys: int = 2, progress: Callable | None = None) -> list[PasskeyResult]:
+    """Passkey accuracy of the uncompressed cache and of each cache in `names`, per prompt length.
+
+    Args:
+        model (transformers.PreTrainedModel): a causal LM.
+        tokenizer (transformers.PreTrainedTokenizerBase): its tokenizer.
+        names: recipes (names or `Recipe` objects) and/or HF baselines.
+        filler: the filler text (e.g. a built-in text).
+        lengths: prompt lengths in tokens.
+        depths: needle depths, fractions of the filler.
+        keys: keys tried per depth (seeded).
+        progress: optional wrapper for progress display, called as `progress(iterable, total=, desc=)`.
+
+    Returns:
+        One `PasskeyResult` per (cache, length), the uncompressed cache first.
+    """
+    specs = [n if isinstance(n, Recipe) else check_cache_name(n) for n in names]
+    prompts = {n: [(passkey_ids(tokenizer, filler, n, d, k), k) for d in depths for k in passkey_keys(keys)] for n in lengths}
+    wrap = progress or (lambda it, **_: it)
+    results = []
+    for spec in [None, *specs]:
+        name = BASELINE if spec is None else cache_name(spec)
+        for n, trials in prompts.items():
+            correct, bits = 0, None
+            for ids, key in wrap(trials, total=len(trials), desc=f"{name} @ {n}"):
+                hit, cache = retrieves(model, tokenizer, ids, key, None if spec is None else make_cache(spec, model))
+                correct += hit
+                if cache is not None:
+                    bits = memory_report(cache, model.config).bits_per_element
+            results.append(PasskeyResult(name, n, correct, len(trials), bits))
+    return results

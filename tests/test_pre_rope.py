@@ -1,0 +1,89 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gearkit import CodebookQuantizer, Context, FullPrecision, Pipeline, PreRoPE, Quantizer, Recipe
+from gearkit.compressors.rope import RoPE, inverse_frequencies
+from gearkit.integrations.hf import make_cache
+
+from conftest import kv_tensors, rel_error, tiny_llama
+
+THETA = 10000.0
+
+
+def rope(d: int) -> RoPE:
+    return RoPE(inverse_frequencies(d, THETA))
+
+
+def positions(start: torch.Tensor, t: int) -> torch.Tensor:
+    return start[:, None] + torch.arange(t)
+
+
+@given(x=kv_tensors(head_dims=(2, 8, 16)), first=st.integers(0, 5000))
+def test_lossless_inner_round_trips_at_any_position_and_stores_the_positions(x, first):
+    start = first + 7 * torch.arange(x.shape[0])
+    pipeline = Pipeline([PreRoPE(FullPrecision(torch.float32), THETA)])
+    c = pipeline.compress(x, positions=start)
+    assert torch.allclose(pipeline.decompress(c), x, atol=1e-4 * (1 + x.abs().max().item()))
+    assert c.components()["positions"] == 4 * x.shape[0] and c.nbytes == x.numel() * 4 + 4 * x.shape[0]
+
+
+def test_keys_whose_channels_are_constant_before_rope_are_coded_exactly():
+    """The point of pre-RoPE coding: per-channel structure is intact before the rotation smears it."""
+    b, h, t, d = 2, 2, 64, 16
+    channel = torch.randn(b, h, 1, d, generator=torch.Generator().manual_seed(0)) * 4
+    start = torch.tensor([0, 300])
+    keys = rope(d).apply(channel.expand(b, h, t, d), positions(start, t))
+    before = Pipeline([PreRoPE(Quantizer(2, None, "channel"), THETA)])
+    after = Pipeline([Quantizer(2, None, "channel")])
+    assert rel_error(keys, before(keys, positions=start)) < 1e-3 < 0.1 < rel_error(keys, after(keys))
+    coded = Pipeline([PreRoPE(CodebookQuantizer(2, None, "channel", centered=True), THETA)])
+    assert rel_error(keys, coded(keys, positions=start)) < 1e-3
+
+
+def test_positions_are_required_and_checked():
+    x = torch.randn(2, 1, 4, 8)
+    with pytest.raises(ValueError, match="positions"):
+        Pipeline([PreRoPE(FullPrecision(), THETA)]).compress(x)
+    with pytest.raises(ValueError, match=r"positions must be \[batch\]"):
+        Pipeline([PreRoPE(FullPrecision(), THETA)]).compress(x, positions=torch.tensor([0]))
+    with pytest.raises(ValueError, match="even head dim"):
+        Pipeline([PreRoPE(FullPrecision(), THETA)]).compress(torch.randn(1, 1, 4, 3), positions=torch.tensor([0]))
+    with pytest.raises(ValueError, match="rope_theta"):
+        PreRoPE(FullPrecision(), 0.5)
+
+
+def test_sink_exclusions_survive_and_single_entries_do_not():
+    x = torch.randn(1, 2, 8, 16)
+    exclude = torch.zeros_like(x, dtype=torch.bool)
+    exclude[:, :, 0] = True
+    exclude[:, :, 4, 3] = True
+    seen = []
+
+    class Spy(FullPrecision):
+        def encode(self, t, exclude=None, ctx=None):
+            seen.append(exclude)
+            return super().encode(t, exclude)
+
+    PreRoPE(Spy(), THETA).encode(x, exclude, Context(positions=torch.tensor([0])))
+    assert seen[-1][:, :, 0].all() and seen[-1][:, :, 1:].sum() == 0
+
+
+def test_a_model_with_another_rotary_embedding_is_refused_and_the_cache_supplies_positions():
+    model = tiny_llama("gqa", rope_theta=THETA)  # head dim 16
+    recipe = Recipe("pre-rope-test", Pipeline([PreRoPE(FullPrecision(torch.float32), THETA)]),
+                    Pipeline([FullPrecision(torch.float32)]), buffer_size=4, sink_tokens=1)
+    ids = torch.randint(2, 97, (2, 13), generator=torch.Generator().manual_seed(0))
+    plain = Recipe("post-rope-test", Pipeline([FullPrecision(torch.float32)]), recipe.value, 4, 1)
+
+    def logits(r: Recipe) -> torch.Tensor:
+        cache = make_cache(r, model)
+        with torch.no_grad():
+            return torch.cat([model(ids[:, :9], past_key_values=cache).logits,
+                              model(ids[:, 9:], past_key_values=cache).logits], 1)
+
+    assert torch.allclose(logits(recipe), logits(plain), atol=1e-5)  # lossless inner: every chunk's positions right
+    other = Recipe("pre-rope-other", Pipeline([PreRoPE(FullPrecision(), 500000.0)]), Pipeline([FullPrecision()]))
+    with pytest.raises(ValueError, match="theta"):
+        make_cache(other, model)
