@@ -68,8 +68,9 @@ def run(model, spec: str, batch: int, context: int, new_tokens: int, device: str
     if spec == "DynamicCache":
         model.set_attn_implementation("sdpa")
         cache = DynamicCache(config=model.config)
-    else:
-        cache = make_cache(spec, model)
+    else:  # "sink-3@sdpa": the compatibility mode, SDPA over the decompressed past
+        name, _, attention = spec.partition("@")
+        cache = make_cache(name, model, attention=attention or "gearkit")
     logits = model(ids, cache=cache, use_cache=True).logits[:, -1]
     token = logits.argmax(-1, keepdim=True)
     step_largest = 0
@@ -108,7 +109,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--batches", default="1")
-    ap.add_argument("--caches", default=None, help="comma-separated; default DynamicCache, quanto, sink-3, kivi-2, gear-2")
+    ap.add_argument("--caches", default=None, help="comma-separated; default DynamicCache, quanto, sink-3, kivi-2, gear-2; "
+                    "NAME@sdpa runs a recipe in the SDPA compatibility mode")
     ap.add_argument("--budget-gib", type=float, default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -36,7 +36,7 @@ from gearkit.compressors.checks import check_kv, check_storable
 from gearkit.compressors.probes import Probes, normalized_saliency, probe_attention
 from gearkit.kernels.backend import may_use_triton
 from gearkit.kernels.decode import compressed_attention
-from gearkit.kernels.reference import attention_reference, merge_segments
+from gearkit.kernels.reference import attention_reference, merge_attention
 from gearkit.recipes import Recipe
 
 
@@ -333,15 +333,14 @@ class StepView:
         _, covered = self._sink_slots(held)
         bias = torch.where(past[:, 0] & ~covered, 0.0, neg)
         exact_visible = torch.cat([sink_visible, visible[:, :, held:]], -1)
-        out = attention_reference(query, torch.cat([self.sink_keys.to(keys.dtype), keys], -2),
-                                  torch.cat([self.sink_values.to(values.dtype), values], -2),
-                                  torch.where(exact_visible, 0.0, neg), scaling)
+        segments = [attention_reference(query, torch.cat([self.sink_keys.to(keys.dtype), keys], -2),
+                                        torch.cat([self.sink_values.to(values.dtype), values], -2),
+                                        torch.where(exact_visible, 0.0, neg), scaling)]
         for (first, kv), (_, vv) in zip(self.key_chunks.blocks(), self.value_chunks.blocks()):
-            n = kv.shape[0] // b
-            block = chunk_attention(query, store.recipe.key, kv, store.recipe.value, vv, n,
-                                    bias[:, first * size : (first + n) * size], scaling)
-            out = merge_segments([out, block])  # a running merge: one block's partial result at a time
-        return out[0].to(query.dtype).transpose(1, 2)
+            n = kv.shape[0] // b  # one block decompressed at a time; only its small (out, lse) is kept
+            segments.append(chunk_attention(query, store.recipe.key, kv, store.recipe.value, vv, n,
+                                            bias[:, first * size : (first + n) * size], scaling))
+        return merge_attention(segments).to(query.dtype).transpose(1, 2)
 
 
 class ChunkStore:
@@ -362,7 +361,7 @@ class ChunkStore:
         layer: the model layer this store serves (stages with per-layer dictionaries need it).
     """
 
-    BLOCK_TOKENS = 512  # tokens of compressed chunks decode attention decompresses at once: its working set
+    BLOCK_TOKENS = 1024  # tokens of compressed chunks decode attention decompresses at once: its working set
 
     def __init__(self, recipe: Recipe, buffer_dtype: torch.dtype | None = torch.float16, layer: int | None = None):
         self.recipe, self.buffer_dtype, self.layer = recipe, buffer_dtype, layer

@@ -232,7 +232,7 @@ def test_sink_tokens_stay_in_full_precision():
 
 
 def test_appending_chunks_never_copies_the_earlier_ones():
-    store = ChunkStore(recipes.get("kivi-2"))  # 128-token chunks, decode attention blocks of 512 // 128 = 4 chunks
+    store = ChunkStore(recipes.get("kivi-2"))  # 128-token chunks, decode attention blocks of 1024 // 128 = 8 chunks
     store.append(kv_like(0, (2, 2, 3 * 128, 64)), kv_like(1, (2, 2, 3 * 128, 64)))  # a prefill of 3 chunks
     held = lambda: [t.data_ptr() for t in store.key_chunks.tensors()]
     before = held()
@@ -240,7 +240,7 @@ def test_appending_chunks_never_copies_the_earlier_ones():
         store.append(kv_like(i, (2, 2, 128, 64)), kv_like(i + 50, (2, 2, 128, 64)))
         assert held()[: len(before)] == before  # what was held is neither copied nor re-allocated
     assert store.chunks == 12 and len(store.key_chunks.groups) == 10
-    assert [first for first, _ in store.key_chunks.blocks()] == [0, 4, 8]  # short groups joined into blocks of 4
+    assert [first for first, _ in store.key_chunks.blocks()] == [0, 8]  # short groups joined into blocks of 8
     report = store.memory_report()
     assert "slack" not in report.components
     assert report.nbytes == sum(t.untyped_storage().nbytes() for t in store.held_tensors())

@@ -31,7 +31,8 @@ GREEDY = dict(do_sample=False, pad_token_id=0, output_scores=True, return_dict_i
 @pytest.fixture(scope="module")
 def model():
     torch.set_grad_enabled(False)
-    yield tiny_llama("gqa", 2, max_position_embeddings=1100)
+    # the default model's RoPE base, which the pre-RoPE recipes (kvquant-*) name
+    yield tiny_llama("gqa", 2, max_position_embeddings=1100, rope_theta=100000.0)
     torch.set_grad_enabled(True)
 
 
@@ -272,11 +273,12 @@ def test_readme_docs_and_registry_agree_on_recipe_names():
     readme = (ROOT / "README.md").read_text()
     listing = readme[readme.index("Recipes (`gearkit recipes`)"):].split("\n\n")[0]
     listed = set()
-    for name in re.findall(r"`([a-z0-9{},-]+)`", listing):
+    for name in re.findall(r"`([a-z0-9.{},-]+)`", listing):
         head, _, tail = name.partition("{")
         listed |= {head + x + tail.split("}")[1] for x in tail.split("}")[0].split(",")} if tail else {name}
     assert listed == known
-    family = re.compile(r"\b(?:uniform|kivi|gear-l|gear|kcvt|sink-gear|sink|csr|hf-quanto|hf-hqq)-\d+\b")
+    family = re.compile(r"\b(?:uniform|kivi|gear-l|gear|kcvt|sink-gear|sink|csr|hf-quanto|hf-hqq|turboquant|kvquant|gk)"
+                        r"-\d+(?:\.\d+)?\b")
     for page in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]:
         named = set(family.findall(page.read_text())) - known
         assert not named, f"{page.relative_to(ROOT)} names recipes that do not exist: {sorted(named)}"

@@ -180,23 +180,11 @@ def attention_reference(query: Tensor, keys: Tensor, values: Tensor, bias: Tenso
     return out.reshape(b, hq, nq, d), lse.reshape(b, hq, nq)
 
 
-def merge_segments(segments: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """Combine per-segment attention `(out [..., head_dim], lse [...])` into attention over all segments.
-
-    Returns:
-        `(out [..., head_dim], lse [...])` of the segments together, so merges can run one segment at a time.
-    """
+def merge_attention(segments: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """Combine per-segment attention `(out [..., head_dim], lse [...])` into attention over all segments."""
     lse = torch.stack([s[1] for s in segments])
     top = lse.amax(0)
-    shift = torch.where(torch.isfinite(top), top, 0.0)
-    weight = torch.exp(lse - shift)  # [segments, ...]
+    weight = torch.exp(lse - torch.where(torch.isfinite(top), top, 0.0))  # [segments, ...]
     total = weight.sum(0)
     out = sum(w[..., None] * s[0] for w, s in zip(weight, segments))
-    merged = torch.where(total > 0, shift + total.clamp_min(1e-38).log(), float("-inf"))
-    return out / torch.where(total > 0, total, 1.0)[..., None], merged
-
-
-def merge_attention(segments: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """Combine per-segment attention `(out [..., head_dim], lse [...])` into attention over all segments:
-    `[..., head_dim]`."""
-    return merge_segments(segments)[0]
+    return out / torch.where(total > 0, total, 1.0)[..., None]
