@@ -43,6 +43,8 @@ class GearLayer(CacheLayerMixin):
         recipe: the key/value pipelines, the buffer size (= chunk size) and the sink tokens.
         buffer_dtype: storage dtype of the buffer; None keeps the model's dtype.
         layer_idx: the model layer this cache layer serves (stages with per-layer dictionaries need it).
+        config (transformers.PretrainedConfig | None): the model's config, read at every update to see whether
+            gearkit's attention function runs the step (then the step reads the compressed storage); None: never.
     """
 
     STORAGE_QUERIES = 16  # on CUDA, steps with at most this many new tokens read the storage (the kernel's query rows)
