@@ -114,21 +114,19 @@ class CodebookQuantizer(Quantizer):
         """Dequantize: float32 `[batch, kv_heads, tokens, head_dim]`."""
         if part.bits != self.bits:
             raise ValueError(f"part holds {part.bits}-bit codes but this quantizer is {self.bits}-bit")
-        rows_shape = self._rows_shape(part.shape)
-        size, n = self._groups(rows_shape[-1])
-        codes = unpack_bits(part.codes, part.bits, math.prod(rows_shape[1:])).reshape(rows_shape).long()
-        codes = torch.nn.functional.pad(codes, (0, n * size - rows_shape[-1])).reshape(*rows_shape[:-1], n, size)
+        codes = self._grouped_codes(part, unpack_bits).long()
         out = lloyd_max_levels(self.bits).to(codes.device)[codes] * part.scale.float()[..., None]
         if part.center is not None:
             out = out + part.center.float()[..., None]
         return self._ungroup(out, part.shape)
 
-    def codes(self, part: CodebookPart) -> Tensor:
-        """The codebook indices of a part, uint8 `[batch, kv_heads, tokens, head_dim]`."""
-        return self._ungroup(self._grouped_codes(part), part.shape)
-
     def error_bound(self, part: CodebookPart) -> Tensor:
-        raise NotImplementedError("a Gaussian codebook's outermost cells are unbounded; there is no per-element bound")
+        """Refused: a Gaussian codebook's outermost cells are unbounded, so there is no per-element bound.
+
+        Raises:
+            TypeError: always.
+        """
+        raise TypeError("a Gaussian codebook's outermost cells are unbounded; there is no per-element bound")
 
     def extra_repr(self) -> str:
         centered = ", centered=True" if self.centered else ""

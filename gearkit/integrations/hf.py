@@ -164,7 +164,8 @@ class GearLayer(CacheLayerMixin):
         self._step = None
 
     def offload(self):
-        raise NotImplementedError("GearCache does not offload layers (its compressed chunks are the saving)")
+        """Refused: the compressed chunks are the saving; moving layers off the device is not supported."""
+        raise RuntimeError("GearCache does not offload layers (its compressed chunks are the saving)")
 
     prefetch = offload
 
