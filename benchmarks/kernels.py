@@ -57,7 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", default=None, help="comma-separated context lengths")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes")
-    parser.add_argument("--recipes", default="kivi-2,gear-2")
+    parser.add_argument("--recipes", default="kivi-2,gear-2,sink-3")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -111,8 +111,8 @@ def main() -> None:
                            gbps=round(2 * k.numel() * 2 / sdpa / 1e6, 1), **key)
                     for backend in ("triton", "torch"):
                         with use_backend(backend):
-                            ms = bench_ms(lambda: chunk_attention(q, recipe.key, sk, recipe.value, sv,
-                                                                  context // chunk, bias, scale), device)
+                            ms = bench_ms(lambda: chunk_attention(q, recipe.key, recipe.value, [(sk, sv)], bias,
+                                                                  scale), device)
                         record(op="decode_attention", backend=backend, ms=round(ms, 4),
                                speedup_vs_sdpa_fp16=round(sdpa / ms, 2),
                                bytes_read=sk.nbytes + sv.nbytes, **key)

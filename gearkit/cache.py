@@ -20,6 +20,7 @@ store moves on. `gearkit.integrations.hf.GearLayer` adapts a store to `transform
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 import dataclasses
 import functools
 import warnings
@@ -34,9 +35,8 @@ from gearkit.compressors.base import Context
 from gearkit.compressors.pipeline import Pipeline
 from gearkit.compressors.checks import check_kv, check_storable
 from gearkit.compressors.probes import Probes, normalized_saliency, probe_attention
-from gearkit.kernels.backend import may_use_triton
 from gearkit.kernels.decode import compressed_attention
-from gearkit.kernels.reference import attention_reference, merge_attention
+from gearkit.kernels.reference import attention_reference
 from gearkit.recipes import Recipe
 
 
@@ -126,33 +126,35 @@ class ChunkList:
         return add_counts(*(group.components() for group in self.groups))
 
 
-def chunk_attention(query: Tensor, key_pipeline: Pipeline, keys: CompressedTensor, value_pipeline: Pipeline,
-                    values: CompressedTensor, chunks: int, bias: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
-    """Attention of a few queries over stored chunks: the kernels read the packed bytes where they cover the
-    pipelines' layouts (`Pipeline.kernel_layout`), the reference decompresses otherwise.
+def chunk_attention(query: Tensor, key_pipeline: Pipeline, value_pipeline: Pipeline,
+                    blocks: Sequence[tuple[CompressedTensor, CompressedTensor]], bias: Tensor, scaling: float,
+                    exact: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Attention of a few queries over stored chunks: read in their stored form where the pipelines' layouts
+    allow (`Pipeline.storage_layout`: Triton on a GPU, torch otherwise), decompressed block by block by the
+    reference otherwise.
 
     Args:
         query: `[batch, heads, queries, head_dim]`.
-        key_pipeline: the pipeline that compressed `keys`.
-        keys: chunks stacked chunk-major along the batch, `[(chunks batch), kv_heads, T, head_dim]`.
-        value_pipeline: the pipeline that compressed `values`.
-        values: like `keys`.
-        chunks: chunks per sequence.
-        bias: additive float `[batch, chunks * T]` (`-inf` masks a position).
+        key_pipeline: the pipeline that compressed the keys.
+        value_pipeline: the pipeline that compressed the values.
+        blocks: consecutive `(keys, values)` blocks of chunks, each stacked chunk-major along the batch,
+            `[(chunks batch), kv_heads, T, head_dim]`.
+        bias: additive float `[batch, total chunks * T]` (`-inf` masks a position).
         scaling: softmax scale.
+        exact: optional full-precision keys and values `[batch, kv_heads, F, head_dim]` with their bias
+            `[batch, queries, F]`, attended to with the chunks.
 
     Returns:
         `(out, lse)`: float32 `[batch, heads, queries, head_dim]` and `[batch, heads, queries]`.
     """
-    def rebuild() -> tuple[Tensor, Tensor]:
-        return (rearrange(key_pipeline.decompress(keys).float(), "(n b) h c d -> b h (n c) d", n=chunks),
-                rearrange(value_pipeline.decompress(values).float(), "(n b) h c d -> b h (n c) d", n=chunks))
+    def rebuild(keys: CompressedTensor, values: CompressedTensor) -> tuple[Tensor, Tensor]:
+        n = keys.shape[0] // query.shape[0]
+        return (rearrange(key_pipeline.decompress(keys).float(), "(n b) h c d -> b h (n c) d", n=n),
+                rearrange(value_pipeline.decompress(values).float(), "(n b) h c d -> b h (n c) d", n=n))
 
-    if not may_use_triton(query.device):  # the reference: no need to work out the kernels' layouts
-        return compressed_attention(query, keys, (None, "reference"), values, (None, "reference"), chunks, bias,
-                                    scaling, rebuild)
-    return compressed_attention(query, keys, key_pipeline.kernel_layout(keys.shape), values,
-                                value_pipeline.kernel_layout(values.shape), chunks, bias, scaling, rebuild)
+    keys, values = blocks[0]
+    return compressed_attention(query, blocks, key_pipeline.storage_layout(keys.shape),
+                                value_pipeline.storage_layout(values.shape), bias, scaling, rebuild, exact)
 
 
 def padding(position_ids: Tensor | None, states: Tensor) -> Tensor | None:
@@ -296,9 +298,9 @@ class StepView:
     def attend(self, query: Tensor, keys: Tensor, values: Tensor, attention_mask: Tensor | None,
                scaling: float | None) -> Tensor:
         """The step's attention read from the storage, block by block: each block of chunks through
-        `chunk_attention` (Triton reads the packed bytes; the reference decompresses one block at a time, so the
-        working set is one block whatever the context), the sink copy and `keys`/`values` through exact attention,
-        merged by log-sum-exp.
+        `chunk_attention` (Triton or torch read the packed codes, the reference decompresses; one block at a time, so
+        the working set is one block whatever the context), the sink copy and `keys`/`values` through exact
+        attention, merged by log-sum-exp.
 
         Args:
             query: `[batch, heads, queries, head_dim]`.
@@ -333,14 +335,14 @@ class StepView:
         _, covered = self._sink_slots(held)
         bias = torch.where(past[:, 0] & ~covered, 0.0, neg)
         exact_visible = torch.cat([sink_visible, visible[:, :, held:]], -1)
-        segments = [attention_reference(query, torch.cat([self.sink_keys.to(keys.dtype), keys], -2),
-                                        torch.cat([self.sink_values.to(values.dtype), values], -2),
-                                        torch.where(exact_visible, 0.0, neg), scaling)]
-        for (first, kv), (_, vv) in zip(self.key_chunks.blocks(), self.value_chunks.blocks()):
-            n = kv.shape[0] // b  # one block decompressed at a time; only its small (out, lse) is kept
-            segments.append(chunk_attention(query, store.recipe.key, kv, store.recipe.value, vv, n,
-                                            bias[:, first * size : (first + n) * size], scaling))
-        return merge_attention(segments).to(query.dtype).transpose(1, 2)
+        exact = (torch.cat([self.sink_keys.to(keys.dtype), keys], -2),
+                 torch.cat([self.sink_values.to(values.dtype), values], -2), torch.where(exact_visible, 0.0, neg))
+        if self.chunks:  # one block of chunks read at a time
+            blocks = [(kv, vv) for (_, kv), (_, vv) in zip(self.key_chunks.blocks(), self.value_chunks.blocks())]
+            out, _ = chunk_attention(query, store.recipe.key, store.recipe.value, blocks, bias, scaling, exact)
+        else:
+            out, _ = attention_reference(query, *exact, scaling)
+        return out.to(query.dtype).transpose(1, 2)
 
 
 class ChunkStore:

@@ -36,7 +36,7 @@ def both(fn):
     return ref, got
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("axis,group", [("token", 16), ("token", None), ("channel", 32), ("channel", 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_quantize_pack_is_bit_exact(bits, axis, group, dtype):
@@ -77,12 +77,14 @@ def gear(k_axis: str, q_axis: str, bits: int, group: int, rank: int, ratio: floa
     gear("token", "token", 4, 64, 4),               # GEAR values
     gear("token", "channel", 8, 16, 0),
     gear("channel", "token", 2, 16, 0, ratio=0),    # KIVI
-], ids=["gear-keys", "gear-values", "outliers+q8", "kivi"])
+    gear("channel", "channel", 3, 64, 0, ratio=0),  # sink-3 keys: 3-bit codes straddle bytes
+    gear("token", "token", 3, 16, 2),
+], ids=["gear-keys", "gear-values", "outliers+q8", "kivi", "3-bit-keys", "3-bit-gear-values"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_fused_reconstruction_matches_pipeline(pipeline, head_dim):
     x = kv(3, (4, 2, 64, head_dim), magnitude=2.0)
     c = pipeline.compress(x)
-    assert pipeline.kernel_layout(c.shape)[0] is not None
+    assert pipeline.storage_layout(c.shape)[0].triton_unsupported(c) is None
     ref, got = both(lambda: pipeline.decompress(c))
     assert got.dtype == ref.dtype and got.shape == ref.shape
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
@@ -110,7 +112,7 @@ def test_decode_attention_matches_reference_and_sdpa(heads, kv_heads, queries, h
     bias[0, :5] = float("-inf")  # left padding of the first sequence
     scale = head_dim**-0.5
     (ref, ref_lse), (got, got_lse) = both(
-        lambda: chunk_attention(query, kp, keys, vp, values, chunks, bias, scale))
+        lambda: chunk_attention(query, kp, vp, [(keys, values)], bias, scale))
     tol = 1e-5 if qdtype == torch.float32 else 1e-2
     assert torch.allclose(got, ref, rtol=tol, atol=tol) and torch.allclose(got_lse, ref_lse, rtol=tol, atol=tol)
     # and against PyTorch's SDPA on the dequantized tensors
@@ -123,13 +125,65 @@ def test_decode_attention_matches_reference_and_sdpa(heads, kv_heads, queries, h
     assert torch.allclose(got, sdpa, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("kp,vp", [
+    (gear("channel", "channel", 3, 32, 0, ratio=0), gear("token", "token", 3, 32, 0, ratio=0)),  # sink-3: in codes
+    (gear("channel", "channel", 2, 16, 0, ratio=0), gear("token", "token", 4, 8, 0, ratio=0)),   # KIVI: groups per row
+    (gear("channel", "channel", 2, 32, 2), gear("token", "token", 2, 32, 3)),                    # GEAR
+    (gear("token", "token", 1, 32, 2, ratio=0), gear("channel", "channel", 8, 32, 1, ratio=0)),  # other orientations
+    (gear("token", "channel", 3, 40, 0), gear("channel", "token", 4, 40, 2)),                   # outliers across rows
+], ids=["sink-3", "kivi", "gear", "token-keys", "crossed"])
+def test_stored_form_torch_path_matches_the_reference(kp, vp):
+    """The default CPU path (`stored_attention`, several blocks, one softmax) against block-wise decompression."""
+    batch, kv_heads, tokens, head_dim = 2, 3, 32, 32
+    sizes = (2, 1, 3)
+    shape = (1, kv_heads, tokens, head_dim)
+    assert kp.storage_layout(shape)[0] is not None and vp.storage_layout(shape)[0] is not None
+    blocks = [(stored_chunks(kp, batch, kv_heads, n, tokens, head_dim, 10 + i),
+               stored_chunks(vp, batch, kv_heads, n, tokens, head_dim, 20 + i)) for i, n in enumerate(sizes)]
+    query = torch.randn(batch, 6, 2, head_dim, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    bias = torch.zeros(batch, sum(sizes) * tokens, device=DEVICE)
+    bias[0, :40] = float("-inf")  # left padding across a whole first block
+    bias[1] = float("-inf")  # a row that sees nothing here
+    with use_backend("torch"):
+        ref, ref_lse = chunk_attention(query, kp, vp, blocks, bias, 0.2)
+    got, got_lse = chunk_attention(query, kp, vp, blocks, bias, 0.2)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(got_lse, ref_lse, atol=2e-5, rtol=2e-5)
+    assert (got[1] == 0).all() and torch.isinf(got_lse[1]).all()
+    # with full-precision tokens in the same softmax (sinks, buffer): causal over the two queries
+    causal = torch.ones(2, 5, dtype=torch.bool, device=DEVICE).triu(4)
+    exact = (kv(30, (batch, kv_heads, 5, head_dim)), kv(31, (batch, kv_heads, 5, head_dim)),
+             torch.zeros(batch, 2, 5, device=DEVICE).masked_fill(causal, float("-inf")))
+    with use_backend("torch"):
+        ref, ref_lse = chunk_attention(query, kp, vp, blocks, bias, 0.2, exact)
+    got, got_lse = chunk_attention(query, kp, vp, blocks, bias, 0.2, exact)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(got_lse, ref_lse, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4)])
+def test_decode_attention_reads_3_bit_codes(heads, kv_heads):
+    """`sink-3` through the fused kernel: per-channel 3-bit keys, per-token 3-bit values, against the reference."""
+    batch, chunks, tokens, head_dim = 2, 3, 64, 64
+    kp, vp = gear("channel", "channel", 3, 64, 0, ratio=0), gear("token", "token", 3, 64, 0, ratio=0)
+    keys = stored_chunks(kp, batch, kv_heads, chunks, tokens, head_dim, 5)
+    values = stored_chunks(vp, batch, kv_heads, chunks, tokens, head_dim, 6)
+    assert kp.storage_layout(keys.shape)[0].triton_unsupported(keys) is None
+    query = torch.randn(batch, heads, 1, head_dim, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    bias = torch.zeros(batch, chunks * tokens, device=DEVICE)
+    bias[1, :70] = float("-inf")
+    (ref, ref_lse), (got, got_lse) = both(lambda: chunk_attention(query, kp, vp, [(keys, values)], bias, 0.125))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
 def test_decode_attention_fully_masked_sequence_gives_zero_weight():
     kp = vp = gear("channel", "token", 4, 32, 0, ratio=0)
     keys, values = stored_chunks(kp, 2, 1, 2, 32, 64, 4), stored_chunks(vp, 2, 1, 2, 32, 64, 5)
     bias = torch.zeros(2, 64, device=DEVICE)
     bias[1] = float("-inf")
     with use_backend("triton"):
-        out, lse = chunk_attention(torch.randn(2, 1, 1, 64, device=DEVICE), kp, keys, vp, values, 2, bias, 0.125)
+        out, lse = chunk_attention(torch.randn(2, 1, 1, 64, device=DEVICE), kp, vp, [(keys, values)], bias, 0.125)
     assert torch.isfinite(out).all() and (out[1] == 0).all() and torch.isinf(lse[1]).all()
 
 
@@ -141,9 +195,9 @@ def test_backend_choice():
     with use_backend("triton"):
         assert use_triton(cpu)  # TRITON_INTERPRET=1 in this suite
         with pytest.raises(RuntimeError, match="cannot run"):
-            use_triton(cpu, "3-bit codes")
+            use_triton(cpu, "1-bit codes")
         with pytest.raises(RuntimeError, match="cannot run"):  # an explicit request is never silently dropped
-            Quantizer(3, 32, "token").encode(torch.randn(1, 1, 4, 64))
+            Quantizer(1, 32, "token").encode(torch.randn(1, 1, 4, 64))
     with pytest.raises(ValueError, match="unknown kernel backend"):
         set_backend("cuda")
     with use_backend("torch"):
@@ -153,6 +207,6 @@ def test_backend_choice():
 
 def test_unsupported_layouts_fall_back_under_auto():
     x = kv(0, (1, 2, 48, 64))
-    q = Quantizer(3, 48, "channel")  # 3-bit, 48-token rows: outside the kernels
-    assert Pipeline([q]).kernel_layout(x.shape)[0] is None
+    q = Quantizer(3, 48, "channel")  # 48-token rows: outside the kernels
+    assert Pipeline([q]).storage_layout(x.shape)[0].triton_unsupported(Pipeline([q]).compress(x)) is not None
     assert torch.equal(q.encode(x).codes, Quantizer(3, 48, "channel").encode(x).codes)

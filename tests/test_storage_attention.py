@@ -88,7 +88,7 @@ def test_every_recipe_decodes_from_storage_as_from_the_dequantized_past(name):
 @pytest.mark.parametrize("heads", [dict(num_attention_heads=4, num_key_value_heads=1, hidden_size=320),  # MQA, dim 80
                                    dict(num_attention_heads=3, num_key_value_heads=3, hidden_size=288)],  # MHA, dim 96
                          ids=["mqa-80", "mha-96"])
-def test_other_head_dims_read_the_storage_through_the_reference(heads):
+def test_other_head_dims_read_the_storage(heads):
     model = tiny_llama(heads)
     ids = torch.randint(2, 97, (1, 40), generator=torch.Generator().manual_seed(6))
     ref, _ = decode_logits(model, TINY_GEAR, "sdpa", ids, torch.ones_like(ids))

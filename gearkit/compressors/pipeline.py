@@ -15,7 +15,7 @@ from gearkit.compressors.outlier import SparseOutlier
 from gearkit.compressors.quantizer import Quantizer
 from gearkit.kernels import ops
 from gearkit.kernels.backend import may_use_triton, use_triton
-from gearkit.kernels.layout import StorageLayout, is_pow2, layout_ints, layout_tensors
+from gearkit.kernels.layout import StorageLayout, layout_ints, layout_tensors
 
 
 class Pipeline(nn.Module):
@@ -45,6 +45,7 @@ class Pipeline(nn.Module):
             if not isinstance(s, Stage):
                 raise TypeError(f"pipeline stages must be gearkit Stage modules, got {type(s).__name__}")
         self.stages = nn.ModuleList(stages)
+        self._layouts: dict[tuple[int, ...], tuple[StorageLayout | None, str | None]] = {}  # storage_layout by shape
 
     @property
     def requires(self) -> frozenset[str]:
@@ -122,8 +123,8 @@ class Pipeline(nn.Module):
             raise ValueError(f"compressed tensor has {len(c.parts)} parts but the pipeline has {len(self.stages)} stages")
         device = next(iter(c.tensors().values())).device
         if c.numel and may_use_triton(device):
-            layout, unsupported = self.kernel_layout(c.shape)
-            if use_triton(device, unsupported):  # one fused pass over the stored bytes
+            layout, unsupported = self.storage_layout(c.shape)
+            if use_triton(device, unsupported or layout.triton_unsupported(c)):  # one fused pass over the stored bytes
                 return ops.reconstruct(list(layout_tensors(c)), layout_ints(layout), c.shape[0], c.shape[1], c.dtype)
         total, exact = None, None
         for stage, part in zip(self.stages, c.parts):
@@ -135,29 +136,34 @@ class Pipeline(nn.Module):
         """Round trip: `decompress(compress(x, exclude, ctx, **context))`, same shape and dtype as `x`."""
         return self.decompress(self.compress(x, exclude, ctx, **context))
 
-    def kernel_layout(self, shape: tuple[int, ...]) -> tuple[StorageLayout | None, str | None]:
-        """The fused kernels' view of this pipeline compressing tensors of `shape` `[entries, heads, T, D]`.
+    def storage_layout(self, shape: tuple[int, ...]) -> tuple[StorageLayout | None, str | None]:
+        """How chunks of `shape` `[entries, heads, T, D]` are stored, for the decode paths that read stored chunks
+        without decompressing them (Triton where `StorageLayout.triton_unsupported` allows, else torch).
 
-        The kernels read `[SparseOutlier?, Quantizer, LowRankResidual?]` with power-of-two chunks and head dims.
+        Those paths read `[SparseOutlier?, Quantizer, LowRankResidual?]` with per-head groups that divide the rows.
 
         Returns:
-            `(layout, None)` when the kernels cover it, else `(None, reason)`.
+            `(layout, None)` when they can, else `(None, reason)`.
         """
+        key = tuple(shape[1:])  # asked once per block of every decode step: worked out once per shape
+        if key not in self._layouts:
+            self._layouts[key] = self._storage_layout(shape)
+        return self._layouts[key]
+
+    def _storage_layout(self, shape: tuple[int, ...]) -> tuple[StorageLayout | None, str | None]:
         stages = list(self.stages)
         outlier = stages.pop(0) if stages and isinstance(stages[0], SparseOutlier) else None
         quant = stages.pop(0) if stages and type(stages[0]) is Quantizer else None
         lowrank = stages.pop(0) if stages and isinstance(stages[0], LowRankResidual) else None
         if quant is None or stages:
-            return None, "the fused kernels read pipelines [SparseOutlier?, Quantizer, LowRankResidual?]"
+            return None, "the stored-form decode paths read pipelines [SparseOutlier?, Quantizer, LowRankResidual?]"
+        if quant.across_heads or (outlier is not None and outlier.across_heads):
+            return None, "the stored-form decode paths read per-head quantizers and outliers"
         _, _, t, d = shape
-        if not (is_pow2(t) and is_pow2(d) and t >= 16 and d >= 16):
-            return None, f"chunk tokens and head_dim must be powers of two >= 16, got {t} and {d}"
         length = t if quant.axis == "channel" else d
-        reason = "the kernels read per-head quantizers" if quant.across_heads else quant.kernel_unsupported(length)
-        if reason:
-            return None, reason
-        if outlier is not None and outlier.across_heads:
-            return None, "outliers across heads are not covered by the kernels"
+        group = min(quant.group_size or length, length)  # a group longer than the row is the row
+        if length % group:
+            return None, f"groups of {group} do not divide rows of {length}"
         k2 = 2 * outlier.count_per_side(t if outlier.axis == "channel" else d) if outlier is not None else 0
-        return StorageLayout(t, d, quant.bits, quant.group_size or length, quant.axis == "channel", k2,
+        return StorageLayout(t, d, quant.bits, group, quant.axis == "channel", k2,
                              outlier is not None and outlier.axis == "channel", lowrank.rank if lowrank else 0), None

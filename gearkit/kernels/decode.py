@@ -3,18 +3,20 @@ decompresses them; both return the segment's output and log-sum-exp so segments 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from gearkit.compressed import CompressedTensor
+from gearkit.compressed import CompressedTensor, LowRankPart, OutlierPart, QuantizedPart
 from gearkit.kernels import ops
-from gearkit.kernels.backend import use_triton
+from gearkit.kernels.backend import get_backend, use_triton
 from gearkit.kernels.layout import StorageLayout, layout_ints, layout_tensors
-from gearkit.kernels.reference import attention_reference, merge_attention
+from gearkit.kernels.reference import attention_reference, merge_attention, unpack_float
 
 Layout = tuple[StorageLayout | None, str | None]  # a layout, or why there is none
+# Tokens held in full precision: keys, values [batch, kv_heads, F, head_dim] and their bias [batch, queries, F].
+Exact = tuple[Tensor, Tensor, Tensor]
 
 
 def _splits(programs: int, chunks: int, device: torch.device) -> int:
@@ -25,32 +27,199 @@ def _splits(programs: int, chunks: int, device: torch.device) -> int:
     return max(1, min(chunks, -(-2 * sms // programs)))
 
 
-def compressed_attention(query: Tensor, keys: CompressedTensor, key_layout: Layout, values: CompressedTensor,
-                         value_layout: Layout, chunks: int, bias: Tensor, scaling: float,
-                         rebuild: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """Attention of a few queries over a cache's compressed chunks, read from their stored form.
+def _parts(c: CompressedTensor) -> tuple[QuantizedPart, OutlierPart | None, LowRankPart | None]:
+    q = next(p for p in c.parts if isinstance(p, QuantizedPart))
+    o = next((p for p in c.parts if isinstance(p, OutlierPart)), None)
+    lr = next((p for p in c.parts if isinstance(p, LowRankPart)), None)
+    return q, o, lr
+
+
+def _codes(c: CompressedTensor, layout: StorageLayout) -> Tensor:
+    """Float32 codes `[entries, heads, rows, length]` in the quantizer's row layout."""
+    entries, heads = c.shape[:2]
+    rows, length = layout.rows
+    return unpack_float(_parts(c)[0].codes, layout.bits, heads * rows * length).reshape(entries, heads, rows, length)
+
+
+def stored_rows(c: CompressedTensor, layout: StorageLayout) -> Tensor:
+    """Chunks stored in `layout` reconstructed in the quantizer's row layout, float32: `[entries, heads, D, T]`
+    for per-channel codes, `[entries, heads, T, D]` for per-token ones (no transpose: decode attention multiplies
+    either orientation directly).
+
+    Args:
+        c: chunks `[entries, heads, T, D]` compressed by `[SparseOutlier?, Quantizer, LowRankResidual?]`.
+        layout: their `StorageLayout` (`Pipeline.storage_layout`).
+
+    Returns:
+        float32 `[entries, heads, *layout.rows]`.
+    """
+    q, o, lr = _parts(c)
+    codes = _codes(c, layout)
+    grouped = codes.reshape(*codes.shape[:-1], -1, layout.group)
+    x = torch.addcmul(q.zero.float()[..., None], q.scale.float()[..., None], grouped).reshape(codes.shape)
+    if lr is not None:  # left [.., T, rank] @ right [.., D, rank]^T, in the rows' orientation
+        a, b = (lr.right, lr.left) if layout.q_channel else (lr.left, lr.right)
+        x = x + a.float() @ b.float().mT
+    if o is not None:  # entries stored exactly replace the rest
+        (x if layout.o_channel == layout.q_channel else x.mT).scatter_(-1, o.indices.long(), o.values.float())
+    return x
+
+
+def _in_codes(layout: StorageLayout) -> bool:
+    """Whether attention can multiply the codes and fold the scales and zeros in afterwards: one group per row
+    (a scalar scale and zero per row) and no outliers overriding entries."""
+    return layout.group == layout.rows[1] and not layout.k2
+
+
+def _split(c: CompressedTensor, layout: StorageLayout, chunks: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A one-group-per-row store's codes `[chunks, batch, heads, rows, length]` and its scale and zero
+    `[chunks, batch, heads, 1, rows]`."""
+    q = _parts(c)[0]
+    codes = _codes(c, layout)
+    codes = codes.reshape(chunks, -1, *codes.shape[1:])
+    scale, zero = (t.float().reshape(*codes.shape[:3], 1, -1) for t in (q.scale, q.zero))
+    return codes, scale, zero
+
+
+def _scores(q: Tensor, keys: CompressedTensor, layout: StorageLayout, chunks: int) -> Tensor:
+    """`q` `[1, batch, heads, rows, D]` times the stored keys: `[chunks, batch, heads, rows, T]`."""
+    b = q.shape[1]
+    if not _in_codes(layout):
+        k = stored_rows(keys, layout).reshape(chunks, b, keys.shape[1], *layout.rows)
+        return q @ (k if layout.q_channel else k.mT)
+    codes, scale, zero = _split(keys, layout, chunks)
+    if layout.q_channel:  # k[t, d] = s[d] c[d, t] + z[d]
+        scores = (q * scale) @ codes + q @ zero.mT
+    else:  # k[t, d] = s[t] c[t, d] + z[t]
+        scores = (q @ codes.mT) * scale + q.sum(-1, keepdim=True) * zero
+    lr = _parts(keys)[2]
+    if lr is not None:  # k = left @ right^T, applied in factored form
+        left, right = (t.float().reshape(chunks, b, *t.shape[1:]) for t in (lr.left, lr.right))
+        scores = scores + (q @ right) @ left.mT
+    return scores
+
+
+def _weighted(p: Tensor, values: CompressedTensor, layout: StorageLayout) -> Tensor:
+    """Weights `p` `[chunks, batch, heads, rows, T]` times the stored values, summed over chunks:
+    `[batch, heads, rows, D]`."""
+    chunks, b = p.shape[:2]
+    if not _in_codes(layout):
+        v = stored_rows(values, layout).reshape(chunks, b, values.shape[1], *layout.rows)
+        return (p @ (v.mT if layout.q_channel else v)).sum(0)
+    codes, scale, zero = _split(values, layout, chunks)
+    if layout.q_channel:  # v[t, d] = s[d] c[d, t] + z[d]
+        out = (p @ codes.mT) * scale + p.sum(-1, keepdim=True) * zero
+    else:  # v[t, d] = s[t] c[t, d] + z[t]
+        out = (p * scale) @ codes + p @ zero.mT
+    lr = _parts(values)[2]
+    if lr is not None:
+        left, right = (t.float().reshape(chunks, b, *t.shape[1:]) for t in (lr.left, lr.right))
+        out = out + (p @ left) @ right.mT
+    return out.sum(0)
+
+
+def stored_attention(query: Tensor, blocks: Sequence[tuple[CompressedTensor, CompressedTensor]],
+                     key_layout: StorageLayout, value_layout: StorageLayout, bias: Tensor, scaling: float,
+                     exact: Exact | None = None) -> tuple[Tensor, Tensor]:
+    """Attention of a few queries over stored chunks in torch, reading each block of chunks in its stored
+    orientation: where a row has one group (`sink-*`, `gear-*`), the products run on the codes and the scales,
+    zeros and low-rank factors are folded in afterwards; otherwise the block is reconstructed (`stored_rows`).
+    One block is unpacked at a time and no sequence-major copy of the past is made; the scores of all blocks
+    (`[chunks, batch, heads, queries, T]`, no head dimension) and of the `exact` tokens share one softmax.
 
     Args:
         query: `[batch, heads, queries, head_dim]`; query head `j` reads KV head `j // (heads / kv_heads)`.
-        keys: stored chunks stacked chunk-major along the batch: shape `[(chunks batch), kv_heads, T, head_dim]`.
-        key_layout: `(layout, None)` if the kernels read `keys`, else `(None, reason)` (`Pipeline.kernel_layout`).
-        values: like `keys`.
-        value_layout: like `key_layout`, for `values`.
-        chunks: number of chunks per sequence.
-        bias: additive float `[batch, chunks * T]` (`-inf` masks a position), the same for every query.
+        blocks: consecutive `(keys, values)` blocks of chunks, each stacked chunk-major along the batch:
+            `[(chunks batch), kv_heads, T, head_dim]`.
+        key_layout: how the keys are stored.
+        value_layout: how the values are stored.
+        bias: additive float `[batch, total chunks * T]` (`-inf` masks a position), the same for every query.
         scaling: softmax scale.
-        rebuild: returns the chunks decompressed, keys and values float32 `[batch, kv_heads, chunks * T,
-            head_dim]`: the reference path, taken when the kernels do not run.
+        exact: optional tokens held in full precision, attended to in the same softmax: keys and values
+            `[batch, kv_heads, F, head_dim]` and their bias `[batch, queries, F]`.
+
+    Returns:
+        `(out, lse)`: float32 `[batch, heads, queries, head_dim]` (zeros for a query that sees nothing here) and
+        `[batch, heads, queries]` (`-inf` then).
+    """
+    b, hq, nq, d = query.shape
+    heads, t = blocks[0][0].shape[1], blocks[0][0].shape[2]
+    q = (query.float() * scaling).reshape(1, b, heads, hq // heads * nq, d)
+    counts = [keys.shape[0] // b for keys, _ in blocks]
+    scores = torch.cat([_scores(q, keys, key_layout, n) for (keys, _), n in zip(blocks, counts)])
+    scores = scores + bias.float().reshape(b, -1, t).transpose(0, 1)[:, :, None, None]
+    top = scores.amax((0, -1))
+    if exact is not None:
+        keys, values, exact_bias = exact
+        group = hq // heads
+        exact_bias = exact_bias.float()[:, None, None].expand(b, 1, group, nq, -1).reshape(b, 1, group * nq, -1)
+        exact_scores = q[0] @ keys.float().mT + exact_bias  # [batch, heads, rows, F]
+        top = torch.maximum(top, exact_scores.amax(-1))
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    p = torch.exp(scores - top[..., None])  # [chunks, batch, heads, rows, T]
+    total = p.sum((0, -1))
+    out = sum(_weighted(w, values, value_layout) for w, (_, values) in zip(p.split(counts), blocks))
+    if exact is not None:
+        p = torch.exp(exact_scores - top[..., None])
+        total = total + p.sum(-1)
+        out = out + p @ exact[1].float()
+    out = out / torch.where(total > 0, total, 1.0)[..., None]
+    lse = torch.where(total > 0, top + total.log(), float("-inf"))
+    return out.reshape(b, hq, nq, d), lse.reshape(b, hq, nq)
+
+
+def compressed_attention(query: Tensor, blocks: Sequence[tuple[CompressedTensor, CompressedTensor]],
+                         key_layout: Layout, value_layout: Layout, bias: Tensor, scaling: float,
+                         rebuild: Callable[[CompressedTensor, CompressedTensor], tuple[Tensor, Tensor]],
+                         exact: Exact | None = None) -> tuple[Tensor, Tensor]:
+    """Attention of a few queries over a cache's compressed chunks, read from their stored form: the Triton
+    kernel where it covers the layouts (on a GPU), else `stored_attention` in torch where the layouts allow,
+    else the reference (`rebuild` one block at a time).
+
+    Args:
+        query: `[batch, heads, queries, head_dim]`; query head `j` reads KV head `j // (heads / kv_heads)`.
+        blocks: consecutive `(keys, values)` blocks of stored chunks, each stacked chunk-major along the batch:
+            `[(chunks batch), kv_heads, T, head_dim]`.
+        key_layout: `(layout, None)` if the stored-form paths read the keys, else `(None, reason)`
+            (`Pipeline.storage_layout`).
+        value_layout: like `key_layout`, for the values.
+        bias: additive float `[batch, total chunks * T]` (`-inf` masks a position), the same for every query.
+        scaling: softmax scale.
+        rebuild: `(keys, values)` of one block decompressed, float32 `[batch, kv_heads, chunks * T, head_dim]`.
+        exact: optional full-precision tokens attended to with the chunks (see `stored_attention`).
 
     Returns:
         `(out, lse)`: float32 `[batch, heads, queries, head_dim]` and `[batch, heads, queries]`.
     """
+    (key_layout, key_reason), (value_layout, value_reason) = key_layout, value_layout
+    keys, values = blocks[0]
+    reason = (key_reason or value_reason or key_layout.triton_unsupported(keys)
+              or value_layout.triton_unsupported(values))
+    triton = use_triton(query.device, reason)
+    if not triton and key_layout is not None and value_layout is not None and get_backend() != "torch":
+        return stored_attention(query, blocks, key_layout, value_layout, bias, scaling, exact)
+    segments, first, t = [], 0, keys.shape[2]
+    if exact is not None:
+        segments.append(attention_reference(query, *exact, scaling))
+    for keys, values in blocks:
+        n = keys.shape[0] // query.shape[0]
+        part = bias[:, first * t : (first + n) * t]
+        if triton:
+            segments.append(_triton_attention(query, keys, key_layout, values, value_layout, n, part, scaling))
+        else:
+            k, v = rebuild(keys, values)
+            segments.append(attention_reference(query, k, v, part[:, None], scaling))
+        first += n
+    if len(segments) == 1:
+        return segments[0]
+    return merge_attention(segments), torch.stack([lse for _, lse in segments]).logsumexp(0)
+
+
+def _triton_attention(query: Tensor, keys: CompressedTensor, key_layout: StorageLayout, values: CompressedTensor,
+                      value_layout: StorageLayout, chunks: int, bias: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    """The Triton kernel over one block of `chunks` chunks per sequence (arguments as `compressed_attention`)."""
     b, hq, nq, d = query.shape
     heads = keys.shape[1]
-    (key_layout, key_reason), (value_layout, value_reason) = key_layout, value_layout
-    if not use_triton(query.device, key_reason or value_reason):
-        k, v = rebuild()
-        return attention_reference(query, k, v, bias[:, None], scaling)
     group = hq // heads
     rows = group * nq
     block = max(16, 1 << (rows - 1).bit_length())

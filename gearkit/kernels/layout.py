@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import Tensor
 
 from gearkit.compressed import CompressedTensor, LowRankPart, OutlierPart, QuantizedPart
 
-KERNEL_BITS = (2, 4, 8)
+KERNEL_BITS = (2, 3, 4, 8)  # what the Triton kernels read; the torch path reads every supported width
 
 
 def is_pow2(n: int) -> bool:
@@ -40,9 +41,29 @@ class StorageLayout:
     o_channel: bool = False
     rank: int = 0
 
+    @property
+    def rows(self) -> tuple[int, int]:
+        """`(rows, row length)` of one head of a chunk in the quantizer's layout: `(D, T)` per-channel, else
+        `(T, D)`."""
+        return (self.head_dim, self.tokens) if self.q_channel else (self.tokens, self.head_dim)
+
+    def triton_unsupported(self, c: CompressedTensor) -> str | None:
+        """Why the Triton kernels cannot read chunks `c` stored in this layout, or None if they can."""
+        length = self.rows[1]
+        q = next(p for p in c.parts if isinstance(p, QuantizedPart))
+        if self.bits not in KERNEL_BITS or q.scale.dtype not in (torch.float16, torch.float32):
+            return (f"the kernels cover {KERNEL_BITS}-bit codes with fp16/fp32 parameters, not {self.bits}-bit "
+                    f"codes with {q.scale.dtype} parameters")
+        if not (is_pow2(self.tokens) and is_pow2(self.head_dim) and self.tokens >= 16 and self.head_dim >= 16):
+            return f"chunk tokens and head_dim must be powers of two >= 16, got {self.tokens} and {self.head_dim}"
+        if not (is_pow2(length) and is_pow2(self.group) and 8 <= length <= 4096):
+            return (f"the kernels need power-of-two rows (8 to 4096) and groups dividing them, got {length} and "
+                    f"{self.group}")
+        return None
+
     def constexprs(self) -> dict[str, int]:
         """The kernels' compile-time constants."""
-        length = self.tokens if self.q_channel else self.head_dim
+        length = self.rows[1]
         return dict(T=self.tokens, D=self.head_dim, BITS=self.bits, GROUP=self.group, NG=length // self.group,
                     Q_CHANNEL=self.q_channel, K2=self.k2, O_CHANNEL=self.o_channel, RANK=self.rank)
 

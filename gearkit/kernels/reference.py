@@ -6,6 +6,7 @@ These are the CPU path of every stage and the oracle that faster kernels are tes
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 from torch import Tensor
@@ -51,17 +52,22 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
     return ((word[..., None] >> byte_shift) & 0xFF).to(torch.uint8).reshape(*lead, packed_nbytes(n, bits))
 
 
+_WORD = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # an integer type as wide as a field's codes
+
+
 @functools.cache
 def _code_table(bits: int, device: torch.device) -> Tensor:
-    """Float32 lookup table from a packed field to its codes (see `unpack_float`): `[256, 8 // bits]` for widths
-    that divide 8 (a byte), `[4096, 4]` for 3 bits (half of a 3-byte block: 12 bits, 4 whole codes)."""
+    """Lookup table from a packed field to its codes (see `unpack_bits`): for each field value, its uint8 codes
+    reinterpreted as one integer (`[256]` for widths that divide 8: a byte, `[4096]` for 3 bits: half of a
+    3-byte block, 12 bits, 4 whole codes), so a lookup moves one machine word."""
     width = 12 if bits == 3 else 8
     field = torch.arange(1 << width, dtype=torch.int64)
-    return ((field[:, None] >> torch.arange(0, width, bits)) & ((1 << bits) - 1)).float().to(device)
+    codes = ((field[:, None] >> torch.arange(0, width, bits)) & ((1 << bits) - 1)).to(torch.uint8)
+    return codes.view(_WORD[codes.shape[1]])[:, 0].to(device)
 
 
-def unpack_float(data: Tensor, bits: int, n: int) -> Tensor:
-    """`unpack_bits(data, bits, n)` as float32 codes, by table lookup (fewer passes than shifting widened ints).
+def unpack_bits(data: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of `pack_bits`, by table lookup (fewer passes than shifting widened integers).
 
     Args:
         data: uint8 tensor `[..., packed_nbytes(n, bits)]`.
@@ -69,24 +75,31 @@ def unpack_float(data: Tensor, bits: int, n: int) -> Tensor:
         n: number of codes per row.
 
     Returns:
-        float32 tensor `[..., n]` holding the integer codes.
+        uint8 tensor `[..., n]`.
     """
     check_bits(bits)
     if data.shape[-1] != packed_nbytes(n, bits):
         raise ValueError(f"{data.shape[-1]} packed bytes per row cannot hold {n} codes of {bits} bits")
     if bits == 8:
-        return data.float()
-    lead, index = data.shape[:-1], data.int()
+        return data
+    lead = data.shape[:-1]
     if bits == 3:  # a 3-byte block's low and high 12 bits each hold 4 codes
-        b0, b1, b2 = index.reshape(*lead, index.shape[-1] // 3, 3).unbind(-1)
-        index = torch.stack([b0 + ((b1 & 15) << 8), (b1 >> 4) + (b2 << 4)], -1)
-    codes = torch.nn.functional.embedding(index, _code_table(bits, data.device))
+        blocks = data.reshape(*lead, data.shape[-1] // 3, 3)
+        if sys.byteorder == "little":  # the block padded to 4 bytes is one little-endian int32 (fewest passes)
+            word = torch.nn.functional.pad(blocks, (0, 1)).view(torch.int32)
+        else:
+            b0, b1, b2 = blocks.int().unbind(-1)
+            word = (b0 | (b1 << 8) | (b2 << 16))[..., None]
+        index = torch.cat([word & 0xFFF, word >> 12], -1)
+    else:
+        index = data
+    codes = _code_table(bits, data.device).take(index.long()).view(torch.uint8)
     return codes.flatten(len(lead))[..., :n]
 
 
-def unpack_bits(data: Tensor, bits: int, n: int) -> Tensor:
-    """Inverse of `pack_bits`: uint8 codes `[..., n]` from `data` uint8 `[..., packed_nbytes(n, bits)]`."""
-    return unpack_float(data, bits, n).to(torch.uint8)
+def unpack_float(data: Tensor, bits: int, n: int) -> Tensor:
+    """`unpack_bits(data, bits, n)` as float32 `[..., n]` (the codes as the products of decode read them)."""
+    return unpack_bits(data, bits, n).float()
 
 
 def _round_toward(v: Tensor, dtype: torch.dtype, down: bool) -> Tensor:

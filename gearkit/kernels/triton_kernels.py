@@ -5,7 +5,8 @@ reference that is the CPU path and the test oracle: `reference.quantize_groups` 
 `Pipeline.decompress`, and `reference.attention_reference` over the decompressed chunks.
 
 Stored layouts (see `gearkit.kernels.layout.StorageLayout`): a chunk entry `e` holds `[heads, T, D]`; codes are
-packed per entry in the quantizer's row order (`[h, d, t]` for per-channel groups, `[h, t, d]` per token);
+packed per entry in the quantizer's row order (`[h, d, t]` for per-channel groups, `[h, t, d]` per token; 3-bit
+codes as 8 codes per 3 bytes, straddling byte boundaries, like `reference.pack_bits`);
 scales and zeros are `[E, h, rows, n_groups]`; outliers `[E, h, rows, k2]` (rows along their own axis);
 low-rank factors `left [E, h, T, r]`, `right [E, h, D, r]`. `T`, `D`, group sizes are powers of two.
 """
@@ -71,16 +72,23 @@ def _quantize_pack_kernel(x_ptr, valid_ptr, packed_ptr, scale_ptr, zero_ptr, R,
     positive = s > 0
     steps = tl.where(positive, tl.math.div_rn(x - zf[:, :, None], tl.where(positive, s, 1.0)), 0.0)
     codes = tl.minimum(tl.maximum(_round_half_even(steps), 0.0), QMAX).to(tl.int32)
-    if BITS == 8:
-        packed = tl.reshape(codes, (ROWS, L))
+    stored = row[:, None] < R
+    if BITS == 3:  # 8 codes make a 24-bit word, stored as its 3 bytes
+        word = tl.sum(tl.reshape(codes, (ROWS, L // 8, 8)) << (tl.arange(0, 8) * 3)[None, None, :], 2)
+        at = packed_ptr + row[:, None] * (L * 3 // 8) + tl.arange(0, L // 8)[None, :] * 3
+        for k in tl.static_range(3):
+            tl.store(at + k, ((word >> (8 * k)) & 0xFF).to(tl.uint8), mask=stored)
     else:
-        fields = tl.reshape(codes, (ROWS, L // PB, PB)) << (tl.arange(0, PB) * BITS)[None, None, :]
-        packed = tl.sum(fields, 2)  # disjoint bit fields: the sum is their OR
-    cols = tl.arange(0, L // PB)[None, :]
-    tl.store(packed_ptr + row[:, None] * (L // PB) + cols, packed.to(tl.uint8), mask=row[:, None] < R)
+        if BITS == 8:
+            packed = tl.reshape(codes, (ROWS, L))
+        else:
+            fields = tl.reshape(codes, (ROWS, L // PB, PB)) << (tl.arange(0, PB) * BITS)[None, None, :]
+            packed = tl.sum(fields, 2)  # disjoint bit fields: the sum is their OR
+        cols = tl.arange(0, L // PB)[None, :]
+        tl.store(packed_ptr + row[:, None] * (L // PB) + cols, packed.to(tl.uint8), mask=stored)
     params = row[:, None] * NG + tl.arange(0, NG)[None, :]
-    tl.store(scale_ptr + params, scale, mask=row[:, None] < R)
-    tl.store(zero_ptr + params, zero, mask=row[:, None] < R)
+    tl.store(scale_ptr + params, scale, mask=stored)
+    tl.store(zero_ptr + params, zero, mask=stored)
 
 
 def quantize_pack(rows, valid, bits: int, group: int, out):
@@ -106,21 +114,35 @@ def _tile(e, h, H, codes, scale, zero, out_val, out_idx, left, right,
     t = tl.arange(0, T)[:, None]
     d = tl.arange(0, D)[None, :]
     eh = e * H + h
-    entry = codes + e * (H * T * D // PB)
+    entry = codes + e * (H * T * D * BITS // 8)
+    if BITS == 3:  # codes straddle bytes: each reads the two bytes holding its bit offset
+        if Q_CHANNEL:
+            row, bit = entry + (h * D + d) * (T * 3 // 8), t * 3
+        else:
+            row, bit = entry + (h * T + t) * (D * 3 // 8), d * 3
+        lo = tl.load(row + (bit >> 3)).to(tl.int32)
+        hi = tl.load(row + (bit >> 3) + 1, mask=(bit & 7) > 5, other=0).to(tl.int32)
+        code3 = ((lo | (hi << 8)) >> (bit & 7)) & 7
     # Each packed byte and each scale/zero is loaded once, then spread over the codes/groups it covers.
     if Q_CHANNEL:  # codes run along tokens: byte (h, d, t // PB)
-        tb = tl.arange(0, T // PB)[:, None, None]
         dd = tl.arange(0, D)[None, None, :]
-        byte = tl.load(entry + (h * D + dd) * (T // PB) + tb).to(tl.int32)
-        code = tl.reshape((byte >> (tl.arange(0, PB)[None, :, None] * BITS)) & ((1 << BITS) - 1), (T, D))
+        if BITS == 3:
+            code = code3
+        else:
+            tb = tl.arange(0, T // PB)[:, None, None]
+            byte = tl.load(entry + (h * D + dd) * (T // PB) + tb).to(tl.int32)
+            code = tl.reshape((byte >> (tl.arange(0, PB)[None, :, None] * BITS)) & ((1 << BITS) - 1), (T, D))
         p = (eh * D + dd) * NG + tl.arange(0, NG)[:, None, None]
         zs = tl.reshape(tl.broadcast_to(tl.load(zero + p).to(tl.float32), (NG, GROUP, D)), (T, D))
         ss = tl.reshape(tl.broadcast_to(tl.load(scale + p).to(tl.float32), (NG, GROUP, D)), (T, D))
     else:  # codes run along channels: byte (h, t, d // PB)
         tt = tl.arange(0, T)[:, None, None]
-        db = tl.arange(0, D // PB)[None, :, None]
-        byte = tl.load(entry + (h * T + tt) * (D // PB) + db).to(tl.int32)
-        code = tl.reshape((byte >> (tl.arange(0, PB)[None, None, :] * BITS)) & ((1 << BITS) - 1), (T, D))
+        if BITS == 3:
+            code = code3
+        else:
+            db = tl.arange(0, D // PB)[None, :, None]
+            byte = tl.load(entry + (h * T + tt) * (D // PB) + db).to(tl.int32)
+            code = tl.reshape((byte >> (tl.arange(0, PB)[None, None, :] * BITS)) & ((1 << BITS) - 1), (T, D))
         p = (eh * T + tt) * NG + tl.arange(0, NG)[None, :, None]
         zs = tl.reshape(tl.broadcast_to(tl.load(zero + p).to(tl.float32), (T, NG, GROUP)), (T, D))
         ss = tl.reshape(tl.broadcast_to(tl.load(scale + p).to(tl.float32), (T, NG, GROUP)), (T, D))
