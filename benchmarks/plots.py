@@ -1,11 +1,11 @@
 """The documentation's plots, as PNG files: perplexity increase against all-in bits per element (every recipe and
-the Hugging Face baselines), the singular-value spectrum of the quantization residual on real keys, and decode
-attention time against context length on a GPU.
+the Hugging Face baselines), the singular-value spectrum of the quantization residual on real keys, decode
+attention time against context length on a GPU, and end-to-end decode time and step memory on a CPU.
 
 Run: python benchmarks/plots.py --out docs/img [--synthetic]
 
-The first and last plots read the committed results (`benchmarks/results/ppl_frontier_idle-help.csv`,
-`benchmarks/results/kernels_h200.csv`); the spectrum is computed here, from the default model's keys on held-out
+The frontier and decode plots read the committed results (`benchmarks/results/ppl_frontier_idle-help.csv`,
+`benchmarks/results/kernels_h200.csv`, `benchmarks/results/throughput_cpu_*.csv`); the spectrum is computed here, from the default model's keys on held-out
 text (or from synthetic keys with `--synthetic`, which needs no model).
 """
 
@@ -162,6 +162,35 @@ def plot_decode(out: Path, source: Path = RESULTS / "kernels_h200.csv") -> Path:
     return path
 
 
+def plot_throughput_cpu(out: Path, sources: tuple[str, ...] = ("1k", "4k", "8k")) -> Path:
+    """Decode time per step and the largest tensor a step creates, against context, on a CPU
+    (`benchmarks/results/throughput_cpu_*.csv`, written by `benchmarks/throughput.py`)."""
+    rows = [r for k in sources for r in csv.DictReader((RESULTS / f"throughput_cpu_{k}.csv").open())]
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 4.2))
+    for cache, style in (("DynamicCache", "k--o"), ("sink-3", "C3-o"), ("sink-3@sdpa", "C3:s"), ("kivi-2", "C0-^"),
+                         ("gear-2", "C2->"), ("hf-quanto-4", "C7-v")):
+        pts = sorted((int(r["context"]), float(r["decode_ms_per_step"]), int(r["step_largest_tensor_bytes"]))
+                     for r in rows if r["cache"] == cache)
+        if not pts:
+            continue
+        label = {"sink-3": "sink-3 (reads the stored codes)", "sink-3@sdpa": "sink-3, SDPA over the decompressed past",
+                 "DynamicCache": "DynamicCache (fp32)"}.get(cache, cache)
+        speed.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+        memory.plot([p[0] for p in pts], [p[2] / 2**20 for p in pts], style, label=label)
+    for ax, ylabel in ((speed, "decode ms per token"), (memory, "largest tensor one step creates (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.25)
+    speed.legend(fontsize=8)
+    fig.suptitle(f"{rows[0]['model']}, batch 1, {rows[0]['hardware']}, torch {rows[0]['torch']}", fontsize=10)
+    path = out / "decode_cpu.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="docs/img", help="folder for the PNG files")
@@ -169,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for path in (plot_frontier(out), plot_spectrum(out, args.synthetic), plot_decode(out)):
+    for path in (plot_frontier(out), plot_spectrum(out, args.synthetic), plot_decode(out), plot_throughput_cpu(out)):
         print(path)
 
 

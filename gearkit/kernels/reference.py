@@ -92,9 +92,9 @@ def unpack_bits(data: Tensor, bits: int, n: int) -> Tensor:
             word = (b0 | (b1 << 8) | (b2 << 16))[..., None]
         index = torch.cat([word & 0xFFF, word >> 12], -1)
     else:
-        index = data
-    codes = _code_table(bits, data.device).take(index.long()).view(torch.uint8)
-    return codes.flatten(len(lead))[..., :n]
+        index = data.int()
+    codes = _code_table(bits, data.device).index_select(0, index.flatten()).view(torch.uint8)
+    return codes.reshape(*lead, data.shape[-1] * 8 // bits)[..., :n]
 
 
 def unpack_float(data: Tensor, bits: int, n: int) -> Tensor:
