@@ -45,7 +45,7 @@ class Pipeline(nn.Module):
             if not isinstance(s, Stage):
                 raise TypeError(f"pipeline stages must be gearkit Stage modules, got {type(s).__name__}")
         self.stages = nn.ModuleList(stages)
-        self._layouts: dict[tuple[int, ...], tuple[StorageLayout | None, str | None]] = {}  # storage_layout by shape
+        self._layouts: dict[tuple, tuple[StorageLayout | None, str | None]] = {}  # storage_layout's answers
 
     @property
     def requires(self) -> frozenset[str]:
@@ -145,7 +145,8 @@ class Pipeline(nn.Module):
         Returns:
             `(layout, None)` when they can, else `(None, reason)`.
         """
-        key = tuple(shape[1:])  # asked once per block of every decode step: worked out once per shape
+        # Asked at every decode step: worked out once per shape and stage list (stages are configured once).
+        key = (tuple(shape[1:]), tuple(map(id, self.stages)))
         if key not in self._layouts:
             self._layouts[key] = self._storage_layout(shape)
         return self._layouts[key]
