@@ -1,0 +1,176 @@
+"""Bit allocation across layers (issue 15, KVTuner style): measure each layer's sensitivity, then spend a budget.
+
+1. Sensitivity (`measure`): for every layer `L`, role (keys, values) and width on the role's ladder, the cache
+   codes only layer `L`'s keys (or values) with that width (a `PerLayer` stage; every other layer and the other
+   role stay fp16) and the KL divergence of the next-token distribution from the uncompressed model's is
+   measured on the scored tokens of the tuning text (`idle-help`), with the perplexity protocol (prefix, then
+   64-token steps). KL is paired token by token, so unlike a perplexity difference it is never negative and
+   small changes do not drown in noise.
+2. Allocation (`allocate`): the widths that minimise the summed KL (the additive model) under a global budget
+   of all-in bits per element (codes and scales from the stages' own byte counts, plus the fp16 sink tokens at
+   2048 tokens), an exact multiple-choice knapsack over quarter bits.
+3. The allocations are written as data (`gearkit/allocations/<model>.json`: each budget's stage per layer and
+   role, as `Stage.to_dict()`), which the built-in `gk-*` recipes read; `--check` measures the additive model
+   against the KL of a whole allocation.
+
+Run: OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bit_allocation.py measure --text idle-help
+     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bit_allocation.py allocate --budgets 2.5 3.0 3.5 4.5 [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gearkit import CodebookQuantizer, FullPrecision, HadamardRotation, PerLayer, Pipeline, Quantizer, Recipe, Stage
+from gearkit.eval.perplexity import cached_logits
+from gearkit.integrations.hf import make_cache
+from gearkit.models import DEFAULT_MODEL, load_default_model, load_text, token_windows
+
+SINKS, BUFFER, TOKENS = 4, 64, 2048  # the frontier protocol's sink tokens and buffer; bits counted at 2048 tokens
+RESULTS = Path("benchmarks/results")
+ALLOCATION = Path("gearkit/allocations") / f"{DEFAULT_MODEL}.json"
+
+# each role's widths, cheapest first: keys Hadamard + Lloyd-Max at 2 bits (cheaper and as good as per-channel
+# there), per-channel groups of 64 tokens at 3 and 4 (frontier_sweep.py); values Hadamard + Lloyd-Max
+LADDER = {
+    "key": {"had-lm2": HadamardRotation(CodebookQuantizer(2)), "ch3": Quantizer(3, 64, "channel"),
+            "ch4": Quantizer(4, 64, "channel")},
+    "value": {f"had-lm{b}": HadamardRotation(CodebookQuantizer(b)) for b in (1, 2, 3, 4)},
+}
+
+
+def stage_bits(stage: Stage, heads: int, head_dim: int) -> float:
+    """Stored bits per element of `stage` on one 64-token chunk (its own byte count, not a formula)."""
+    x = torch.randn(1, heads, BUFFER, head_dim)
+    return Pipeline([stage]).compress(x, layer=0).bits_per_element
+
+
+def only(layer: int, role: str, stage: Stage) -> Recipe:
+    """Layer `layer`'s `role` coded by `stage`, everything else fp16."""
+    fp16 = Pipeline([FullPrecision()])
+    coded = Pipeline([PerLayer({layer: stage}, FullPrecision())])
+    key, value = (coded, fp16) if role == "key" else (fp16, coded)
+    return Recipe(f"L{layer}-{role}", key, value, BUFFER, sink_tokens=SINKS)
+
+
+def kl_divergence(model, windows, baseline, recipe: Recipe) -> float:
+    """Mean KL(baseline || cached) per scored token, over the windows."""
+    total = count = 0
+    for window, base in zip(windows, baseline):
+        logits = torch.cat([lg for lg, _ in cached_logits(model, window, window.numel() - base.shape[0],
+                                                          make_cache(recipe, model))])
+        total += F.kl_div(logits.float().log_softmax(-1), base, log_target=True, reduction="sum").item()
+        count += base.shape[0]
+    return total / count
+
+
+@torch.inference_mode()
+def baseline_logprobs(model, windows, prefix: int) -> list:
+    return [model(w[None]).logits[0, prefix - 1 : -1].float().log_softmax(-1) for w in windows]
+
+
+def measure(args) -> None:
+    model, tokenizer = load_default_model()
+    windows = token_windows(tokenizer, load_text(args.text), args.prefix, args.continuation, args.windows)
+    baseline = baseline_logprobs(model, windows, args.prefix)
+    layers, cfg = model.config.num_hidden_layers, model.config
+    out = {"model": DEFAULT_MODEL, "text": args.text, "prefix": args.prefix, "continuation": args.continuation,
+           "windows": len(windows), "sink_tokens": SINKS, "buffer": BUFFER, "command": " ".join(sys.argv),
+           "ladder": {role: {name: s.to_dict() for name, s in ladder.items()} for role, ladder in LADDER.items()},
+           "bits": {role: {name: stage_bits(s, cfg.num_key_value_heads, cfg.head_dim) for name, s in ladder.items()}
+                    for role, ladder in LADDER.items()},
+           "kl": {role: {name: [None] * layers for name in ladder} for role, ladder in LADDER.items()}}
+    start = time.time()
+    for layer in range(layers):
+        for role, ladder in LADDER.items():
+            for name, stage in ladder.items():
+                out["kl"][role][name][layer] = kl_divergence(model, windows, baseline, only(layer, role, stage))
+            print(f"layer {layer} {role}: " + ", ".join(f"{n} {out['kl'][role][n][layer]:.4f}" for n in ladder),
+                  f"({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
+        args.out.write_text(json.dumps(out, indent=1))  # as it goes: a long run can be read part-way
+
+
+def allocate_widths(kl: dict, bits: dict, budget: float, layers: int) -> dict[str, list[str]]:
+    """The ladder entry per (role, layer) minimising the summed KL with mean stored bits <= the budget's share.
+
+    All-in bits at `TOKENS` tokens are the mean stage bits plus the sink tokens' fp16 copy.
+    """
+    stage_budget = budget - 16 * SINKS / TOKENS
+    items = [(role, layer) for role in kl for layer in range(layers)]
+    quarter = {role: {n: round(4 * b) for n, b in bits[role].items()} for role in bits}  # widths cost whole quarters
+    capacity = int(4 * stage_budget * len(items) + 1e-9)
+    best = {0: (0.0, [])}  # spent quarters -> (summed KL, choices)
+    for role, layer in items:
+        nxt = {}
+        for spent, (total, choice) in best.items():
+            for name, q in quarter[role].items():
+                key, value = spent + q, total + kl[role][name][layer]
+                if key <= capacity and (key not in nxt or value < nxt[key][0]):
+                    nxt[key] = (value, choice + [name])
+        best = nxt
+    if not best:
+        raise ValueError(f"budget {budget} is below the cheapest widths")
+    _, choice = min(best.values(), key=lambda v: v[0])
+    return {role: choice[i * layers:(i + 1) * layers] for i, role in enumerate(kl)}
+
+
+def recipe(allocation: dict, ladder: dict, name: str) -> Recipe:
+    """A `PerLayer` recipe from an allocation (ladder names per role and layer)."""
+    pipe = {role: Pipeline([PerLayer([Stage.from_dict(ladder[role][n]) for n in names])])
+            for role, names in allocation.items()}
+    return Recipe(name, pipe["key"], pipe["value"], BUFFER, sink_tokens=SINKS)
+
+
+def allocate(args) -> None:
+    data = json.loads(args.sensitivity.read_text())
+    layers = len(next(iter(data["kl"]["key"].values())))
+    out = {"model": data["model"], "tuned_on": data["text"], "sink_tokens": SINKS, "buffer": BUFFER,
+           "source": "benchmarks/bit_allocation.py allocate " + " ".join(sys.argv[2:]), "ladder": data["ladder"],
+           "allocations": {}}
+    for budget in args.budgets:
+        widths = allocate_widths(data["kl"], data["bits"], budget, layers)
+        predicted = sum(data["kl"][r][n][i] for r, names in widths.items() for i, n in enumerate(names))
+        mean = sum(data["bits"][r][n] for r, names in widths.items() for n in names) / (2 * layers)
+        out["allocations"][str(budget)] = {**widths, "predicted_kl": predicted, "all_in_bits": mean + 16 * SINKS / TOKENS}
+        print(f"budget {budget}: {mean + 16 * SINKS / TOKENS:.3f} bits, predicted KL {predicted:.4f}", file=sys.stderr)
+        for role, names in widths.items():
+            print(f"  {role}: {' '.join(names)}", file=sys.stderr)
+    if args.check:  # the additive model against the KL of whole allocations, on the sensitivity protocol
+        model, tokenizer = load_default_model()
+        windows = token_windows(tokenizer, load_text(data["text"]), data["prefix"], data["continuation"], data["windows"])
+        baseline = baseline_logprobs(model, windows, data["prefix"])
+        for budget, a in out["allocations"].items():
+            widths = {r: a[r] for r in ("key", "value")}
+            a["measured_kl"] = kl_divergence(model, windows, baseline, recipe(widths, data["ladder"], budget))
+            print(f"budget {budget}: predicted KL {a['predicted_kl']:.4f}, measured {a['measured_kl']:.4f}", file=sys.stderr)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("measure", help="per-layer sensitivity (KL) of every width on the ladder")
+    m.add_argument("--text", default="idle-help")
+    m.add_argument("--prefix", type=int, default=512)
+    m.add_argument("--continuation", type=int, default=128)
+    m.add_argument("--windows", type=int, default=1)
+    m.add_argument("--out", type=Path, default=RESULTS / "bit_allocation_sensitivity_idle-help.json")
+    a = sub.add_parser("allocate", help="widths per layer and role under each budget")
+    a.add_argument("--sensitivity", type=Path, default=RESULTS / "bit_allocation_sensitivity_idle-help.json")
+    a.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.5])
+    a.add_argument("--check", action="store_true", help="measure each allocation's KL against the prediction")
+    a.add_argument("--out", type=Path, default=ALLOCATION)
+    args = ap.parse_args()
+    measure(args) if args.command == "measure" else allocate(args)
+
+
+if __name__ == "__main__":
+    main()
