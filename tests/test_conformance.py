@@ -27,6 +27,7 @@ STAGES = {
     "hadamard-rotation": HadamardRotation(Quantizer(3, 8, "token"), seed=3),
     "codebook-vector": CodebookQuantizer(3),
     "codebook-channel-centered": CodebookQuantizer(2, 8, "channel", centered=True),
+    "codebook-calibrated": CodebookQuantizer(2, levels=[-2.0, -0.5, 0.25, 1.5]),
     "hadamard-codebook": HadamardRotation(CodebookQuantizer(2, 8), seed=1),
     "pre-rope-codebook": PreRoPE(CodebookQuantizer(3, None, "channel", centered=True), 10000.0),
     "channel-separable": ChannelSeparableQuantizer(3),
