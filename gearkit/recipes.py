@@ -11,13 +11,14 @@ Look one up by exact name with `get`, list them with `names`, add your own with 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 from gearkit.compressors import (
-    ChannelSeparableQuantizer, CodebookQuantizer, FullPrecision, HadamardRotation, LowRankResidual, MixedPrecision, Pipeline,
-    PreRoPE, Probes, Quantizer, SparseDictionary, SparseOutlier,
+    ChannelSeparableQuantizer, CodebookQuantizer, FullPrecision, HadamardRotation, LowRankResidual, MixedPrecision, PerLayer,
+    Pipeline, PreRoPE, Probes, Quantizer, SparseDictionary, SparseOutlier, Stage,
 )
 from gearkit.compressors.checks import check_int
 from gearkit.compressors.solvers import Solver
@@ -208,6 +209,41 @@ def _frontier() -> list[Recipe]:
                           description=f"keys {kb}-bit per channel in groups of 64, values {vb}-bit Lloyd-Max after a "
                                       "Hadamard rotation, 4 fp16 sink tokens"))
     return out
+
+
+ALLOCATIONS = Path(__file__).parent / "allocations"  # per-layer bit widths, written by benchmarks/bit_allocation.py
+
+
+def allocated(budget: str, name: str | None = None, model: str = DEFAULT_MODEL) -> Recipe:
+    """A recipe whose keys and values take each layer's width from a stored bit allocation (`PerLayer`).
+
+    `benchmarks/bit_allocation.py` measures each layer's sensitivity on the tuning text and chooses the widths
+    under a global budget of all-in bits; the result is data in `gearkit/allocations/<model>.json`, so the recipe
+    (and `to_dict()` of it) names every layer's stage. It serves only a model with as many layers.
+
+    Args:
+        budget: the budget's key in the file, e.g. `"3.0"`.
+        name: registry name (default `alloc-<budget>`).
+        model: the model the allocation was measured on.
+
+    Returns:
+        The recipe (not registered).
+
+    Raises:
+        FileNotFoundError: when no allocation is stored for `model`.
+        KeyError: for a budget the file does not hold.
+    """
+    path = ALLOCATIONS / f"{model}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no bit allocation stored for {model!r} ({path}); run benchmarks/bit_allocation.py")
+    data = json.loads(path.read_text())
+    if budget not in data["allocations"]:
+        raise KeyError(f"no allocation for budget {budget!r} in {path}; stored: {', '.join(data['allocations'])}")
+    chosen, ladder = data["allocations"][budget], data["ladder"]
+    key, value = (Pipeline([PerLayer([Stage.from_dict(ladder[role][n]) for n in chosen[role]])]) for role in ("key", "value"))
+    return Recipe(name or f"alloc-{budget}", key, value, data["buffer"], sink_tokens=data["sink_tokens"],
+                  description=f"per-layer widths for {model} under {budget} all-in bits (tuned on {data['tuned_on']}): "
+                              f"keys {' '.join(chosen['key'])}; values {' '.join(chosen['value'])}")
 
 
 DEFAULT_DICTIONARY = dict(atoms=1024, sparsity=8, group_layers=6)  # what `gearkit dict train --default` trains
