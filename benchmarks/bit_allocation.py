@@ -13,8 +13,11 @@
    role, as `Stage.to_dict()`), which the built-in `gk-*` recipes read; `--check` measures the additive model
    against the KL of a whole allocation.
 
+`lowrank` compares GEAR's low-rank term first on pre-RoPE keys (then fewer bits) with plain keys, layer by layer.
+
 Run: OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bit_allocation.py measure --text idle-help
      OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bit_allocation.py allocate --budgets 2.5 3.0 3.5 4.5 [--check]
+     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bit_allocation.py lowrank --layers 0 3 6 ... 27
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gearkit import CodebookQuantizer, FullPrecision, HadamardRotation, PerLayer, Pipeline, Quantizer, Recipe, Stage
+from gearkit import (CodebookQuantizer, FullPrecision, HadamardRotation, LowRankResidual, PerLayer, Pipeline, PreRoPE,
+                     Quantizer, Recipe, Stage)
 from gearkit.eval.perplexity import cached_logits
 from gearkit.integrations.hf import make_cache
 from gearkit.models import DEFAULT_MODEL, load_default_model, load_text, token_windows
+from gearkit.recipes import DEFAULT_ROPE_THETA
 
 SINKS, BUFFER, TOKENS = 4, 64, 2048  # the frontier protocol's sink tokens and buffer; bits counted at 2048 tokens
 RESULTS = Path("benchmarks/results")
@@ -39,23 +44,38 @@ ALLOCATION = Path("gearkit/allocations") / f"{DEFAULT_MODEL}.json"
 
 # each role's widths, cheapest first: keys Hadamard + Lloyd-Max at 2 bits (cheaper and as good as per-channel
 # there), per-channel groups of 64 tokens at 3 and 4 (frontier_sweep.py); values Hadamard + Lloyd-Max
+# (`ch4/32`: per-channel groups of 32 tokens, a half step up at 5 bits; 8 bits lets a sensitive layer near-fp16)
 LADDER = {
     "key": {"had-lm2": HadamardRotation(CodebookQuantizer(2)), "ch3": Quantizer(3, 64, "channel"),
-            "ch4": Quantizer(4, 64, "channel")},
-    "value": {f"had-lm{b}": HadamardRotation(CodebookQuantizer(b)) for b in (1, 2, 3, 4)},
+            "ch4": Quantizer(4, 64, "channel"), "ch4/32": Quantizer(4, 32, "channel"), "ch8": Quantizer(8, 64, "channel")},
+    "value": {**{f"had-lm{b}": HadamardRotation(CodebookQuantizer(b)) for b in (1, 2, 3, 4)},
+              "had-lm4/32": HadamardRotation(CodebookQuantizer(4, 32))},
 }
 
 
-def stage_bits(stage: Stage, heads: int, head_dim: int) -> float:
-    """Stored bits per element of `stage` on one 64-token chunk (its own byte count, not a formula)."""
+# GEAR's low-rank term *first* on pre-RoPE keys (rank r per 64-token chunk, fp16 factors), the rest quantized with
+# fewer bits, against the ladder's keys at about the same bytes (`lowrank` subcommand)
+LOWRANK = {
+    "pre-ch2": [PreRoPE(Quantizer(2, 64, "channel"), DEFAULT_ROPE_THETA)],
+    "pre-lr1+pre-ch2": [PreRoPE(LowRankResidual(1), DEFAULT_ROPE_THETA), PreRoPE(Quantizer(2, 64, "channel"), DEFAULT_ROPE_THETA)],
+    "pre-lr2+pre-ch2": [PreRoPE(LowRankResidual(2), DEFAULT_ROPE_THETA), PreRoPE(Quantizer(2, 64, "channel"), DEFAULT_ROPE_THETA)],
+    "pre-lr1+had-lm2": [PreRoPE(LowRankResidual(1), DEFAULT_ROPE_THETA), HadamardRotation(CodebookQuantizer(2))],
+    "ch3": [Quantizer(3, 64, "channel")],
+}
+
+
+def stage_bits(stages: Stage | list[Stage], heads: int, head_dim: int) -> float:
+    """Stored bits per element of `stages` on one 64-token chunk (their own byte count, not a formula)."""
     x = torch.randn(1, heads, BUFFER, head_dim)
-    return Pipeline([stage]).compress(x, layer=0).bits_per_element
+    return Pipeline(stages if isinstance(stages, list) else [stages]).compress(
+        x, layer=0, positions=torch.zeros(1, dtype=torch.long)).bits_per_element
 
 
-def only(layer: int, role: str, stage: Stage) -> Recipe:
-    """Layer `layer`'s `role` coded by `stage`, everything else fp16."""
+def only(layer: int, role: str, stages: Stage | list[Stage]) -> Recipe:
+    """Layer `layer`'s `role` coded by `stages`, everything else fp16 (other layers' fp16 copy takes the first
+    stage's place, and later stages store its near-zero remainder: bytes do not matter here, only the KL)."""
     fp16 = Pipeline([FullPrecision()])
-    coded = Pipeline([PerLayer({layer: stage}, FullPrecision())])
+    coded = Pipeline([PerLayer({layer: s}, FullPrecision()) for s in (stages if isinstance(stages, list) else [stages])])
     key, value = (coded, fp16) if role == "key" else (fp16, coded)
     return Recipe(f"L{layer}-{role}", key, value, BUFFER, sink_tokens=SINKS)
 
@@ -87,11 +107,17 @@ def measure(args) -> None:
            "bits": {role: {name: stage_bits(s, cfg.num_key_value_heads, cfg.head_dim) for name, s in ladder.items()}
                     for role, ladder in LADDER.items()},
            "kl": {role: {name: [None] * layers for name in ladder} for role, ladder in LADDER.items()}}
+    if args.out.is_file():  # a ladder extended since: measure only the new entries
+        old = json.loads(args.out.read_text())
+        for role in out["kl"]:
+            out["kl"][role].update({n: v for n, v in old["kl"][role].items() if n in out["kl"][role]})
+        out["command"] = old["command"] + "; then " + out["command"]
     start = time.time()
     for layer in range(layers):
         for role, ladder in LADDER.items():
             for name, stage in ladder.items():
-                out["kl"][role][name][layer] = kl_divergence(model, windows, baseline, only(layer, role, stage))
+                if out["kl"][role][name][layer] is None:
+                    out["kl"][role][name][layer] = kl_divergence(model, windows, baseline, only(layer, role, stage))
             print(f"layer {layer} {role}: " + ", ".join(f"{n} {out['kl'][role][n][layer]:.4f}" for n in ladder),
                   f"({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
         args.out.write_text(json.dumps(out, indent=1))  # as it goes: a long run can be read part-way
@@ -154,6 +180,25 @@ def allocate(args) -> None:
     args.out.write_text(json.dumps(out, indent=1) + "\n")
 
 
+def lowrank(args) -> None:
+    """Low-rank-first keys against plain quantized keys, layer by layer, on the sensitivity protocol."""
+    model, tokenizer = load_default_model()
+    windows = token_windows(tokenizer, load_text(args.text), args.prefix, args.continuation, args.windows)
+    baseline = baseline_logprobs(model, windows, args.prefix)
+    cfg = model.config
+    bits = {n: stage_bits(s, cfg.num_key_value_heads, cfg.head_dim) for n, s in LOWRANK.items()}
+    lines = [f"Command: `OMP_NUM_THREADS=1 PYTHONPATH=. python {' '.join(sys.argv)}`", "",
+             f"{DEFAULT_MODEL}, text {args.text}, {len(windows)} window(s) of {args.prefix}+{args.continuation} tokens: "
+             "KL from the uncompressed model (per scored token, x1e-4) when only one layer's keys are coded so; "
+             "values and other layers fp16.", "",
+             "| layer | " + " | ".join(f"`{n}` ({bits[n]:.2f} b)" for n in LOWRANK) + " |", "|---" * (len(LOWRANK) + 1) + "|"]
+    for layer in args.layers:
+        kl = [kl_divergence(model, windows, baseline, only(layer, "key", s)) for s in LOWRANK.values()]
+        lines.append(f"| {layer} | " + " | ".join(f"{1e4 * v:.2f}" for v in kl) + " |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    args.out.write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -168,8 +213,15 @@ def main() -> None:
     a.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.5])
     a.add_argument("--check", action="store_true", help="measure each allocation's KL against the prediction")
     a.add_argument("--out", type=Path, default=ALLOCATION)
+    lr = sub.add_parser("lowrank", help="low-rank-first keys against quantized keys, per layer")
+    lr.add_argument("--text", default="idle-help")
+    lr.add_argument("--prefix", type=int, default=512)
+    lr.add_argument("--continuation", type=int, default=128)
+    lr.add_argument("--windows", type=int, default=1)
+    lr.add_argument("--layers", type=int, nargs="+", default=list(range(0, 30, 3)))
+    lr.add_argument("--out", type=Path, default=RESULTS / "bit_allocation_lowrank_idle-help.md")
     args = ap.parse_args()
-    measure(args) if args.command == "measure" else allocate(args)
+    {"measure": measure, "allocate": allocate, "lowrank": lowrank}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -7,3 +7,6 @@ python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 --out benchm
     --only sink-3 sink-4 sink-gear-2 kivi-3 kivi-4 hf-quanto-2 hf-quanto-4 turboquant-2.5 turboquant-3.5 kvquant-2 kvquant-3
 python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 --out benchmarks/results/frontier_heldout_gearkit.md \
     --only gk-2.5 gk-3 gk-3.5 gk-4.5
+# issue 15, second round: per-layer bit allocations (benchmarks/bit_allocation.py, tuned on idle-help)
+python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 --out benchmarks/results/frontier_heldout_alloc.md \
+    --only alloc-2.5 alloc-3.0 alloc-3.5 alloc-4.5

@@ -26,7 +26,7 @@ from gearkit import (CodebookQuantizer, HadamardRotation, LowRankResidual, Pipel
 from gearkit.cli import progress_bar
 from gearkit.eval.perplexity import evaluate
 from gearkit.models import DEFAULT_MODEL, load_default_model, load_text
-from gearkit.recipes import DEFAULT_ROPE_THETA
+from gearkit.recipes import DEFAULT_ROPE_THETA, allocated
 
 THETA = DEFAULT_ROPE_THETA
 
@@ -92,7 +92,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="markdown file for the table")
     args = ap.parse_args()
     by_name = {r.name: r for r in CANDIDATES + SECOND + THIRD}
-    chosen = [by_name.get(n, n) for n in args.only] if args.only else CANDIDATES + SECOND + THIRD  # or registered names
+    # `alloc-<budget>`: the stored bit allocation for that budget (bit_allocation.py); other names: registered recipes
+    pick = lambda n: by_name.get(n) or (allocated(n.removeprefix("alloc-")) if n.startswith("alloc-") else n)  # noqa: E731
+    chosen = [pick(n) for n in args.only] if args.only else CANDIDATES + SECOND + THIRD
     model, tokenizer = load_default_model()
     start = time.time()
     results = evaluate(model, tokenizer, chosen, load_text(args.text), args.prefix, args.continuation, args.windows,
