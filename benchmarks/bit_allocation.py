@@ -44,12 +44,16 @@ ALLOCATION = Path("gearkit/allocations") / f"{DEFAULT_MODEL}.json"
 
 # each role's widths, cheapest first: keys Hadamard + Lloyd-Max at 2 bits (cheaper and as good as per-channel
 # there), per-channel groups of 64 tokens at 3 and 4 (frontier_sweep.py); values Hadamard + Lloyd-Max
-# (`ch4/32`: per-channel groups of 32 tokens, a half step up at 5 bits; 8 bits lets a sensitive layer near-fp16)
+# (`/32`: groups of 32 tokens (keys) or channels (values), half a step up; 8 bits lets a sensitive layer near-fp16)
 LADDER = {
     "key": {"had-lm2": HadamardRotation(CodebookQuantizer(2)), "ch3": Quantizer(3, 64, "channel"),
-            "ch4": Quantizer(4, 64, "channel"), "ch4/32": Quantizer(4, 32, "channel"), "ch8": Quantizer(8, 64, "channel")},
+            "ch4": Quantizer(4, 64, "channel"), "ch4/32": Quantizer(4, 32, "channel"), "ch8": Quantizer(8, 64, "channel"),
+            # second round of the ladder
+            "ch2": Quantizer(2, 64, "channel"), "had-lm3": HadamardRotation(CodebookQuantizer(3)),
+            "ch3/32": Quantizer(3, 32, "channel")},
     "value": {**{f"had-lm{b}": HadamardRotation(CodebookQuantizer(b)) for b in (1, 2, 3, 4)},
-              "had-lm4/32": HadamardRotation(CodebookQuantizer(4, 32))},
+              "had-lm4/32": HadamardRotation(CodebookQuantizer(4, 32)),
+              "had-lm2/32": HadamardRotation(CodebookQuantizer(2, 32)), "had-lm3/32": HadamardRotation(CodebookQuantizer(3, 32))},
 }
 
 

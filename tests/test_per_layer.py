@@ -1,10 +1,14 @@
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gearkit import CodebookQuantizer, FullPrecision, PerLayer, Pipeline, Quantizer, Recipe, SparseOutlier, Stage
+from gearkit import (CodebookQuantizer, FullPrecision, PerLayer, Pipeline, Quantizer, Recipe, SparseOutlier, Stage,
+                     recipes)
 from gearkit.integrations.hf import make_cache
+from gearkit.models import DEFAULT_MODEL
 
 from conftest import kv_like, kv_tensors, tiny_llama
 
@@ -80,3 +84,19 @@ def test_a_cache_codes_each_layer_with_its_stage_and_refuses_models_it_does_not_
         make_cache(per_layer, tiny_llama("gqa", layers=3))
     with pytest.raises(ValueError, match="2 layers; the model has 1"):
         make_cache(per_layer, tiny_llama("gqa", layers=1))
+
+
+@pytest.mark.parametrize("name, budget", [("gk-2.5", 2.5), ("gk-3", 3.0), ("gk-3.5", 3.5), ("gk-4.5", 4.5)])
+def test_builtin_allocations_cost_what_they_state_within_budget_and_fit_only_their_model(name, budget):
+    """All-in bits at 2048 tokens: the layers' mean stored bits (from the bytes of a 64-token chunk, head dim 64,
+    3 KV heads, as the default model) plus 4 fp16 sink tokens."""
+    recipe = recipes.get(name)
+    data = json.loads((recipes.ALLOCATIONS / f"{DEFAULT_MODEL}.json").read_text())["allocations"][str(budget)]
+    x, layers = kv_like(5, (1, 3, 64, 64)), len(data["key"])
+    bits = sum(p.compress(x, layer=i).bits_per_element for i in range(layers) for p in (recipe.key, recipe.value))
+    all_in = bits / (2 * layers) + 16 * recipe.sink_tokens / 2048
+    assert all_in == pytest.approx(data["all_in_bits"]) and all_in <= budget and recipe.model_bound
+    with pytest.raises(ValueError, match=f"{layers} layers; the model has 2"):
+        make_cache(recipe, tiny_llama("gqa", layers=2))
+    with pytest.raises(KeyError, match="no allocation for budget '9.9'"):
+        recipes.allocated("9.9")
