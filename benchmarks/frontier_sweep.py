@@ -3,8 +3,9 @@
 Each candidate is a recipe built from gearkit stages (rotation + Lloyd-Max codebooks, pre-RoPE keys, GEAR's
 outliers and low-rank term, KIVI-style groups); all keep 4 fp16 sink tokens and a 64-token buffer unless named
 otherwise. Perplexity with a compressed past (prefix 1024 + 1024 scored tokens per window), SmolLM2-135M fp32,
-bits all-in from the cache's own byte report. The choices behind the built-in `gk-*` recipes come from this
-run on `idle-help` (the tuning text); the held-out figures come from `frontier_heldout.sh`, never from here.
+bits all-in from the cache's own byte report. The stages behind the built-in `gk-*` recipes come from this
+run on `idle-help` (the tuning text), their per-layer widths from `bit_allocation.py` (`--only alloc-3.0` runs a
+stored allocation); the held-out figures come from `frontier_heldout.sh`, never from here.
 
 Run: OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/frontier_sweep.py --text idle-help --windows 1 \
          --out benchmarks/results/frontier_sweep_idle-help.md [--only NAME ...]
