@@ -42,13 +42,14 @@ SINKS, BUFFER, TOKENS = 4, 64, 2048  # the frontier protocol's sink tokens and b
 RESULTS = Path("benchmarks/results")
 ALLOCATION = Path("gearkit/allocations") / f"{DEFAULT_MODEL}.json"
 
-# each role's widths, cheapest first: keys Hadamard + Lloyd-Max at 2 bits (cheaper and as good as per-channel
-# there), per-channel groups of 64 tokens at 3 and 4 (frontier_sweep.py); values Hadamard + Lloyd-Max
-# (`/32`: groups of 32 tokens (keys) or channels (values), half a step up; 8 bits lets a sensitive layer near-fp16)
+# each role's widths, from the stages frontier_sweep.py found best: keys per-channel groups of 64 tokens (`chB`,
+# post-RoPE) or Hadamard + Lloyd-Max with a norm per vector (`had-lmB`); values Hadamard + Lloyd-Max. `/32`:
+# groups of 32 tokens (keys) or channels (values), half a step up; 8 bits lets a fragile layer be near fp16.
+# The first five key and five value entries were the first ladder (bit_allocation_ladder1.json); `measure`
+# re-run after adding entries measures only the new ones.
 LADDER = {
     "key": {"had-lm2": HadamardRotation(CodebookQuantizer(2)), "ch3": Quantizer(3, 64, "channel"),
             "ch4": Quantizer(4, 64, "channel"), "ch4/32": Quantizer(4, 32, "channel"), "ch8": Quantizer(8, 64, "channel"),
-            # second round of the ladder
             "ch2": Quantizer(2, 64, "channel"), "had-lm3": HadamardRotation(CodebookQuantizer(3)),
             "ch3/32": Quantizer(3, 32, "channel")},
     "value": {**{f"had-lm{b}": HadamardRotation(CodebookQuantizer(b)) for b in (1, 2, 3, 4)},
