@@ -5,5 +5,9 @@ set -e
 export OMP_NUM_THREADS=1 PYTHONPATH=.
 python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 --out benchmarks/results/frontier_heldout_anchors.md \
     --only sink-3 sink-4 sink-gear-2 kivi-3 kivi-4 hf-quanto-2 hf-quanto-4 turboquant-2.5 turboquant-3.5 kvquant-2 kvquant-3
+# round 1's uniform compositions (registered as gk-* then; frontier_heldout_gearkit.md and _gk25.md were run by those names)
 python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 --out benchmarks/results/frontier_heldout_gearkit.md \
-    --only gk-2.5 gk-3 gk-3.5 gk-4.5
+    --only K:had-lm2/V:had-lm2 K:ch3/V:had-lm2 K:ch3/V:had-lm3 K:ch4/V:had-lm4
+# issue 15, second round: per-layer bit allocations (benchmarks/bit_allocation.py, tuned on idle-help), the gk-* recipes
+python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 --out benchmarks/results/frontier_heldout_alloc.md \
+    --only alloc-2.5 alloc-3.0 alloc-3.5 alloc-4.5

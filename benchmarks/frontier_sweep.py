@@ -3,8 +3,9 @@
 Each candidate is a recipe built from gearkit stages (rotation + Lloyd-Max codebooks, pre-RoPE keys, GEAR's
 outliers and low-rank term, KIVI-style groups); all keep 4 fp16 sink tokens and a 64-token buffer unless named
 otherwise. Perplexity with a compressed past (prefix 1024 + 1024 scored tokens per window), SmolLM2-135M fp32,
-bits all-in from the cache's own byte report. The choices behind the built-in `gk-*` recipes come from this
-run on `idle-help` (the tuning text); the held-out figures come from `frontier_heldout.sh`, never from here.
+bits all-in from the cache's own byte report. The stages behind the built-in `gk-*` recipes come from this
+run on `idle-help` (the tuning text), their per-layer widths from `bit_allocation.py` (`--only alloc-3.0` runs a
+stored allocation); the held-out figures come from `frontier_heldout.sh`, never from here.
 
 Run: OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/frontier_sweep.py --text idle-help --windows 1 \
          --out benchmarks/results/frontier_sweep_idle-help.md [--only NAME ...]
@@ -26,7 +27,7 @@ from gearkit import (CodebookQuantizer, HadamardRotation, LowRankResidual, Pipel
 from gearkit.cli import progress_bar
 from gearkit.eval.perplexity import evaluate
 from gearkit.models import DEFAULT_MODEL, load_default_model, load_text
-from gearkit.recipes import DEFAULT_ROPE_THETA
+from gearkit.recipes import DEFAULT_ROPE_THETA, allocated
 
 THETA = DEFAULT_ROPE_THETA
 
@@ -92,7 +93,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="markdown file for the table")
     args = ap.parse_args()
     by_name = {r.name: r for r in CANDIDATES + SECOND + THIRD}
-    chosen = [by_name.get(n, n) for n in args.only] if args.only else CANDIDATES + SECOND + THIRD  # or registered names
+    # `alloc-<budget>`: the stored bit allocation for that budget (bit_allocation.py); other names: registered recipes
+    pick = lambda n: by_name.get(n) or (allocated(n.removeprefix("alloc-")) if n.startswith("alloc-") else n)  # noqa: E731
+    chosen = [pick(n) for n in args.only] if args.only else CANDIDATES + SECOND + THIRD
     model, tokenizer = load_default_model()
     start = time.time()
     results = evaluate(model, tokenizer, chosen, load_text(args.text), args.prefix, args.continuation, args.windows,

@@ -32,7 +32,7 @@ def main() -> None:
     results, millis = [], []
     for name in gearkit.recipes.names():
         recipe = gearkit.recipes.get(name)
-        if recipe.needs_saliency or recipe.needs_dictionary:  # need a model's queries / trained dictionary
+        if recipe.needs_saliency or recipe.model_bound:  # need a model's queries / its layers
             continue
         start = time.perf_counter()
         results += compare_recipes(keys, values, [name])

@@ -18,7 +18,7 @@ from torch import Tensor
 
 
 __all__ = ["Part", "CompressedTensor", "QuantizedPart", "CodebookPart", "ChannelScaledPart", "OutlierPart", "LowRankPart",
-           "MixedPart", "DictionaryPart", "DensePart", "PositionedPart", "MemoryReport"]
+           "MixedPart", "DictionaryPart", "DensePart", "PositionedPart", "LayerPart", "MemoryReport"]
 
 
 def bits_per_element(nbytes: int, elements: int) -> float:
@@ -178,6 +178,19 @@ class PositionedPart(Part):
     inner: Part
     start: Tensor
     component: ClassVar[str] = "positions"
+
+
+@_register
+class LayerPart(Part):
+    """The part of the stage a `PerLayer` chose for one model layer, tagged with that layer (no bytes of its own).
+
+    Attributes:
+        inner: the chosen stage's part.
+        layer: the model layer (static metadata).
+    """
+
+    inner: Part
+    layer: int
 
 
 @_register

@@ -149,7 +149,7 @@ def _idle_help() -> str:
 
 TEXTS = {
     "pydoc-topics": _pydoc_topics,  # the default: Python's reference prose, shipped with Python
-    "idle-help": _idle_help,  # held-out English prose: the IDLE manual, shipped with Python
+    "idle-help": _idle_help,  # English prose: the IDLE manual, shipped with Python (the frontier recipes' tuning text)
 }
 DEFAULT_TEXT = "pydoc-topics"
 

@@ -11,13 +11,15 @@ Look one up by exact name with `get`, list them with `names`, add your own with 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from gearkit.compressors import (
-    ChannelSeparableQuantizer, CodebookQuantizer, FullPrecision, HadamardRotation, LowRankResidual, MixedPrecision, Pipeline,
-    PreRoPE, Probes, Quantizer, SparseDictionary, SparseOutlier,
+    ChannelSeparableQuantizer, CodebookQuantizer, FullPrecision, HadamardRotation, LowRankResidual, MixedPrecision, PerLayer,
+    Pipeline, PreRoPE, Probes, Quantizer, SparseDictionary, SparseOutlier, Stage,
 )
 from gearkit.compressors.checks import check_int
 from gearkit.compressors.solvers import Solver
@@ -55,6 +57,13 @@ class Recipe:
     def needs_dictionary(self) -> bool:
         """Whether a stage reads a trained dictionary (CSR), which must fit the model."""
         return any(isinstance(s, SparseDictionary) for p in (self.key, self.value) for s in p.stages)
+
+    @property
+    def model_bound(self) -> bool:
+        """Whether the recipe was made for one model: a trained dictionary (CSR) or a per-layer bit allocation
+        (a stage that picks its coding by the model layer), so it serves only that model, in a cache that knows
+        each layer."""
+        return self.needs_dictionary or "layer" in self.key.requires | self.value.requires
 
     @property
     def needs_saliency(self) -> bool:
@@ -187,7 +196,8 @@ def _kvquant(bits: int, role: str) -> Pipeline:
 
 def _frontier() -> list[Recipe]:
     """The anchors of issue 15 (TurboQuant, KVQuant) reproduced with gearkit's stages, and gearkit's own
-    compositions at about 2.5, 3, 3.5 and 4.5 bits, chosen on `idle-help` by `benchmarks/frontier_sweep.py`."""
+    per-layer bit allocations for the default model at 2.5, 3, 3.5 and 4.5 all-in bits, chosen on `idle-help` by
+    `benchmarks/bit_allocation.py` from the stages `benchmarks/frontier_sweep.py` found best."""
     out = []
     for code_bits, (kb, vb) in {"2.5": (3, 2), "3.5": (4, 3)}.items():
         out.append(Recipe(f"turboquant-{code_bits}", _turboquant(kb), _turboquant(vb), 64,
@@ -197,17 +207,49 @@ def _frontier() -> list[Recipe]:
         out.append(Recipe(f"kvquant-{bits}", _kvquant(bits, "key"), _kvquant(bits, "value"), 64, sink_tokens=1,
                           description=f"KVQuant {bits}-bit: pre-RoPE per-channel keys, per-token values, Gaussian "
                                       "non-uniform codes (not calibrated), 1% outliers, 1 fp16 sink token"))
-    # gearkit's own: per-channel keys in groups of 64 (keys' channel structure is what they exploit; measured
-    # on idle-help, post-RoPE beat pre-RoPE here) and values through a Hadamard rotation and a Lloyd-Max code,
-    # 4 fp16 sink tokens. Low-rank terms and pre-RoPE keys were tried and did not earn their bytes. At ~2.5 bits
-    # rotated Lloyd-Max keys (2.25 bits) beat per-channel 2-bit keys (2.5 bits) outright.
-    out.append(Recipe("gk-2.5", _turboquant(2), _turboquant(2), 64, sink_tokens=4,
-                      description="keys and values 2-bit Lloyd-Max after a Hadamard rotation, fp16 norms, 4 fp16 sink tokens"))
-    for name, kb, vb in (("gk-3", 3, 2), ("gk-3.5", 3, 3), ("gk-4.5", 4, 4)):
-        out.append(Recipe(name, _pipeline(Quantizer(kb, 64, "channel")), _turboquant(vb), 64, sink_tokens=4,
-                          description=f"keys {kb}-bit per channel in groups of 64, values {vb}-bit Lloyd-Max after a "
-                                      "Hadamard rotation, 4 fp16 sink tokens"))
+    # gearkit's own: each layer's keys and values at the width its sensitivity earns under the budget (per-layer
+    # bit allocation, benchmarks/bit_allocation.py on idle-help), from a ladder of per-channel key groups of 64
+    # (post-RoPE), rotated Lloyd-Max codes, and 4 fp16 sink tokens. Low-rank terms, pre-RoPE keys and calibrated
+    # codebooks were tried and did not earn their bytes (docs/concepts/frontier.md).
+    for budget, name in (("2.5", "gk-2.5"), ("3.0", "gk-3"), ("3.5", "gk-3.5"), ("4.5", "gk-4.5")):
+        out.append(allocated(budget, name))
     return out
+
+
+ALLOCATIONS = Path(__file__).parent / "allocations"  # per-layer bit widths, written by benchmarks/bit_allocation.py
+
+
+def allocated(budget: str, name: str | None = None, model: str = DEFAULT_MODEL) -> Recipe:
+    """A recipe whose keys and values take each layer's width from a stored bit allocation (`PerLayer`).
+
+    `benchmarks/bit_allocation.py` measures each layer's sensitivity on the tuning text and chooses the widths
+    under a global budget of all-in bits; the result is data in `gearkit/allocations/<model>.json`, so the recipe
+    (and `to_dict()` of it) names every layer's stage. It serves only a model with as many layers.
+
+    Args:
+        budget: the budget's key in the file, e.g. `"3.0"`.
+        name: registry name (default `alloc-<budget>`).
+        model: the model the allocation was measured on.
+
+    Returns:
+        The recipe (not registered).
+
+    Raises:
+        FileNotFoundError: when no allocation is stored for `model`.
+        KeyError: for a budget the file does not hold.
+    """
+    path = ALLOCATIONS / f"{model}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no bit allocation stored for {model!r} ({path}); run benchmarks/bit_allocation.py")
+    data = json.loads(path.read_text())
+    if budget not in data["allocations"]:
+        raise KeyError(f"no allocation for budget {budget!r} in {path}; stored: {', '.join(data['allocations'])}")
+    chosen, ladder = data["allocations"][budget], data["ladder"]
+    key, value = (Pipeline([PerLayer([Stage.from_dict(ladder[role][n]) for n in chosen[role]])]) for role in ("key", "value"))
+    counts = {role: ", ".join(f"{c} {n}" for n, c in Counter(chosen[role]).most_common()) for role in ("key", "value")}
+    return Recipe(name or f"alloc-{budget}", key, value, data["buffer"], sink_tokens=data["sink_tokens"],
+                  description=f"per-layer widths for {model}, {budget} all-in bits, tuned on {data['tuned_on']} (layers: "
+                              f"keys {counts['key']}; values {counts['value']}; {data['sink_tokens']} fp16 sink tokens)")
 
 
 DEFAULT_DICTIONARY = dict(atoms=1024, sparsity=8, group_layers=6)  # what `gearkit dict train --default` trains

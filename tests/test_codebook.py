@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gearkit import CodebookQuantizer, HadamardRotation, Pipeline, Quantizer
-from gearkit.compressors.codebook import lloyd_max_levels
+from gearkit.compressors.codebook import kmeans_levels, lloyd_max_levels
 from gearkit.kernels.reference import packed_nbytes
 
 from conftest import kv_tensors, rel_error
@@ -97,3 +97,24 @@ def test_scales_that_overflow_fp16_are_refused():
     big = torch.full((1, 1, 2, 4), 1e6)
     q = CodebookQuantizer(2, param_dtype=torch.float32)
     assert torch.allclose(q.decode(q.encode(big)), big, rtol=1e-3)
+
+
+def test_calibrated_levels_fit_their_data_and_travel_as_data():
+    gen = torch.Generator().manual_seed(1)
+    gauss = torch.randn(200_000, generator=gen)
+    assert torch.allclose(kmeans_levels(gauss, 2), lloyd_max_levels(2), atol=0.02)  # Gaussian data: Lloyd-Max back
+    # un-rotated value vectors are far from Gaussian (a few heavy channels): k-means levels fit them better
+    x = torch.randn(1, 2, 64, 16, generator=gen) * torch.tensor([8.0, 3.0] + [0.5] * 14)
+    rms = x.square().mean(-1, keepdim=True).sqrt()
+    calibrated = CodebookQuantizer(2, levels=kmeans_levels(x / rms, 2).tolist())
+    assert rel_error(x, Pipeline([calibrated])(x)) < 0.9 * rel_error(x, Pipeline([CodebookQuantizer(2)])(x))
+    again = CodebookQuantizer.from_dict(calibrated.to_dict())
+    assert again.levels == calibrated.levels and torch.equal(Pipeline([again])(x), Pipeline([calibrated])(x))
+    weighted = kmeans_levels(torch.tensor([-1.0, 0.0, 1.0, 3.0]), 1, weights=torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    assert torch.allclose(weighted, torch.tensor([-0.5, 1.0]))  # a zero-weight sample pulls no level
+
+
+@pytest.mark.parametrize("levels", [[0.0, 1.0], [0.0, 1.0, 1.0, 2.0], [0.0, 1.0, float("nan"), 2.0], [2.0, 1.0, 0.0, -1.0]])
+def test_malformed_calibrated_levels_are_refused(levels):
+    with pytest.raises(ValueError, match="ascending finite levels"):
+        CodebookQuantizer(2, levels=levels)

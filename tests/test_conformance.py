@@ -5,7 +5,7 @@ import torch
 
 import gearkit
 from gearkit import (ChannelSeparableQuantizer, CodebookQuantizer, Context, FullPrecision, HadamardRotation, LowRankResidual,
-                     MixedPrecision, Pipeline, PreRoPE, Quantizer, Rotation, SparseDictionary, SparseOutlier, Stage)
+                     MixedPrecision, PerLayer, Pipeline, PreRoPE, Quantizer, Rotation, SparseDictionary, SparseOutlier, Stage)
 from gearkit.compressed import cat_batch, select_batch
 
 from conftest import kv_like
@@ -27,12 +27,14 @@ STAGES = {
     "hadamard-rotation": HadamardRotation(Quantizer(3, 8, "token"), seed=3),
     "codebook-vector": CodebookQuantizer(3),
     "codebook-channel-centered": CodebookQuantizer(2, 8, "channel", centered=True),
+    "codebook-calibrated": CodebookQuantizer(2, levels=[-2.0, -0.5, 0.25, 1.5]),
     "hadamard-codebook": HadamardRotation(CodebookQuantizer(2, 8), seed=1),
     "pre-rope-codebook": PreRoPE(CodebookQuantizer(3, None, "channel", centered=True), 10000.0),
     "channel-separable": ChannelSeparableQuantizer(3),
     "mixed-precision": MixedPrecision(Quantizer(4, None, "channel"), ChannelSeparableQuantizer(2), 0.25),
     "dictionary-key": SparseDictionary(DICTIONARY, "key", 2),
     "dictionary-value-int8": SparseDictionary(DICTIONARY, "value", 2, coef_bits=8),
+    "per-layer": PerLayer([Quantizer(2, 8, "channel"), HadamardRotation(CodebookQuantizer(3), seed=2)]),  # layer 1's
 }
 SHAPE = (2, 2, 16, 16)  # [batch, kv_heads, tokens, head_dim]
 
@@ -125,7 +127,7 @@ def test_requirements_are_declared_and_checked_once():
 
 def test_every_stage_the_docs_name_is_exported():
     documented = {"Quantizer", "ChannelSeparableQuantizer", "SparseOutlier", "LowRankResidual", "FullPrecision", "Rotation",
-                  "MixedPrecision", "SparseDictionary", "HadamardRotation", "CodebookQuantizer", "PreRoPE"}
+                  "MixedPrecision", "SparseDictionary", "HadamardRotation", "CodebookQuantizer", "PreRoPE", "PerLayer"}
     assert documented <= set(gearkit.__all__)
     assert {name for name, cls in Stage.known().items() if cls.__module__.startswith("gearkit.")} <= set(gearkit.__all__)
     for name in gearkit.__all__:

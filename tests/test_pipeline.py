@@ -38,9 +38,9 @@ def storage_bytes(c: CompressedTensor) -> int:
     return sum(t.untyped_storage().nbytes() for t in c.tensors().values())
 
 
-# Recipes that need no trained artifact; the CSR recipes read a model-specific dictionary and have the same
-# properties checked with small dictionaries in test_dictionary.py.
-SELF_CONTAINED = [n for n in recipes.names() if not recipes.get(n).needs_dictionary]
+# Recipes made for no model in particular; the CSR recipes read a model-specific dictionary and have the same
+# properties checked with small dictionaries in test_dictionary.py, per-layer allocations in test_per_layer.py.
+SELF_CONTAINED = [n for n in recipes.names() if not recipes.get(n).model_bound]
 
 backbones = st.builds(
     lambda bits, group, axis: (Quantizer(bits, group, axis), axis),

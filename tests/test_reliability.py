@@ -24,7 +24,7 @@ from conftest import kv_like, tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 EXACT = Recipe("exact-fp32", Pipeline([FullPrecision(torch.float32)]), Pipeline([FullPrecision(torch.float32)]), buffer_size=16)
-NO_DICTIONARY = [n for n in recipes.names() if not recipes.get(n).needs_dictionary]  # CSR needs the model's dictionary
+NO_DICTIONARY = [n for n in recipes.names() if not recipes.get(n).model_bound]  # CSR, allocations: one model's
 GREEDY = dict(do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
 
 

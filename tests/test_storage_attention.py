@@ -58,7 +58,7 @@ def test_greedy_through_triton_storage_attention_equals_dequantize_path(smol):
 
 # -- decode reads the storage block by block: the default path (issue 14) --------------------------------------
 
-READS_STORAGE = [n for n in recipes.names() if not (recipes.get(n).needs_saliency or recipes.get(n).needs_dictionary)]
+READS_STORAGE = [n for n in recipes.names() if not (recipes.get(n).needs_saliency or recipes.get(n).model_bound)]
 
 
 @torch.inference_mode()

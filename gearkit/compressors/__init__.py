@@ -8,6 +8,7 @@ from gearkit.compressors.dictionary_set import DictionarySet
 from gearkit.compressors.lowrank import LowRankResidual
 from gearkit.compressors.mixed import MixedPrecision
 from gearkit.compressors.outlier import SparseOutlier
+from gearkit.compressors.per_layer import PerLayer
 from gearkit.compressors.pipeline import Pipeline
 from gearkit.compressors.pre_rope import PreRoPE
 from gearkit.compressors.probes import Probes
@@ -24,6 +25,8 @@ __all__ = [
     "FullPrecision", "Rotation",
     # rotation + non-uniform codebooks (TurboQuant), keys coded before RoPE (KVQuant)
     "HadamardRotation", "CodebookQuantizer", "PreRoPE",
+    # bit allocation: a stage per model layer (KVTuner)
+    "PerLayer",
     # ZipCache: saliency-driven mixed precision and the probe queries that score saliency
     "MixedPrecision", "Probes",
     # CSR: sparse dictionary codes (NeuralDict training lives in gearkit.neuraldict, which loads Lightning)

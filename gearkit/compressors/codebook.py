@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -50,6 +51,34 @@ def lloyd_max_levels(bits: int) -> Tensor:
     return torch.tensor(_levels(check_bits(bits)), dtype=torch.float32)
 
 
+def kmeans_levels(samples: Tensor, bits: int, weights: Tensor | None = None, iterations: int = 100) -> Tensor:
+    """A calibrated codebook: 1-D k-means (Lloyd's iteration on data) of RMS-normalised entries.
+
+    Starts from the Lloyd-Max levels, so a Gaussian sample gives them back; a cell that empties keeps its level.
+
+    Args:
+        samples: float `[n]`, the normalised entries (e.g. `x / rms` of each group, as `CodebookQuantizer` codes them).
+        bits: code width, one of 1, 2, 3, 4, 8.
+        weights: optional non-negative float `[n]` (sensitivity-weighted k-means), default all 1.
+        iterations: at most this many Lloyd steps.
+
+    Returns:
+        float32 `[2**bits]`, ascending.
+    """
+    x = samples.double().flatten()
+    w = torch.ones_like(x) if weights is None else weights.double().flatten()
+    levels = lloyd_max_levels(bits).double()
+    for _ in range(iterations):
+        cells = torch.bucketize(x, (levels[1:] + levels[:-1]) / 2)
+        mass = torch.zeros_like(levels).index_add_(0, cells, w)
+        total = torch.zeros_like(levels).index_add_(0, cells, w * x)
+        new = torch.where(mass > 0, total / mass.clamp(min=1e-300), levels)
+        if torch.allclose(new, levels, rtol=0, atol=1e-9):
+            break
+        levels = new
+    return levels.sort().values.float()
+
+
 class CodebookQuantizer(Quantizer):
     """Non-uniform scalar quantizer: each group divided by its RMS, each entry coded as the nearest Lloyd-Max level
     for N(0, 1) (`lloyd_max_levels`), codes bit-packed.
@@ -66,18 +95,34 @@ class CodebookQuantizer(Quantizer):
         axis: "token" or "channel", the axis along which groups run (see `Quantizer`).
         centered: store a per-group mean as well as the scale.
         param_dtype: dtype of the stored scale (and center).
+        levels: a calibrated codebook instead of the Gaussian one: `2**bits` ascending finite numbers, the levels
+            of RMS-normalised entries (KVQuant's non-uniform datatypes, fit by k-means on calibration data: see
+            `kmeans_levels`). Part of the configuration, so a recipe carries its codebooks as data.
+
+    Raises:
+        ValueError: for levels that are not `2**bits` ascending finite numbers.
     """
 
     def __init__(self, bits: int, group_size: int | None = None, axis: Axis = "token", centered: bool = False,
-                 param_dtype: torch.dtype = torch.float16):
+                 param_dtype: torch.dtype = torch.float16, levels: Sequence[float] | None = None):
         super().__init__(bits, group_size, axis, False, param_dtype)
         if not isinstance(centered, bool):
             raise TypeError(f"centered must be a bool, got {centered!r}")
-        self.centered = centered
+        if levels is not None:
+            levels = tuple(float(v) for v in levels)
+            if len(levels) != 2**bits or not all(map(math.isfinite, levels)) or any(
+                    a >= b for a, b in zip(levels, levels[1:])):
+                raise ValueError(f"a {bits}-bit codebook needs {2**bits} ascending finite levels, got {levels}")
+        self.centered, self.levels = centered, levels
 
     def config(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "axis": self.axis, "centered": self.centered,
-                "param_dtype": self.param_dtype}
+                "param_dtype": self.param_dtype, "levels": None if self.levels is None else list(self.levels)}
+
+    def codebook(self, device=None) -> Tensor:
+        """The levels codes index: float32 `[2**bits]` (calibrated if given, else `lloyd_max_levels(bits)`)."""
+        levels = lloyd_max_levels(self.bits) if self.levels is None else torch.tensor(self.levels, dtype=torch.float32)
+        return levels.to(device)
 
     def kernel_unsupported(self, length: int) -> str | None:
         return "the fused kernels read uniform codes, not codebook indices"
@@ -98,7 +143,7 @@ class CodebookQuantizer(Quantizer):
             center = center.to(self.param_dtype).float()  # code against the center that is stored
             grouped = (grouped - center).masked_fill(~valid, 0.0)
         rms = (grouped.square().sum(-1, keepdim=True) / count).sqrt()
-        levels = lloyd_max_levels(self.bits).to(x.device)
+        levels = self.codebook(x.device)
         edges = (levels[1:] + levels[:-1]) / 2
         codes = torch.bucketize(grouped / rms.clamp(min=torch.finfo(torch.float32).tiny), edges)
         coded = levels[codes].masked_fill(~valid, 0.0)
@@ -115,7 +160,7 @@ class CodebookQuantizer(Quantizer):
         if part.bits != self.bits:
             raise ValueError(f"part holds {part.bits}-bit codes but this quantizer is {self.bits}-bit")
         codes = self._grouped_codes(part, unpack_bits).long()
-        out = lloyd_max_levels(self.bits).to(codes.device)[codes] * part.scale.float()[..., None]
+        out = self.codebook(codes.device)[codes] * part.scale.float()[..., None]
         if part.center is not None:
             out = out + part.center.float()[..., None]
         return self._ungroup(out, part.shape)
@@ -130,4 +175,6 @@ class CodebookQuantizer(Quantizer):
 
     def extra_repr(self) -> str:
         centered = ", centered=True" if self.centered else ""
-        return f"bits={self.bits}, group_size={self.group_size}, axis={self.axis!r}{centered}, param_dtype={self.param_dtype}"
+        calibrated = ", calibrated levels" if self.levels is not None else ""
+        return (f"bits={self.bits}, group_size={self.group_size}, axis={self.axis!r}{centered}{calibrated}, "
+                f"param_dtype={self.param_dtype}")

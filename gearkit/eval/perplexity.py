@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,22 +83,44 @@ def _steps(cache, start: int, end: int):
 
 
 @torch.inference_mode()
+def cached_logits(model, window: Tensor, prefix: int, cache, progress: Callable | None = None
+                  ) -> Iterator[tuple[Tensor, Tensor]]:
+    """The logits of `window[prefix:]` with `cache` holding the past, one step at a time (lazily).
+
+    Args:
+        model (transformers.PreTrainedModel): a causal LM.
+        window: int64 `[tokens]`.
+        prefix: tokens prefilled into `cache` first.
+        cache (transformers.Cache): the cache under test (all of `window` ends up in it).
+        progress: optional wrapper of the continuation's steps (as in `evaluate`).
+
+    Yields:
+        `(logits, targets)`: float `[n, vocab]` and int64 `[n]`, first the prefill's last position (predicting
+        `window[prefix]`), then each continuation step (steps end where the cache's buffer fills).
+    """
+    wrap = progress or (lambda it, **_: it)
+    logits = model(window[None, :prefix], cache=cache, use_cache=True).logits[0, -1:]
+    yield logits, window[prefix : prefix + 1]
+    for pos, n in wrap(_steps(cache, prefix, window.numel()), total=None, desc="steps"):
+        logits = model(window[None, pos : pos + n], cache=cache, use_cache=True).logits[0]
+        targets = window[pos + 1 : pos + n + 1]  # the window's last token predicts nothing scored
+        yield logits[: targets.numel()], targets
+
+
+@torch.inference_mode()
 def cached_nll(model, window: Tensor, prefix: int, cache, progress: Callable | None = None) -> tuple[float, float, float]:
     """Summed NLL of `window[prefix:]` with `cache` holding the past; returns (nll, prefill s, continuation s).
 
     All of `window` ends up in the cache, so its memory report covers `prefix + continuation` tokens.
     `progress` (as in `evaluate`) wraps the continuation's steps, so a long window shows its progress.
     """
-    wrap = progress or (lambda it, **_: it)
+    steps = cached_logits(model, window, prefix, cache, progress)
     start = time.perf_counter()
-    logits = model(window[None, :prefix], cache=cache, use_cache=True).logits[0, -1:]
+    nll = _nll(*next(steps))
     prefill_s = time.perf_counter() - start
-    nll, end = _nll(logits, window[prefix : prefix + 1]), window.numel()
     start = time.perf_counter()
-    for pos, n in wrap(_steps(cache, prefix, end), total=None, desc="steps"):  # each ends where the buffer fills
-        logits = model(window[None, pos : pos + n], cache=cache, use_cache=True).logits[0]
-        targets = window[pos + 1 : pos + n + 1]  # the window's last token predicts nothing scored
-        nll += _nll(logits[: targets.numel()], targets)
+    for logits, targets in steps:
+        nll += _nll(logits, targets)
     return nll, prefill_s, time.perf_counter() - start
 
 

@@ -52,7 +52,8 @@ def compare_recipes(keys: Tensor, values: Tensor, names: Sequence[str] | None = 
         keys: `[batch, kv_heads, tokens, head_dim]`.
         values: same shape as `keys`.
         names: recipe names (default: every registered recipe that needs neither token saliency, which comes
-            from a model's queries, nor a model's trained dictionary: plain tensors have neither).
+            from a model's queries, nor a model's layers (a trained dictionary, a per-layer allocation): plain
+            tensors have neither).
 
     Returns:
         One `RecipeResult` per recipe, in the given order.
@@ -60,7 +61,7 @@ def compare_recipes(keys: Tensor, values: Tensor, names: Sequence[str] | None = 
     if keys.shape != values.shape:
         raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} must have the same shape")
     results = []
-    default = [n for n in recipes.names() if not (recipes.get(n).needs_saliency or recipes.get(n).needs_dictionary)]
+    default = [n for n in recipes.names() if not (recipes.get(n).needs_saliency or recipes.get(n).model_bound)]
     for name in names or default:
         recipe = recipes.get(name)
         if recipe.needs_saliency:

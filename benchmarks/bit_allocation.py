@@ -1,0 +1,233 @@
+"""Bit allocation across layers (issue 15, KVTuner style): measure each layer's sensitivity, then spend a budget.
+
+1. Sensitivity (`measure`): for every layer `L`, role (keys, values) and width on the role's ladder, the cache
+   codes only layer `L`'s keys (or values) with that width (a `PerLayer` stage; every other layer and the other
+   role stay fp16) and the KL divergence of the next-token distribution from the uncompressed model's is
+   measured on the scored tokens of the tuning text (`idle-help`), with the perplexity protocol (prefix, then
+   64-token steps). KL is paired token by token, so unlike a perplexity difference it is never negative and
+   small changes do not drown in noise.
+2. Allocation (`allocate`): the widths that minimise the summed KL (the additive model) under a global budget
+   of all-in bits per element (codes and scales from the stages' own byte counts, plus the fp16 sink tokens at
+   2048 tokens), an exact multiple-choice knapsack over quarter bits.
+3. The allocations are written as data (`gearkit/allocations/<model>.json`: each budget's stage per layer and
+   role, as `Stage.to_dict()`), which the built-in `gk-*` recipes read; `--check` measures the additive model
+   against the KL of a whole allocation.
+
+`lowrank` compares GEAR's low-rank term first on pre-RoPE keys (then fewer bits) with plain keys, layer by layer.
+
+Run: OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bit_allocation.py measure --text idle-help
+     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bit_allocation.py allocate --budgets 2.5 3.0 3.5 4.5 [--check]
+     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bit_allocation.py lowrank --layers 0 3 6 ... 27
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gearkit import (CodebookQuantizer, FullPrecision, HadamardRotation, LowRankResidual, PerLayer, Pipeline, PreRoPE,
+                     Quantizer, Recipe, Stage)
+from gearkit.eval.perplexity import cached_logits
+from gearkit.integrations.hf import make_cache
+from gearkit.models import DEFAULT_MODEL, load_default_model, load_text, token_windows
+from gearkit.recipes import DEFAULT_ROPE_THETA
+
+SINKS, BUFFER, TOKENS = 4, 64, 2048  # the frontier protocol's sink tokens and buffer; bits counted at 2048 tokens
+RESULTS = Path("benchmarks/results")
+ALLOCATION = Path("gearkit/allocations") / f"{DEFAULT_MODEL}.json"
+
+# each role's widths, from the stages frontier_sweep.py found best: keys per-channel groups of 64 tokens (`chB`,
+# post-RoPE) or Hadamard + Lloyd-Max with a norm per vector (`had-lmB`); values Hadamard + Lloyd-Max. `/32`:
+# groups of 32 tokens (keys) or channels (values), half a step up; 8 bits lets a fragile layer be near fp16.
+# The first five key and five value entries were the first ladder (bit_allocation_ladder1.json); `measure`
+# re-run after adding entries measures only the new ones.
+LADDER = {
+    "key": {"had-lm2": HadamardRotation(CodebookQuantizer(2)), "ch3": Quantizer(3, 64, "channel"),
+            "ch4": Quantizer(4, 64, "channel"), "ch4/32": Quantizer(4, 32, "channel"), "ch8": Quantizer(8, 64, "channel"),
+            "ch2": Quantizer(2, 64, "channel"), "had-lm3": HadamardRotation(CodebookQuantizer(3)),
+            "ch3/32": Quantizer(3, 32, "channel")},
+    "value": {**{f"had-lm{b}": HadamardRotation(CodebookQuantizer(b)) for b in (1, 2, 3, 4)},
+              "had-lm4/32": HadamardRotation(CodebookQuantizer(4, 32)),
+              "had-lm2/32": HadamardRotation(CodebookQuantizer(2, 32)), "had-lm3/32": HadamardRotation(CodebookQuantizer(3, 32))},
+}
+
+
+# GEAR's low-rank term *first* on pre-RoPE keys (rank r per 64-token chunk, fp16 factors), the rest quantized with
+# fewer bits, against the ladder's keys at about the same bytes (`lowrank` subcommand)
+LOWRANK = {
+    "pre-ch2": [PreRoPE(Quantizer(2, 64, "channel"), DEFAULT_ROPE_THETA)],
+    "pre-lr1+pre-ch2": [PreRoPE(LowRankResidual(1), DEFAULT_ROPE_THETA), PreRoPE(Quantizer(2, 64, "channel"), DEFAULT_ROPE_THETA)],
+    "pre-lr2+pre-ch2": [PreRoPE(LowRankResidual(2), DEFAULT_ROPE_THETA), PreRoPE(Quantizer(2, 64, "channel"), DEFAULT_ROPE_THETA)],
+    "pre-lr1+had-lm2": [PreRoPE(LowRankResidual(1), DEFAULT_ROPE_THETA), HadamardRotation(CodebookQuantizer(2))],
+    "ch3": [Quantizer(3, 64, "channel")],
+}
+
+
+def stage_bits(stages: Stage | list[Stage], heads: int, head_dim: int) -> float:
+    """Stored bits per element of `stages` on one 64-token chunk (their own byte count, not a formula)."""
+    x = torch.randn(1, heads, BUFFER, head_dim)
+    return Pipeline(stages if isinstance(stages, list) else [stages]).compress(
+        x, layer=0, positions=torch.zeros(1, dtype=torch.long)).bits_per_element
+
+
+def only(layer: int, role: str, stages: Stage | list[Stage]) -> Recipe:
+    """Layer `layer`'s `role` coded by `stages`, everything else fp16 (other layers' fp16 copy takes the first
+    stage's place, and later stages store its near-zero remainder: bytes do not matter here, only the KL)."""
+    fp16 = Pipeline([FullPrecision()])
+    coded = Pipeline([PerLayer({layer: s}, FullPrecision()) for s in (stages if isinstance(stages, list) else [stages])])
+    key, value = (coded, fp16) if role == "key" else (fp16, coded)
+    return Recipe(f"L{layer}-{role}", key, value, BUFFER, sink_tokens=SINKS)
+
+
+def kl_divergence(model, windows, baseline, recipe: Recipe) -> float:
+    """Mean KL(baseline || cached) per scored token, over the windows."""
+    total = count = 0
+    for window, base in zip(windows, baseline):
+        logits = torch.cat([lg for lg, _ in cached_logits(model, window, window.numel() - base.shape[0],
+                                                          make_cache(recipe, model))])
+        total += F.kl_div(logits.float().log_softmax(-1), base, log_target=True, reduction="sum").item()
+        count += base.shape[0]
+    return total / count
+
+
+@torch.inference_mode()
+def baseline_logprobs(model, windows, prefix: int) -> list:
+    return [model(w[None]).logits[0, prefix - 1 : -1].float().log_softmax(-1) for w in windows]
+
+
+def measure(args) -> None:
+    model, tokenizer = load_default_model()
+    windows = token_windows(tokenizer, load_text(args.text), args.prefix, args.continuation, args.windows)
+    baseline = baseline_logprobs(model, windows, args.prefix)
+    layers, cfg = model.config.num_hidden_layers, model.config
+    out = {"model": DEFAULT_MODEL, "text": args.text, "prefix": args.prefix, "continuation": args.continuation,
+           "windows": len(windows), "sink_tokens": SINKS, "buffer": BUFFER, "command": " ".join(sys.argv),
+           "ladder": {role: {name: s.to_dict() for name, s in ladder.items()} for role, ladder in LADDER.items()},
+           "bits": {role: {name: stage_bits(s, cfg.num_key_value_heads, cfg.head_dim) for name, s in ladder.items()}
+                    for role, ladder in LADDER.items()},
+           "kl": {role: {name: [None] * layers for name in ladder} for role, ladder in LADDER.items()}}
+    if args.out.is_file():  # a ladder extended since: measure only the new entries
+        old = json.loads(args.out.read_text())
+        for role in out["kl"]:
+            out["kl"][role].update({n: v for n, v in old["kl"][role].items() if n in out["kl"][role]})
+        out["command"] = old["command"] + "; then " + out["command"]
+    start = time.time()
+    for layer in range(layers):
+        for role, ladder in LADDER.items():
+            for name, stage in ladder.items():
+                if out["kl"][role][name][layer] is None:
+                    out["kl"][role][name][layer] = kl_divergence(model, windows, baseline, only(layer, role, stage))
+            print(f"layer {layer} {role}: " + ", ".join(f"{n} {out['kl'][role][n][layer]:.4f}" for n in ladder),
+                  f"({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
+        args.out.write_text(json.dumps(out, indent=1))  # as it goes: a long run can be read part-way
+
+
+def allocate_widths(kl: dict, bits: dict, budget: float, layers: int) -> dict[str, list[str]]:
+    """The ladder entry per (role, layer) minimising the summed KL with mean stored bits <= the budget's share.
+
+    All-in bits at `TOKENS` tokens are the mean stage bits plus the sink tokens' fp16 copy.
+    """
+    stage_budget = budget - 16 * SINKS / TOKENS
+    items = [(role, layer) for role in kl for layer in range(layers)]
+    quarter = {role: {n: round(4 * b) for n, b in bits[role].items()} for role in bits}  # widths cost whole quarters
+    capacity = int(4 * stage_budget * len(items) + 1e-9)
+    best = {0: (0.0, [])}  # spent quarters -> (summed KL, choices)
+    for role, layer in items:
+        nxt = {}
+        for spent, (total, choice) in best.items():
+            for name, q in quarter[role].items():
+                key, value = spent + q, total + kl[role][name][layer]
+                if key <= capacity and (key not in nxt or value < nxt[key][0]):
+                    nxt[key] = (value, choice + [name])
+        best = nxt
+    if not best:
+        raise ValueError(f"budget {budget} is below the cheapest widths")
+    _, choice = min(best.values(), key=lambda v: v[0])
+    return {role: choice[i * layers:(i + 1) * layers] for i, role in enumerate(kl)}
+
+
+def recipe(allocation: dict, ladder: dict, name: str) -> Recipe:
+    """A `PerLayer` recipe from an allocation (ladder names per role and layer)."""
+    pipe = {role: Pipeline([PerLayer([Stage.from_dict(ladder[role][n]) for n in names])])
+            for role, names in allocation.items()}
+    return Recipe(name, pipe["key"], pipe["value"], BUFFER, sink_tokens=SINKS)
+
+
+def allocate(args) -> None:
+    data = json.loads(args.sensitivity.read_text())
+    layers = len(next(iter(data["kl"]["key"].values())))
+    out = {"model": data["model"], "tuned_on": data["text"], "sink_tokens": SINKS, "buffer": BUFFER,
+           "source": "benchmarks/bit_allocation.py allocate " + " ".join(sys.argv[2:]), "ladder": data["ladder"],
+           "allocations": {}}
+    for budget in args.budgets:
+        widths = allocate_widths(data["kl"], data["bits"], budget, layers)
+        predicted = sum(data["kl"][r][n][i] for r, names in widths.items() for i, n in enumerate(names))
+        mean = sum(data["bits"][r][n] for r, names in widths.items() for n in names) / (2 * layers)
+        out["allocations"][str(budget)] = {**widths, "predicted_kl": predicted, "all_in_bits": mean + 16 * SINKS / TOKENS}
+        print(f"budget {budget}: {mean + 16 * SINKS / TOKENS:.3f} bits, predicted KL {predicted:.4f}", file=sys.stderr)
+        for role, names in widths.items():
+            print(f"  {role}: {' '.join(names)}", file=sys.stderr)
+    if args.check:  # the additive model against the KL of whole allocations, on the sensitivity protocol
+        model, tokenizer = load_default_model()
+        windows = token_windows(tokenizer, load_text(data["text"]), data["prefix"], data["continuation"], data["windows"])
+        baseline = baseline_logprobs(model, windows, data["prefix"])
+        for budget, a in out["allocations"].items():
+            widths = {r: a[r] for r in ("key", "value")}
+            a["measured_kl"] = kl_divergence(model, windows, baseline, recipe(widths, data["ladder"], budget))
+            print(f"budget {budget}: predicted KL {a['predicted_kl']:.4f}, measured {a['measured_kl']:.4f}", file=sys.stderr)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+
+
+def lowrank(args) -> None:
+    """Low-rank-first keys against plain quantized keys, layer by layer, on the sensitivity protocol."""
+    model, tokenizer = load_default_model()
+    windows = token_windows(tokenizer, load_text(args.text), args.prefix, args.continuation, args.windows)
+    baseline = baseline_logprobs(model, windows, args.prefix)
+    cfg = model.config
+    bits = {n: stage_bits(s, cfg.num_key_value_heads, cfg.head_dim) for n, s in LOWRANK.items()}
+    lines = [f"Command: `OMP_NUM_THREADS=1 PYTHONPATH=. python {' '.join(sys.argv)}`", "",
+             f"{DEFAULT_MODEL}, text {args.text}, {len(windows)} window(s) of {args.prefix}+{args.continuation} tokens: "
+             "KL from the uncompressed model (per scored token, x1e-4) when only one layer's keys are coded so; "
+             "values and other layers fp16.", "",
+             "| layer | " + " | ".join(f"`{n}` ({bits[n]:.2f} b)" for n in LOWRANK) + " |", "|---" * (len(LOWRANK) + 1) + "|"]
+    for layer in args.layers:
+        kl = [kl_divergence(model, windows, baseline, only(layer, "key", s)) for s in LOWRANK.values()]
+        lines.append(f"| {layer} | " + " | ".join(f"{1e4 * v:.2f}" for v in kl) + " |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    args.out.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("measure", help="per-layer sensitivity (KL) of every width on the ladder")
+    m.add_argument("--text", default="idle-help")
+    m.add_argument("--prefix", type=int, default=512)
+    m.add_argument("--continuation", type=int, default=128)
+    m.add_argument("--windows", type=int, default=1)
+    m.add_argument("--out", type=Path, default=RESULTS / "bit_allocation_sensitivity_idle-help.json")
+    a = sub.add_parser("allocate", help="widths per layer and role under each budget")
+    a.add_argument("--sensitivity", type=Path, default=RESULTS / "bit_allocation_sensitivity_idle-help.json")
+    a.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.5])
+    a.add_argument("--check", action="store_true", help="measure each allocation's KL against the prediction")
+    a.add_argument("--out", type=Path, default=ALLOCATION)
+    lr = sub.add_parser("lowrank", help="low-rank-first keys against quantized keys, per layer")
+    lr.add_argument("--text", default="idle-help")
+    lr.add_argument("--prefix", type=int, default=512)
+    lr.add_argument("--continuation", type=int, default=128)
+    lr.add_argument("--windows", type=int, default=1)
+    lr.add_argument("--layers", type=int, nargs="+", default=list(range(0, 30, 3)))
+    lr.add_argument("--out", type=Path, default=RESULTS / "bit_allocation_lowrank_idle-help.md")
+    args = ap.parse_args()
+    {"measure": measure, "allocate": allocate, "lowrank": lowrank}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

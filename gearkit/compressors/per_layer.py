@@ -1,0 +1,111 @@
+"""Bit allocation across layers: each model layer's tensors go through the stage chosen for that layer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from torch import Tensor
+
+from gearkit.compressed import LayerPart
+from gearkit.compressors.base import NO_CONTEXT, Context, Stage
+
+
+class PerLayer(Stage):
+    """Pick the inner stage by the model layer (`Context.layer`): per-layer bit widths, KVTuner style.
+
+    Layers differ in how much a coding error costs downstream, so a global bits budget is best spent unevenly
+    (`benchmarks/bit_allocation.py` chooses the widths on calibration text). The allocation is data: `config()`
+    lists every layer's stage, so a recipe that uses it round-trips through `to_dict`/`from_dict`. The part is
+    the chosen stage's, tagged with the layer (static metadata, no bytes), so the stored bytes are exactly the
+    child's and `decode` needs no context.
+
+    Args:
+        stages: the stage of each layer: a sequence indexed by layer (`None` entries use `default`), or a mapping
+            `{layer: stage}`.
+        default: the stage of every layer `stages` does not name; `None` refuses such layers.
+
+    Raises:
+        TypeError: for an entry that is not a gearkit `Stage`.
+        ValueError: for a negative layer or no stage at all.
+    """
+
+    REQUIRES = frozenset({"layer"})
+
+    def __init__(self, stages: Sequence[Stage | None] | Mapping[int, Stage], default: Stage | None = None):
+        super().__init__()
+        if isinstance(stages, Mapping):
+            if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in stages):
+                raise ValueError(f"PerLayer layers must be ints >= 0, got {sorted(map(repr, stages))}")
+            stages = [stages.get(i) for i in range(max(stages, default=-1) + 1)]
+        stages = list(stages)
+        for i, s in enumerate([*stages, default]):
+            if s is not None and not isinstance(s, Stage):
+                raise TypeError(f"PerLayer stages must be gearkit Stages or None, got {type(s).__name__} "
+                                f"({'default' if i == len(stages) else f'layer {i}'})")
+        if default is None and not any(s is not None for s in stages):
+            raise ValueError("PerLayer needs a stage for some layer (or a default)")
+        self.stages, self.default = stages, default
+        # registered as submodules, so .to(device) and state_dict see them
+        for i, s in enumerate(stages):
+            if s is not None:
+                self.add_module(f"layer{i}", s)
+
+    def stage_for(self, layer: int | None) -> Stage:
+        """The stage that codes `layer`.
+
+        Raises:
+            ValueError: when the layer is not given, or no stage is set for it and there is no default.
+        """
+        if layer is None:
+            raise ValueError("PerLayer picks its stage by the model layer; pass layer=... (a cache supplies it)")
+        stage = self.stages[layer] if 0 <= layer < len(self.stages) else None
+        if stage is None:
+            stage = self.default
+        if stage is None:
+            named = [i for i, s in enumerate(self.stages) if s is not None]
+            raise ValueError(f"PerLayer has no stage for layer {layer} and no default (layers with a stage: {named})")
+        return stage
+
+    def _children(self) -> list[Stage]:
+        return [s for s in [*self.stages, self.default] if s is not None]
+
+    @property
+    def requires(self) -> frozenset[str]:
+        return self.REQUIRES.union(*(s.requires for s in self._children()))
+
+    def config(self) -> dict:
+        return {"stages": list(self.stages), "default": self.default}
+
+    def check_chunk(self, tokens: int, head_dim: int | None = None) -> None:
+        for s in self._children():
+            s.check_chunk(tokens, head_dim)
+
+    def check_model(self, config) -> None:
+        """Raise `ValueError` if some layer of the model has no stage, or a layer's stage cannot serve it."""
+        layers = getattr(config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config,
+                         "num_hidden_layers", None)
+        if layers is not None:
+            for layer in range(layers):
+                self.stage_for(layer)
+            if len(self.stages) > layers:
+                raise ValueError(f"PerLayer names stages for {len(self.stages)} layers; the model has {layers}")
+        for s in self._children():
+            s.check_model(config)
+
+    def shared_nbytes(self, layer: int | None) -> int:
+        return 0 if layer is None else self.stage_for(layer).shared_nbytes(layer)
+
+    def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> LayerPart:
+        """Encode `x` `[batch, kv_heads, tokens, head_dim]` with the stage of `ctx.layer`."""
+        return LayerPart(self.stage_for(ctx.layer).encode(x, exclude, ctx), ctx.layer)
+
+    def decode(self, part: LayerPart) -> Tensor:
+        """The layer's stage's reconstruction: float32 `[batch, kv_heads, tokens, head_dim]`."""
+        return self.stage_for(part.layer).decode(part.inner)
+
+    def exact_mask(self, part: LayerPart) -> Tensor | None:
+        """Entries the layer's stage stores exactly, bool `[batch, kv_heads, tokens, head_dim]`, or None."""
+        return self.stage_for(part.layer).exact_mask(part.inner)
+
+    def extra_repr(self) -> str:
+        return f"layers={len(self.stages)}, default={self.default is not None}"
