@@ -20,10 +20,10 @@ store moves on. `gearkit.integrations.hf.GearLayer` adapts a store to `transform
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 import dataclasses
 import functools
 import warnings
+from collections.abc import Sequence
 
 import torch
 from einops import rearrange
@@ -297,10 +297,10 @@ class StepView:
 
     def attend(self, query: Tensor, keys: Tensor, values: Tensor, attention_mask: Tensor | None,
                scaling: float | None) -> Tensor:
-        """The step's attention read from the storage, block by block: each block of chunks through
+        """The step's attention read from the storage: the compressed chunks block by block through
         `chunk_attention` (Triton or torch read the packed codes, the reference decompresses; one block at a time, so
-        the working set is one block whatever the context), the sink copy and `keys`/`values` through exact
-        attention, merged by log-sum-exp.
+        the working set is one block whatever the context), together with the exact tokens (the sink copy and
+        `keys`/`values`) in the same softmax.
 
         Args:
             query: `[batch, heads, queries, head_dim]`.

@@ -1,5 +1,5 @@
-"""Decode attention over compressed chunks: the Triton kernel reads the stored bytes, the reference
-decompresses them; both return the segment's output and log-sum-exp so segments merge exactly."""
+"""Decode attention over compressed chunks: the Triton kernel (GPU) and `stored_attention` (torch) read the stored
+codes, the reference decompresses them; each returns its output and log-sum-exp so segments merge exactly."""
 
 from __future__ import annotations
 
