@@ -37,6 +37,7 @@ from gearkit.eval.perplexity import cached_logits
 from gearkit.integrations.hf import make_cache
 from gearkit.models import DEFAULT_MODEL, load_default_model, load_text, token_windows
 from gearkit.recipes import DEFAULT_ROPE_THETA
+from report import publish  # benchmarks/report.py (run as `python benchmarks/<script>.py`)
 
 SINKS, BUFFER, TOKENS = 4, 64, 2048  # the frontier protocol's sink tokens and buffer; bits counted at 2048 tokens
 RESULTS = Path("benchmarks/results")
@@ -192,8 +193,7 @@ def lowrank(args) -> None:
     baseline = baseline_logprobs(model, windows, args.prefix)
     cfg = model.config
     bits = {n: stage_bits(s, cfg.num_key_value_heads, cfg.head_dim) for n, s in LOWRANK.items()}
-    lines = [f"Command: `OMP_NUM_THREADS=1 PYTHONPATH=. python {' '.join(sys.argv)}`", "",
-             f"{DEFAULT_MODEL}, text {args.text}, {len(windows)} window(s) of {args.prefix}+{args.continuation} tokens: "
+    lines = [f"{DEFAULT_MODEL}, text {args.text}, {len(windows)} window(s) of {args.prefix}+{args.continuation} tokens: "
              "KL from the uncompressed model (per scored token, x1e-4) when only one layer's keys are coded so; "
              "values and other layers fp16.", "",
              "| layer | " + " | ".join(f"`{n}` ({bits[n]:.2f} b)" for n in LOWRANK) + " |", "|---" * (len(LOWRANK) + 1) + "|"]
@@ -201,7 +201,7 @@ def lowrank(args) -> None:
         kl = [kl_divergence(model, windows, baseline, only(layer, "key", s)) for s in LOWRANK.values()]
         lines.append(f"| {layer} | " + " | ".join(f"{1e4 * v:.2f}" for v in kl) + " |")
         print(lines[-1], file=sys.stderr, flush=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    publish(lines, str(args.out))
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from gearkit.compressors.codebook import kmeans_levels
 from gearkit.compressors.rope import RoPE, inverse_frequencies
 from gearkit.models import DEFAULT_MODEL, load_default_model, load_text, token_windows
 from gearkit.recipes import DEFAULT_ROPE_THETA
+from report import publish  # benchmarks/report.py (run as `python benchmarks/<script>.py`)
 
 CHUNK = 64
 
@@ -91,11 +92,7 @@ def main() -> None:
             lm, cal = (errors / len(kv[0])).tolist()
             lines.append(f"| {name} | {bits} | {lm:.4f} | {cal:.4f} | {100 * (cal / lm - 1):+.1f}% |")
             print(lines[-1], file=sys.stderr, flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(f"Command: `OMP_NUM_THREADS=1 PYTHONPATH=. python {' '.join(sys.argv)}`\n\n" + text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

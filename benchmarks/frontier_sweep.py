@@ -28,6 +28,7 @@ from gearkit.cli import progress_bar
 from gearkit.eval.perplexity import evaluate
 from gearkit.models import DEFAULT_MODEL, load_default_model, load_text
 from gearkit.recipes import DEFAULT_ROPE_THETA, allocated
+from report import publish  # benchmarks/report.py (run as `python benchmarks/<script>.py`)
 
 THETA = DEFAULT_ROPE_THETA
 
@@ -108,11 +109,7 @@ def main() -> None:
              "| candidate | bits/elt | ppl | ppl increase |", "|---|---|---|---|"]
     for r in sorted(results, key=lambda r: r.bits_per_element):
         lines.append(f"| `{r.recipe}` | {r.bits_per_element:.3f} | {r.ppl:.3f} | {r.ppl_increase_pct:+.2f}% |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(f"Command: `OMP_NUM_THREADS=1 PYTHONPATH=. python {' '.join(sys.argv)}`\n\n" + text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

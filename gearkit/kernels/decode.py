@@ -34,11 +34,11 @@ def _parts(c: CompressedTensor) -> tuple[QuantizedPart, OutlierPart | None, LowR
     return q, o, lr
 
 
-def _codes(c: CompressedTensor, layout: StorageLayout) -> Tensor:
+def _codes(q: QuantizedPart, layout: StorageLayout) -> Tensor:
     """Float32 codes `[entries, heads, rows, length]` in the quantizer's row layout."""
-    entries, heads = c.shape[:2]
+    entries, heads = q.shape[:2]
     rows, length = layout.rows
-    return unpack_float(_parts(c)[0].codes, layout.bits, heads * rows * length).reshape(entries, heads, rows, length)
+    return unpack_float(q.codes, layout.bits, heads * rows * length).reshape(entries, heads, rows, length)
 
 
 def stored_rows(c: CompressedTensor, layout: StorageLayout) -> Tensor:
@@ -54,7 +54,7 @@ def stored_rows(c: CompressedTensor, layout: StorageLayout) -> Tensor:
         float32 `[entries, heads, *layout.rows]`.
     """
     q, o, lr = _parts(c)
-    codes = _codes(c, layout)
+    codes = _codes(q, layout)
     grouped = codes.reshape(*codes.shape[:-1], -1, layout.group)
     x = torch.addcmul(q.zero.float()[..., None], q.scale.float()[..., None], grouped).reshape(codes.shape)
     if lr is not None:  # left [.., T, rank] @ right [.., D, rank]^T, in the rows' orientation
@@ -71,11 +71,10 @@ def _in_codes(layout: StorageLayout) -> bool:
     return layout.group == layout.rows[1] and not layout.k2
 
 
-def _split(c: CompressedTensor, layout: StorageLayout, chunks: int) -> tuple[Tensor, Tensor, Tensor]:
-    """A one-group-per-row store's codes `[chunks, batch, heads, rows, length]` and its scale and zero
+def _split(q: QuantizedPart, layout: StorageLayout, chunks: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A one-group-per-row part's codes `[chunks, batch, heads, rows, length]` and its scale and zero
     `[chunks, batch, heads, 1, rows]`."""
-    q = _parts(c)[0]
-    codes = _codes(c, layout)
+    codes = _codes(q, layout)
     codes = codes.reshape(chunks, -1, *codes.shape[1:])
     scale, zero = (t.float().reshape(*codes.shape[:3], 1, -1) for t in (q.scale, q.zero))
     return codes, scale, zero
@@ -87,12 +86,12 @@ def _scores(q: Tensor, keys: CompressedTensor, layout: StorageLayout, chunks: in
     if not _in_codes(layout):
         k = stored_rows(keys, layout).reshape(chunks, b, keys.shape[1], *layout.rows)
         return q @ (k if layout.q_channel else k.mT)
-    codes, scale, zero = _split(keys, layout, chunks)
+    part, _, lr = _parts(keys)
+    codes, scale, zero = _split(part, layout, chunks)
     if layout.q_channel:  # k[t, d] = s[d] c[d, t] + z[d]
         scores = (q * scale) @ codes + q @ zero.mT
     else:  # k[t, d] = s[t] c[t, d] + z[t]
         scores = (q @ codes.mT) * scale + q.sum(-1, keepdim=True) * zero
-    lr = _parts(keys)[2]
     if lr is not None:  # k = left @ right^T, applied in factored form
         left, right = (t.float().reshape(chunks, b, *t.shape[1:]) for t in (lr.left, lr.right))
         scores = scores + (q @ right) @ left.mT
@@ -106,12 +105,12 @@ def _weighted(p: Tensor, values: CompressedTensor, layout: StorageLayout) -> Ten
     if not _in_codes(layout):
         v = stored_rows(values, layout).reshape(chunks, b, values.shape[1], *layout.rows)
         return (p @ (v.mT if layout.q_channel else v)).sum(0)
-    codes, scale, zero = _split(values, layout, chunks)
+    part, _, lr = _parts(values)
+    codes, scale, zero = _split(part, layout, chunks)
     if layout.q_channel:  # v[t, d] = s[d] c[d, t] + z[d]
         out = (p @ codes.mT) * scale + p.sum(-1, keepdim=True) * zero
     else:  # v[t, d] = s[t] c[t, d] + z[t]
         out = (p * scale) @ codes + p @ zero.mT
-    lr = _parts(values)[2]
     if lr is not None:
         left, right = (t.float().reshape(chunks, b, *t.shape[1:]) for t in (lr.left, lr.right))
         out = out + (p @ left) @ right.mT
