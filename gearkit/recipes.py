@@ -24,7 +24,8 @@ from gearkit.compressors import (
 from gearkit.compressors.checks import check_int
 from gearkit.compressors.solvers import Solver
 from gearkit.compressors.sparse_dictionary import Source
-from gearkit.models import DEFAULT_MODEL, DEFAULT_TEXT, cache_dir
+from gearkit.models import DEFAULT_MODEL, DEFAULT_TEXT
+from gearkit.paths import cache_dir
 
 FORMAT_VERSION = 1  # of `Recipe.to_dict()`
 DEFAULT_ROPE_THETA = 100000.0  # the default model's RoPE base, for recipes that code keys before RoPE

@@ -231,7 +231,8 @@ def test_sink_tokens_stay_in_full_precision():
     assert torch.equal(layer.dequantized()[0], keys[:, :, :2].half().float())
 
 
-def test_appending_chunks_never_copies_the_earlier_ones():
+def test_appending_chunks_never_copies_the_earlier_ones(monkeypatch):
+    monkeypatch.setattr(ChunkStore, "BLOCK_TOKENS", 1024)
     store = ChunkStore(recipes.get("kivi-2"))  # 128-token chunks, decode attention blocks of 1024 // 128 = 8 chunks
     store.append(kv_like(0, (2, 2, 3 * 128, 64)), kv_like(1, (2, 2, 3 * 128, 64)))  # a prefill of 3 chunks
     held = lambda: [t.data_ptr() for t in store.key_chunks.tensors()]

@@ -13,7 +13,9 @@ import torch
 
 from gearkit import LowRankResidual, Pipeline, Quantizer, SparseOutlier
 from gearkit.cache import chunk_attention
+from gearkit.kernels import cpu
 from gearkit.kernels.backend import get_backend, set_backend, use_backend, use_triton
+from gearkit.kernels.reference import SUPPORTED_BITS, pack_bits
 from conftest import kv_like
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
@@ -132,8 +134,14 @@ def test_decode_attention_matches_reference_and_sdpa(heads, kv_heads, queries, h
     (gear("token", "token", 1, 32, 2, ratio=0), gear("channel", "channel", 8, 32, 1, ratio=0)),  # other orientations
     (gear("token", "channel", 3, 40, 0), gear("channel", "token", 4, 40, 2)),                   # outliers across rows
 ], ids=["sink-3", "kivi", "gear", "token-keys", "crossed"])
-def test_stored_form_torch_path_matches_the_reference(kp, vp):
-    """The default CPU path (`stored_attention`, several blocks, one softmax) against block-wise decompression."""
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch-products"])
+def test_stored_form_torch_path_matches_the_reference(kp, vp, compiled, monkeypatch):
+    """The default CPU path (`stored_attention`: several blocks, an online softmax, the compiled kernel or torch
+    products on the codes) against block-wise decompression."""
+    if not compiled:
+        monkeypatch.setattr(cpu, "usable", lambda device, length: False)
+    elif DEVICE.type == "cpu" and cpu.unavailable():
+        pytest.skip(f"no compiled CPU kernel: {cpu.unavailable()}")
     batch, kv_heads, tokens, head_dim = 2, 3, 32, 32
     sizes = (2, 1, 3)
     shape = (1, kv_heads, tokens, head_dim)
@@ -142,7 +150,7 @@ def test_stored_form_torch_path_matches_the_reference(kp, vp):
                stored_chunks(vp, batch, kv_heads, n, tokens, head_dim, 20 + i)) for i, n in enumerate(sizes)]
     query = torch.randn(batch, 6, 2, head_dim, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     bias = torch.zeros(batch, sum(sizes) * tokens, device=DEVICE)
-    bias[0, :40] = float("-inf")  # left padding across a whole first block
+    bias[0, :70] = float("-inf")  # left padding past the whole first block (64 tokens)
     bias[1] = float("-inf")  # a row that sees nothing here
     with use_backend("torch"):
         ref, ref_lse = chunk_attention(query, kp, vp, blocks, bias, 0.2)
@@ -159,6 +167,31 @@ def test_stored_form_torch_path_matches_the_reference(kp, vp):
     got, got_lse = chunk_attention(query, kp, vp, blocks, bias, 0.2, exact)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(got_lse, ref_lse, atol=2e-5, rtol=2e-5)
+
+
+@cpu_only
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_compiled_cpu_kernel_matches_torch(bits):
+    """`cpu.dequant_matmul` against torch on the unpacked rows: every width, fp16 (subnormal scales included) and
+    fp32 parameters, both orientations, more output rows than the kernel keeps in registers, a shared query."""
+    if cpu.unavailable():
+        pytest.skip(f"no compiled CPU kernel: {cpu.unavailable()}")
+    g = torch.Generator().manual_seed(bits)
+    for dtype, (a_groups, groups, m, k, n) in [(torch.float16, (3, 12, 3, 64, 64)), (torch.float32, (5, 5, 11, 7, 16)),
+                                               (torch.float16, (1, 2, 1, 130, 8))]:
+        codes = torch.randint(0, 2**bits, (groups, k, n), generator=g, dtype=torch.uint8)
+        scale = (torch.rand(groups, k, generator=g) * 0.1).to(dtype)
+        scale[0, 0] = 3e-7  # a subnormal fp16 scale
+        zero = torch.randn(groups, k, generator=g).to(dtype)
+        w = scale.float()[..., None] * codes.float() + zero.float()[..., None]  # [groups, k, n]
+        packed = pack_bits(codes, bits).reshape(groups, -1)
+        for transposed in (False, True):
+            a = torch.randn(a_groups, m, n if transposed else k, generator=g)
+            want = a.repeat(groups // a_groups, 1, 1) @ (w.mT if transposed else w)
+            got = cpu.dequant_matmul(a, packed, scale, zero, bits, n, transposed)
+            torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-5)
+    with pytest.raises(ValueError, match="rows of 16"):
+        cpu.dequant_matmul(torch.zeros(1, 1, 3), packed, scale, zero, bits, 16)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4)])

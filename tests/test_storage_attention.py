@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gearkit import Recipe, recipes
+from gearkit.cache import ChunkStore
 from gearkit.integrations.attention import register
 from gearkit.eval.speed import largest_tensor
 from gearkit.integrations.hf import GearCache, make_cache
@@ -123,7 +124,8 @@ def test_beam_search_sampling_and_crop_through_storage_attention():
 
 
 @torch.inference_mode()
-def test_a_decode_step_creates_nothing_that_grows_with_the_context():
+def test_a_decode_step_creates_nothing_that_grows_with_the_context(monkeypatch):
+    monkeypatch.setattr(ChunkStore, "BLOCK_TOKENS", 1024)  # what one step reads at once, below both contexts
     model = tiny_llama("head-dim-128", layers=1)
     largest = {}
     for attention in ("sdpa", "gearkit"):

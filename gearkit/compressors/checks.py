@@ -26,15 +26,17 @@ def check_fraction(value, name: str) -> float:
     return float(value)
 
 
-def check_kv(x: Tensor, name: str = "x") -> None:
-    """Raise `ValueError` unless `x` is a finite floating tensor `[batch, kv_heads, tokens, head_dim]`."""
+def check_kv(x: Tensor, name: str = "x", finite: bool = True) -> None:
+    """Raise `ValueError` unless `x` is a floating tensor `[batch, kv_heads, tokens, head_dim]`, finite unless
+    `finite=False` (the caller checks a cast of it)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"{name} must be 4-D [batch, kv_heads, tokens, head_dim], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    check_finite(x, f"{name} contains NaN or Inf; gearkit compresses finite values only")
+    if finite:
+        check_finite(x, f"{name} contains NaN or Inf; gearkit compresses finite values only")
 
 
 def check_finite(t: Tensor, message: str) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from gearkit.compressed import CompressedTensor, LowRankPart, OutlierPart, QuantizedPart
-from gearkit.kernels import ops
+from gearkit.kernels import cpu, ops
 from gearkit.kernels.backend import get_backend, use_triton
 from gearkit.kernels.layout import StorageLayout, layout_ints, layout_tensors
 from gearkit.kernels.reference import attention_reference, merge_attention, unpack_float
@@ -71,13 +71,26 @@ def _in_codes(layout: StorageLayout) -> bool:
     return layout.group == layout.rows[1] and not layout.k2
 
 
-def _split(q: QuantizedPart, layout: StorageLayout, chunks: int) -> tuple[Tensor, Tensor, Tensor]:
-    """A one-group-per-row part's codes `[chunks, batch, heads, rows, length]` and its scale and zero
-    `[chunks, batch, heads, 1, rows]`."""
-    codes = _codes(q, layout)
-    codes = codes.reshape(chunks, -1, *codes.shape[1:])
-    scale, zero = (t.float().reshape(*codes.shape[:3], 1, -1) for t in (q.scale, q.zero))
-    return codes, scale, zero
+def _product(a: Tensor, q: QuantizedPart, layout: StorageLayout, chunks: int, transposed: bool) -> Tensor:
+    """`a` `[chunks or 1, batch, heads, m, k]` times a block's dequantized rows `W` `[chunks, batch, heads, rows,
+    length]` (the quantizer's row layout, one group per row: `W[r] = s[r] C[r] + z[r]`), without writing `W`:
+    `a @ W` (`k = rows`), or `a @ W^T` if `transposed` (`k = length`). The compiled CPU kernel reads the packed
+    codes; otherwise the products run on the unpacked codes and the scales and zeros are folded in afterwards.
+
+    Returns:
+        float32 `[chunks, batch, heads, m, length or rows]`.
+    """
+    rows, length = layout.rows
+    entries, heads = q.shape[:2]
+    if cpu.usable(a.device, length):
+        out = cpu.dequant_matmul(a.reshape(-1, *a.shape[3:]), q.codes.reshape(entries * heads, -1), q.scale,
+                                 q.zero, layout.bits, length, transposed)
+        return out.reshape(chunks, entries // chunks, heads, *out.shape[1:])
+    codes = _codes(q, layout).reshape(chunks, entries // chunks, heads, rows, length)
+    scale, zero = (t.float().reshape(chunks, entries // chunks, heads, 1, rows) for t in (q.scale, q.zero))
+    if transposed:  # (a @ C^T) s + sum(a) z
+        return (a @ codes.mT) * scale + a.sum(-1, keepdim=True) * zero
+    return (a * scale) @ codes + a @ zero.mT  # (a s) @ C + a @ z
 
 
 def _scores(q: Tensor, keys: CompressedTensor, layout: StorageLayout, chunks: int) -> Tensor:
@@ -87,11 +100,7 @@ def _scores(q: Tensor, keys: CompressedTensor, layout: StorageLayout, chunks: in
         k = stored_rows(keys, layout).reshape(chunks, b, keys.shape[1], *layout.rows)
         return q @ (k if layout.q_channel else k.mT)
     part, _, lr = _parts(keys)
-    codes, scale, zero = _split(part, layout, chunks)
-    if layout.q_channel:  # k[t, d] = s[d] c[d, t] + z[d]
-        scores = (q * scale) @ codes + q @ zero.mT
-    else:  # k[t, d] = s[t] c[t, d] + z[t]
-        scores = (q @ codes.mT) * scale + q.sum(-1, keepdim=True) * zero
+    scores = _product(q, part, layout, chunks, not layout.q_channel)  # keys are rows per channel, or per token
     if lr is not None:  # k = left @ right^T, applied in factored form
         left, right = (t.float().reshape(chunks, b, *t.shape[1:]) for t in (lr.left, lr.right))
         scores = scores + (q @ right) @ left.mT
@@ -106,11 +115,7 @@ def _weighted(p: Tensor, values: CompressedTensor, layout: StorageLayout) -> Ten
         v = stored_rows(values, layout).reshape(chunks, b, values.shape[1], *layout.rows)
         return (p @ (v.mT if layout.q_channel else v)).sum(0)
     part, _, lr = _parts(values)
-    codes, scale, zero = _split(part, layout, chunks)
-    if layout.q_channel:  # v[t, d] = s[d] c[d, t] + z[d]
-        out = (p @ codes.mT) * scale + p.sum(-1, keepdim=True) * zero
-    else:  # v[t, d] = s[t] c[t, d] + z[t]
-        out = (p * scale) @ codes + p @ zero.mT
+    out = _product(p, part, layout, chunks, layout.q_channel)
     if lr is not None:
         left, right = (t.float().reshape(chunks, b, *t.shape[1:]) for t in (lr.left, lr.right))
         out = out + (p @ left) @ right.mT
@@ -121,10 +126,11 @@ def stored_attention(query: Tensor, blocks: Sequence[tuple[CompressedTensor, Com
                      key_layout: StorageLayout, value_layout: StorageLayout, bias: Tensor, scaling: float,
                      exact: Exact | None = None) -> tuple[Tensor, Tensor]:
     """Attention of a few queries over stored chunks in torch, reading each block of chunks in its stored
-    orientation: where a row has one group (`sink-*`, `gear-*`), the products run on the codes and the scales,
-    zeros and low-rank factors are folded in afterwards; otherwise the block is reconstructed (`stored_rows`).
-    One block is unpacked at a time and no sequence-major copy of the past is made; the scores of all blocks
-    (`[chunks, batch, heads, queries, T]`, no head dimension) and of the `exact` tokens share one softmax.
+    orientation: where a row has one group (`sink-*`, `gear-*`), the products read the packed codes (the compiled
+    CPU kernel, or torch products on the unpacked codes) with the scales, zeros and low-rank factors folded in;
+    otherwise the block is reconstructed (`stored_rows`). No sequence-major copy of the past is made, and the
+    softmax runs online over the `exact` tokens, then block by block, so what a call creates is bounded by one
+    block whatever the context.
 
     Args:
         query: `[batch, heads, queries, head_dim]`; query head `j` reads KV head `j // (heads / kv_heads)`.
@@ -143,27 +149,36 @@ def stored_attention(query: Tensor, blocks: Sequence[tuple[CompressedTensor, Com
     """
     b, hq, nq, d = query.shape
     heads, t = blocks[0][0].shape[1], blocks[0][0].shape[2]
-    q = (query.float() * scaling).reshape(1, b, heads, hq // heads * nq, d)
-    counts = [keys.shape[0] // b for keys, _ in blocks]
-    scores = torch.cat([_scores(q, keys, key_layout, n) for (keys, _), n in zip(blocks, counts)])
-    scores = scores + bias.float().reshape(b, -1, t).transpose(0, 1)[:, :, None, None]
-    top = scores.amax((0, -1))
-    if exact is not None:
+    rows = hq // heads * nq
+    q = (query.float() * scaling).reshape(1, b, heads, rows, d)
+    bias = bias.float().reshape(b, -1, t).transpose(0, 1)[:, :, None, None]  # [chunks, batch, 1, 1, T]
+    # the online softmax's state per query row: reference (the running max, 0 while nothing is seen), sum, output
+    if exact is None:
+        top = total = q.new_zeros(b, heads, rows)
+        out = q.new_zeros(b, heads, rows, d)
+    else:
         keys, values, exact_bias = exact
-        group = hq // heads
-        exact_bias = exact_bias.float()[:, None, None].expand(b, 1, group, nq, -1).reshape(b, 1, group * nq, -1)
-        exact_scores = q[0] @ keys.float().mT + exact_bias  # [batch, heads, rows, F]
-        top = torch.maximum(top, exact_scores.amax(-1))
-    top = torch.where(torch.isfinite(top), top, 0.0)
-    p = torch.exp(scores - top[..., None])  # [chunks, batch, heads, rows, T]
-    total = p.sum((0, -1))
-    out = sum(_weighted(w, values, value_layout) for w, (_, values) in zip(p.split(counts), blocks))
-    if exact is not None:
-        p = torch.exp(exact_scores - top[..., None])
-        total = total + p.sum(-1)
-        out = out + p @ exact[1].float()
-    out = out / torch.where(total > 0, total, 1.0)[..., None]
-    lse = torch.where(total > 0, top + total.log(), float("-inf"))
+        exact_bias = exact_bias.float()[:, None, None].expand(b, 1, hq // heads, nq, -1).reshape(b, 1, rows, -1)
+        scores = q[0] @ keys.float().mT + exact_bias  # [batch, heads, rows, F]
+        top = scores.amax(-1)
+        top = torch.where(torch.isfinite(top), top, 0.0)
+        p = torch.exp(scores - top[..., None])
+        total, out = p.sum(-1), p @ values.float()
+    first = 0
+    for keys, values in blocks:
+        n = keys.shape[0] // b
+        scores = _scores(q, keys, key_layout, n) + bias[first : first + n]  # [chunks, batch, heads, rows, T]
+        first += n
+        seen = scores.amax((0, -1))
+        new = torch.where(total > 0, torch.maximum(top, seen), torch.where(torch.isfinite(seen), seen, 0.0))
+        rescale = torch.where(total > 0, torch.exp(top - new), 0.0)  # what was summed so far, at the new reference
+        p = torch.exp(scores - new[..., None])
+        total = total * rescale + p.sum((0, -1))
+        out = out * rescale[..., None] + _weighted(p, values, value_layout)
+        top = new
+    seen = total > 0
+    out = out / torch.where(seen, total, 1.0)[..., None]
+    lse = torch.where(seen, top + total.log(), float("-inf"))
     return out.reshape(b, hq, nq, d), lse.reshape(b, hq, nq)
 
 

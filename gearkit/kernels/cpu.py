@@ -1,0 +1,152 @@
+"""Compiled CPU kernels: float rows times bit-packed, dequantized rows, without a float copy of the codes
+(`cpu_kernels.c`).
+
+Unpacking a block of codes to float in torch writes (and then reads back) four bytes per code, several passes
+over memory that cost more than the products themselves; this kernel unpacks eight codes at a time into
+registers and multiplies them there. It is plain C (no PyTorch headers), built with the system compiler the first
+time a process needs it and kept under `gearkit.paths.cache_dir()/kernels`, named by a hash of everything the
+build depends on (source, compiler, flags, this CPU's features), so a cached library is never stale and a changed
+source or machine gets its own build. `unavailable()` says why the kernel cannot run (no compiler, a big-endian
+host); callers then use torch (`reference.unpack_float` and matmuls), the reference the tests hold it to.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from gearkit.paths import cache_dir
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+PARALLEL_CODES = 1 << 16  # calls reading at least this many codes split their groups over torch's thread count
+FLAGS = (("-O3", "-march=native", "-fopenmp-simd"), ("-O3",))  # tuned for this CPU; plain if the compiler refuses
+
+
+def _cpu_features() -> str:
+    """This CPU's model and feature flags (what `-march=native` compiles for)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build(compiler: str, target: Path) -> str | None:
+    """Compile the source into `target` (atomically); returns the compiler's error, or None."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for flags in FLAGS:
+        with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
+            partial = Path(tmp.name)
+        build = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-pthread", str(SOURCE), "-o", str(partial)],
+                               capture_output=True, text=True)
+        if build.returncode == 0:
+            os.replace(partial, target)  # another process building the same library writes the same bytes
+            return None
+        partial.unlink(missing_ok=True)
+    return build.stderr.strip()[-500:]
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | str:
+    """The built library, or why there is none."""
+    if sys.byteorder != "little":
+        return "the packed-code kernel reads blocks as little-endian words"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        return "no C compiler found (install gcc or set CC)"
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, repr(FLAGS), _cpu_features()]).encode())
+    target = cache_dir() / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        try:
+            error = _build(compiler, target)
+        except OSError as e:  # an unwritable cache directory: build where the process may write
+            target = Path(tempfile.mkdtemp(prefix="gearkit-")) / target.name
+            error = _build(compiler, target)
+        if error:
+            return f"{compiler} could not build {SOURCE.name}: {error}"
+    library = ctypes.CDLL(str(target))
+    library.gearkit_dequant_matmul.restype = ctypes.c_int
+    library.gearkit_dequant_matmul.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p]
+                                               + [ctypes.c_int64] * 5 + [ctypes.c_int] * 3)
+    return library
+
+
+def unavailable() -> str | None:
+    """Why the compiled kernels cannot run in this process, or None if they can (builds them on first call; a
+    failed build warns once)."""
+    library = _library()
+    if isinstance(library, str):
+        _warn_once(library)
+        return library
+    return None
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    warnings.warn(f"gearkit's compiled CPU kernels are unavailable ({reason}); decode reads packed codes through "
+                  "torch instead (same results, slower)", RuntimeWarning, stacklevel=3)
+
+
+def dequant_matmul(a: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, bits: int, n: int,
+                   transposed: bool = False) -> Tensor:
+    """`a @ W` (or `a @ W^T`) where each row `r` of `W[g]` `[k, n]` is held as packed codes `C[g, r]`
+    (`reference.pack_bits` of `n` codes, `n` a multiple of 8) with a scale and zero: `W[g, r] = scale[g, r] *
+    C[g, r] + zero[g, r]`. Group `g` of the codes reads `a[g % a_groups]` (a query shared by several chunks).
+
+    Args:
+        a: float `[a_groups, m, k]` (`[a_groups, m, n]` if `transposed`), on the CPU; `a_groups` divides `groups`.
+        codes: uint8 `[groups, k * n * bits / 8]`.
+        scale: float16 or float32 `[groups, k]` (any shape with that many elements per group).
+        zero: like `scale`, same dtype.
+        bits: code width (1, 2, 3, 4 or 8).
+        n: codes per row.
+        transposed: multiply by `W^T` instead of `W`.
+
+    Returns:
+        float32 `[groups, m, n]` (`[groups, m, k]` if `transposed`).
+
+    Raises:
+        RuntimeError: if the kernels are unavailable (see `unavailable`).
+        ValueError: for shapes or dtypes that do not match.
+    """
+    reason = unavailable()
+    if reason:
+        raise RuntimeError(f"gearkit's compiled CPU kernels are unavailable: {reason}")
+    a_groups, m = a.shape[:2]
+    groups = codes.shape[0]
+    row_bytes = n // 8 * bits
+    k = codes.shape[1] // row_bytes if row_bytes and codes.dim() == 2 else 0
+    if (a.dim() != 3 or n % 8 or not k or codes.shape[1] != k * row_bytes or groups % a_groups
+            or a.shape[2] != (n if transposed else k)):
+        raise ValueError(f"codes {tuple(codes.shape)} are not rows of {n} {bits}-bit codes matching a {tuple(a.shape)} "
+                         f"(transposed={transposed})")
+    if scale.dtype not in (torch.float16, torch.float32) or zero.dtype != scale.dtype:
+        raise ValueError(f"scale and zero must both be float16 or float32, got {scale.dtype} and {zero.dtype}")
+    if scale.numel() != groups * k or zero.numel() != groups * k:
+        raise ValueError(f"scale and zero must hold {groups} x {k} rows, got {tuple(scale.shape)} and {tuple(zero.shape)}")
+    a, codes, scale, zero = a.float().contiguous(), codes.contiguous(), scale.contiguous(), zero.contiguous()
+    out = a.new_empty(groups, m, k if transposed else n)
+    threads = torch.get_num_threads() if groups * k * n >= PARALLEL_CODES else 1
+    if _library().gearkit_dequant_matmul(a.data_ptr(), codes.data_ptr(), scale.data_ptr(), zero.data_ptr(),
+                                         scale.dtype == torch.float16, out.data_ptr(), a_groups, groups, m, k, n,
+                                         transposed, bits, threads):
+        raise ValueError(f"unsupported code width {bits}")
+    return out
+
+
+def usable(device: torch.device, length: int) -> bool:
+    """Whether `dequant_matmul` can read rows of `length` codes on `device` (builds the kernels on first call)."""
+    return device.type == "cpu" and length % 8 == 0 and unavailable() is None

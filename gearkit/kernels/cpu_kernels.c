@@ -1,0 +1,188 @@
+/* Products with bit-packed codes on the CPU: each row of codes is unpacked into a small buffer that stays in L1
+ * cache and multiplied at once, so no float copy of a block of codes is ever written to memory.
+ *
+ * Codes follow gearkit.kernels.reference.pack_bits: a row of n codes (n a multiple of 8) is n/8 blocks of `bits`
+ * bytes, code j of a block at bit j * bits of the block read as a little-endian integer. Every array is dense
+ * (row-major). Built and loaded by gearkit/kernels/cpu.py; the torch reference is unpack_bits + matmul. */
+
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef float f32x8 __attribute__((vector_size(32)));
+
+#define MR 8 /* output rows a pass keeps in registers */
+
+/* The 8 codes of one block as floats: the block's word shifted by eight lanes at once. */
+static inline __attribute__((always_inline)) f32x8 unpack8(const uint8_t *src, const int bits) {
+    if (bits == 8) return (f32x8){src[0], src[1], src[2], src[3], src[4], src[5], src[6], src[7]};
+    const u32x8 shift = {0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits};
+    uint32_t word = 0;
+    if (bits == 3) /* three bytes: a 4-byte load could read past the end of the codes */
+        word = src[0] | (uint32_t)src[1] << 8 | (uint32_t)src[2] << 16;
+    else /* 1, 2 or 4 bytes; the host is little-endian */
+        memcpy(&word, src, bits);
+    return __builtin_convertvector((i32x8)((((u32x8){} + word) >> shift) & ((1u << bits) - 1)), f32x8);
+}
+
+static inline f32x8 load8(const float *p) {
+    f32x8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* A stored scale or zero: fp32, or fp16 widened by hand (no compiler extension needed). */
+static inline float param(const void *p, int64_t i, int half) {
+    if (!half) return ((const float *)p)[i];
+    const uint32_t h = ((const uint16_t *)p)[i], sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0x1f) bits = sign | 0x7f800000u | man << 13; /* inf, nan */
+    else if (exp) bits = sign | (exp + 112) << 23 | man << 13;
+    else if (!man) bits = sign;
+    else { /* subnormal: normalise */
+        int shift = 0;
+        uint32_t m = man;
+        while (!(m & 0x400)) m <<= 1, shift++;
+        bits = sign | (uint32_t)(113 - shift) << 23 | (m & 0x3ff) << 13;
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* `rows` (<= MR) output rows of one group, their accumulators in registers.
+ * Plain: out[i, j] = sum_r coef[r, i] C[r, j] + bias[i] (coef [k, rows], out rows of n).
+ * Transposed: out[i, r] = scale[r] sum_j a[i, j] C[r, j] + zero[r] bias[i] (a rows of n, out rows of k). */
+static inline __attribute__((always_inline)) void rows_plain(const float *coef, const float *bias, const uint8_t *codes,
+                                                             float *out, int64_t k, int64_t n, const int rows,
+                                                             const int bits) {
+    const int64_t stride = n / 8 * bits;
+    for (int64_t j = 0; j < n; j += 8) {
+        f32x8 acc[MR] = {};
+        const uint8_t *src = codes + j / 8 * bits;
+        for (int64_t r = 0; r < k; r++, src += stride) {
+            const f32x8 v = unpack8(src, bits);
+            for (int i = 0; i < rows; i++) acc[i] += coef[r * rows + i] * v;
+        }
+        for (int i = 0; i < rows; i++) {
+            const f32x8 o = acc[i] + bias[i];
+            memcpy(out + i * n + j, &o, sizeof o);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void rows_transposed(const float *a, const float *scale, const float *zero,
+                                                                  const float *bias, const uint8_t *codes, float *out,
+                                                                  int64_t k, int64_t n, const int rows, const int bits) {
+    const int64_t stride = n / 8 * bits;
+    for (int64_t r = 0; r < k; r++) {
+        f32x8 acc[MR] = {};
+        const uint8_t *src = codes + r * stride;
+        for (int64_t j = 0; j < n; j += 8, src += bits) {
+            const f32x8 v = unpack8(src, bits);
+            for (int i = 0; i < rows; i++) acc[i] += load8(a + i * n + j) * v;
+        }
+        for (int i = 0; i < rows; i++) {
+            const f32x8 x = acc[i];
+            out[i * k + r] = scale[r] * (x[0] + x[1] + x[2] + x[3] + x[4] + x[5] + x[6] + x[7]) + zero[r] * bias[i];
+        }
+    }
+}
+
+/* out[g] = a @ W[g] (plain; a [a_groups, m, k], out [groups, m, n]) or a @ W[g]^T (transposed; a [a_groups, m, n],
+ * out [groups, m, k]), the rows of W[g] being scale[g, r] * C[g, r] + zero[g, r] (codes C [groups, k rows of n],
+ * scale and zero [groups, k]); group g reads a[g % a_groups]; this call computes groups first..last-1.
+ * Scratch: k * MR + 2 * k + MR floats. */
+static inline __attribute__((always_inline)) void dequant_matmul(
+    const float *a, const uint8_t *codes, const void *scale, const void *zero, int half, float *out, float *scratch,
+    int64_t a_groups, int64_t first, int64_t last, int64_t m, int64_t k, int64_t n, int transposed, const int bits) {
+    float *coef = scratch, *s = coef + k * MR, *z = s + k, *bias = z + k;
+    for (int64_t g = first; g < last; g++) {
+        const float *ag = a + (g % a_groups) * m * (transposed ? n : k);
+        const uint8_t *cg = codes + g * k * (n / 8 * bits);
+        float *og = out + g * m * (transposed ? k : n);
+        for (int64_t r = 0; r < k; r++) s[r] = param(scale, g * k + r, half), z[r] = param(zero, g * k + r, half);
+        for (int64_t i0 = 0; i0 < m; i0 += MR) {
+            const int rows = m - i0 < MR ? (int)(m - i0) : MR;
+            const float *ai = ag + i0 * (transposed ? n : k);
+            for (int i = 0; i < rows; i++) { /* the zeros' share */
+                float sum = 0.0f;
+                if (transposed)
+                    for (int64_t j = 0; j < n; j++) sum += ai[i * n + j];
+                else
+                    for (int64_t r = 0; r < k; r++) sum += ai[i * k + r] * z[r];
+                bias[i] = sum;
+            }
+            if (!transposed)
+                for (int64_t r = 0; r < k; r++)
+                    for (int i = 0; i < rows; i++) coef[r * rows + i] = ai[i * k + r] * s[r];
+            switch (rows) { /* a copy per row count, so the accumulators stay in registers */
+#define ROWS(R)                                                                                            \
+    case R:                                                                                                \
+        if (transposed) rows_transposed(ai, s, z, bias, cg, og + i0 * k, k, n, R, bits);                   \
+        else rows_plain(coef, bias, cg, og + i0 * n, k, n, R, bits);                                       \
+        break;
+                ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
+#undef ROWS
+            }
+        }
+    }
+}
+
+typedef struct {
+    const float *a;
+    const uint8_t *codes;
+    const void *scale, *zero;
+    float *out;
+    int64_t a_groups, first, last, m, k, n;
+    int half, transposed, bits, status;
+} job_t;
+
+static void *run(void *arg) {
+    job_t *j = arg;
+    float *scratch = malloc(sizeof(float) * (j->k * (MR + 2) + MR));
+    if (!scratch) {
+        j->status = -1;
+        return NULL;
+    }
+    switch (j->bits) { /* the code width picks a specialised copy */
+#define CASE(b)                                                                                                  \
+    case b:                                                                                                      \
+        dequant_matmul(j->a, j->codes, j->scale, j->zero, j->half, j->out, scratch, j->a_groups,                 \
+                       j->first, j->last, j->m, j->k, j->n, j->transposed, b);                                   \
+        break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(8)
+#undef CASE
+        default: j->status = -1;
+    }
+    free(scratch);
+    return NULL;
+}
+
+/* The exported entry point: the groups split over up to `threads` threads (the caller's included). Returns 0, or
+ * -1 for an unsupported width or a failed allocation. */
+#define MAX_THREADS 64
+int gearkit_dequant_matmul(const float *a, const uint8_t *codes, const void *scale, const void *zero, int half,
+                           float *out, int64_t a_groups, int64_t groups, int64_t m, int64_t k, int64_t n,
+                           int transposed, int bits, int threads) {
+    threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    if (threads > groups) threads = (int)groups;
+    job_t jobs[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0}, status = 0;
+    for (int t = 0; t < threads; t++) {
+        jobs[t] = (job_t){a, codes, scale, zero, out, a_groups, groups * t / threads, groups * (t + 1) / threads,
+                          m, k, n, half, transposed, bits, 0};
+        if (t) started[t] = pthread_create(&ids[t], NULL, run, &jobs[t]) == 0;
+    }
+    run(&jobs[0]); /* the caller's share, then any share a thread could not be started for */
+    for (int t = 0; t < threads; t++) {
+        if (started[t]) pthread_join(ids[t], NULL);
+        else if (t) run(&jobs[t]);
+        status |= jobs[t].status;
+    }
+    return status;
+}
