@@ -383,7 +383,7 @@ class ChunkStore:
         layer: the model layer this store serves (stages with per-layer dictionaries need it).
     """
 
-    BLOCK_TOKENS = 4096  # tokens of compressed chunks decode attention decompresses at once: its working set
+    BLOCK_TOKENS = 4096  # tokens of compressed chunks decode attention reads at once: its working set
 
     def __init__(self, recipe: Recipe, buffer_dtype: torch.dtype | None = torch.float16, layer: int | None = None):
         self.recipe, self.buffer_dtype, self.layer = recipe, buffer_dtype, layer

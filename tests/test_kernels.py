@@ -172,18 +172,21 @@ def test_stored_form_torch_path_matches_the_reference(kp, vp, compiled, monkeypa
 @cpu_only
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
 def test_compiled_cpu_kernel_matches_torch(bits):
-    """`cpu.dequant_matmul` against torch on the unpacked rows: every width, fp16 (subnormal scales included) and
-    fp32 parameters, both orientations, more output rows than the kernel keeps in registers, a shared query."""
+    """`cpu.dequant_matmul` against torch on the dequantized rows: every width, fp16 (subnormal scales included) and
+    fp32 parameters, one or several groups per row, both orientations, more output rows than the kernel keeps in
+    registers, a query shared by several groups."""
     if cpu.unavailable():
         pytest.skip(f"no compiled CPU kernel: {cpu.unavailable()}")
     g = torch.Generator().manual_seed(bits)
-    for dtype, (a_groups, groups, m, k, n) in [(torch.float16, (3, 12, 3, 64, 64)), (torch.float32, (5, 5, 11, 7, 16)),
-                                               (torch.float16, (1, 2, 1, 130, 8))]:
+    for dtype, (a_groups, groups, m, k, n, ng) in [(torch.float16, (3, 12, 3, 64, 64, 1)),
+                                                   (torch.float32, (5, 5, 11, 7, 16, 2)),
+                                                   (torch.float16, (1, 2, 1, 130, 64, 4))]:
         codes = torch.randint(0, 2**bits, (groups, k, n), generator=g, dtype=torch.uint8)
-        scale = (torch.rand(groups, k, generator=g) * 0.1).to(dtype)
+        scale = (torch.rand(groups, k, ng, generator=g) * 0.1).to(dtype)
         scale[0, 0] = 3e-7  # a subnormal fp16 scale
-        zero = torch.randn(groups, k, generator=g).to(dtype)
-        w = scale.float()[..., None] * codes.float() + zero.float()[..., None]  # [groups, k, n]
+        zero = torch.randn(groups, k, ng, generator=g).to(dtype)
+        w = torch.addcmul(zero.float()[..., None], scale.float()[..., None], codes.float().reshape(groups, k, ng, -1))
+        w = w.reshape(groups, k, n)
         packed = pack_bits(codes, bits).reshape(groups, -1)
         for transposed in (False, True):
             a = torch.randn(a_groups, m, n if transposed else k, generator=g)

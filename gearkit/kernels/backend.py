@@ -14,6 +14,7 @@ The choice is process-wide (`set_backend`), scoped (`with use_backend(...)`), or
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 
@@ -51,9 +52,14 @@ def use_backend(name: str):
         _chosen = previous
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None  # a file-system search: once per process
+
+
 def triton_unavailable(device: torch.device) -> str | None:
     """Why Triton cannot run on `device` here, or None if it can."""
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return "Triton is not installed (pip install triton)"
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"Triton needs a CUDA device (got {device.type}), or TRITON_INTERPRET=1 to interpret on the CPU"

@@ -1,4 +1,4 @@
-"""Compiled CPU kernels: float rows times bit-packed, dequantized rows, without a float copy of the codes
+"""The compiled CPU kernel: float rows times bit-packed, dequantized rows, without a float copy of the codes
 (`cpu_kernels.c`).
 
 Unpacking a block of codes to float in torch writes (and then reads back) four bytes per code, several passes
@@ -80,13 +80,13 @@ def _library() -> ctypes.CDLL | str:
     library = ctypes.CDLL(str(target))
     library.gearkit_dequant_matmul.restype = ctypes.c_int
     library.gearkit_dequant_matmul.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p]
-                                               + [ctypes.c_int64] * 5 + [ctypes.c_int] * 3)
+                                               + [ctypes.c_int64] * 6 + [ctypes.c_int] * 3)
     return library
 
 
 def unavailable() -> str | None:
-    """Why the compiled kernels cannot run in this process, or None if they can (builds them on first call; a
-    failed build warns once)."""
+    """Why the compiled kernel cannot run in this process, or None if it can (builds it on first call; a failed
+    build warns once)."""
     library = _library()
     if isinstance(library, str):
         _warn_once(library)
@@ -96,20 +96,21 @@ def unavailable() -> str | None:
 
 @functools.cache
 def _warn_once(reason: str) -> None:
-    warnings.warn(f"gearkit's compiled CPU kernels are unavailable ({reason}); decode reads packed codes through "
+    warnings.warn(f"gearkit's compiled CPU kernel is unavailable ({reason}); decode reads packed codes through "
                   "torch instead (same results, slower)", RuntimeWarning, stacklevel=3)
 
 
 def dequant_matmul(a: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, bits: int, n: int,
                    transposed: bool = False) -> Tensor:
     """`a @ W` (or `a @ W^T`) where each row `r` of `W[g]` `[k, n]` is held as packed codes `C[g, r]`
-    (`reference.pack_bits` of `n` codes, `n` a multiple of 8) with a scale and zero: `W[g, r] = scale[g, r] *
-    C[g, r] + zero[g, r]`. Group `g` of the codes reads `a[g % a_groups]` (a query shared by several chunks).
+    (`reference.pack_bits` of `n` codes) in `ng` groups of `n / ng` codes (a multiple of 8), each with its own
+    scale and zero: `W[g, r, j] = scale[g, r, q] * C[g, r, j] + zero[g, r, q]` for `j` in group `q`. Group `g` of
+    the codes reads `a[g % a_groups]` (a query shared by several chunks).
 
     Args:
         a: float `[a_groups, m, k]` (`[a_groups, m, n]` if `transposed`), on the CPU; `a_groups` divides `groups`.
         codes: uint8 `[groups, k * n * bits / 8]`.
-        scale: float16 or float32 `[groups, k]` (any shape with that many elements per group).
+        scale: float16 or float32 `[groups, k, ng]` (any shape with that many elements per group).
         zero: like `scale`, same dtype.
         bits: code width (1, 2, 3, 4 or 8).
         n: codes per row.
@@ -119,12 +120,12 @@ def dequant_matmul(a: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, bits: 
         float32 `[groups, m, n]` (`[groups, m, k]` if `transposed`).
 
     Raises:
-        RuntimeError: if the kernels are unavailable (see `unavailable`).
+        RuntimeError: if the kernel is unavailable (see `unavailable`).
         ValueError: for shapes or dtypes that do not match.
     """
     reason = unavailable()
     if reason:
-        raise RuntimeError(f"gearkit's compiled CPU kernels are unavailable: {reason}")
+        raise RuntimeError(f"gearkit's compiled CPU kernel is unavailable: {reason}")
     a_groups, m = a.shape[:2]
     groups = codes.shape[0]
     row_bytes = n // 8 * bits
@@ -135,18 +136,21 @@ def dequant_matmul(a: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, bits: 
                          f"(transposed={transposed})")
     if scale.dtype not in (torch.float16, torch.float32) or zero.dtype != scale.dtype:
         raise ValueError(f"scale and zero must both be float16 or float32, got {scale.dtype} and {zero.dtype}")
-    if scale.numel() != groups * k or zero.numel() != groups * k:
-        raise ValueError(f"scale and zero must hold {groups} x {k} rows, got {tuple(scale.shape)} and {tuple(zero.shape)}")
+    ng = scale.numel() // (groups * k)
+    if not ng or scale.numel() != groups * k * ng or zero.numel() != scale.numel() or n % ng or n // ng % 8:
+        raise ValueError(f"scale and zero {tuple(scale.shape)} do not split {groups} x {k} rows of {n} codes into "
+                         "groups of a multiple of 8")
     a, codes, scale, zero = a.float().contiguous(), codes.contiguous(), scale.contiguous(), zero.contiguous()
     out = a.new_empty(groups, m, k if transposed else n)
     threads = torch.get_num_threads() if groups * k * n >= PARALLEL_CODES else 1
     if _library().gearkit_dequant_matmul(a.data_ptr(), codes.data_ptr(), scale.data_ptr(), zero.data_ptr(),
-                                         scale.dtype == torch.float16, out.data_ptr(), a_groups, groups, m, k, n,
+                                         scale.dtype == torch.float16, out.data_ptr(), a_groups, groups, m, k, n, ng,
                                          transposed, bits, threads):
         raise ValueError(f"unsupported code width {bits}")
     return out
 
 
-def usable(device: torch.device, length: int) -> bool:
-    """Whether `dequant_matmul` can read rows of `length` codes on `device` (builds the kernels on first call)."""
-    return device.type == "cpu" and length % 8 == 0 and unavailable() is None
+def usable(device: torch.device, group: int) -> bool:
+    """Whether `dequant_matmul` can read rows quantized in groups of `group` codes on `device` (builds the kernel on
+    first call)."""
+    return device.type == "cpu" and group % 8 == 0 and unavailable() is None

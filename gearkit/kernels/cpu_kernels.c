@@ -53,22 +53,25 @@ static inline float param(const void *p, int64_t i, int half) {
     return f;
 }
 
-/* `rows` (<= MR) output rows of one group, their accumulators in registers.
- * Plain: out[i, j] = sum_r coef[r, i] C[r, j] + bias[i] (coef [k, rows], out rows of n).
- * Transposed: out[i, r] = scale[r] sum_j a[i, j] C[r, j] + zero[r] bias[i] (a rows of n, out rows of k). */
+/* `rows` (<= MR) output rows of one group, their accumulators in registers. Each row of codes has `ng` segments of
+ * n / ng codes, each with its own scale and zero (segment `q` of row `r` at index r * ng + q).
+ * Plain: out[i, j] = sum_r coef[q, r, i] C[r, j] + bias[q, i], q the segment of j (out rows of n).
+ * Transposed: out[i, r] = sum_q scale[r, q] sum_{j in q} a[i, j] C[r, j] + zero[r, q] bias[q, i] (a rows of n,
+ * out rows of k). */
 static inline __attribute__((always_inline)) void rows_plain(const float *coef, const float *bias, const uint8_t *codes,
-                                                             float *out, int64_t k, int64_t n, const int rows,
-                                                             const int bits) {
-    const int64_t stride = n / 8 * bits;
+                                                             float *out, int64_t k, int64_t n, int64_t ng,
+                                                             const int rows, const int bits) {
+    const int64_t stride = n / 8 * bits, length = n / ng;
     for (int64_t j = 0; j < n; j += 8) {
+        const float *c = coef + j / length * k * rows, *b = bias + j / length * rows;
         f32x8 acc[MR] = {};
         const uint8_t *src = codes + j / 8 * bits;
         for (int64_t r = 0; r < k; r++, src += stride) {
             const f32x8 v = unpack8(src, bits);
-            for (int i = 0; i < rows; i++) acc[i] += coef[r * rows + i] * v;
+            for (int i = 0; i < rows; i++) acc[i] += c[r * rows + i] * v;
         }
         for (int i = 0; i < rows; i++) {
-            const f32x8 o = acc[i] + bias[i];
+            const f32x8 o = acc[i] + b[i];
             memcpy(out + i * n + j, &o, sizeof o);
         }
     }
@@ -76,54 +79,64 @@ static inline __attribute__((always_inline)) void rows_plain(const float *coef, 
 
 static inline __attribute__((always_inline)) void rows_transposed(const float *a, const float *scale, const float *zero,
                                                                   const float *bias, const uint8_t *codes, float *out,
-                                                                  int64_t k, int64_t n, const int rows, const int bits) {
-    const int64_t stride = n / 8 * bits;
+                                                                  int64_t k, int64_t n, int64_t ng, const int rows,
+                                                                  const int bits) {
+    const int64_t stride = n / 8 * bits, length = n / ng;
     for (int64_t r = 0; r < k; r++) {
-        f32x8 acc[MR] = {};
+        float total[MR] = {0};
         const uint8_t *src = codes + r * stride;
-        for (int64_t j = 0; j < n; j += 8, src += bits) {
-            const f32x8 v = unpack8(src, bits);
-            for (int i = 0; i < rows; i++) acc[i] += load8(a + i * n + j) * v;
+        for (int64_t q = 0; q < ng; q++) {
+            f32x8 acc[MR] = {};
+            for (int64_t j = q * length; j < (q + 1) * length; j += 8, src += bits) {
+                const f32x8 v = unpack8(src, bits);
+                for (int i = 0; i < rows; i++) acc[i] += load8(a + i * n + j) * v;
+            }
+            for (int i = 0; i < rows; i++) {
+                const f32x8 x = acc[i];
+                total[i] += scale[r * ng + q] * (x[0] + x[1] + x[2] + x[3] + x[4] + x[5] + x[6] + x[7])
+                            + zero[r * ng + q] * bias[q * rows + i];
+            }
         }
-        for (int i = 0; i < rows; i++) {
-            const f32x8 x = acc[i];
-            out[i * k + r] = scale[r] * (x[0] + x[1] + x[2] + x[3] + x[4] + x[5] + x[6] + x[7]) + zero[r] * bias[i];
-        }
+        for (int i = 0; i < rows; i++) out[i * k + r] = total[i];
     }
 }
 
 /* out[g] = a @ W[g] (plain; a [a_groups, m, k], out [groups, m, n]) or a @ W[g]^T (transposed; a [a_groups, m, n],
- * out [groups, m, k]), the rows of W[g] being scale[g, r] * C[g, r] + zero[g, r] (codes C [groups, k rows of n],
- * scale and zero [groups, k]); group g reads a[g % a_groups]; this call computes groups first..last-1.
- * Scratch: k * MR + 2 * k + MR floats. */
+ * out [groups, m, k]), segment q of row r of W[g] being scale[g, r, q] * C[g, r, q] + zero[g, r, q] (codes C
+ * [groups, k rows of n], scale and zero [groups, k, ng]); group g reads a[g % a_groups]; this call computes groups
+ * first..last-1. Scratch: ng * (k * (MR + 2) + MR) floats. */
 static inline __attribute__((always_inline)) void dequant_matmul(
     const float *a, const uint8_t *codes, const void *scale, const void *zero, int half, float *out, float *scratch,
-    int64_t a_groups, int64_t first, int64_t last, int64_t m, int64_t k, int64_t n, int transposed, const int bits) {
-    float *coef = scratch, *s = coef + k * MR, *z = s + k, *bias = z + k;
+    int64_t a_groups, int64_t first, int64_t last, int64_t m, int64_t k, int64_t n, int64_t ng, int transposed,
+    const int bits) {
+    float *coef = scratch, *s = coef + ng * k * MR, *z = s + k * ng, *bias = z + k * ng;
+    const int64_t length = n / ng;
     for (int64_t g = first; g < last; g++) {
         const float *ag = a + (g % a_groups) * m * (transposed ? n : k);
         const uint8_t *cg = codes + g * k * (n / 8 * bits);
         float *og = out + g * m * (transposed ? k : n);
-        for (int64_t r = 0; r < k; r++) s[r] = param(scale, g * k + r, half), z[r] = param(zero, g * k + r, half);
+        for (int64_t e = 0; e < k * ng; e++) s[e] = param(scale, g * k * ng + e, half), z[e] = param(zero, g * k * ng + e, half);
         for (int64_t i0 = 0; i0 < m; i0 += MR) {
             const int rows = m - i0 < MR ? (int)(m - i0) : MR;
             const float *ai = ag + i0 * (transposed ? n : k);
-            for (int i = 0; i < rows; i++) { /* the zeros' share */
-                float sum = 0.0f;
-                if (transposed)
-                    for (int64_t j = 0; j < n; j++) sum += ai[i * n + j];
-                else
-                    for (int64_t r = 0; r < k; r++) sum += ai[i * k + r] * z[r];
-                bias[i] = sum;
-            }
+            for (int64_t q = 0; q < ng; q++)
+                for (int i = 0; i < rows; i++) { /* the zeros' share */
+                    float sum = 0.0f;
+                    if (transposed)
+                        for (int64_t j = q * length; j < (q + 1) * length; j++) sum += ai[i * n + j];
+                    else
+                        for (int64_t r = 0; r < k; r++) sum += ai[i * k + r] * z[r * ng + q];
+                    bias[q * rows + i] = sum;
+                }
             if (!transposed)
-                for (int64_t r = 0; r < k; r++)
-                    for (int i = 0; i < rows; i++) coef[r * rows + i] = ai[i * k + r] * s[r];
+                for (int64_t q = 0; q < ng; q++)
+                    for (int64_t r = 0; r < k; r++)
+                        for (int i = 0; i < rows; i++) coef[(q * k + r) * rows + i] = ai[i * k + r] * s[r * ng + q];
             switch (rows) { /* a copy per row count, so the accumulators stay in registers */
 #define ROWS(R)                                                                                            \
     case R:                                                                                                \
-        if (transposed) rows_transposed(ai, s, z, bias, cg, og + i0 * k, k, n, R, bits);                   \
-        else rows_plain(coef, bias, cg, og + i0 * n, k, n, R, bits);                                       \
+        if (transposed) rows_transposed(ai, s, z, bias, cg, og + i0 * k, k, n, ng, R, bits);               \
+        else rows_plain(coef, bias, cg, og + i0 * n, k, n, ng, R, bits);                                   \
         break;
                 ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
 #undef ROWS
@@ -137,13 +150,13 @@ typedef struct {
     const uint8_t *codes;
     const void *scale, *zero;
     float *out;
-    int64_t a_groups, first, last, m, k, n;
+    int64_t a_groups, first, last, m, k, n, ng;
     int half, transposed, bits, status;
 } job_t;
 
 static void *run(void *arg) {
     job_t *j = arg;
-    float *scratch = malloc(sizeof(float) * (j->k * (MR + 2) + MR));
+    float *scratch = malloc(sizeof(float) * j->ng * (j->k * (MR + 2) + MR));
     if (!scratch) {
         j->status = -1;
         return NULL;
@@ -152,7 +165,7 @@ static void *run(void *arg) {
 #define CASE(b)                                                                                                  \
     case b:                                                                                                      \
         dequant_matmul(j->a, j->codes, j->scale, j->zero, j->half, j->out, scratch, j->a_groups,                 \
-                       j->first, j->last, j->m, j->k, j->n, j->transposed, b);                                   \
+                       j->first, j->last, j->m, j->k, j->n, j->ng, j->transposed, b);                                 \
         break;
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(8)
 #undef CASE
@@ -167,7 +180,7 @@ static void *run(void *arg) {
 #define MAX_THREADS 64
 int gearkit_dequant_matmul(const float *a, const uint8_t *codes, const void *scale, const void *zero, int half,
                            float *out, int64_t a_groups, int64_t groups, int64_t m, int64_t k, int64_t n,
-                           int transposed, int bits, int threads) {
+                           int64_t ng, int transposed, int bits, int threads) {
     threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
     if (threads > groups) threads = (int)groups;
     job_t jobs[MAX_THREADS];
@@ -175,7 +188,7 @@ int gearkit_dequant_matmul(const float *a, const uint8_t *codes, const void *sca
     int started[MAX_THREADS] = {0}, status = 0;
     for (int t = 0; t < threads; t++) {
         jobs[t] = (job_t){a, codes, scale, zero, out, a_groups, groups * t / threads, groups * (t + 1) / threads,
-                          m, k, n, half, transposed, bits, 0};
+                          m, k, n, ng, half, transposed, bits, 0};
         if (t) started[t] = pthread_create(&ids[t], NULL, run, &jobs[t]) == 0;
     }
     run(&jobs[0]); /* the caller's share, then any share a thread could not be started for */

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from gearkit.compressed import CompressedTensor, LowRankPart, OutlierPart, QuantizedPart
 from gearkit.kernels import cpu, ops
-from gearkit.kernels.backend import get_backend, use_triton
+from gearkit.kernels.backend import get_backend, may_use_triton, use_triton
 from gearkit.kernels.layout import StorageLayout, layout_ints, layout_tensors
 from gearkit.kernels.reference import attention_reference, merge_attention, unpack_float
 
@@ -66,28 +66,33 @@ def stored_rows(c: CompressedTensor, layout: StorageLayout) -> Tensor:
 
 
 def _in_codes(layout: StorageLayout) -> bool:
-    """Whether attention can multiply the codes and fold the scales and zeros in afterwards: one group per row
-    (a scalar scale and zero per row) and no outliers overriding entries."""
-    return layout.group == layout.rows[1] and not layout.k2
+    """Whether attention can read the codes with their scales and zeros folded into the products (no outliers
+    overriding entries)."""
+    return not layout.k2
 
 
 def _product(a: Tensor, q: QuantizedPart, layout: StorageLayout, chunks: int, transposed: bool) -> Tensor:
     """`a` `[chunks or 1, batch, heads, m, k]` times a block's dequantized rows `W` `[chunks, batch, heads, rows,
-    length]` (the quantizer's row layout, one group per row: `W[r] = s[r] C[r] + z[r]`), without writing `W`:
-    `a @ W` (`k = rows`), or `a @ W^T` if `transposed` (`k = length`). The compiled CPU kernel reads the packed
-    codes; otherwise the products run on the unpacked codes and the scales and zeros are folded in afterwards.
+    length]` (the quantizer's row layout), without writing `W` where it can: `a @ W` (`k = rows`), or `a @ W^T` if
+    `transposed` (`k = length`). The compiled CPU kernel reads the packed codes; otherwise, with one group per row,
+    the products run on the unpacked codes and the scales and zeros are folded in afterwards (`W[r] = s[r] C[r] +
+    z[r]`); with several groups per row the block is dequantized.
 
     Returns:
         float32 `[chunks, batch, heads, m, length or rows]`.
     """
     rows, length = layout.rows
     entries, heads = q.shape[:2]
-    if cpu.usable(a.device, length):
+    if cpu.usable(a.device, layout.group):
         out = cpu.dequant_matmul(a.reshape(-1, *a.shape[3:]), q.codes.reshape(entries * heads, -1), q.scale,
                                  q.zero, layout.bits, length, transposed)
         return out.reshape(chunks, entries // chunks, heads, *out.shape[1:])
-    codes = _codes(q, layout).reshape(chunks, entries // chunks, heads, rows, length)
-    scale, zero = (t.float().reshape(chunks, entries // chunks, heads, 1, rows) for t in (q.scale, q.zero))
+    codes = _codes(q, layout).reshape(chunks, entries // chunks, heads, rows, -1, layout.group)
+    scale, zero = (t.float().reshape(*codes.shape[:-1], 1) for t in (q.scale, q.zero))
+    if layout.group != length:
+        w = torch.addcmul(zero, scale, codes).flatten(-2)
+        return a @ (w.mT if transposed else w)
+    codes, scale, zero = codes.flatten(-2), scale.flatten(-3).unsqueeze(-2), zero.flatten(-3).unsqueeze(-2)
     if transposed:  # (a @ C^T) s + sum(a) z
         return (a @ codes.mT) * scale + a.sum(-1, keepdim=True) * zero
     return (a * scale) @ codes + a @ zero.mT  # (a s) @ C + a @ z
@@ -207,9 +212,8 @@ def compressed_attention(query: Tensor, blocks: Sequence[tuple[CompressedTensor,
     """
     (key_layout, key_reason), (value_layout, value_reason) = key_layout, value_layout
     keys, values = blocks[0]
-    reason = (key_reason or value_reason or key_layout.triton_unsupported(keys)
-              or value_layout.triton_unsupported(values))
-    triton = use_triton(query.device, reason)
+    triton = may_use_triton(query.device) and use_triton(query.device, (
+        key_reason or value_reason or key_layout.triton_unsupported(keys) or value_layout.triton_unsupported(values)))
     if not triton and key_layout is not None and value_layout is not None and get_backend() != "torch":
         return stored_attention(query, blocks, key_layout, value_layout, bias, scaling, exact)
     segments, first, t = [], 0, keys.shape[2]
