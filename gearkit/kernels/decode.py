@@ -41,34 +41,36 @@ def _codes(q: QuantizedPart, layout: StorageLayout) -> Tensor:
     return unpack_float(q.codes, layout.bits, heads * rows * length).reshape(entries, heads, rows, length)
 
 
-def stored_rows(c: CompressedTensor, layout: StorageLayout) -> Tensor:
-    """Chunks stored in `layout` reconstructed in the quantizer's row layout, float32: `[entries, heads, D, T]`
-    for per-channel codes, `[entries, heads, T, D]` for per-token ones (no transpose: decode attention multiplies
-    either orientation directly).
-
-    Args:
-        c: chunks `[entries, heads, T, D]` compressed by `[SparseOutlier?, Quantizer, LowRankResidual?]`.
-        layout: their `StorageLayout` (`Pipeline.storage_layout`).
-
-    Returns:
-        float32 `[entries, heads, *layout.rows]`.
-    """
+def _outliers(c: CompressedTensor, layout: StorageLayout, chunks: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Chunks' stored outliers as corrections to what their codes (and low-rank term) give: the token and channel
+    of each, long `[chunks, batch, heads, N]`, and its value minus that reconstruction, float32; None without
+    outliers. Only the codes at the outliers' positions are read (code `i` of an entry starts at bit `i * bits`)."""
     q, o, lr = _parts(c)
-    codes = _codes(q, layout)
-    grouped = codes.reshape(*codes.shape[:-1], -1, layout.group)
-    x = torch.addcmul(q.zero.float()[..., None], q.scale.float()[..., None], grouped).reshape(codes.shape)
-    if lr is not None:  # left [.., T, rank] @ right [.., D, rank]^T, in the rows' orientation
-        a, b = (lr.right, lr.left) if layout.q_channel else (lr.left, lr.right)
-        x = x + a.float() @ b.float().mT
-    if o is not None:  # entries stored exactly replace the rest
-        (x if layout.o_channel == layout.q_channel else x.mT).scatter_(-1, o.indices.long(), o.values.float())
-    return x
-
-
-def _in_codes(layout: StorageLayout) -> bool:
-    """Whether attention can read the codes with their scales and zeros folded into the products (no outliers
-    overriding entries)."""
-    return not layout.k2
+    if o is None:
+        return None
+    entries, heads = q.shape[:2]
+    rows, length = layout.rows
+    along = o.indices.long()  # [entries, heads, outlier rows, count]
+    across = torch.arange(along.shape[-2], device=along.device)[:, None].expand_as(along)
+    row, col = (across, along) if layout.o_channel == layout.q_channel else (along, across)  # the quantizer's layout
+    first = rows * torch.arange(heads, device=row.device)[:, None, None]  # each head's first row in an entry
+    row, col = (row + first).reshape(entries, -1), col.reshape(entries, -1)
+    bit = (row * length + col) * layout.bits
+    data = q.codes.reshape(entries, -1)
+    byte = bit >> 3
+    word = data.gather(1, byte).int() | data.gather(1, (byte + 1).clamp(max=data.shape[1] - 1)).int() << 8
+    code = (word >> (bit & 7)) & ((1 << layout.bits) - 1)
+    group = row * (length // layout.group) + col // layout.group
+    scale, zero = (t.reshape(entries, -1).gather(1, group).float() for t in (q.scale, q.zero))
+    rebuilt = torch.addcmul(zero, scale, code.float()).reshape(entries, heads, -1)
+    row, col = row.reshape(entries, heads, -1) - first[..., 0], col.reshape(entries, heads, -1)
+    token, channel = (col, row) if layout.q_channel else (row, col)
+    if lr is not None:  # left[t] . right[d]
+        rank = lr.left.shape[-1]
+        rebuilt = rebuilt + (lr.left.float().gather(2, token[..., None].expand(-1, -1, -1, rank))
+                             * lr.right.float().gather(2, channel[..., None].expand(-1, -1, -1, rank))).sum(-1)
+    delta = o.values.float().reshape(entries, heads, -1) - rebuilt
+    return tuple(x.reshape(chunks, entries // chunks, heads, -1) for x in (token, channel, delta))
 
 
 def _product(a: Tensor, q: QuantizedPart, layout: StorageLayout, chunks: int, transposed: bool) -> Tensor:
@@ -100,30 +102,31 @@ def _product(a: Tensor, q: QuantizedPart, layout: StorageLayout, chunks: int, tr
 
 def _scores(q: Tensor, keys: CompressedTensor, layout: StorageLayout, chunks: int) -> Tensor:
     """`q` `[1, batch, heads, rows, D]` times the stored keys: `[chunks, batch, heads, rows, T]`."""
-    b = q.shape[1]
-    if not _in_codes(layout):
-        k = stored_rows(keys, layout).reshape(chunks, b, keys.shape[1], *layout.rows)
-        return q @ (k if layout.q_channel else k.mT)
     part, _, lr = _parts(keys)
     scores = _product(q, part, layout, chunks, not layout.q_channel)  # keys are rows per channel, or per token
     if lr is not None:  # k = left @ right^T, applied in factored form
-        left, right = (t.float().reshape(chunks, b, *t.shape[1:]) for t in (lr.left, lr.right))
+        left, right = (t.float().reshape(chunks, -1, *t.shape[1:]) for t in (lr.left, lr.right))
         scores = scores + (q @ right) @ left.mT
+    outliers = _outliers(keys, layout, chunks)
+    if outliers is not None:  # scores[t] += q[d] * delta(t, d)
+        token, channel, delta = (x[..., None, :].expand(*scores.shape[:-1], -1) for x in outliers)
+        scores = scores.scatter_add(-1, token, q.expand(chunks, *q.shape[1:]).gather(-1, channel) * delta)
     return scores
 
 
 def _weighted(p: Tensor, values: CompressedTensor, layout: StorageLayout) -> Tensor:
     """Weights `p` `[chunks, batch, heads, rows, T]` times the stored values, summed over chunks:
     `[batch, heads, rows, D]`."""
-    chunks, b = p.shape[:2]
-    if not _in_codes(layout):
-        v = stored_rows(values, layout).reshape(chunks, b, values.shape[1], *layout.rows)
-        return (p @ (v.mT if layout.q_channel else v)).sum(0)
+    chunks = p.shape[0]
     part, _, lr = _parts(values)
-    out = _product(p, part, layout, chunks, layout.q_channel)
+    out = _product(p, part, layout, chunks, layout.q_channel)  # values are rows per channel, or per token
     if lr is not None:
-        left, right = (t.float().reshape(chunks, b, *t.shape[1:]) for t in (lr.left, lr.right))
+        left, right = (t.float().reshape(chunks, -1, *t.shape[1:]) for t in (lr.left, lr.right))
         out = out + (p @ left) @ right.mT
+    outliers = _outliers(values, layout, chunks)
+    if outliers is not None:  # out[d] += p[t] * delta(t, d)
+        token, channel, delta = (x[..., None, :].expand(*out.shape[:-1], -1) for x in outliers)
+        out = out.scatter_add(-1, channel, p.gather(-1, token) * delta)
     return out.sum(0)
 
 
