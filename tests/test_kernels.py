@@ -197,6 +197,21 @@ def test_compiled_cpu_kernel_matches_torch(bits):
         cpu.dequant_matmul(torch.zeros(1, 1, 3), packed, scale, zero, bits, 16)
 
 
+def test_without_a_compiler_the_cpu_kernel_says_why_once(monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    cpu._library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="unavailable .*cannot run the C compiler"):
+            assert "/nonexistent/cc" in cpu.unavailable()
+        assert not cpu.usable(torch.device("cpu"), 8)  # decode then runs the torch products (tested above)
+        with pytest.raises(RuntimeError, match="unavailable"):
+            cpu.dequant_matmul(torch.zeros(1, 1, 1), torch.zeros(1, 3, dtype=torch.uint8), torch.ones(1, 1),
+                               torch.zeros(1, 1), 3, 8)
+    finally:
+        cpu._library.cache_clear()
+        cpu._warn_once.cache_clear()
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4)])
 def test_decode_attention_reads_3_bit_codes(heads, kv_heads):
     """`sink-3` through the fused kernel: per-channel 3-bit keys, per-token 3-bit values, against the reference."""

@@ -66,7 +66,10 @@ def _library() -> ctypes.CDLL | str:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         return "no C compiler found (install gcc or set CC)"
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    except OSError as e:
+        return f"cannot run the C compiler {compiler!r} ({e})"
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, repr(FLAGS), _cpu_features()]).encode())
     target = cache_dir() / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if not target.exists():
@@ -77,7 +80,10 @@ def _library() -> ctypes.CDLL | str:
             error = _build(compiler, target)
         if error:
             return f"{compiler} could not build {SOURCE.name}: {error}"
-    library = ctypes.CDLL(str(target))
+    try:
+        library = ctypes.CDLL(str(target))
+    except OSError as e:
+        return f"cannot load {target} ({e})"
     library.gearkit_dequant_matmul.restype = ctypes.c_int
     library.gearkit_dequant_matmul.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p]
                                                + [ctypes.c_int64] * 6 + [ctypes.c_int] * 3)
