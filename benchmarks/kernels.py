@@ -2,9 +2,12 @@
 
 On a GPU: Triton quantize-and-pack and fused reconstruction (achieved GB/s against the card's peak) and
 decode attention over the compressed cache against the torch reference and against fp16 SDPA on the
-uncompressed cache, over context lengths and batch sizes. On a CPU: the compiled pipeline against eager.
+uncompressed cache, over context lengths and batch sizes. On a CPU: decode attention (SDPA over the
+uncompressed fp32 cache; the stored path with the compiled CPU kernel, with the same products in torch, and the
+block-wise reference) and the compiled pipeline against eager.
 
     python benchmarks/kernels.py --out benchmarks/results/kernels_cpu.csv
+    python benchmarks/kernels.py --contexts 1024,4096,16384 --skip-compiled --out benchmarks/results/kernels_cpu_decode.csv
     python benchmarks/kernels.py --contexts 1024,4096,16384,32768,65536 --batches 1,4,16 --out kernels_h200.csv
 
 Shapes follow a Llama-3-8B-like layer: 32 query heads, 8 KV heads, head dim 128 (CPU: 2 KV heads, head dim 64).
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import os
 import platform
 import statistics
 import time
@@ -58,6 +62,7 @@ def main() -> None:
     parser.add_argument("--contexts", default=None, help="comma-separated context lengths")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes")
     parser.add_argument("--recipes", default="kivi-2,gear-2,sink-3")
+    parser.add_argument("--skip-compiled", action="store_true", help="CPU: only decode attention, no torch.compile runs")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,7 +123,25 @@ def main() -> None:
                                bytes_read=sk.nbytes + sv.nbytes, **key)
                     del sk, sv, stored
                 else:
-                    for op, fn in (("compress", recipe.key.compress), ("round_trip", recipe.key)):
+                    # decode attention, one query token: SDPA over the uncompressed fp32 cache against the stored
+                    # path (compiled kernel, or the same products in torch) and the block-wise reference
+                    sk, sv = recipe.key.compress(ck), recipe.value.compress(cv)
+                    q = torch.randn(batch, heads, 1, head_dim)
+                    bias = torch.zeros(batch, context)
+                    kf, vf, scale = k.float(), v.float(), head_dim**-0.5
+                    sdpa = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+                        q, kf, vf, scale=scale, enable_gqa=True), device)
+                    record(op="decode_attention", backend="sdpa-fp32-uncompressed", ms=round(sdpa, 4), **key)
+                    for backend, label, kernel in (("auto", "stored-c-kernel", "1"), ("auto", "stored-torch", "0"),
+                                                   ("torch", "reference", "1")):
+                        os.environ["GEARKIT_CPU_KERNEL"] = kernel
+                        with use_backend(backend):
+                            ms = bench_ms(lambda: chunk_attention(q, recipe.key, recipe.value, [(sk, sv)], bias,
+                                                                  scale), device)
+                        record(op="decode_attention", backend=label, ms=round(ms, 4),
+                               speedup_vs_sdpa_fp32=round(sdpa / ms, 2), **key)
+                    os.environ.pop("GEARKIT_CPU_KERNEL")
+                    for op, fn in () if args.skip_compiled else (("compress", recipe.key.compress), ("round_trip", recipe.key)):
                         eager = bench_ms(lambda: fn(ck), device)
                         compiled_fn = torch.compile(fn, fullgraph=True)
                         compiled = bench_ms(lambda: compiled_fn(ck), device)

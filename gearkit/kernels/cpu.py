@@ -7,7 +7,7 @@ registers and multiplies them there. It is plain C (no PyTorch headers), built w
 time a process needs it and kept under `gearkit.paths.cache_dir()/kernels`, named by a hash of everything the
 build depends on (source, compiler, flags, this CPU's features), so a cached library is never stale and a changed
 source or machine gets its own build. `unavailable()` says why the kernel cannot run (no compiler, a big-endian
-host); callers then use torch (`reference.unpack_float` and matmuls), the reference the tests hold it to.
+host, `GEARKIT_CPU_KERNEL=0`); callers then use torch (`reference.unpack_float` and matmuls), the reference the tests hold it to.
 """
 
 from __future__ import annotations
@@ -92,7 +92,9 @@ def _library() -> ctypes.CDLL | str:
 
 def unavailable() -> str | None:
     """Why the compiled kernel cannot run in this process, or None if it can (builds it on first call; a failed
-    build warns once)."""
+    build warns once). `GEARKIT_CPU_KERNEL=0` turns it off (decode then runs the same products in torch)."""
+    if os.environ.get("GEARKIT_CPU_KERNEL") == "0":
+        return "turned off by GEARKIT_CPU_KERNEL=0"
     library = _library()
     if isinstance(library, str):
         _warn_once(library)
