@@ -160,7 +160,7 @@ class CodebookQuantizer(Quantizer):
         if part.bits != self.bits:
             raise ValueError(f"part holds {part.bits}-bit codes but this quantizer is {self.bits}-bit")
         codes = self._grouped_codes(part, unpack_bits).long()
-        out = self.codebook(codes.device)[codes] * part.scale.float()[..., None]
+        out = self.codebook(codes.device).index_select(0, codes.flatten()).view(codes.shape) * part.scale.float()[..., None]
         if part.center is not None:
             out = out + part.center.float()[..., None]
         return self._ungroup(out, part.shape)
