@@ -157,6 +157,27 @@ def chunk_attention(query: Tensor, key_pipeline: Pipeline, value_pipeline: Pipel
                                 value_pipeline.storage_layout(values.shape), bias, scaling, rebuild, exact)
 
 
+class StepShared:
+    """The last result of a computation every layer of a model step repeats with the same inputs (the step's
+    biases), so only the first layer pays for it. Tensor inputs are compared by identity (they are
+    held here, so an identity is never reused while it is), the others by value."""
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._value = None
+
+    def __call__(self, key: tuple, compute):
+        """`compute()`, or its last result if `key` is the same as last time's."""
+        last = self._key
+        if last is None or len(key) != len(last) or not all(
+                a is b if isinstance(a, Tensor) or isinstance(b, Tensor) else a == b for a, b in zip(key, last)):
+            self._value, self._key = compute(), key
+        return self._value
+
+
+_shared_biases = StepShared()
+
+
 def padding(position_ids: Tensor | None, states: Tensor) -> Tensor | None:
     """Each row's left padding `[batch]` (long), read from a first step's position ids `[batch or 1, new]` and
     its states `[batch, kv_heads, new, head_dim]`, or None when no row is padded (or the ids do not say).
@@ -225,9 +246,6 @@ class SaliencyScores:
     def tensors(self) -> list[Tensor]:
         """The tensors held."""
         return [] if self.received is None else [self.received, self.seen]
-
-
-_last_biases: tuple[tuple, tuple[Tensor, Tensor]] | None = None  # `StepView._biases`' last answer, with its inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,13 +322,13 @@ class StepView:
         same for every query; sink positions hidden, the copy holds them) and over the exact tokens, the sink copy
         then `fresh` buffered and new tokens, `[batch, queries, slots + fresh]`.
 
-        Every layer of a step asks with the same mask and the same token counts, so the last answer is kept (with
-        the mask and row starts it was computed for, compared by identity) and the other layers reuse it."""
-        key = (attention_mask, self.starts, b, nq, held, fresh, self.sink_keys.shape[-2], device)
-        global _last_biases
-        if _last_biases is not None and len(key) == len(_last_biases[0]) and all(
-                x is y if isinstance(x, Tensor) or x is None else x == y for x, y in zip(key, _last_biases[0])):
-            return _last_biases[1]
+        Every layer of a step asks with the same mask, row starts and token counts: the first one computes them."""
+        starts = None if self.starts is None else tuple(self.starts.tolist())  # each layer holds its own copy
+        key = (attention_mask, starts, b, nq, held, fresh, self.sink_keys.shape[-2], device)
+        return _shared_biases(key, lambda: self._compute_biases(attention_mask, b, nq, held, fresh, device))
+
+    def _compute_biases(self, attention_mask: Tensor | None, b: int, nq: int, held: int, fresh: int,
+                        device: torch.device) -> tuple[Tensor, Tensor]:
         if attention_mask is None:  # causal: the past is visible, the fresh tokens causally
             visible = torch.ones(b, nq, held + fresh, dtype=torch.bool, device=device)
             visible[:, :, held:] = torch.ones(nq, fresh, dtype=torch.bool, device=device).tril(fresh - nq)
@@ -324,10 +342,8 @@ class StepView:
         sink_visible = past.gather(2, sink_at.clamp(max=max(held - 1, 0))[:, None].expand(-1, nq, -1)) & (sink_at < held)[:, None]
         _, covered = self._sink_slots(held)
         neg = torch.tensor(float("-inf"), device=device)
-        biases = (torch.where(past[:, 0] & ~covered, 0.0, neg),
-                  torch.where(torch.cat([sink_visible, visible[:, :, held:]], -1), 0.0, neg))
-        _last_biases = (key, biases)
-        return biases
+        return (torch.where(past[:, 0] & ~covered, 0.0, neg),
+                torch.where(torch.cat([sink_visible, visible[:, :, held:]], -1), 0.0, neg))
 
     def attend(self, query: Tensor, keys: Tensor, values: Tensor, attention_mask: Tensor | None,
                scaling: float | None) -> Tensor:
