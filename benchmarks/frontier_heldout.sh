@@ -9,5 +9,6 @@ python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 --out benchm
 python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 --out benchmarks/results/frontier_heldout_gearkit.md \
     --only K:had-lm2/V:had-lm2 K:ch3/V:had-lm2 K:ch3/V:had-lm3 K:ch4/V:had-lm4
 # issue 15, second round: per-layer bit allocations (benchmarks/bit_allocation.py, tuned on idle-help), the gk-* recipes
+# (the allocations of that round are kept in results/bit_allocation_round2.json)
 python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 --out benchmarks/results/frontier_heldout_alloc.md \
-    --only alloc-2.5 alloc-3.0 alloc-3.5 alloc-4.5
+    --only alloc-2.5 alloc-3.0 alloc-3.5 alloc-4.5 --allocations benchmarks/results/bit_allocation_round2.json

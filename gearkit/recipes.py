@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from gearkit.compressors import (
-    ChannelSeparableQuantizer, CodebookQuantizer, FullPrecision, HadamardRotation, LowRankResidual, MixedPrecision, PerLayer,
-    Pipeline, PreRoPE, Probes, Quantizer, SparseDictionary, SparseOutlier, Stage,
+    ChannelSeparableQuantizer, CodebookQuantizer, FullPrecision, HadamardRotation, LowRankResidual, MixedPrecision,
+    PerHead, PerLayer, Pipeline, PreRoPE, Probes, Quantizer, SparseDictionary, SparseOutlier, Stage,
 )
 from gearkit.compressors.checks import check_int
 from gearkit.compressors.solvers import Solver
@@ -219,7 +219,30 @@ def _frontier() -> list[Recipe]:
 ALLOCATIONS = Path(__file__).parent / "allocations"  # per-layer bit widths, written by benchmarks/bit_allocation.py
 
 
-def allocated(budget: str, name: str | None = None, model: str = DEFAULT_MODEL) -> Recipe:
+def allocation_stage(widths: list[str | list[str]], ladder: dict[str, dict]) -> PerLayer:
+    """The `PerLayer` stage of one role's allocation: each layer's width by ladder name, or a list of names (one
+    per KV head: a `PerHead` of them).
+
+    Args:
+        widths: per layer, a ladder name or a list of ladder names by KV head.
+        ladder: ladder name -> `Stage.to_dict()` data.
+
+    Raises:
+        KeyError: for a name the ladder does not hold.
+    """
+    def stage(name: str) -> Stage:
+        if name not in ladder:
+            raise KeyError(f"allocation names width {name!r}; the ladder holds {', '.join(ladder)}")
+        return Stage.from_dict(ladder[name])
+
+    return PerLayer([PerHead([stage(n) for n in w]) if isinstance(w, list) else stage(w) for w in widths])
+
+
+def _width_name(width: str | list[str]) -> str:
+    return f"[{','.join(width)}]" if isinstance(width, list) else width  # per-head widths read "[ch3,ch4,ch3]"
+
+
+def allocated(budget: str, name: str | None = None, model: str = DEFAULT_MODEL, path: Path | None = None) -> Recipe:
     """A recipe whose keys and values take each layer's width from a stored bit allocation (`PerLayer`).
 
     `benchmarks/bit_allocation.py` measures each layer's sensitivity on the tuning text and chooses the widths
@@ -230,6 +253,7 @@ def allocated(budget: str, name: str | None = None, model: str = DEFAULT_MODEL) 
         budget: the budget's key in the file, e.g. `"3.0"`.
         name: registry name (default `alloc-<budget>`).
         model: the model the allocation was measured on.
+        path: the allocation file (default: the stored one for `model`).
 
     Returns:
         The recipe (not registered).
@@ -238,15 +262,16 @@ def allocated(budget: str, name: str | None = None, model: str = DEFAULT_MODEL) 
         FileNotFoundError: when no allocation is stored for `model`.
         KeyError: for a budget the file does not hold.
     """
-    path = ALLOCATIONS / f"{model}.json"
+    path = Path(path) if path is not None else ALLOCATIONS / f"{model}.json"
     if not path.is_file():
         raise FileNotFoundError(f"no bit allocation stored for {model!r} ({path}); run benchmarks/bit_allocation.py")
     data = json.loads(path.read_text())
     if budget not in data["allocations"]:
         raise KeyError(f"no allocation for budget {budget!r} in {path}; stored: {', '.join(data['allocations'])}")
     chosen, ladder = data["allocations"][budget], data["ladder"]
-    key, value = (Pipeline([PerLayer([Stage.from_dict(ladder[role][n]) for n in chosen[role]])]) for role in ("key", "value"))
-    counts = {role: ", ".join(f"{c} {n}" for n, c in Counter(chosen[role]).most_common()) for role in ("key", "value")}
+    key, value = (Pipeline([allocation_stage(chosen[role], ladder[role])]) for role in ("key", "value"))
+    counts = {role: ", ".join(f"{c} {n}" for n, c in Counter(map(_width_name, chosen[role])).most_common())
+              for role in ("key", "value")}
     return Recipe(name or f"alloc-{budget}", key, value, data["buffer"], sink_tokens=data["sink_tokens"],
                   description=f"per-layer widths for {model}, {budget} all-in bits, tuned on {data['tuned_on']} (layers: "
                               f"keys {counts['key']}; values {counts['value']}; {data['sink_tokens']} fp16 sink tokens)")
