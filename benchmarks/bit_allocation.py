@@ -237,6 +237,8 @@ def recipe(allocation: dict, ladder: dict, name: str) -> Recipe:
 
 def allocate(args) -> None:
     data = json.loads(args.sensitivity.read_text())
+    for role in data["kl"]:  # widths left out of the ladder (an ablation)
+        data["kl"][role] = {n: v for n, v in data["kl"][role].items() if n not in args.without}
     layers = len(next(iter(data["kl"]["key"].values())))
     out = {"model": data["model"], "tuned_on": data["text"], "sink_tokens": SINKS, "buffer": BUFFER,
            "source": "benchmarks/bit_allocation.py allocate " + " ".join(sys.argv[2:]), "ladder": data["ladder"],
@@ -297,6 +299,7 @@ def main() -> None:
     a.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.5])
     a.add_argument("--check", action="store_true", help="measure each allocation's KL against the prediction")
     a.add_argument("--heads", type=Path, nargs="*", default=[], help="per-KV-head sensitivities (`heads`) to split by")
+    a.add_argument("--without", nargs="*", default=[], help="ladder widths to leave out")
     a.add_argument("--heads-for", type=float, nargs="*", default=None, help="budgets that use --heads (default: all)")
     a.add_argument("--out", type=Path, default=ALLOCATION)
     h = sub.add_parser("heads", help="per-KV-head sensitivity (KL) of some widths of one role")

@@ -12,3 +12,11 @@ python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 --out benchm
 # (the allocations of that round are kept in results/bit_allocation_round2.json)
 python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 --out benchmarks/results/frontier_heldout_alloc.md \
     --only alloc-2.5 alloc-3.0 alloc-3.5 alloc-4.5 --allocations benchmarks/results/bit_allocation_round2.json
+# issue 15, third round: per-KV-head widths and a low-rank rung on the ladder (bit_allocation.py heads, measure,
+# allocate --heads ...; stored in gearkit/allocations, the gk-* recipes at 2.5, 3 and 3.5 bits) ...
+python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 --out benchmarks/results/frontier_heldout_alloc3.md \
+    --only alloc-2.5 alloc-3.0 alloc-3.5 --allocations benchmarks/results/bit_allocation_round3.json
+# ... and the same without the low-rank rung (allocate --without pre-lr1+had-lm2): what the low-rank term earns
+python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 \
+    --out benchmarks/results/frontier_heldout_alloc3_without_lowrank.md --only alloc-2.5 alloc-3.0 \
+    --allocations benchmarks/results/bit_allocation_round3_without_lowrank.json
