@@ -13,16 +13,21 @@
    role, as `Stage.to_dict()`), which the built-in `gk-*` recipes read; `--check` measures the additive model
    against the KL of a whole allocation.
 
+`heads` measures the sensitivity of each KV head of each layer (one head coded, `PerHead`) for a few widths, and
+`allocate --heads FILE ...` then lets a layer take a different width on each head (KVTuner's per-head widths).
 `lowrank` compares GEAR's low-rank term first on pre-RoPE keys (then fewer bits) with plain keys, layer by layer.
 
 Run: OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bit_allocation.py measure --text idle-help
-     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bit_allocation.py allocate --budgets 2.5 3.0 3.5 4.5 [--check]
+     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bit_allocation.py heads [--role value --widths ... --out ...]
+     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bit_allocation.py allocate --budgets 2.5 3.0 3.5 4.5 [--check] \
+         [--heads FILE ... --heads-for BUDGET ...]
      OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bit_allocation.py lowrank --layers 0 3 6 ... 27
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -31,12 +36,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gearkit import (CodebookQuantizer, FullPrecision, HadamardRotation, LowRankResidual, PerLayer, Pipeline, PreRoPE,
-                     Quantizer, Recipe, Stage)
+from gearkit import (Chain, CodebookQuantizer, FullPrecision, HadamardRotation, LowRankResidual, PerHead, PerLayer,
+                     Pipeline, PreRoPE, Quantizer, Recipe, Stage)
 from gearkit.eval.perplexity import cached_logits
 from gearkit.integrations.hf import make_cache
 from gearkit.models import DEFAULT_MODEL, load_default_model, load_text, token_windows
-from gearkit.recipes import DEFAULT_ROPE_THETA
+from gearkit.recipes import DEFAULT_ROPE_THETA, allocation_stage
 from report import publish  # benchmarks/report.py (run as `python benchmarks/<script>.py`)
 
 SINKS, BUFFER, TOKENS = 4, 64, 2048  # the frontier protocol's sink tokens and buffer; bits counted at 2048 tokens
@@ -52,7 +57,11 @@ LADDER = {
     "key": {"had-lm2": HadamardRotation(CodebookQuantizer(2)), "ch3": Quantizer(3, 64, "channel"),
             "ch4": Quantizer(4, 64, "channel"), "ch4/32": Quantizer(4, 32, "channel"), "ch8": Quantizer(8, 64, "channel"),
             "ch2": Quantizer(2, 64, "channel"), "had-lm3": HadamardRotation(CodebookQuantizer(3)),
-            "ch3/32": Quantizer(3, 32, "channel")},
+            "ch3/32": Quantizer(3, 32, "channel"),
+            # GEAR's low-rank term first (rank 1 per 64-token chunk on pre-RoPE keys, fp16 factors), then 2-bit
+            # rotated codes of the rest: per layer (`lowrank`) it beat `ch2` and `had-lm3` on some layers
+            "pre-lr1+had-lm2": Chain([PreRoPE(LowRankResidual(1), DEFAULT_ROPE_THETA),
+                                      HadamardRotation(CodebookQuantizer(2))])},
     "value": {**{f"had-lm{b}": HadamardRotation(CodebookQuantizer(b)) for b in (1, 2, 3, 4)},
               "had-lm4/32": HadamardRotation(CodebookQuantizer(4, 32)),
               "had-lm2/32": HadamardRotation(CodebookQuantizer(2, 32)), "had-lm3/32": HadamardRotation(CodebookQuantizer(3, 32))},
@@ -129,51 +138,123 @@ def measure(args) -> None:
         args.out.write_text(json.dumps(out, indent=1))  # as it goes: a long run can be read part-way
 
 
-def allocate_widths(kl: dict, bits: dict, budget: float, layers: int) -> dict[str, list[str]]:
-    """The ladder entry per (role, layer) minimising the summed KL with mean stored bits <= the budget's share.
+def measure_heads(args) -> None:
+    """Per-KV-head sensitivity: as `measure`, but one head of one layer coded (`PerHead`, other heads fp16)."""
+    model, tokenizer = load_default_model()
+    windows = token_windows(tokenizer, load_text(args.text), args.prefix, args.continuation, args.windows)
+    baseline = baseline_logprobs(model, windows, args.prefix)
+    layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    ladder = {name: LADDER[args.role][name] for name in args.widths}
+    args.out = args.out or RESULTS / f"bit_allocation_heads_{args.role}s_{args.text}.json"
+    out = {"model": DEFAULT_MODEL, "text": args.text, "prefix": args.prefix, "continuation": args.continuation,
+           "windows": len(windows), "sink_tokens": SINKS, "buffer": BUFFER, "command": " ".join(sys.argv),
+           "role": args.role, "heads": heads, "kl": {args.role: {name: [] for name in ladder}}}
+    if args.out.is_file():  # resume a stopped run: keep its layers of these widths
+        old = json.loads(args.out.read_text())
+        kept = min(len(old["kl"][args.role].get(name, [])) for name in ladder)
+        out["kl"][args.role] = {name: old["kl"][args.role][name][:kept] for name in ladder}
+        out["command"] = old["command"] + "; then " + out["command"]
+    start = time.time()
+    for layer in range(len(next(iter(out["kl"][args.role].values()))), layers):
+        for name, stage in ladder.items():
+            out["kl"][args.role][name].append([
+                kl_divergence(model, windows, baseline, only(layer, args.role, PerHead(
+                    [stage if h == head else FullPrecision() for h in range(heads)]))) for head in range(heads)])
+        print(f"layer {layer} {args.role}: " + ", ".join(
+            f"{n} " + "/".join(f"{1e4 * v:.1f}" for v in out["kl"][args.role][n][layer]) for n in ladder),
+            f"({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
+        args.out.write_text(json.dumps(out, indent=1))  # as it goes: a long run can be read part-way
 
-    All-in bits at `TOKENS` tokens are the mean stage bits plus the sink tokens' fp16 copy.
+
+def head_kl(heads: dict | None, role: str, layer: int) -> dict:
+    """Per-head sensitivities of one role (name -> [layer][head] KL), or {} where the layer was not measured."""
+    per_head = heads.get(role, {}) if heads else {}
+    return per_head if per_head and layer < len(next(iter(per_head.values()))) else {}
+
+
+def options(kl: dict, bits: dict, role: str, layer: int, heads: dict | None) -> list[tuple[float, float, str | list]]:
+    """(stored bits, predicted KL, width) of every choice for one layer's role: a ladder entry for the whole layer,
+    or, where per-head sensitivities were measured (`heads`: name -> [layer][head] KL), a ladder entry per KV head
+    from those widths (KL summed over the heads; a layer with one width on every head is that width)."""
+    per_head = head_kl(heads, role, layer)
+    out = [(bits[role][n], kl[role][n][layer], n) for n in kl[role] if n not in per_head]
+    if per_head:
+        count = len(next(iter(per_head.values()))[layer])
+        for combo in itertools.product(per_head, repeat=count):
+            width = combo[0] if len(set(combo)) == 1 else list(combo)
+            out.append((sum(bits[role][n] for n in combo) / count,
+                        sum(per_head[n][layer][h] for h, n in enumerate(combo)), width))
+    return out
+
+
+def allocate_widths(kl: dict, bits: dict, budget: float, layers: int,
+                    heads: dict | None = None) -> dict[str, list[str | list[str]]]:
+    """The width per (role, layer) minimising the summed KL with mean stored bits <= the budget's share.
+
+    All-in bits at `TOKENS` tokens are the mean stage bits plus the sink tokens' fp16 copy. Widths cost whole
+    quarter bits per head, so with `heads` (per-KV-head KL, see `options`) a layer's cost is counted in twelfths
+    (a quarter bit on one of 3 heads); a few bytes more (a stored position) count at the end, where the exact
+    bits of the result must be within the budget.
     """
-    stage_budget = budget - 16 * SINKS / TOKENS
     items = [(role, layer) for role in kl for layer in range(layers)]
-    quarter = {role: {n: round(4 * b) for n, b in bits[role].items()} for role in bits}  # widths cost whole quarters
-    capacity = int(4 * stage_budget * len(items) + 1e-9)
-    best = {0: (0.0, [])}  # spent quarters -> (summed KL, choices)
+    limit = (budget - 16 * SINKS / TOKENS) * len(items)  # summed stored bits of all items
+    unit = 12  # cost units per bit
+    capacity = int(unit * limit + 1e-9)
+    best = {0: (0.0, 0.0, [])}  # spent units -> (summed KL, exact summed bits, choices)
     for role, layer in items:
         nxt = {}
-        for spent, (total, choice) in best.items():
-            for name, q in quarter[role].items():
-                key, value = spent + q, total + kl[role][name][layer]
+        choices = [(round(unit * b), b, k, w) for b, k, w in options(kl, bits, role, layer, heads)]
+        for spent, (total, exact, choice) in best.items():
+            for q, b, k, width in choices:
+                key, value = spent + q, total + k
                 if key <= capacity and (key not in nxt or value < nxt[key][0]):
-                    nxt[key] = (value, choice + [name])
+                    nxt[key] = (value, exact + b, choice + [width])
         best = nxt
-    if not best:
+    fits = [v for v in best.values() if v[1] <= limit + 1e-9]
+    if not fits:
         raise ValueError(f"budget {budget} is below the cheapest widths")
-    _, choice = min(best.values(), key=lambda v: v[0])
+    _, _, choice = min(fits, key=lambda v: v[0])
     return {role: choice[i * layers:(i + 1) * layers] for i, role in enumerate(kl)}
 
 
+def width_bits(bits: dict, role: str, width: str | list[str]) -> float:
+    return sum(bits[role][n] for n in width) / len(width) if isinstance(width, list) else bits[role][width]
+
+
+def width_kl(kl: dict, heads: dict | None, role: str, layer: int, width: str | list[str]) -> float:
+    """The predicted KL of one layer's width, as `options` counts it."""
+    per_head = head_kl(heads, role, layer)
+    if isinstance(width, list):
+        return sum(per_head[n][layer][h] for h, n in enumerate(width))
+    return sum(per_head[width][layer]) if width in per_head else kl[role][width][layer]
+
+
 def recipe(allocation: dict, ladder: dict, name: str) -> Recipe:
-    """A `PerLayer` recipe from an allocation (ladder names per role and layer)."""
-    pipe = {role: Pipeline([PerLayer([Stage.from_dict(ladder[role][n]) for n in names])])
-            for role, names in allocation.items()}
+    """A `PerLayer` recipe from an allocation (ladder names per role and layer, or per KV head)."""
+    pipe = {role: Pipeline([allocation_stage(widths, ladder[role])]) for role, widths in allocation.items()}
     return Recipe(name, pipe["key"], pipe["value"], BUFFER, sink_tokens=SINKS)
 
 
 def allocate(args) -> None:
     data = json.loads(args.sensitivity.read_text())
+    for role in data["kl"]:  # widths left out of the ladder (an ablation)
+        data["kl"][role] = {n: v for n, v in data["kl"][role].items() if n not in args.without}
     layers = len(next(iter(data["kl"]["key"].values())))
     out = {"model": data["model"], "tuned_on": data["text"], "sink_tokens": SINKS, "buffer": BUFFER,
            "source": "benchmarks/bit_allocation.py allocate " + " ".join(sys.argv[2:]), "ladder": data["ladder"],
            "allocations": {}}
+    heads = {r: kl for path in args.heads for r, kl in json.loads(path.read_text())["kl"].items()} or None
+    if heads:
+        out["heads"] = [str(path) for path in args.heads]
     for budget in args.budgets:
-        widths = allocate_widths(data["kl"], data["bits"], budget, layers)
-        predicted = sum(data["kl"][r][n][i] for r, names in widths.items() for i, n in enumerate(names))
-        mean = sum(data["bits"][r][n] for r, names in widths.items() for n in names) / (2 * layers)
+        split = heads if args.heads_for is None or budget in args.heads_for else None  # per-head widths here?
+        widths = allocate_widths(data["kl"], data["bits"], budget, layers, split)
+        predicted = sum(width_kl(data["kl"], split, r, i, w) for r, ws in widths.items() for i, w in enumerate(ws))
+        mean = sum(width_bits(data["bits"], r, w) for r, ws in widths.items() for w in ws) / (2 * layers)
         out["allocations"][str(budget)] = {**widths, "predicted_kl": predicted, "all_in_bits": mean + 16 * SINKS / TOKENS}
         print(f"budget {budget}: {mean + 16 * SINKS / TOKENS:.3f} bits, predicted KL {predicted:.4f}", file=sys.stderr)
-        for role, names in widths.items():
-            print(f"  {role}: {' '.join(names)}", file=sys.stderr)
+        for role, ws in widths.items():
+            print(f"  {role}: {' '.join(w if isinstance(w, str) else ','.join(w) for w in ws)}", file=sys.stderr)
     if args.check:  # the additive model against the KL of whole allocations, on the sensitivity protocol
         model, tokenizer = load_default_model()
         windows = token_windows(tokenizer, load_text(data["text"]), data["prefix"], data["continuation"], data["windows"])
@@ -217,7 +298,18 @@ def main() -> None:
     a.add_argument("--sensitivity", type=Path, default=RESULTS / "bit_allocation_sensitivity_idle-help.json")
     a.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.5])
     a.add_argument("--check", action="store_true", help="measure each allocation's KL against the prediction")
+    a.add_argument("--heads", type=Path, nargs="*", default=[], help="per-KV-head sensitivities (`heads`) to split by")
+    a.add_argument("--without", nargs="*", default=[], help="ladder widths to leave out")
+    a.add_argument("--heads-for", type=float, nargs="*", default=None, help="budgets that use --heads (default: all)")
     a.add_argument("--out", type=Path, default=ALLOCATION)
+    h = sub.add_parser("heads", help="per-KV-head sensitivity (KL) of some widths of one role")
+    h.add_argument("--text", default="idle-help")
+    h.add_argument("--prefix", type=int, default=512)
+    h.add_argument("--continuation", type=int, default=128)
+    h.add_argument("--windows", type=int, default=1)
+    h.add_argument("--role", choices=["key", "value"], default="key")
+    h.add_argument("--widths", nargs="+", default=["ch2", "ch3", "ch4"])
+    h.add_argument("--out", type=Path, default=None, help="default: results/bit_allocation_heads_<role>s_<text>.json")
     lr = sub.add_parser("lowrank", help="low-rank-first keys against quantized keys, per layer")
     lr.add_argument("--text", default="idle-help")
     lr.add_argument("--prefix", type=int, default=512)
@@ -226,7 +318,7 @@ def main() -> None:
     lr.add_argument("--layers", type=int, nargs="+", default=list(range(0, 30, 3)))
     lr.add_argument("--out", type=Path, default=RESULTS / "bit_allocation_lowrank_idle-help.md")
     args = ap.parse_args()
-    {"measure": measure, "allocate": allocate, "lowrank": lowrank}[args.command](args)
+    {"measure": measure, "heads": measure_heads, "allocate": allocate, "lowrank": lowrank}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -9,5 +9,14 @@ python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 --out benchm
 python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 --out benchmarks/results/frontier_heldout_gearkit.md \
     --only K:had-lm2/V:had-lm2 K:ch3/V:had-lm2 K:ch3/V:had-lm3 K:ch4/V:had-lm4
 # issue 15, second round: per-layer bit allocations (benchmarks/bit_allocation.py, tuned on idle-help), the gk-* recipes
+# (the allocations of that round are kept in results/bit_allocation_round2.json)
 python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 --out benchmarks/results/frontier_heldout_alloc.md \
-    --only alloc-2.5 alloc-3.0 alloc-3.5 alloc-4.5
+    --only alloc-2.5 alloc-3.0 alloc-3.5 alloc-4.5 --allocations benchmarks/results/bit_allocation_round2.json
+# issue 15, third round: per-KV-head widths and a low-rank rung on the ladder (bit_allocation.py heads, measure,
+# allocate --heads ...; stored in gearkit/allocations, the gk-* recipes at 2.5, 3 and 3.5 bits) ...
+python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 --out benchmarks/results/frontier_heldout_alloc3.md \
+    --only alloc-2.5 alloc-3.0 alloc-3.5 --allocations benchmarks/results/bit_allocation_round3.json
+# ... and the same without the low-rank rung (allocate --without pre-lr1+had-lm2): what the low-rank term earns
+python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 \
+    --out benchmarks/results/frontier_heldout_alloc3_without_lowrank.md --only alloc-2.5 alloc-3.0 \
+    --allocations benchmarks/results/bit_allocation_round3_without_lowrank.json

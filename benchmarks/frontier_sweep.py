@@ -5,7 +5,7 @@ outliers and low-rank term, KIVI-style groups); all keep 4 fp16 sink tokens and 
 otherwise. Perplexity with a compressed past (prefix 1024 + 1024 scored tokens per window), SmolLM2-135M fp32,
 bits all-in from the cache's own byte report. The stages behind the built-in `gk-*` recipes come from this
 run on `idle-help` (the tuning text), their per-layer widths from `bit_allocation.py` (`--only alloc-3.0` runs a
-stored allocation); the held-out figures come from `frontier_heldout.sh`, never from here.
+stored allocation, `--allocations FILE` one not stored yet); the held-out figures come from `frontier_heldout.sh`, never from here.
 
 Run: OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/frontier_sweep.py --text idle-help --windows 1 \
          --out benchmarks/results/frontier_sweep_idle-help.md [--only NAME ...]
@@ -92,10 +92,12 @@ def main() -> None:
     ap.add_argument("--continuation", type=int, default=1024)
     ap.add_argument("--only", nargs="*", default=None, help="candidate or registered recipe names (default: every candidate)")
     ap.add_argument("--out", default=None, help="markdown file for the table")
+    ap.add_argument("--allocations", default=None, help="allocation file for `alloc-*` (default: the stored one)")
     args = ap.parse_args()
     by_name = {r.name: r for r in CANDIDATES + SECOND + THIRD}
     # `alloc-<budget>`: the stored bit allocation for that budget (bit_allocation.py); other names: registered recipes
-    pick = lambda n: by_name.get(n) or (allocated(n.removeprefix("alloc-")) if n.startswith("alloc-") else n)  # noqa: E731
+    pick = lambda n: by_name.get(n) or (allocated(n.removeprefix("alloc-"), path=args.allocations)  # noqa: E731
+                                        if n.startswith("alloc-") else n)
     chosen = [pick(n) for n in args.only] if args.only else CANDIDATES + SECOND + THIRD
     model, tokenizer = load_default_model()
     start = time.time()

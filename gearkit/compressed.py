@@ -18,7 +18,7 @@ from torch import Tensor
 
 
 __all__ = ["Part", "CompressedTensor", "QuantizedPart", "CodebookPart", "ChannelScaledPart", "OutlierPart", "LowRankPart",
-           "MixedPart", "DictionaryPart", "DensePart", "PositionedPart", "LayerPart", "MemoryReport"]
+           "MixedPart", "DictionaryPart", "DensePart", "PositionedPart", "LayerPart", "HeadsPart", "MemoryReport"]
 
 
 def bits_per_element(nbytes: int, elements: int) -> float:
@@ -191,6 +191,17 @@ class LayerPart(Part):
 
     inner: Part
     layer: int
+
+
+@_register
+class HeadsPart(Part):
+    """The parts of a `PerHead`: one per KV head, each of a tensor `[batch, 1, tokens, head_dim]` (no bytes of its own).
+
+    Attributes:
+        heads: one part per KV head, in head order.
+    """
+
+    heads: tuple[Part, ...]
 
 
 @_register

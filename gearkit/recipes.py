@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from gearkit.compressors import (
-    ChannelSeparableQuantizer, CodebookQuantizer, FullPrecision, HadamardRotation, LowRankResidual, MixedPrecision, PerLayer,
-    Pipeline, PreRoPE, Probes, Quantizer, SparseDictionary, SparseOutlier, Stage,
+    ChannelSeparableQuantizer, CodebookQuantizer, FullPrecision, HadamardRotation, LowRankResidual, MixedPrecision,
+    PerHead, PerLayer, Pipeline, PreRoPE, Probes, Quantizer, SparseDictionary, SparseOutlier, Stage,
 )
 from gearkit.compressors.checks import check_int
 from gearkit.compressors.solvers import Solver
@@ -208,10 +208,10 @@ def _frontier() -> list[Recipe]:
         out.append(Recipe(f"kvquant-{bits}", _kvquant(bits, "key"), _kvquant(bits, "value"), 64, sink_tokens=1,
                           description=f"KVQuant {bits}-bit: pre-RoPE per-channel keys, per-token values, Gaussian "
                                       "non-uniform codes (not calibrated), 1% outliers, 1 fp16 sink token"))
-    # gearkit's own: each layer's keys and values at the width its sensitivity earns under the budget (per-layer
-    # bit allocation, benchmarks/bit_allocation.py on idle-help), from a ladder of per-channel key groups of 64
-    # (post-RoPE), rotated Lloyd-Max codes, and 4 fp16 sink tokens. Low-rank terms, pre-RoPE keys and calibrated
-    # codebooks were tried and did not earn their bytes (docs/concepts/frontier.md).
+    # gearkit's own: each layer's (or KV head's) keys and values at the width its sensitivity earns under the budget
+    # (bit allocation, benchmarks/bit_allocation.py on idle-help), from a ladder of per-channel key groups of 64
+    # (post-RoPE), rotated Lloyd-Max codes, a rank-1 pre-RoPE low-rank term before 2-bit rotated codes, and 4 fp16
+    # sink tokens. Calibrated codebooks did not earn their bytes (docs/concepts/frontier.md).
     for budget, name in (("2.5", "gk-2.5"), ("3.0", "gk-3"), ("3.5", "gk-3.5"), ("4.5", "gk-4.5")):
         out.append(allocated(budget, name))
     return out
@@ -220,17 +220,38 @@ def _frontier() -> list[Recipe]:
 ALLOCATIONS = Path(__file__).parent / "allocations"  # per-layer bit widths, written by benchmarks/bit_allocation.py
 
 
-def allocated(budget: str, name: str | None = None, model: str = DEFAULT_MODEL) -> Recipe:
-    """A recipe whose keys and values take each layer's width from a stored bit allocation (`PerLayer`).
+def allocation_stage(widths: list[str | list[str]], ladder: dict[str, dict]) -> PerLayer:
+    """The `PerLayer` stage of one role's allocation: each layer's width by ladder name, or a list of names (one
+    per KV head: a `PerHead` of them).
+
+    Args:
+        widths: per layer, a ladder name or a list of ladder names by KV head.
+        ladder: ladder name -> `Stage.to_dict()` data.
+
+    Raises:
+        KeyError: for a name the ladder does not hold.
+    """
+    def stage(name: str) -> Stage:
+        if name not in ladder:
+            raise KeyError(f"allocation names width {name!r}; the ladder holds {', '.join(ladder)}")
+        return Stage.from_dict(ladder[name])
+
+    return PerLayer([PerHead([stage(n) for n in w]) if isinstance(w, list) else stage(w) for w in widths])
+
+
+def allocated(budget: str, name: str | None = None, model: str = DEFAULT_MODEL, path: Path | None = None) -> Recipe:
+    """A recipe whose keys and values take each layer's width (or each KV head's) from a stored bit allocation
+    (`PerLayer`, with `PerHead` where a layer's heads differ).
 
     `benchmarks/bit_allocation.py` measures each layer's sensitivity on the tuning text and chooses the widths
     under a global budget of all-in bits; the result is data in `gearkit/allocations/<model>.json`, so the recipe
-    (and `to_dict()` of it) names every layer's stage. It serves only a model with as many layers.
+    (and `to_dict()` of it) names every layer's stage. It serves only a model with as many layers (and KV heads).
 
     Args:
         budget: the budget's key in the file, e.g. `"3.0"`.
         name: registry name (default `alloc-<budget>`).
         model: the model the allocation was measured on.
+        path: the allocation file (default: the stored one for `model`).
 
     Returns:
         The recipe (not registered).
@@ -239,15 +260,17 @@ def allocated(budget: str, name: str | None = None, model: str = DEFAULT_MODEL) 
         FileNotFoundError: when no allocation is stored for `model`.
         KeyError: for a budget the file does not hold.
     """
-    path = ALLOCATIONS / f"{model}.json"
+    path = Path(path) if path is not None else ALLOCATIONS / f"{model}.json"
     if not path.is_file():
         raise FileNotFoundError(f"no bit allocation stored for {model!r} ({path}); run benchmarks/bit_allocation.py")
     data = json.loads(path.read_text())
     if budget not in data["allocations"]:
         raise KeyError(f"no allocation for budget {budget!r} in {path}; stored: {', '.join(data['allocations'])}")
     chosen, ladder = data["allocations"][budget], data["ladder"]
-    key, value = (Pipeline([PerLayer([Stage.from_dict(ladder[role][n]) for n in chosen[role]])]) for role in ("key", "value"))
-    counts = {role: ", ".join(f"{c} {n}" for n, c in Counter(chosen[role]).most_common()) for role in ("key", "value")}
+    key, value = (Pipeline([allocation_stage(chosen[role], ladder[role])]) for role in ("key", "value"))
+    counts = {role: ", ".join(f"{c} {n}" for n, c in Counter(w if isinstance(w, str) else "split by KV head"
+                                                              for w in chosen[role]).most_common())
+              for role in ("key", "value")}
     return Recipe(name or f"alloc-{budget}", key, value, data["buffer"], sink_tokens=data["sink_tokens"],
                   description=f"per-layer widths for {model}, {budget} all-in bits, tuned on {data['tuned_on']} (layers: "
                               f"keys {counts['key']}; values {counts['value']}; {data['sink_tokens']} fp16 sink tokens)")

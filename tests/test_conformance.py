@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import gearkit
-from gearkit import (ChannelSeparableQuantizer, CodebookQuantizer, Context, FullPrecision, HadamardRotation, LowRankResidual,
-                     MixedPrecision, PerLayer, Pipeline, PreRoPE, Quantizer, Rotation, SparseDictionary, SparseOutlier, Stage)
+from gearkit import (Chain, ChannelSeparableQuantizer, CodebookQuantizer, Context, FullPrecision, HadamardRotation,
+                     LowRankResidual, MixedPrecision, PerHead, PerLayer, Pipeline, PreRoPE, Quantizer, Rotation,
+                     SparseDictionary, SparseOutlier, Stage)
 from gearkit.compressed import cat_batch, select_batch
 
 from conftest import kv_like
@@ -35,6 +36,8 @@ STAGES = {
     "dictionary-key": SparseDictionary(DICTIONARY, "key", 2),
     "dictionary-value-int8": SparseDictionary(DICTIONARY, "value", 2, coef_bits=8),
     "per-layer": PerLayer([Quantizer(2, 8, "channel"), HadamardRotation(CodebookQuantizer(3), seed=2)]),  # layer 1's
+    "chain": Chain([PreRoPE(LowRankResidual(1), 10000.0), HadamardRotation(CodebookQuantizer(2), seed=1)]),
+    "per-head": PerHead([Quantizer(2, 8, "channel"), MixedPrecision(Quantizer(4, None, "channel"), Quantizer(2), 0.5)]),
 }
 SHAPE = (2, 2, 16, 16)  # [batch, kv_heads, tokens, head_dim]
 
@@ -127,7 +130,8 @@ def test_requirements_are_declared_and_checked_once():
 
 def test_every_stage_the_docs_name_is_exported():
     documented = {"Quantizer", "ChannelSeparableQuantizer", "SparseOutlier", "LowRankResidual", "FullPrecision", "Rotation",
-                  "MixedPrecision", "SparseDictionary", "HadamardRotation", "CodebookQuantizer", "PreRoPE", "PerLayer"}
+                  "MixedPrecision", "SparseDictionary", "HadamardRotation", "CodebookQuantizer", "PreRoPE", "PerLayer",
+                  "PerHead", "Chain"}
     assert documented <= set(gearkit.__all__)
     assert {name for name, cls in Stage.known().items() if cls.__module__.startswith("gearkit.")} <= set(gearkit.__all__)
     for name in gearkit.__all__:

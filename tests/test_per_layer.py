@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gearkit import (CodebookQuantizer, FullPrecision, PerLayer, Pipeline, Quantizer, Recipe, SparseOutlier, Stage,
-                     recipes)
+from gearkit import (ChannelSeparableQuantizer, CodebookQuantizer, Context, FullPrecision, MixedPrecision, PerHead,
+                     PerLayer, Pipeline, Quantizer, Recipe, SparseOutlier, Stage, recipes)
 from gearkit.integrations.hf import make_cache
 from gearkit.models import DEFAULT_MODEL
 
@@ -93,10 +93,66 @@ def test_builtin_allocations_cost_what_they_state_within_budget_and_fit_only_the
     recipe = recipes.get(name)
     data = json.loads((recipes.ALLOCATIONS / f"{DEFAULT_MODEL}.json").read_text())["allocations"][str(budget)]
     x, layers = kv_like(5, (1, 3, 64, 64)), len(data["key"])
-    bits = sum(p.compress(x, layer=i).bits_per_element for i in range(layers) for p in (recipe.key, recipe.value))
+    start = torch.tensor([64])  # pre-RoPE widths store the chunk's first position
+    bits = sum(p.compress(x, layer=i, positions=start).bits_per_element for i in range(layers)
+               for p in (recipe.key, recipe.value))
     all_in = bits / (2 * layers) + 16 * recipe.sink_tokens / 2048
     assert all_in == pytest.approx(data["all_in_bits"]) and all_in <= budget and recipe.model_bound
     with pytest.raises(ValueError, match=f"{layers} layers; the model has 2"):
         make_cache(recipe, tiny_llama("gqa", layers=2))
     with pytest.raises(KeyError, match="no allocation for budget '9.9'"):
         recipes.allocated("9.9")
+
+
+HEAD_WIDTHS = [Quantizer(2, None, "token"), CodebookQuantizer(3), FullPrecision()]
+
+
+@settings(max_examples=30, deadline=None)
+@given(x=kv_tensors(max_heads=3), seed=st.integers(0, 2**31 - 1))
+def test_each_head_gets_exactly_its_stage_and_its_bytes(x, seed):
+    """Head h is stored and rebuilt as its stage alone would store and rebuild it: same bytes, same values."""
+    heads = x.shape[1]
+    order = torch.randperm(len(HEAD_WIDTHS), generator=torch.Generator().manual_seed(seed))[:heads].tolist()
+    stages = [HEAD_WIDTHS[i] for i in order]
+    per_head = Pipeline([PerHead(stages)])
+    c = per_head.compress(x)
+    alone = [Pipeline([s]).compress(x[:, h:h + 1]) for h, s in enumerate(stages)]
+    assert c.nbytes == sum(a.nbytes for a in alone)
+    expected = torch.cat([Pipeline([s]).decompress(a) for s, a in zip(stages, alone)], dim=1)
+    assert torch.equal(per_head.decompress(c), expected)
+
+
+def test_per_head_slices_saliency_keeps_exact_entries_and_refuses_other_head_counts():
+    x = kv_like(3, (1, 2, 16, 8), magnitude=3)
+    saliency = torch.rand(1, 2, 16, generator=torch.Generator().manual_seed(0))
+    mixed = MixedPrecision(Quantizer(4, None, "channel"), ChannelSeparableQuantizer(2), 0.25)
+    stage = PerHead([SparseOutlier(0.25, "token"), mixed])
+    pipeline = Pipeline([stage, Quantizer(2, None, "token")])
+    assert pipeline.requires == {"saliency"}
+    c = pipeline.compress(x, saliency=saliency)
+    alone = mixed.decode(mixed.encode(x[:, 1:], ctx=Context(saliency[:, 1:])))  # head 1 sees its own saliency
+    assert torch.equal(stage.decode(c.parts[0])[:, 1:], alone)
+    mask = stage.exact_mask(c.parts[0])
+    assert mask[:, 0].any() and not mask[:, 1].any()
+    assert torch.allclose(pipeline.decompress(c)[mask], x[mask].half().float())
+    with pytest.raises(ValueError, match="2 KV heads, got a tensor with 3"):
+        Pipeline([PerHead([Quantizer(2), Quantizer(3)])]).compress(kv_like(0, (1, 3, 8, 8)))
+    with pytest.raises(ValueError, match="2 KV heads; the model has 4"):
+        make_cache(Recipe("ph", Pipeline([PerHead([Quantizer(2), Quantizer(3)])]), Pipeline([Quantizer(4)]), 8),
+                   tiny_llama("mha"))
+    with pytest.raises(TypeError, match="head 1"):
+        PerHead([Quantizer(2), "3-bit"])
+    with pytest.raises(ValueError, match="none"):
+        PerHead([])
+
+
+def test_allocations_name_widths_per_layer_or_per_head_and_round_trip():
+    ladder = {"q2": Quantizer(2, 8, "channel").to_dict(), "q4": Quantizer(4, 8, "channel").to_dict()}
+    stage = recipes.allocation_stage(["q2", ["q4", "q2"]], ladder)
+    assert isinstance(stage.stage_for(1), PerHead) and stage.stage_for(1).stages[0].bits == 4
+    assert Stage.from_dict(stage.to_dict()).to_dict() == stage.to_dict()
+    x = kv_like(4, (1, 2, 16, 8))
+    split, low, high = (Pipeline([s]) for s in (stage, Quantizer(2, 8, "channel"), Quantizer(4, 8, "channel")))
+    assert split.compress(x, layer=1).nbytes == (low.compress(x).nbytes + high.compress(x).nbytes) // 2
+    with pytest.raises(KeyError, match="'q3'"):
+        recipes.allocation_stage([["q3", "q2"]], ladder)

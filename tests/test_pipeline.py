@@ -5,7 +5,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from gearkit.compressed import cat_batch, select_batch
-from gearkit import CompressedTensor, FullPrecision, LowRankResidual, Pipeline, Quantizer, SparseOutlier, recipes
+from gearkit import (Chain, CompressedTensor, FullPrecision, LowRankResidual, Pipeline, PerLayer, Quantizer,
+                     SparseOutlier, recipes)
 
 from conftest import kv_like, kv_tensors, rel_error
 
@@ -193,3 +194,17 @@ def test_batch_entries_are_independent_so_parts_concatenate_and_reorder(name):
         index = torch.tensor([2, 0, 0])
         picked = select_batch(whole, index)
         assert torch.equal(pipeline.decompress(picked), pipeline.decompress(whole)[index])
+
+
+@given(x=kv_tensors(min_tokens=2), split=st.integers(1, 2))
+def test_a_chain_is_its_pipeline_as_one_stage(x, split):
+    """A Chain stores and rebuilds what its stages inlined in the outer pipeline would (so a PerLayer entry can be
+    several stages), and entries a stage inside it stores exactly stay exact."""
+    stages = [SparseOutlier(0.1, "token"), Quantizer(2, None, "token"), LowRankResidual(1)]
+    flat, nested = Pipeline(stages), Pipeline([*stages[:split], Chain(stages[split:])])
+    c, n = flat.compress(x), nested.compress(x)
+    assert n.nbytes == c.nbytes and n.components() == c.components()
+    assert torch.allclose(nested.decompress(n), flat.decompress(c), atol=1e-5 * x.abs().max().item())
+    chain = Pipeline([PerLayer([Chain(stages)])])
+    mask = chain.stages[0].exact_mask(chain.compress(x, layer=0).parts[0])
+    assert mask is not None and torch.equal(chain(x, layer=0)[mask], x[mask].half().float())

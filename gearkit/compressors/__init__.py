@@ -8,8 +8,8 @@ from gearkit.compressors.dictionary_set import DictionarySet
 from gearkit.compressors.lowrank import LowRankResidual
 from gearkit.compressors.mixed import MixedPrecision
 from gearkit.compressors.outlier import SparseOutlier
-from gearkit.compressors.per_layer import PerLayer
-from gearkit.compressors.pipeline import Pipeline
+from gearkit.compressors.per_layer import PerHead, PerLayer
+from gearkit.compressors.pipeline import Chain, Pipeline
 from gearkit.compressors.pre_rope import PreRoPE
 from gearkit.compressors.probes import Probes
 from gearkit.compressors.quantizer import Quantizer
@@ -21,12 +21,12 @@ Rotary = RoPE  # the old name, for one release
 
 __all__ = [
     # stages and their composition
-    "Stage", "Context", "Pipeline", "Quantizer", "ChannelSeparableQuantizer", "SparseOutlier", "LowRankResidual",
-    "FullPrecision", "Rotation",
+    "Stage", "Context", "Pipeline", "Chain", "Quantizer", "ChannelSeparableQuantizer", "SparseOutlier",
+    "LowRankResidual", "FullPrecision", "Rotation",
     # rotation + non-uniform codebooks (TurboQuant), keys coded before RoPE (KVQuant)
     "HadamardRotation", "CodebookQuantizer", "PreRoPE",
-    # bit allocation: a stage per model layer (KVTuner)
-    "PerLayer",
+    # bit allocation: a stage per model layer or KV head (KVTuner)
+    "PerLayer", "PerHead",
     # ZipCache: saliency-driven mixed precision and the probe queries that score saliency
     "MixedPrecision", "Probes",
     # CSR: sparse dictionary codes (NeuralDict training lives in gearkit.neuraldict, which loads Lightning)

@@ -1,12 +1,14 @@
-"""Bit allocation across layers: each model layer's tensors go through the stage chosen for that layer."""
+"""Bit allocation across layers and KV heads: each layer's (or head's) tensors go through the stage chosen for it."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
+import torch
 from torch import Tensor
 
-from gearkit.compressed import LayerPart
+from gearkit.compressed import HeadsPart, LayerPart
 from gearkit.compressors.base import NO_CONTEXT, Context, Stage
 
 
@@ -109,3 +111,89 @@ class PerLayer(Stage):
 
     def extra_repr(self) -> str:
         return f"layers={len(self.stages)}, default={self.default is not None}"
+
+
+class PerHead(Stage):
+    """A stage per KV head: bit allocation finer than `PerLayer` (KVTuner's per-head widths).
+
+    Within a layer the heads are not equally fragile either, so an allocation can give one head of a layer more
+    bits than the others (inside a `PerLayer`, a different split per layer). Head `h` of `x` is coded by
+    `stages[h]` as a one-head tensor `[batch, 1, tokens, head_dim]` (saliency sliced to that head), so the
+    stored bytes are exactly the sum of the heads' stages' bytes on their heads.
+
+    Args:
+        stages: one stage per KV head, in head order.
+
+    Raises:
+        TypeError: for an entry that is not a gearkit `Stage`.
+        ValueError: for no stages.
+    """
+
+    def __init__(self, stages: Sequence[Stage]):
+        super().__init__()
+        stages = list(stages)
+        if not stages:
+            raise ValueError("PerHead needs one stage per KV head, got none")
+        for i, s in enumerate(stages):
+            if not isinstance(s, Stage):
+                raise TypeError(f"PerHead stages must be gearkit Stages, got {type(s).__name__} (head {i})")
+        self.stages = stages
+        for i, s in enumerate(stages):  # submodules, so .to(device) and state_dict see them
+            self.add_module(f"head{i}", s)
+
+    @property
+    def requires(self) -> frozenset[str]:
+        return frozenset().union(*(s.requires for s in self.stages))
+
+    def config(self) -> dict:
+        return {"stages": list(self.stages)}
+
+    def check_chunk(self, tokens: int, head_dim: int | None = None) -> None:
+        for s in self.stages:
+            s.check_chunk(tokens, head_dim)
+
+    def check_model(self, config) -> None:
+        """Raise `ValueError` if the model has another number of KV heads, or a head's stage cannot serve it."""
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        heads = getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", None)
+        if heads is not None and heads != len(self.stages):
+            raise ValueError(f"PerHead has stages for {len(self.stages)} KV heads; the model has {heads}")
+        for s in self.stages:
+            s.check_model(config)
+
+    def shared_nbytes(self, layer: int | None) -> int:
+        return sum({id(s): s.shared_nbytes(layer) for s in self.stages}.values())  # a stage shared by heads once
+
+    def _check_heads(self, heads: int) -> None:
+        if heads != len(self.stages):
+            raise ValueError(f"PerHead has stages for {len(self.stages)} KV heads, got a tensor with {heads}")
+
+    def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> HeadsPart:
+        """Encode `x` `[batch, kv_heads, tokens, head_dim]`, head `h` with `stages[h]`.
+
+        Raises:
+            ValueError: when `x` has another number of KV heads than there are stages.
+        """
+        self._check_heads(x.shape[1])
+        parts = []
+        for h, stage in enumerate(self.stages):
+            one = slice(h, h + 1)
+            head_ctx = ctx if ctx.saliency is None else dataclasses.replace(ctx, saliency=ctx.saliency[:, one])
+            parts.append(stage.encode(x[:, one], None if exclude is None else exclude[:, one], head_ctx))
+        return HeadsPart(tuple(parts))
+
+    def decode(self, part: HeadsPart) -> Tensor:
+        """The heads' reconstructions side by side: float32 `[batch, kv_heads, tokens, head_dim]`."""
+        self._check_heads(len(part.heads))
+        return torch.cat([s.decode(p) for s, p in zip(self.stages, part.heads)], dim=1)
+
+    def exact_mask(self, part: HeadsPart) -> Tensor | None:
+        """Entries the heads' stages store exactly, bool `[batch, kv_heads, tokens, head_dim]`, or None."""
+        masks = [s.exact_mask(p) for s, p in zip(self.stages, part.heads)]
+        some = next((m for m in masks if m is not None), None)
+        if some is None:
+            return None
+        return torch.cat([torch.zeros_like(some) if m is None else m for m in masks], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"heads={len(self.stages)}"

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from gearkit.compressed import CompressedTensor, Part
-from gearkit.compressors.base import Context, Stage, make_context
+from gearkit.compressors.base import NO_CONTEXT, Context, Stage, make_context
 from gearkit.compressors.checks import check_kv
 from gearkit.compressors.lowrank import LowRankResidual
 from gearkit.compressors.outlier import SparseOutlier
@@ -168,3 +170,48 @@ class Pipeline(nn.Module):
         k2 = 2 * outlier.count_per_side(t if outlier.axis == "channel" else d) if outlier is not None else 0
         return StorageLayout(t, d, quant.bits, group, quant.axis == "channel", k2,
                              outlier is not None and outlier.axis == "channel", lowrank.rank if lowrank else 0), None
+
+
+class Chain(Stage):
+    """A pipeline of stages as one stage: its part is the pipeline's `CompressedTensor`, so it can sit wherever one
+    stage goes (a `PerLayer` or `PerHead` entry of several stages, such as a low-rank term and a code of its rest).
+
+    Args:
+        stages: the stages, in order (each encodes the residual of those before it, as in a `Pipeline`).
+    """
+
+    def __init__(self, stages: Sequence[Stage]):
+        super().__init__()
+        self.pipeline = Pipeline(stages)
+
+    @property
+    def requires(self) -> frozenset[str]:
+        return self.pipeline.requires
+
+    def config(self) -> dict[str, Any]:
+        return {"stages": list(self.pipeline.stages)}
+
+    def check_chunk(self, tokens: int, head_dim: int | None = None) -> None:
+        self.pipeline.check_chunk(tokens, head_dim)
+
+    def check_model(self, config) -> None:
+        self.pipeline.check_model(config)
+
+    def shared_nbytes(self, layer: int | None) -> int:
+        return self.pipeline.shared_nbytes(layer)
+
+    def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> CompressedTensor:
+        """Encode `x` `[batch, kv_heads, tokens, head_dim]` with the stages in turn."""
+        return self.pipeline.compress(x, exclude, ctx)
+
+    def decode(self, part: CompressedTensor) -> Tensor:
+        """The stages' summed reconstruction: float32 `[batch, kv_heads, tokens, head_dim]`."""
+        return self.pipeline.decompress(part).float()
+
+    def exact_mask(self, part: CompressedTensor) -> Tensor | None:
+        """Entries some stage stores exactly, bool `[batch, kv_heads, tokens, head_dim]`, or None."""
+        masks = [m for stage, p in zip(self.pipeline.stages, part.parts) if (m := stage.exact_mask(p)) is not None]
+        return functools.reduce(torch.logical_or, masks) if masks else None
+
+    def extra_repr(self) -> str:
+        return f"stages={len(self.pipeline.stages)}"
