@@ -30,7 +30,6 @@ from torch import Tensor
 from gearkit.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-PARALLEL_CODES = 1 << 16  # calls reading at least this many codes split their groups over torch's thread count
 FLAGS = (("-O3", "-march=native", "-fopenmp-simd"), ("-O3",))  # tuned for this CPU; plain if the compiler refuses
 
 
@@ -49,7 +48,7 @@ def _build(compiler: str, target: Path) -> str | None:
     for flags in FLAGS:
         with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
             partial = Path(tmp.name)
-        build = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-pthread", str(SOURCE), "-o", str(partial)],
+        build = subprocess.run([compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(partial)],
                                capture_output=True, text=True)
         if build.returncode == 0:
             os.replace(partial, target)  # another process building the same library writes the same bytes
@@ -86,7 +85,7 @@ def _library() -> ctypes.CDLL | str:
         return f"cannot load {target} ({e})"
     library.gearkit_dequant_matmul.restype = ctypes.c_int
     library.gearkit_dequant_matmul.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p]
-                                               + [ctypes.c_int64] * 6 + [ctypes.c_int] * 3)
+                                               + [ctypes.c_int64] * 6 + [ctypes.c_int] * 2)
     return library
 
 
@@ -150,10 +149,9 @@ def dequant_matmul(a: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, bits: 
                          "groups of a multiple of 8")
     a, codes, scale, zero = a.float().contiguous(), codes.contiguous(), scale.contiguous(), zero.contiguous()
     out = a.new_empty(groups, m, k if transposed else n)
-    threads = torch.get_num_threads() if groups * k * n >= PARALLEL_CODES else 1
     if _library().gearkit_dequant_matmul(a.data_ptr(), codes.data_ptr(), scale.data_ptr(), zero.data_ptr(),
                                          scale.dtype == torch.float16, out.data_ptr(), a_groups, groups, m, k, n, ng,
-                                         transposed, bits, threads):
+                                         transposed, bits):
         raise ValueError(f"unsupported code width {bits}")
     return out
 

@@ -5,7 +5,6 @@
  * bytes, code j of a block at bit j * bits of the block read as a little-endian integer. Every array is dense
  * (row-major). Built and loaded by gearkit/kernels/cpu.py; the torch reference is unpack_bits + matmul. */
 
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -103,15 +102,14 @@ static inline __attribute__((always_inline)) void rows_transposed(const float *a
 
 /* out[g] = a @ W[g] (plain; a [a_groups, m, k], out [groups, m, n]) or a @ W[g]^T (transposed; a [a_groups, m, n],
  * out [groups, m, k]), segment q of row r of W[g] being scale[g, r, q] * C[g, r, q] + zero[g, r, q] (codes C
- * [groups, k rows of n], scale and zero [groups, k, ng]); group g reads a[g % a_groups]; this call computes groups
- * first..last-1. Scratch: ng * (k * (MR + 2) + MR) floats. */
+ * [groups, k rows of n], scale and zero [groups, k, ng]); group g reads a[g % a_groups].
+ * Scratch: ng * (k * (MR + 2) + MR) floats. */
 static inline __attribute__((always_inline)) void dequant_matmul(
     const float *a, const uint8_t *codes, const void *scale, const void *zero, int half, float *out, float *scratch,
-    int64_t a_groups, int64_t first, int64_t last, int64_t m, int64_t k, int64_t n, int64_t ng, int transposed,
-    const int bits) {
+    int64_t a_groups, int64_t groups, int64_t m, int64_t k, int64_t n, int64_t ng, int transposed, const int bits) {
     float *coef = scratch, *s = coef + ng * k * MR, *z = s + k * ng, *bias = z + k * ng;
     const int64_t length = n / ng;
-    for (int64_t g = first; g < last; g++) {
+    for (int64_t g = 0; g < groups; g++) {
         const float *ag = a + (g % a_groups) * m * (transposed ? n : k);
         const uint8_t *cg = codes + g * k * (n / 8 * bits);
         float *og = out + g * m * (transposed ? k : n);
@@ -145,57 +143,24 @@ static inline __attribute__((always_inline)) void dequant_matmul(
     }
 }
 
-typedef struct {
-    const float *a;
-    const uint8_t *codes;
-    const void *scale, *zero;
-    float *out;
-    int64_t a_groups, first, last, m, k, n, ng;
-    int half, transposed, bits, status;
-} job_t;
-
-static void *run(void *arg) {
-    job_t *j = arg;
-    float *scratch = malloc(sizeof(float) * j->ng * (j->k * (MR + 2) + MR));
-    if (!scratch) {
-        j->status = -1;
-        return NULL;
-    }
-    switch (j->bits) { /* the code width picks a specialised copy */
-#define CASE(b)                                                                                                  \
-    case b:                                                                                                      \
-        dequant_matmul(j->a, j->codes, j->scale, j->zero, j->half, j->out, scratch, j->a_groups,                 \
-                       j->first, j->last, j->m, j->k, j->n, j->ng, j->transposed, b);                                 \
+/* The exported entry point: the code width picks a specialised copy. Single-threaded on purpose: next to torch's
+ * own thread pool, splitting the groups over threads measured slower (its idle workers spin on the cores).
+ * Returns 0, or -1 for an unsupported width or a failed allocation. */
+int gearkit_dequant_matmul(const float *a, const uint8_t *codes, const void *scale, const void *zero, int half,
+                           float *out, int64_t a_groups, int64_t groups, int64_t m, int64_t k, int64_t n,
+                           int64_t ng, int transposed, int bits) {
+    float *scratch = malloc(sizeof(float) * ng * (k * (MR + 2) + MR));
+    if (!scratch) return -1;
+    int status = 0;
+    switch (bits) {
+#define CASE(b)                                                                                              \
+    case b:                                                                                                  \
+        dequant_matmul(a, codes, scale, zero, half, out, scratch, a_groups, groups, m, k, n, ng, transposed, b);    \
         break;
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(8)
 #undef CASE
-        default: j->status = -1;
+        default: status = -1;
     }
     free(scratch);
-    return NULL;
-}
-
-/* The exported entry point: the groups split over up to `threads` threads (the caller's included). Returns 0, or
- * -1 for an unsupported width or a failed allocation. */
-#define MAX_THREADS 64
-int gearkit_dequant_matmul(const float *a, const uint8_t *codes, const void *scale, const void *zero, int half,
-                           float *out, int64_t a_groups, int64_t groups, int64_t m, int64_t k, int64_t n,
-                           int64_t ng, int transposed, int bits, int threads) {
-    threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
-    if (threads > groups) threads = (int)groups;
-    job_t jobs[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS] = {0}, status = 0;
-    for (int t = 0; t < threads; t++) {
-        jobs[t] = (job_t){a, codes, scale, zero, out, a_groups, groups * t / threads, groups * (t + 1) / threads,
-                          m, k, n, ng, half, transposed, bits, 0};
-        if (t) started[t] = pthread_create(&ids[t], NULL, run, &jobs[t]) == 0;
-    }
-    run(&jobs[0]); /* the caller's share, then any share a thread could not be started for */
-    for (int t = 0; t < threads; t++) {
-        if (started[t]) pthread_join(ids[t], NULL);
-        else if (t) run(&jobs[t]);
-        status |= jobs[t].status;
-    }
     return status;
 }

@@ -41,13 +41,11 @@ def _codes(q: QuantizedPart, layout: StorageLayout) -> Tensor:
     return unpack_float(q.codes, layout.bits, heads * rows * length).reshape(entries, heads, rows, length)
 
 
-def _outliers(c: CompressedTensor, layout: StorageLayout, chunks: int) -> tuple[Tensor, Tensor, Tensor] | None:
+def _outliers(q: QuantizedPart, o: OutlierPart, lr: LowRankPart | None, layout: StorageLayout,
+              chunks: int) -> tuple[Tensor, Tensor, Tensor]:
     """Chunks' stored outliers as corrections to what their codes (and low-rank term) give: the token and channel
-    of each, long `[chunks, batch, heads, N]`, and its value minus that reconstruction, float32; None without
-    outliers. Only the codes at the outliers' positions are read (code `i` of an entry starts at bit `i * bits`)."""
-    q, o, lr = _parts(c)
-    if o is None:
-        return None
+    of each, long `[chunks, batch, heads, N]`, and its value minus that reconstruction, float32. Only the codes at
+    the outliers' positions are read (code `i` of an entry starts at bit `i * bits`)."""
     entries, heads = q.shape[:2]
     rows, length = layout.rows
     along = o.indices.long()  # [entries, heads, outlier rows, count]
@@ -102,13 +100,13 @@ def _product(a: Tensor, q: QuantizedPart, layout: StorageLayout, chunks: int, tr
 
 def _scores(q: Tensor, keys: CompressedTensor, layout: StorageLayout, chunks: int) -> Tensor:
     """`q` `[1, batch, heads, rows, D]` times the stored keys: `[chunks, batch, heads, rows, T]`."""
-    part, _, lr = _parts(keys)
+    part, o, lr = _parts(keys)
     scores = _product(q, part, layout, chunks, not layout.q_channel)  # keys are rows per channel, or per token
     if lr is not None:  # k = left @ right^T, applied in factored form
         left, right = (t.float().reshape(chunks, -1, *t.shape[1:]) for t in (lr.left, lr.right))
         scores = scores + (q @ right) @ left.mT
-    outliers = _outliers(keys, layout, chunks)
-    if outliers is not None:  # scores[t] += q[d] * delta(t, d)
+    if o is not None:  # scores[t] += q[d] * delta(t, d)
+        outliers = _outliers(part, o, lr, layout, chunks)
         token, channel, delta = (x[..., None, :].expand(*scores.shape[:-1], -1) for x in outliers)
         scores = scores.scatter_add(-1, token, q.expand(chunks, *q.shape[1:]).gather(-1, channel) * delta)
     return scores
@@ -118,13 +116,13 @@ def _weighted(p: Tensor, values: CompressedTensor, layout: StorageLayout) -> Ten
     """Weights `p` `[chunks, batch, heads, rows, T]` times the stored values, summed over chunks:
     `[batch, heads, rows, D]`."""
     chunks = p.shape[0]
-    part, _, lr = _parts(values)
+    part, o, lr = _parts(values)
     out = _product(p, part, layout, chunks, layout.q_channel)  # values are rows per channel, or per token
     if lr is not None:
         left, right = (t.float().reshape(chunks, -1, *t.shape[1:]) for t in (lr.left, lr.right))
         out = out + (p @ left) @ right.mT
-    outliers = _outliers(values, layout, chunks)
-    if outliers is not None:  # out[d] += p[t] * delta(t, d)
+    if o is not None:  # out[d] += p[t] * delta(t, d)
+        outliers = _outliers(part, o, lr, layout, chunks)
         token, channel, delta = (x[..., None, :].expand(*out.shape[:-1], -1) for x in outliers)
         out = out.scatter_add(-1, channel, p.gather(-1, token) * delta)
     return out.sum(0)
