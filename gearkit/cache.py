@@ -139,7 +139,7 @@ def chunk_attention(query: Tensor, key_pipeline: Pipeline, value_pipeline: Pipel
         value_pipeline: the pipeline that compressed the values.
         blocks: consecutive `(keys, values)` blocks of chunks, each stacked chunk-major along the batch,
             `[(chunks batch), kv_heads, T, head_dim]`.
-        bias: additive float `[batch, total chunks * T]` (`-inf` masks a position).
+        bias: `[batch, total chunks * T]`: additive float (`-inf` masks a position) or boolean (True = attend).
         scaling: softmax scale.
         exact: optional full-precision keys and values `[batch, kv_heads, F, head_dim]` with their bias
             `[batch, queries, F]`, attended to with the chunks.
@@ -318,9 +318,9 @@ class StepView:
 
     def _biases(self, attention_mask: Tensor | None, b: int, nq: int, held: int, fresh: int,
                 device: torch.device) -> tuple[Tensor, Tensor]:
-        """The step's additive biases (`-inf` hides a token): over the compressed chunks `[batch, held]` (the
-        same for every query; sink positions hidden, the copy holds them) and over the exact tokens, the sink copy
-        then `fresh` buffered and new tokens, `[batch, queries, slots + fresh]`.
+        """What the step attends to: over the compressed chunks, boolean `[batch, held]` (True = attend; the same
+        for every query; sink positions hidden, the copy holds them), and over the exact tokens, the sink copy then
+        `fresh` buffered and new tokens, an additive float `[batch, queries, slots + fresh]` (`-inf` hides).
 
         Every layer of a step asks with the same mask, row starts and token counts: the first one computes them."""
         starts = None if self.starts is None else tuple(self.starts.tolist())  # each layer holds its own copy
@@ -329,21 +329,23 @@ class StepView:
 
     def _compute_biases(self, attention_mask: Tensor | None, b: int, nq: int, held: int, fresh: int,
                         device: torch.device) -> tuple[Tensor, Tensor]:
-        if attention_mask is None:  # causal: the past is visible, the fresh tokens causally
-            visible = torch.ones(b, nq, held + fresh, dtype=torch.bool, device=device)
-            visible[:, :, held:] = torch.ones(nq, fresh, dtype=torch.bool, device=device).tril(fresh - nq)
+        if attention_mask is None:  # causal: the whole past is visible, the fresh tokens causally
+            past = torch.ones(b, 1, held, dtype=torch.bool, device=device)
+            recent = torch.ones(nq, fresh, dtype=torch.bool, device=device).tril(fresh - nq).expand(b, nq, fresh)
         else:
             visible = attention_mask[:, 0].to(torch.bool)
-        past = visible[:, :, :held]
-        if not (past == past[:, :1]).all():
-            raise ValueError("attention over the compressed storage needs every query to see the same compressed past")
+            past, recent = visible[:, :, :held], visible[:, :, held:]
+            if not (past == past[:, :1]).all():
+                raise ValueError("attention over the compressed storage needs every query to see the same compressed past")
         # sink tokens inside the compressed chunks are read from the exact copy (later ones are in the buffer)
         sink_at = self.sink_positions().expand(b, -1)
-        sink_visible = past.gather(2, sink_at.clamp(max=max(held - 1, 0))[:, None].expand(-1, nq, -1)) & (sink_at < held)[:, None]
-        _, covered = self._sink_slots(held)
-        neg = torch.tensor(float("-inf"), device=device)
-        return (torch.where(past[:, 0] & ~covered, 0.0, neg),
-                torch.where(torch.cat([sink_visible, visible[:, :, held:]], -1), 0.0, neg))
+        sink_visible = (past.expand(b, nq, held).gather(2, sink_at.clamp(max=max(held - 1, 0))[:, None].expand(-1, nq, -1))
+                        & (sink_at < held)[:, None])
+        chunks = past[:, 0].clone()  # a byte per past token, as the model's own mask
+        window = min(held, self.store.sink_until)  # every row's sink positions lie before it
+        if window:
+            chunks[:, :window] &= ~self._sink_slots(window)[1]
+        return chunks, torch.where(torch.cat([sink_visible, recent], -1), 0.0, float("-inf"))
 
     def attend(self, query: Tensor, keys: Tensor, values: Tensor, attention_mask: Tensor | None,
                scaling: float | None) -> Tensor:

@@ -129,14 +129,14 @@ def test_a_decode_step_creates_nothing_that_grows_with_the_context(monkeypatch):
     model = tiny_llama("head-dim-128", layers=1)
     largest = {}
     for attention in ("sdpa", "gearkit"):
-        for length in (1100, 4400):
+        for length in (1100, 4428):  # the same buffer fill (12 tokens past a chunk boundary)
             ids = torch.randint(2, 97, (1, length), generator=torch.Generator().manual_seed(8))
             cache = make_cache("sink-3", model, attention=attention)
             model(ids, cache=cache)
             model(ids[:, -1:], cache=cache)  # the first step may build lookup tables once
             _, largest[attention, length] = largest_tensor(lambda: model(ids[:, -1:], cache=cache))
-    assert largest["gearkit", 4400] <= 1.1 * largest["gearkit", 1100]  # bounded: one block at a time
-    assert largest["sdpa", 4400] > 3 * largest["sdpa", 1100]  # the compatibility path rebuilds the past
+    assert largest["gearkit", 4428] <= 1.1 * largest["gearkit", 1100]  # bounded: one block at a time
+    assert largest["sdpa", 4428] > 3 * largest["sdpa", 1100]  # the compatibility path rebuilds the past
 
 
 def test_saliency_recipes_refuse_the_sdpa_compatibility_mode():

@@ -19,6 +19,14 @@ Layout = tuple[StorageLayout | None, str | None]  # a layout, or why there is no
 Exact = tuple[Tensor, Tensor, Tensor]
 
 
+def block_bias(bias: Tensor, start: int, stop: int) -> Tensor:
+    """Positions `start:stop` of a bias over the chunks as an additive float `[batch, stop - start]`: `bias` is
+    additive already, or a boolean visibility (True = attend), which costs a byte per position instead of four
+    until one block of it is needed."""
+    part = bias[:, start:stop]
+    return torch.where(part, 0.0, float("-inf")) if part.dtype == torch.bool else part.float()
+
+
 def _splits(programs: int, chunks: int, device: torch.device) -> int:
     """Sequence splits so that about two programs run per streaming multiprocessor (flash-decoding)."""
     if device.type != "cuda":
@@ -144,7 +152,8 @@ def stored_attention(query: Tensor, blocks: Sequence[tuple[CompressedTensor, Com
             `[(chunks batch), kv_heads, T, head_dim]`.
         key_layout: how the keys are stored.
         value_layout: how the values are stored.
-        bias: additive float `[batch, total chunks * T]` (`-inf` masks a position), the same for every query.
+        bias: `[batch, total chunks * T]`, the same for every query: additive float (`-inf` masks a position) or
+            boolean (True = attend; see `block_bias`).
         scaling: softmax scale.
         exact: optional tokens held in full precision, attended to in the same softmax: keys and values
             `[batch, kv_heads, F, head_dim]` and their bias `[batch, queries, F]`.
@@ -157,7 +166,6 @@ def stored_attention(query: Tensor, blocks: Sequence[tuple[CompressedTensor, Com
     heads, t = blocks[0][0].shape[1], blocks[0][0].shape[2]
     rows = hq // heads * nq
     q = (query.float() * scaling).reshape(1, b, heads, rows, d)
-    bias = bias.float().reshape(b, -1, t).transpose(0, 1)[:, :, None, None]  # [chunks, batch, 1, 1, T]
     # the online softmax's state per query row: reference (the running max, 0 while nothing is seen), sum, output
     if exact is None:
         top = total = q.new_zeros(b, heads, rows)
@@ -173,7 +181,8 @@ def stored_attention(query: Tensor, blocks: Sequence[tuple[CompressedTensor, Com
     first = 0
     for keys, values in blocks:
         n = keys.shape[0] // b
-        scores = _scores(q, keys, key_layout, n) + bias[first : first + n]  # [chunks, batch, heads, rows, T]
+        part = block_bias(bias, first * t, (first + n) * t).reshape(b, n, t).transpose(0, 1)[:, :, None, None]
+        scores = _scores(q, keys, key_layout, n) + part  # [chunks, batch, heads, rows, T]
         first += n
         seen = scores.amax((0, -1))
         new = torch.where(total > 0, torch.maximum(top, seen), torch.where(torch.isfinite(seen), seen, 0.0))
@@ -203,7 +212,8 @@ def compressed_attention(query: Tensor, blocks: Sequence[tuple[CompressedTensor,
         key_layout: `(layout, None)` if the stored-form paths read the keys, else `(None, reason)`
             (`Pipeline.storage_layout`).
         value_layout: like `key_layout`, for the values.
-        bias: additive float `[batch, total chunks * T]` (`-inf` masks a position), the same for every query.
+        bias: `[batch, total chunks * T]`, the same for every query: additive float (`-inf` masks a position) or
+            boolean (True = attend; see `block_bias`).
         scaling: softmax scale.
         rebuild: `(keys, values)` of one block decompressed, float32 `[batch, kv_heads, chunks * T, head_dim]`.
         exact: optional full-precision tokens attended to with the chunks (see `stored_attention`).
@@ -222,7 +232,7 @@ def compressed_attention(query: Tensor, blocks: Sequence[tuple[CompressedTensor,
         segments.append(attention_reference(query, *exact, scaling))
     for keys, values in blocks:
         n = keys.shape[0] // query.shape[0]
-        part = bias[:, first * t : (first + n) * t]
+        part = block_bias(bias, first * t, (first + n) * t)
         if triton:
             segments.append(_triton_attention(query, keys, key_layout, values, value_layout, n, part, scaling))
         else:
