@@ -163,7 +163,7 @@ def plot_decode(out: Path, source: Path = RESULTS / "kernels_h200.csv") -> Path:
 
 
 def plot_throughput_cpu(out: Path, sources: tuple[str, ...] = ("1k", "4k", "8k")) -> Path:
-    """Decode time per step and the largest tensor a step creates, against context, on a CPU
+    """Decode time per step and the largest tensor a step allocates, against context, on a CPU
     (`benchmarks/results/throughput_cpu_*.csv`, written by `benchmarks/throughput.py`)."""
     rows = [r for k in sources for r in csv.DictReader((RESULTS / f"throughput_cpu_{k}.csv").open())]
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 4.2))
@@ -177,7 +177,7 @@ def plot_throughput_cpu(out: Path, sources: tuple[str, ...] = ("1k", "4k", "8k")
                  "DynamicCache": "DynamicCache (fp32)"}.get(cache, cache)
         speed.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
         memory.plot([p[0] for p in pts], [p[2] / 2**20 for p in pts], style, label=label)
-    for ax, ylabel in ((speed, "decode ms per token"), (memory, "largest tensor one step creates (MiB)")):
+    for ax, ylabel in ((speed, "decode ms per token"), (memory, "largest tensor one step allocates (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(ylabel)

@@ -74,7 +74,7 @@ def _library() -> ctypes.CDLL | str:
     if not target.exists():
         try:
             error = _build(compiler, target)
-        except OSError as e:  # an unwritable cache directory: build where the process may write
+        except OSError:  # an unwritable cache directory: build where the process may write
             target = Path(tempfile.mkdtemp(prefix="gearkit-")) / target.name
             error = _build(compiler, target)
         if error:
