@@ -38,6 +38,12 @@ class Context:
 NO_CONTEXT = Context()
 
 
+def text_config(config):
+    """The text decoder's part of a `transformers` config (`get_text_config(decoder=True)`), or `config` itself
+    when it has no such method (a plain config, or a stand-in in tests)."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
 def to_data(value: Any) -> Any:
     """A stage argument as JSON-ready data: dtypes as `"torch.float16"`, stages as their `to_dict()`."""
     if isinstance(value, torch.dtype):

@@ -15,6 +15,7 @@ from typing import Literal
 
 from torch import Tensor
 
+from gearkit.compressors.base import text_config
 from gearkit.compressors.rope import RoPE, rope_parameters
 
 FORMAT_VERSION = 1
@@ -25,7 +26,7 @@ Role = Literal["key", "value"]
 def model_signature(config) -> dict:
     """What a dictionary must agree with to fit a model: `{model_type, num_hidden_layers, hidden_size,
     num_key_value_heads, head_dim, rope_theta}` from a `transformers` config."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     theta, _ = rope_parameters(text)
     return {
         "model_type": getattr(text, "model_type", None),

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from gearkit.compressed import HeadsPart, LayerPart
-from gearkit.compressors.base import NO_CONTEXT, Context, Stage
+from gearkit.compressors.base import NO_CONTEXT, Context, Stage, text_config
 
 
 class PerLayer(Stage):
@@ -84,8 +84,7 @@ class PerLayer(Stage):
 
     def check_model(self, config) -> None:
         """Raise `ValueError` if some layer of the model has no stage, or a layer's stage cannot serve it."""
-        layers = getattr(config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config,
-                         "num_hidden_layers", None)
+        layers = getattr(text_config(config), "num_hidden_layers", None)
         if layers is not None:
             for layer in range(layers):
                 self.stage_for(layer)
@@ -154,7 +153,7 @@ class PerHead(Stage):
 
     def check_model(self, config) -> None:
         """Raise `ValueError` if the model has another number of KV heads, or a head's stage cannot serve it."""
-        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        text = text_config(config)
         heads = getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", None)
         if heads is not None and heads != len(self.stages):
             raise ValueError(f"PerHead has stages for {len(self.stages)} KV heads; the model has {heads}")

@@ -9,10 +9,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from gearkit.compressors.base import text_config
+
 
 def rope_parameters(config) -> tuple[float | None, str]:
     """`(rope_theta, rope_type)` of a `transformers` config (older configs: `rope_theta` and `rope_scaling`)."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
     rope = rope if isinstance(rope, dict) else {}
     theta = rope.get("rope_theta", getattr(text, "rope_theta", None))
