@@ -106,6 +106,34 @@ def kl_divergence(model, windows, baseline, recipe: Recipe) -> float:
     return total / count
 
 
+def tuning_windows(tokenizer, args) -> list:
+    """Windows `skip + 1 ...` of `skip + windows` consecutive ones of the tuning text (a later run can add windows
+    that `allocate` averages with an earlier file's)."""
+    return token_windows(tokenizer, load_text(args.text), args.prefix, args.continuation,
+                         args.skip + args.windows)[args.skip:]
+
+
+def weighted(values: list, weights: list[float]):
+    """The weighted mean of equally nested lists of floats (one per file), element by element."""
+    if isinstance(values[0], list):
+        return [weighted(list(v), weights) for v in zip(*values)]
+    return sum(v * w for v, w in zip(values, weights))
+
+
+def average(files: list[Path]) -> dict:
+    """Sensitivity files of one protocol measured on different windows, as one: KL averaged weighted by windows
+    (every window scores as many tokens), widths measured in every file only."""
+    runs = [json.loads(path.read_text()) for path in files]
+    first, total = runs[0], sum(r["windows"] for r in runs)
+    for path, r in zip(files, runs):
+        if any(r.get(k) != first.get(k) for k in ("model", "text", "prefix", "continuation", "role")):
+            raise ValueError(f"{path} was measured with another protocol than {files[0]}")
+    weights = [r["windows"] / total for r in runs]
+    kl = {role: {n: weighted([r["kl"][role][n] for r in runs], weights)
+                 for n in first["kl"][role] if all(n in r["kl"][role] for r in runs)} for role in first["kl"]}
+    return {**first, "windows": total, "kl": kl, "files": [str(f) for f in files]}
+
+
 @torch.inference_mode()
 def baseline_logprobs(model, windows, prefix: int) -> list:
     return [model(w[None]).logits[0, prefix - 1 : -1].float().log_softmax(-1) for w in windows]
@@ -113,11 +141,12 @@ def baseline_logprobs(model, windows, prefix: int) -> list:
 
 def measure(args) -> None:
     model, tokenizer = load_default_model()
-    windows = token_windows(tokenizer, load_text(args.text), args.prefix, args.continuation, args.windows)
+    windows = tuning_windows(tokenizer, args)
     baseline = baseline_logprobs(model, windows, args.prefix)
     layers, cfg = model.config.num_hidden_layers, model.config
     out = {"model": DEFAULT_MODEL, "text": args.text, "prefix": args.prefix, "continuation": args.continuation,
-           "windows": len(windows), "sink_tokens": SINKS, "buffer": BUFFER, "command": " ".join(sys.argv),
+           "windows": len(windows), "skip": args.skip, "sink_tokens": SINKS, "buffer": BUFFER,
+           "command": " ".join(sys.argv),
            "ladder": {role: {name: s.to_dict() for name, s in ladder.items()} for role, ladder in LADDER.items()},
            "bits": {role: {name: stage_bits(s, cfg.num_key_value_heads, cfg.head_dim) for name, s in ladder.items()}
                     for role, ladder in LADDER.items()},
@@ -141,13 +170,14 @@ def measure(args) -> None:
 def measure_heads(args) -> None:
     """Per-KV-head sensitivity: as `measure`, but one head of one layer coded (`PerHead`, other heads fp16)."""
     model, tokenizer = load_default_model()
-    windows = token_windows(tokenizer, load_text(args.text), args.prefix, args.continuation, args.windows)
+    windows = tuning_windows(tokenizer, args)
     baseline = baseline_logprobs(model, windows, args.prefix)
     layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
     ladder = {name: LADDER[args.role][name] for name in args.widths}
     args.out = args.out or RESULTS / f"bit_allocation_heads_{args.role}s_{args.text}.json"
     out = {"model": DEFAULT_MODEL, "text": args.text, "prefix": args.prefix, "continuation": args.continuation,
-           "windows": len(windows), "sink_tokens": SINKS, "buffer": BUFFER, "command": " ".join(sys.argv),
+           "windows": len(windows), "skip": args.skip, "sink_tokens": SINKS, "buffer": BUFFER,
+           "command": " ".join(sys.argv),
            "role": args.role, "heads": heads, "kl": {args.role: {name: [] for name in ladder}}}
     if args.out.is_file():  # resume a stopped run: keep its layers of these widths
         old = json.loads(args.out.read_text())
@@ -236,14 +266,17 @@ def recipe(allocation: dict, ladder: dict, name: str) -> Recipe:
 
 
 def allocate(args) -> None:
-    data = json.loads(args.sensitivity.read_text())
+    data = average(args.sensitivity)
     for role in data["kl"]:  # widths left out of the ladder (an ablation)
         data["kl"][role] = {n: v for n, v in data["kl"][role].items() if n not in args.without}
     layers = len(next(iter(data["kl"]["key"].values())))
     out = {"model": data["model"], "tuned_on": data["text"], "sink_tokens": SINKS, "buffer": BUFFER,
            "source": "benchmarks/bit_allocation.py allocate " + " ".join(sys.argv[2:]), "ladder": data["ladder"],
            "allocations": {}}
-    heads = {r: kl for path in args.heads for r, kl in json.loads(path.read_text())["kl"].items()} or None
+    by_role = {}  # per-head files by role, each role's averaged over its files' windows
+    for path in args.heads:
+        by_role.setdefault(json.loads(path.read_text())["role"], []).append(path)
+    heads = {role: average(paths)["kl"][role] for role, paths in by_role.items()} or None
     if heads:
         out["heads"] = [str(path) for path in args.heads]
     for budget in args.budgets:
@@ -257,6 +290,7 @@ def allocate(args) -> None:
             print(f"  {role}: {' '.join(w if isinstance(w, str) else ','.join(w) for w in ws)}", file=sys.stderr)
     if args.check:  # the additive model against the KL of whole allocations, on the sensitivity protocol
         model, tokenizer = load_default_model()
+        # the first windows of the text, as many as the files measured (they add up when each run skips the earlier's)
         windows = token_windows(tokenizer, load_text(data["text"]), data["prefix"], data["continuation"], data["windows"])
         baseline = baseline_logprobs(model, windows, data["prefix"])
         for budget, a in out["allocations"].items():
@@ -293,12 +327,16 @@ def main() -> None:
     m.add_argument("--prefix", type=int, default=512)
     m.add_argument("--continuation", type=int, default=128)
     m.add_argument("--windows", type=int, default=1)
+    m.add_argument("--skip", type=int, default=0, help="windows of the text to skip (measured by an earlier run)")
     m.add_argument("--out", type=Path, default=RESULTS / "bit_allocation_sensitivity_idle-help.json")
     a = sub.add_parser("allocate", help="widths per layer and role under each budget")
-    a.add_argument("--sensitivity", type=Path, default=RESULTS / "bit_allocation_sensitivity_idle-help.json")
+    a.add_argument("--sensitivity", type=Path, nargs="+",
+                   default=[RESULTS / "bit_allocation_sensitivity_idle-help.json"],
+                   help="sensitivity files (`measure`) of different windows of one text: averaged")
     a.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.5])
     a.add_argument("--check", action="store_true", help="measure each allocation's KL against the prediction")
-    a.add_argument("--heads", type=Path, nargs="*", default=[], help="per-KV-head sensitivities (`heads`) to split by")
+    a.add_argument("--heads", type=Path, nargs="*", default=[],
+                   help="per-KV-head sensitivities (`heads`) to split by; files of one role are averaged")
     a.add_argument("--without", nargs="*", default=[], help="ladder widths to leave out")
     a.add_argument("--heads-for", type=float, nargs="*", default=None, help="budgets that use --heads (default: all)")
     a.add_argument("--out", type=Path, default=ALLOCATION)
@@ -307,6 +345,7 @@ def main() -> None:
     h.add_argument("--prefix", type=int, default=512)
     h.add_argument("--continuation", type=int, default=128)
     h.add_argument("--windows", type=int, default=1)
+    h.add_argument("--skip", type=int, default=0, help="windows of the text to skip (measured by an earlier run)")
     h.add_argument("--role", choices=["key", "value"], default="key")
     h.add_argument("--widths", nargs="+", default=["ch2", "ch3", "ch4"])
     h.add_argument("--out", type=Path, default=None, help="default: results/bit_allocation_heads_<role>s_<text>.json")

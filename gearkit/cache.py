@@ -129,9 +129,9 @@ class ChunkList:
 def chunk_attention(query: Tensor, key_pipeline: Pipeline, value_pipeline: Pipeline,
                     blocks: Sequence[tuple[CompressedTensor, CompressedTensor]], bias: Tensor, scaling: float,
                     exact: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """Attention of a few queries over stored chunks: read in their stored form where the pipelines' layouts
-    allow (`Pipeline.storage_layout`: Triton on a GPU, torch otherwise), decompressed block by block by the
-    reference otherwise.
+    """Attention of a few queries over stored chunks, read in their stored form: by Triton on a GPU where the
+    pipelines' layouts allow (`Pipeline.storage_layout`), else by torch as the pipelines say (`Pipeline.scores`,
+    `Pipeline.weighted`); under the torch backend decompressed block by block (the reference).
 
     Args:
         query: `[batch, heads, queries, head_dim]`.
@@ -154,7 +154,8 @@ def chunk_attention(query: Tensor, key_pipeline: Pipeline, value_pipeline: Pipel
 
     keys, values = blocks[0]
     return compressed_attention(query, blocks, key_pipeline.storage_layout(keys.shape),
-                                value_pipeline.storage_layout(values.shape), bias, scaling, rebuild, exact)
+                                value_pipeline.storage_layout(values.shape), bias, scaling,
+                                (key_pipeline.scores, value_pipeline.weighted), rebuild, exact)
 
 
 class StepShared:

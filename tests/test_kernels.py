@@ -81,7 +81,8 @@ def gear(k_axis: str, q_axis: str, bits: int, group: int, rank: int, ratio: floa
     gear("channel", "token", 2, 16, 0, ratio=0),    # KIVI
     gear("channel", "channel", 3, 64, 0, ratio=0),  # sink-3 keys: 3-bit codes straddle bytes
     gear("token", "token", 3, 16, 2),
-], ids=["gear-keys", "gear-values", "outliers+q8", "kivi", "3-bit-keys", "3-bit-gear-values"])
+    Pipeline([SparseOutlier(0.02, "token", across_heads=True), Quantizer(2, 32, "token"), LowRankResidual(2)]),
+], ids=["gear-keys", "gear-values", "outliers+q8", "kivi", "3-bit-keys", "3-bit-gear-values", "across-heads"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_fused_reconstruction_matches_pipeline(pipeline, head_dim):
     x = kv(3, (4, 2, 64, head_dim), magnitude=2.0)
@@ -94,6 +95,10 @@ def test_fused_reconstruction_matches_pipeline(pipeline, head_dim):
     mask = pipeline.stages[0].exact_mask(c.parts[0]) if isinstance(pipeline.stages[0], SparseOutlier) else None
     if mask is not None:
         assert torch.equal(got[mask], ref[mask])
+
+
+# sink-gear-2's values: outliers among a token's channels of all heads, then per-head groups
+SINK_GEAR_VALUES = Pipeline([SparseOutlier(0.05, "token", across_heads=True), Quantizer(2, 32, "token")])
 
 
 def stored_chunks(pipeline, batch: int, heads: int, chunks: int, tokens: int, head_dim: int, seed: int):
@@ -133,7 +138,8 @@ def test_decode_attention_matches_reference_and_sdpa(heads, kv_heads, queries, h
     (gear("channel", "channel", 2, 32, 2), gear("token", "token", 2, 32, 3)),                    # GEAR
     (gear("token", "token", 1, 32, 2, ratio=0), gear("channel", "channel", 8, 32, 1, ratio=0)),  # other orientations
     (gear("token", "channel", 3, 40, 0), gear("channel", "token", 4, 40, 2)),                   # outliers across rows
-], ids=["sink-3", "kivi", "gear", "token-keys", "crossed"])
+    (gear("channel", "channel", 2, 32, 0), SINK_GEAR_VALUES),                                    # across heads
+], ids=["sink-3", "kivi", "gear", "token-keys", "crossed", "sink-gear"])
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch-products"])
 def test_stored_form_torch_path_matches_the_reference(kp, vp, compiled, monkeypatch):
     """The default CPU path (`stored_attention`: several blocks, an online softmax, the compiled kernel or torch
@@ -172,9 +178,9 @@ def test_stored_form_torch_path_matches_the_reference(kp, vp, compiled, monkeypa
 @cpu_only
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
 def test_compiled_cpu_kernel_matches_torch(bits):
-    """`cpu.dequant_matmul` against torch on the dequantized rows: every width, fp16 (subnormal scales included) and
-    fp32 parameters, one or several groups per row, both orientations, more output rows than the kernel keeps in
-    registers, a query shared by several groups."""
+    """`cpu.dequant_matmul` against torch on the dequantized rows: every width, uniform codes and codebooks (with
+    and without zeros), fp16 (subnormal scales included) and fp32 parameters, one or several groups per row, both
+    orientations, more output rows than the kernel keeps in registers, a query shared by several groups."""
     if cpu.unavailable():
         pytest.skip(f"no compiled CPU kernel: {cpu.unavailable()}")
     g = torch.Generator().manual_seed(bits)
@@ -185,14 +191,18 @@ def test_compiled_cpu_kernel_matches_torch(bits):
         scale = (torch.rand(groups, k, ng, generator=g) * 0.1).to(dtype)
         scale[0, 0] = 3e-7  # a subnormal fp16 scale
         zero = torch.randn(groups, k, ng, generator=g).to(dtype)
-        w = torch.addcmul(zero.float()[..., None], scale.float()[..., None], codes.float().reshape(groups, k, ng, -1))
-        w = w.reshape(groups, k, n)
+        levels = torch.randn(2**bits, generator=g).sort().values
         packed = pack_bits(codes, bits).reshape(groups, -1)
-        for transposed in (False, True):
-            a = torch.randn(a_groups, m, n if transposed else k, generator=g)
-            want = a.repeat(groups // a_groups, 1, 1) @ (w.mT if transposed else w)
-            got = cpu.dequant_matmul(a, packed, scale, zero, bits, n, transposed)
-            torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-5)
+        # uniform codes, a codebook without zeros (rotated vectors), a codebook with centers (KVQuant's keys)
+        for table, offset in [(None, zero), (levels, None), (levels, zero)]:
+            c = codes.float() if table is None else table[codes.long()]
+            w = c.reshape(groups, k, ng, -1) * scale.float()[..., None]
+            w = (w if offset is None else w + offset.float()[..., None]).reshape(groups, k, n)
+            for transposed in (False, True):
+                a = torch.randn(a_groups, m, n if transposed else k, generator=g)
+                want = a.repeat(groups // a_groups, 1, 1) @ (w.mT if transposed else w)
+                got = cpu.dequant_matmul(a, packed, scale, offset, bits, n, transposed, table)
+                torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-5)
     with pytest.raises(ValueError, match="rows of 16"):
         cpu.dequant_matmul(torch.zeros(1, 1, 3), packed, scale, zero, bits, 16)
 
@@ -213,13 +223,17 @@ def test_without_a_compiler_the_cpu_kernel_says_why_once(monkeypatch):
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4)])
-def test_decode_attention_reads_3_bit_codes(heads, kv_heads):
-    """`sink-3` through the fused kernel: per-channel 3-bit keys, per-token 3-bit values, against the reference."""
+@pytest.mark.parametrize("bits,values", [(3, gear("token", "token", 3, 64, 0, ratio=0)), (2, SINK_GEAR_VALUES)],
+                         ids=["sink-3", "sink-gear-2"])
+def test_decode_attention_reads_sink_layouts(heads, kv_heads, bits, values):
+    """`sink-3` (3-bit codes straddling bytes) and `sink-gear-2` (value outliers across heads) through the fused
+    kernel, against the reference."""
     batch, chunks, tokens, head_dim = 2, 3, 64, 64
-    kp, vp = gear("channel", "channel", 3, 64, 0, ratio=0), gear("token", "token", 3, 64, 0, ratio=0)
+    kp, vp = gear("channel", "channel", bits, 64, 0, ratio=0), values
     keys = stored_chunks(kp, batch, kv_heads, chunks, tokens, head_dim, 5)
     values = stored_chunks(vp, batch, kv_heads, chunks, tokens, head_dim, 6)
     assert kp.storage_layout(keys.shape)[0].triton_unsupported(keys) is None
+    assert vp.storage_layout(values.shape)[0].triton_unsupported(values) is None
     query = torch.randn(batch, heads, 1, head_dim, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     bias = torch.zeros(batch, chunks * tokens, device=DEVICE)
     bias[1, :70] = float("-inf")

@@ -86,6 +86,40 @@ def test_every_recipe_decodes_from_storage_as_from_the_dequantized_past(name):
     torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch-products"])
+def test_per_layer_per_head_rotated_and_codebook_stages_decode_from_their_codes(compiled, monkeypatch):
+    """The gk-* kind of recipe (a stage per layer and per KV head: per-channel codes, Hadamard + codebook, a
+    low-rank term on pre-RoPE keys then codebook; centered codebooks per channel) read by the stages' own
+    products (the compiled CPU kernel, or torch): no quantizer or rotation decodes anything while the stored
+    path attends."""
+    if not compiled:
+        monkeypatch.setenv("GEARKIT_CPU_KERNEL", "0")
+    from gearkit import (Chain, CodebookQuantizer, HadamardRotation, LowRankResidual, PerHead, PerLayer, Pipeline,
+                         PreRoPE, Quantizer)
+    from gearkit.compressors.rotation import Rotation
+
+    theta = 100000.0
+    keys = Pipeline([PerLayer([
+        PerHead([Quantizer(3, 16, "channel"), HadamardRotation(CodebookQuantizer(2)),
+                 Chain([PreRoPE(LowRankResidual(1), theta), HadamardRotation(CodebookQuantizer(2))])]),
+        CodebookQuantizer(3, 16, "channel", centered=True)])])
+    values = Pipeline([PerLayer([HadamardRotation(CodebookQuantizer(3)), PerHead([
+        Quantizer(2, 16, "token"), HadamardRotation(CodebookQuantizer(4, 16)), Quantizer(4, None, "token")])])])
+    recipe = Recipe("tiny-gk", keys, values, buffer_size=16, sink_tokens=2)
+    model = tiny_llama(dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=192), rope_theta=theta)
+    ids = torch.randint(2, 97, (2, 3 * 16 + 5), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    ref, _ = decode_logits(model, recipe, "sdpa", ids, mask)
+    def refuse(self, part):
+        raise AssertionError(f"{type(self).__name__} decoded its part")
+    for stage in (Quantizer, CodebookQuantizer, Rotation):
+        monkeypatch.setattr(stage, "decode", refuse)
+    got, cache = decode_logits(model, recipe, "gearkit", ids, mask)
+    assert cache.layers[0].reads_storage and cache.layers[0].store.chunks == 3
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
+
+
 @pytest.mark.parametrize("heads", [dict(num_attention_heads=4, num_key_value_heads=1, hidden_size=320),  # MQA, dim 80
                                    dict(num_attention_heads=3, num_key_value_heads=3, hidden_size=288)],  # MHA, dim 96
                          ids=["mqa-80", "mha-96"])

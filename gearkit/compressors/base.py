@@ -143,6 +143,35 @@ class Stage(nn.Module, abc.ABC):
         """Bool `[batch, kv_heads, tokens, head_dim]` of entries this part stores exactly, or None."""
         return None
 
+    # Decode attention reads a block of stored chunks through these two products (`Pipeline.scores`). The defaults
+    # decode the part; stages that can multiply by their stored form directly override them.
+    def scores(self, part: Part, q: Tensor, chunks: int) -> Tensor:
+        """Queries times the stored vectors, `q @ x^T`, for a block of chunks.
+
+        Args:
+            part: this stage's part of `x` `[(chunks batch), kv_heads, T, head_dim]` (chunks stacked chunk-major).
+            q: float32 `[1, batch, kv_heads, rows, head_dim]`: each KV head's query rows.
+            chunks: chunks in the block.
+
+        Returns:
+            float32 `[chunks, batch, kv_heads, rows, T]`.
+        """
+        x = self.decode(part)
+        return q @ x.reshape(chunks, -1, *x.shape[1:]).mT
+
+    def weighted(self, part: Part, p: Tensor) -> Tensor:
+        """Weights times the stored vectors, `p @ x`, summed over a block's chunks.
+
+        Args:
+            part: this stage's part of `x` `[(chunks batch), kv_heads, T, head_dim]` (chunks stacked chunk-major).
+            p: float32 `[chunks, batch, kv_heads, rows, T]`.
+
+        Returns:
+            float32 `[batch, kv_heads, rows, head_dim]`.
+        """
+        x = self.decode(part)
+        return (p @ x.reshape(p.shape[0], -1, *x.shape[1:])).sum(0)
+
     def check_chunk(self, tokens: int, head_dim: int | None = None) -> None:
         """Raise `ValueError` if this stage cannot encode chunks of `tokens` tokens (default: it can)."""
 

@@ -124,6 +124,9 @@ class CodebookQuantizer(Quantizer):
         levels = lloyd_max_levels(self.bits) if self.levels is None else torch.tensor(self.levels, dtype=torch.float32)
         return levels.to(device)
 
+    def _read_parameters(self, part: CodebookPart, device) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        return part.scale, part.center, self.codebook(device)
+
     def kernel_unsupported(self, length: int) -> str | None:
         return "the fused kernels read uniform codes, not codebook indices"
 

@@ -108,6 +108,14 @@ class PerLayer(Stage):
         """Entries the layer's stage stores exactly, bool `[batch, kv_heads, tokens, head_dim]`, or None."""
         return self.stage_for(part.layer).exact_mask(part.inner)
 
+    def scores(self, part: LayerPart, q: Tensor, chunks: int) -> Tensor:
+        """The layer's stage's `scores` (see `Stage.scores`): `[chunks, batch, kv_heads, rows, T]`."""
+        return self.stage_for(part.layer).scores(part.inner, q, chunks)
+
+    def weighted(self, part: LayerPart, p: Tensor) -> Tensor:
+        """The layer's stage's `weighted` (see `Stage.weighted`): `[batch, kv_heads, rows, head_dim]`."""
+        return self.stage_for(part.layer).weighted(part.inner, p)
+
     def extra_repr(self) -> str:
         return f"layers={len(self.stages)}, default={self.default is not None}"
 
@@ -185,6 +193,18 @@ class PerHead(Stage):
         """The heads' reconstructions side by side: float32 `[batch, kv_heads, tokens, head_dim]`."""
         self._check_heads(len(part.heads))
         return torch.cat([s.decode(p) for s, p in zip(self.stages, part.heads)], dim=1)
+
+    def scores(self, part: HeadsPart, q: Tensor, chunks: int) -> Tensor:
+        """Each head's stage on its head's queries (see `Stage.scores`): `[chunks, batch, kv_heads, rows, T]`."""
+        self._check_heads(len(part.heads))
+        return torch.cat([s.scores(x, q[:, :, h : h + 1], chunks)
+                          for h, (s, x) in enumerate(zip(self.stages, part.heads))], dim=2)
+
+    def weighted(self, part: HeadsPart, p: Tensor) -> Tensor:
+        """Each head's stage on its head's weights (see `Stage.weighted`): `[batch, kv_heads, rows, head_dim]`."""
+        self._check_heads(len(part.heads))
+        return torch.cat([s.weighted(x, p[:, :, h : h + 1]) for h, (s, x) in enumerate(zip(self.stages, part.heads))],
+                         dim=1)
 
     def exact_mask(self, part: HeadsPart) -> Tensor | None:
         """Entries the heads' stages store exactly, bool `[batch, kv_heads, tokens, head_dim]`, or None."""

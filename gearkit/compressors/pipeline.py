@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +18,7 @@ from gearkit.compressors.outlier import SparseOutlier
 from gearkit.compressors.quantizer import Quantizer
 from gearkit.kernels import ops
 from gearkit.kernels.backend import may_use_triton, use_triton
+from gearkit.kernels.decode import layout_scores, layout_weighted
 from gearkit.kernels.layout import StorageLayout, layout_ints, layout_tensors
 
 
@@ -142,7 +144,8 @@ class Pipeline(nn.Module):
         """How chunks of `shape` `[entries, heads, T, D]` are stored, for the decode paths that read stored chunks
         without decompressing them (Triton where `StorageLayout.triton_unsupported` allows, else torch).
 
-        Those paths read `[SparseOutlier?, Quantizer, LowRankResidual?]` with per-head groups that divide the rows.
+        Those paths read `[SparseOutlier?, Quantizer, LowRankResidual?]` with per-head groups that divide the rows
+        (outliers per head or across heads).
 
         Returns:
             `(layout, None)` when they can, else `(None, reason)`.
@@ -160,16 +163,59 @@ class Pipeline(nn.Module):
         lowrank = stages.pop(0) if stages and isinstance(stages[0], LowRankResidual) else None
         if quant is None or stages:
             return None, "the stored-form decode paths read pipelines [SparseOutlier?, Quantizer, LowRankResidual?]"
-        if quant.across_heads or (outlier is not None and outlier.across_heads):
-            return None, "the stored-form decode paths read per-head quantizers and outliers"
-        _, _, t, d = shape
-        length = t if quant.axis == "channel" else d
-        group = min(quant.group_size or length, length)  # a group longer than the row is the row
-        if length % group:
-            return None, f"groups of {group} do not divide rows of {length}"
-        k2 = 2 * outlier.count_per_side(t if outlier.axis == "channel" else d) if outlier is not None else 0
-        return StorageLayout(t, d, quant.bits, group, quant.axis == "channel", k2,
-                             outlier is not None and outlier.axis == "channel", lowrank.rank if lowrank else 0), None
+        layout = quant.read_layout(shape)
+        if layout is None:
+            return None, "the stored-form decode paths read groups of one head that divide the rows"
+        heads, t, d = shape[1:]
+        k2, o_channel, o_heads = 0, False, False
+        if outlier is not None:
+            o_channel, o_heads = outlier.axis == "channel", outlier.across_heads
+            k2 = 2 * outlier.count_per_side(heads * d if o_heads else t if o_channel else d)
+        return dataclasses.replace(layout, k2=k2, o_channel=o_channel, rank=lowrank.rank if lowrank else 0,
+                                   o_heads=o_heads), None
+
+    def scores(self, c: CompressedTensor, q: Tensor, chunks: int) -> Tensor:
+        """Queries times the stored keys of a block of chunks, `q @ k^T`, read in their stored form: by the
+        layout (`storage_layout`), else stage by stage (`Stage.scores`) where no stage stores entries exactly
+        (those replace, not add), else from the decompressed block.
+
+        Args:
+            c: a block of chunks stacked chunk-major, `[(chunks batch), kv_heads, T, head_dim]`.
+            q: float32 `[1, batch, kv_heads, rows, head_dim]`: each KV head's query rows.
+            chunks: chunks in the block.
+
+        Returns:
+            float32 `[chunks, batch, kv_heads, rows, T]`.
+        """
+        layout, _ = self.storage_layout(c.shape)
+        if layout is not None:
+            return layout_scores(q, c, layout, chunks)
+        if self._additive(c):
+            return sum(stage.scores(part, q, chunks) for stage, part in zip(self.stages, c.parts))
+        x = self.decompress(c).float()
+        return q @ x.reshape(chunks, -1, *x.shape[1:]).mT
+
+    def weighted(self, c: CompressedTensor, p: Tensor) -> Tensor:
+        """Weights times the stored values of a block of chunks, `p @ v` summed over the chunks, read like `scores`.
+
+        Args:
+            c: a block of chunks stacked chunk-major, `[(chunks batch), kv_heads, T, head_dim]`.
+            p: float32 `[chunks, batch, kv_heads, rows, T]`.
+
+        Returns:
+            float32 `[batch, kv_heads, rows, head_dim]`.
+        """
+        layout, _ = self.storage_layout(c.shape)
+        if layout is not None:
+            return layout_weighted(p, c, layout)
+        if self._additive(c):
+            return sum(stage.weighted(part, p) for stage, part in zip(self.stages, c.parts))
+        x = self.decompress(c).float()
+        return (p @ x.reshape(p.shape[0], -1, *x.shape[1:])).sum(0)
+
+    def _additive(self, c: CompressedTensor) -> bool:
+        """Whether the parts' reconstructions simply add up (no part stores entries exactly)."""
+        return len(self.stages) == 1 or all(s.exact_mask(part) is None for s, part in zip(self.stages, c.parts))
 
 
 class Chain(Stage):
@@ -207,6 +253,14 @@ class Chain(Stage):
     def decode(self, part: CompressedTensor) -> Tensor:
         """The stages' summed reconstruction: float32 `[batch, kv_heads, tokens, head_dim]`."""
         return self.pipeline.decompress(part).float()
+
+    def scores(self, part: CompressedTensor, q: Tensor, chunks: int) -> Tensor:
+        """The pipeline's `scores` (see `Stage.scores`): `[chunks, batch, kv_heads, rows, T]`."""
+        return self.pipeline.scores(part, q, chunks)
+
+    def weighted(self, part: CompressedTensor, p: Tensor) -> Tensor:
+        """The pipeline's `weighted` (see `Stage.weighted`): `[batch, kv_heads, rows, head_dim]`."""
+        return self.pipeline.weighted(part, p)
 
     def exact_mask(self, part: CompressedTensor) -> Tensor | None:
         """Entries some stage stores exactly, bool `[batch, kv_heads, tokens, head_dim]`, or None."""

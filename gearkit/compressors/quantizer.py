@@ -13,7 +13,8 @@ from gearkit.compressors.base import NO_CONTEXT, Context, Stage
 from gearkit.compressors.checks import Axis, check_axis, check_int
 from gearkit.kernels import ops
 from gearkit.kernels.backend import use_triton
-from gearkit.kernels.layout import KERNEL_BITS, is_pow2
+from gearkit.kernels.decode import stored_product
+from gearkit.kernels.layout import KERNEL_BITS, StorageLayout, is_pow2
 from gearkit.kernels.reference import check_bits, dequantize_groups, pack_bits, unpack_bits, unpack_float
 
 
@@ -143,6 +144,36 @@ class Quantizer(Stage):
         if part.bits != self.bits:
             raise ValueError(f"part holds {part.bits}-bit codes but this quantizer is {self.bits}-bit")
         return self._ungroup(dequantize_groups(self._grouped_codes(part), part.scale, part.zero), part.shape)
+
+    def read_layout(self, shape: tuple[int, ...]) -> StorageLayout | None:
+        """The rows decode attention reads the codes of chunks `[entries, kv_heads, T, head_dim]` in, or None
+        where it cannot (groups across heads, or groups that do not divide the rows)."""
+        if self.across_heads:
+            return None
+        _, _, t, d = shape
+        length = t if self.axis == "channel" else d
+        group = min(self.group_size or length, length)  # a group longer than the row is the row
+        return None if length % group else StorageLayout(t, d, self.bits, group, self.axis == "channel")
+
+    def _read_parameters(self, part: QuantizedPart, device) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(scale, zero or None, codebook levels or None) as `stored_product` reads them."""
+        return part.scale, part.zero, None
+
+    def scores(self, part: QuantizedPart, q: Tensor, chunks: int) -> Tensor:
+        """`q @ x^T` on the packed codes (see `Stage.scores`): `[chunks, batch, kv_heads, rows, T]`."""
+        layout = self.read_layout(part.shape)
+        if layout is None:
+            return super().scores(part, q, chunks)
+        scale, zero, levels = self._read_parameters(part, q.device)
+        return stored_product(q, part.codes, scale, zero, layout, chunks, not layout.q_channel, levels)
+
+    def weighted(self, part: QuantizedPart, p: Tensor) -> Tensor:
+        """`p @ x` on the packed codes, summed over chunks (see `Stage.weighted`): `[batch, kv_heads, rows, D]`."""
+        layout = self.read_layout(part.shape)
+        if layout is None:
+            return super().weighted(part, p)
+        scale, zero, levels = self._read_parameters(part, p.device)
+        return stored_product(p, part.codes, scale, zero, layout, p.shape[0], layout.q_channel, levels).sum(0)
 
     def codes(self, part: QuantizedPart) -> Tensor:
         """The integer codes of a part, uint8 `[batch, kv_heads, tokens, head_dim]`."""

@@ -74,6 +74,15 @@ class Rotation(Stage):
         """The inner stage's reconstruction rotated back: float32 `[batch, kv_heads, tokens, head_dim]`."""
         return self.unrotate(self.inner.decode(part))
 
+    # An orthogonal rotation keeps dot products: the queries turn (and the output turns back), not the stored vectors.
+    def scores(self, part: Part, q: Tensor, chunks: int) -> Tensor:
+        """`q @ x^T` = `rotate(q) @ rotate(x)^T` (see `Stage.scores`): `[chunks, batch, kv_heads, rows, T]`."""
+        return self.inner.scores(part, self.rotate(q), chunks)
+
+    def weighted(self, part: Part, p: Tensor) -> Tensor:
+        """`p @ x` = `unrotate(p @ rotate(x))` (see `Stage.weighted`): `[batch, kv_heads, rows, head_dim]`."""
+        return self.unrotate(self.inner.weighted(part, p))
+
     def extra_repr(self) -> str:
         return f"seed={self.seed}"
 

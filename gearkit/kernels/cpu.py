@@ -85,7 +85,7 @@ def _library() -> ctypes.CDLL | str:
         return f"cannot load {target} ({e})"
     library.gearkit_dequant_matmul.restype = ctypes.c_int
     library.gearkit_dequant_matmul.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p]
-                                               + [ctypes.c_int64] * 6 + [ctypes.c_int] * 2)
+                                               + [ctypes.c_int64] * 6 + [ctypes.c_int] * 2 + [ctypes.c_void_p])
     return library
 
 
@@ -107,21 +107,23 @@ def _warn_once(reason: str) -> None:
                   "torch instead (same results, slower)", RuntimeWarning, stacklevel=3)
 
 
-def dequant_matmul(a: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, bits: int, n: int,
-                   transposed: bool = False) -> Tensor:
+def dequant_matmul(a: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None, bits: int, n: int,
+                   transposed: bool = False, levels: Tensor | None = None) -> Tensor:
     """`a @ W` (or `a @ W^T`) where each row `r` of `W[g]` `[k, n]` is held as packed codes `C[g, r]`
     (`reference.pack_bits` of `n` codes) in `ng` groups of `n / ng` codes (a multiple of 8), each with its own
-    scale and zero: `W[g, r, j] = scale[g, r, q] * C[g, r, j] + zero[g, r, q]` for `j` in group `q`. Group `g` of
-    the codes reads `a[g % a_groups]` (a query shared by several chunks).
+    scale and zero: `W[g, r, j] = scale[g, r, q] * C[g, r, j] + zero[g, r, q]` for `j` in group `q` (with
+    `levels`, `C` is the level the code indexes: a codebook). Group `g` of the codes reads `a[g % a_groups]` (a
+    query shared by several chunks).
 
     Args:
         a: float `[a_groups, m, k]` (`[a_groups, m, n]` if `transposed`), on the CPU; `a_groups` divides `groups`.
         codes: uint8 `[groups, k * n * bits / 8]`.
         scale: float16 or float32 `[groups, k, ng]` (any shape with that many elements per group).
-        zero: like `scale`, same dtype.
+        zero: like `scale`, same dtype, or None for zeros.
         bits: code width (1, 2, 3, 4 or 8).
         n: codes per row.
         transposed: multiply by `W^T` instead of `W`.
+        levels: float `[2**bits]`, the codebook the codes index, or None for uniform codes.
 
     Returns:
         float32 `[groups, m, n]` (`[groups, m, k]` if `transposed`).
@@ -141,17 +143,24 @@ def dequant_matmul(a: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, bits: 
             or a.shape[2] != (n if transposed else k)):
         raise ValueError(f"codes {tuple(codes.shape)} are not rows of {n} {bits}-bit codes matching a {tuple(a.shape)} "
                          f"(transposed={transposed})")
-    if scale.dtype not in (torch.float16, torch.float32) or zero.dtype != scale.dtype:
-        raise ValueError(f"scale and zero must both be float16 or float32, got {scale.dtype} and {zero.dtype}")
+    if scale.dtype not in (torch.float16, torch.float32) or (zero is not None and zero.dtype != scale.dtype):
+        raise ValueError(f"scale and zero must both be float16 or float32, got {scale.dtype} and "
+                         f"{None if zero is None else zero.dtype}")
     ng = scale.numel() // (groups * k)
-    if not ng or scale.numel() != groups * k * ng or zero.numel() != scale.numel() or n % ng or n // ng % 8:
+    if (not ng or scale.numel() != groups * k * ng or (zero is not None and zero.numel() != scale.numel())
+            or n % ng or n // ng % 8):
         raise ValueError(f"scale and zero {tuple(scale.shape)} do not split {groups} x {k} rows of {n} codes into "
                          "groups of a multiple of 8")
-    a, codes, scale, zero = a.float().contiguous(), codes.contiguous(), scale.contiguous(), zero.contiguous()
+    if levels is not None and levels.numel() != 2**bits:
+        raise ValueError(f"a {bits}-bit codebook has {2**bits} levels, got {levels.numel()}")
+    a, codes, scale = a.float().contiguous(), codes.contiguous(), scale.contiguous()
+    zero = None if zero is None else zero.contiguous()
+    levels = None if levels is None else levels.float().contiguous()
     out = a.new_empty(groups, m, k if transposed else n)
-    if _library().gearkit_dequant_matmul(a.data_ptr(), codes.data_ptr(), scale.data_ptr(), zero.data_ptr(),
-                                         scale.dtype == torch.float16, out.data_ptr(), a_groups, groups, m, k, n, ng,
-                                         transposed, bits):
+    if _library().gearkit_dequant_matmul(a.data_ptr(), codes.data_ptr(), scale.data_ptr(),
+                                         None if zero is None else zero.data_ptr(), scale.dtype == torch.float16,
+                                         out.data_ptr(), a_groups, groups, m, k, n, ng, transposed, bits,
+                                         None if levels is None else levels.data_ptr()):
         raise ValueError(f"unsupported code width {bits}")
     return out
 

@@ -15,16 +15,25 @@ typedef float f32x8 __attribute__((vector_size(32)));
 
 #define MR 8 /* output rows a pass keeps in registers */
 
-/* The 8 codes of one block as floats: the block's word shifted by eight lanes at once. */
-static inline __attribute__((always_inline)) f32x8 unpack8(const uint8_t *src, const int bits) {
-    if (bits == 8) return (f32x8){src[0], src[1], src[2], src[3], src[4], src[5], src[6], src[7]};
-    const u32x8 shift = {0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits};
-    uint32_t word = 0;
-    if (bits == 3) /* three bytes: a 4-byte load could read past the end of the codes */
-        word = src[0] | (uint32_t)src[1] << 8 | (uint32_t)src[2] << 16;
-    else /* 1, 2 or 4 bytes; the host is little-endian */
-        memcpy(&word, src, bits);
-    return __builtin_convertvector((i32x8)((((u32x8){} + word) >> shift) & ((1u << bits) - 1)), f32x8);
+/* The 8 codes of one block as floats, or the levels of a codebook they index (`levels` non-null): the block's word
+ * shifted by eight lanes at once. */
+static inline __attribute__((always_inline)) f32x8 unpack8(const uint8_t *src, const int bits, const float *levels) {
+    i32x8 code;
+    if (bits == 8) {
+        code = (i32x8){src[0], src[1], src[2], src[3], src[4], src[5], src[6], src[7]};
+    } else {
+        const u32x8 shift = {0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits};
+        uint32_t word = 0;
+        if (bits == 3) /* three bytes: a 4-byte load could read past the end of the codes */
+            word = src[0] | (uint32_t)src[1] << 8 | (uint32_t)src[2] << 16;
+        else /* 1, 2 or 4 bytes; the host is little-endian */
+            memcpy(&word, src, bits);
+        code = (i32x8)((((u32x8){} + word) >> shift) & ((1u << bits) - 1));
+    }
+    if (levels)
+        return (f32x8){levels[code[0]], levels[code[1]], levels[code[2]], levels[code[3]],
+                       levels[code[4]], levels[code[5]], levels[code[6]], levels[code[7]]};
+    return __builtin_convertvector(code, f32x8);
 }
 
 static inline f32x8 load8(const float *p) {
@@ -33,8 +42,9 @@ static inline f32x8 load8(const float *p) {
     return v;
 }
 
-/* A stored scale or zero: fp32, or fp16 widened by hand (no compiler extension needed). */
+/* A stored scale or zero: fp32, or fp16 widened by hand (no compiler extension needed); no zeros read as 0. */
 static inline float param(const void *p, int64_t i, int half) {
+    if (!p) return 0.0f;
     if (!half) return ((const float *)p)[i];
     const uint32_t h = ((const uint16_t *)p)[i], sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
     uint32_t bits;
@@ -59,14 +69,14 @@ static inline float param(const void *p, int64_t i, int half) {
  * out rows of k). */
 static inline __attribute__((always_inline)) void rows_plain(const float *coef, const float *bias, const uint8_t *codes,
                                                              float *out, int64_t k, int64_t n, int64_t ng,
-                                                             const int rows, const int bits) {
+                                                             const int rows, const int bits, const float *levels) {
     const int64_t stride = n / 8 * bits, length = n / ng;
     for (int64_t j = 0; j < n; j += 8) {
         const float *c = coef + j / length * k * rows, *b = bias + j / length * rows;
         f32x8 acc[MR] = {};
         const uint8_t *src = codes + j / 8 * bits;
         for (int64_t r = 0; r < k; r++, src += stride) {
-            const f32x8 v = unpack8(src, bits);
+            const f32x8 v = unpack8(src, bits, levels);
             for (int i = 0; i < rows; i++) acc[i] += c[r * rows + i] * v;
         }
         for (int i = 0; i < rows; i++) {
@@ -79,7 +89,7 @@ static inline __attribute__((always_inline)) void rows_plain(const float *coef, 
 static inline __attribute__((always_inline)) void rows_transposed(const float *a, const float *scale, const float *zero,
                                                                   const float *bias, const uint8_t *codes, float *out,
                                                                   int64_t k, int64_t n, int64_t ng, const int rows,
-                                                                  const int bits) {
+                                                                  const int bits, const float *levels) {
     const int64_t stride = n / 8 * bits, length = n / ng;
     for (int64_t r = 0; r < k; r++) {
         float total[MR] = {0};
@@ -87,7 +97,7 @@ static inline __attribute__((always_inline)) void rows_transposed(const float *a
         for (int64_t q = 0; q < ng; q++) {
             f32x8 acc[MR] = {};
             for (int64_t j = q * length; j < (q + 1) * length; j += 8, src += bits) {
-                const f32x8 v = unpack8(src, bits);
+                const f32x8 v = unpack8(src, bits, levels);
                 for (int i = 0; i < rows; i++) acc[i] += load8(a + i * n + j) * v;
             }
             for (int i = 0; i < rows; i++) {
@@ -102,11 +112,13 @@ static inline __attribute__((always_inline)) void rows_transposed(const float *a
 
 /* out[g] = a @ W[g] (plain; a [a_groups, m, k], out [groups, m, n]) or a @ W[g]^T (transposed; a [a_groups, m, n],
  * out [groups, m, k]), segment q of row r of W[g] being scale[g, r, q] * C[g, r, q] + zero[g, r, q] (codes C
- * [groups, k rows of n], scale and zero [groups, k, ng]); group g reads a[g % a_groups].
+ * [groups, k rows of n], scale and zero [groups, k, ng]; C the level a code indexes with `levels`, zero 0 when
+ * null); group g reads a[g % a_groups].
  * Scratch: ng * (k * (MR + 2) + MR) floats. */
 static inline __attribute__((always_inline)) void dequant_matmul(
     const float *a, const uint8_t *codes, const void *scale, const void *zero, int half, float *out, float *scratch,
-    int64_t a_groups, int64_t groups, int64_t m, int64_t k, int64_t n, int64_t ng, int transposed, const int bits) {
+    int64_t a_groups, int64_t groups, int64_t m, int64_t k, int64_t n, int64_t ng, int transposed, const int bits,
+    const float *levels) {
     float *coef = scratch, *s = coef + ng * k * MR, *z = s + k * ng, *bias = z + k * ng;
     const int64_t length = n / ng;
     for (int64_t g = 0; g < groups; g++) {
@@ -133,8 +145,8 @@ static inline __attribute__((always_inline)) void dequant_matmul(
             switch (rows) { /* a copy per row count, so the accumulators stay in registers */
 #define ROWS(R)                                                                                            \
     case R:                                                                                                \
-        if (transposed) rows_transposed(ai, s, z, bias, cg, og + i0 * k, k, n, ng, R, bits);               \
-        else rows_plain(coef, bias, cg, og + i0 * n, k, n, ng, R, bits);                                   \
+        if (transposed) rows_transposed(ai, s, z, bias, cg, og + i0 * k, k, n, ng, R, bits, levels);       \
+        else rows_plain(coef, bias, cg, og + i0 * n, k, n, ng, R, bits, levels);                           \
         break;
                 ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
 #undef ROWS
@@ -143,19 +155,25 @@ static inline __attribute__((always_inline)) void dequant_matmul(
     }
 }
 
-/* The exported entry point: the code width picks a specialised copy. Single-threaded on purpose: next to torch's
- * own thread pool, splitting the groups over threads measured slower (its idle workers spin on the cores).
- * Returns 0, or -1 for an unsupported width or a failed allocation. */
+/* The exported entry point: the code width (and codebook or not) picks a specialised copy. Single-threaded on
+ * purpose: next to torch's own thread pool, splitting the groups over threads measured slower (its idle workers
+ * spin on the cores). `zero` and `levels` may be null. Returns 0, or -1 for an unsupported width or a failed
+ * allocation. */
 int gearkit_dequant_matmul(const float *a, const uint8_t *codes, const void *scale, const void *zero, int half,
                            float *out, int64_t a_groups, int64_t groups, int64_t m, int64_t k, int64_t n,
-                           int64_t ng, int transposed, int bits) {
+                           int64_t ng, int transposed, int bits, const float *levels) {
     float *scratch = malloc(sizeof(float) * ng * (k * (MR + 2) + MR));
     if (!scratch) return -1;
     int status = 0;
     switch (bits) {
 #define CASE(b)                                                                                              \
     case b:                                                                                                  \
-        dequant_matmul(a, codes, scale, zero, half, out, scratch, a_groups, groups, m, k, n, ng, transposed, b);    \
+        if (levels)                                                                                          \
+            dequant_matmul(a, codes, scale, zero, half, out, scratch, a_groups, groups, m, k, n, ng, transposed, b, \
+                           levels);                                                                          \
+        else                                                                                                 \
+            dequant_matmul(a, codes, scale, zero, half, out, scratch, a_groups, groups, m, k, n, ng, transposed, b, \
+                           NULL);                                                                            \
         break;
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(8)
 #undef CASE

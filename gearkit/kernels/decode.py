@@ -12,11 +12,13 @@ from gearkit.compressed import CompressedTensor, LowRankPart, OutlierPart, Quant
 from gearkit.kernels import cpu, ops
 from gearkit.kernels.backend import get_backend, may_use_triton, use_triton
 from gearkit.kernels.layout import StorageLayout, layout_ints, layout_tensors
-from gearkit.kernels.reference import attention_reference, merge_attention, unpack_float
+from gearkit.kernels.reference import attention_reference, merge_attention, unpack_bits, unpack_float
 
 Layout = tuple[StorageLayout | None, str | None]  # a layout, or why there is none
 # Tokens held in full precision: keys, values [batch, kv_heads, F, head_dim] and their bias [batch, queries, F].
 Exact = tuple[Tensor, Tensor, Tensor]
+# How a block of stored keys and values is read: (scores, weighted), see `stored_attention`
+Read = tuple[Callable[[CompressedTensor, Tensor, int], Tensor], Callable[[CompressedTensor, Tensor], Tensor]]
 
 
 def block_bias(bias: Tensor, start: int, stop: int) -> Tensor:
@@ -42,25 +44,34 @@ def _parts(c: CompressedTensor) -> tuple[QuantizedPart, OutlierPart | None, LowR
     return q, o, lr
 
 
-def _codes(q: QuantizedPart, layout: StorageLayout) -> Tensor:
-    """Float32 codes `[entries, heads, rows, length]` in the quantizer's row layout."""
-    entries, heads = q.shape[:2]
+def _codes(codes: Tensor, entries: int, heads: int, layout: StorageLayout, levels: Tensor | None) -> Tensor:
+    """Float32 codes `[entries, heads, rows, length]` in the quantizer's row layout (or the `levels` they index)."""
     rows, length = layout.rows
-    return unpack_float(q.codes, layout.bits, heads * rows * length).reshape(entries, heads, rows, length)
+    n = heads * rows * length
+    if levels is None:
+        return unpack_float(codes, layout.bits, n).reshape(entries, heads, rows, length)
+    index = unpack_bits(codes, layout.bits, n).flatten().long()
+    return levels.index_select(0, index).reshape(entries, heads, rows, length)
 
 
 def _outliers(q: QuantizedPart, o: OutlierPart, lr: LowRankPart | None, layout: StorageLayout,
               chunks: int) -> tuple[Tensor, Tensor, Tensor]:
     """Chunks' stored outliers as corrections to what their codes (and low-rank term) give: the token and channel
-    of each, long `[chunks, batch, heads, N]`, and its value minus that reconstruction, float32. Only the codes at
-    the outliers' positions are read (code `i` of an entry starts at bit `i * bits`)."""
+    of each, long `[chunks, batch, heads, N]`, and its value minus that reconstruction, float32 (0 where an outlier
+    stored across heads belongs to another head). Only the codes at the outliers' positions are read (code `i` of
+    an entry starts at bit `i * bits`)."""
     entries, heads = q.shape[:2]
     rows, length = layout.rows
-    along = o.indices.long()  # [entries, heads, outlier rows, count]
+    along = o.indices.long()  # [entries, T, k2] across heads, else [entries, heads, outlier rows, k2]
     across = torch.arange(along.shape[-2], device=along.device)[:, None].expand_as(along)
-    row, col = (across, along) if layout.o_channel == layout.q_channel else (along, across)  # the quantizer's layout
-    first = rows * torch.arange(heads, device=row.device)[:, None, None]  # each head's first row in an entry
-    row, col = (row + first).reshape(entries, -1), col.reshape(entries, -1)
+    if layout.o_heads:  # indices are head * D + channel
+        head, token, channel = along.div(layout.head_dim, rounding_mode="floor"), across, along % layout.head_dim
+    else:
+        head = torch.arange(heads, device=along.device)[:, None, None].expand_as(along)
+        token, channel = (along, across) if layout.o_channel else (across, along)
+    head, token, channel = (x.reshape(entries, -1) for x in (head, token, channel))
+    row, col = (channel, token) if layout.q_channel else (token, channel)  # in the quantizer's layout
+    row = row + rows * head  # rows of all heads of an entry in turn
     bit = (row * length + col) * layout.bits
     data = q.codes.reshape(entries, -1)
     byte = bit >> 3
@@ -68,48 +79,70 @@ def _outliers(q: QuantizedPart, o: OutlierPart, lr: LowRankPart | None, layout: 
     code = (word >> (bit & 7)) & ((1 << layout.bits) - 1)
     group = row * (length // layout.group) + col // layout.group
     scale, zero = (t.reshape(entries, -1).gather(1, group).float() for t in (q.scale, q.zero))
-    rebuilt = torch.addcmul(zero, scale, code.float()).reshape(entries, heads, -1)
-    row, col = row.reshape(entries, heads, -1) - first[..., 0], col.reshape(entries, heads, -1)
-    token, channel = (col, row) if layout.q_channel else (row, col)
+    rebuilt = torch.addcmul(zero, scale, code.float())
     if lr is not None:  # left[t] . right[d]
         rank = lr.left.shape[-1]
-        rebuilt = rebuilt + (lr.left.float().gather(2, token[..., None].expand(-1, -1, -1, rank))
-                             * lr.right.float().gather(2, channel[..., None].expand(-1, -1, -1, rank))).sum(-1)
-    delta = o.values.float().reshape(entries, heads, -1) - rebuilt
+        left = lr.left.float().reshape(entries, -1, rank).gather(1, (head * layout.tokens + token)[..., None].expand(
+            -1, -1, rank))
+        right = lr.right.float().reshape(entries, -1, rank).gather(1, (head * layout.head_dim + channel)[..., None]
+                                                                   .expand(-1, -1, rank))
+        rebuilt = rebuilt + (left * right).sum(-1)
+    delta = o.values.float().reshape(entries, -1) - rebuilt
+    if layout.o_heads:  # every head sees all of a token's outliers, with zero weight for the other heads'
+        mine = head[:, None] == torch.arange(heads, device=head.device)[:, None]
+        token, channel = (x[:, None].expand(-1, heads, -1) for x in (token, channel))
+        delta = torch.where(mine, delta[:, None], 0.0)
     return tuple(x.reshape(chunks, entries // chunks, heads, -1) for x in (token, channel, delta))
 
 
-def _product(a: Tensor, q: QuantizedPart, layout: StorageLayout, chunks: int, transposed: bool) -> Tensor:
-    """`a` `[chunks or 1, batch, heads, m, k]` times a block's dequantized rows `W` `[chunks, batch, heads, rows,
-    length]` (the quantizer's row layout), without writing `W` where it can: `a @ W` (`k = rows`), or `a @ W^T` if
-    `transposed` (`k = length`). The compiled CPU kernel reads the packed codes; otherwise, with one group per row,
+def stored_product(a: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None, layout: StorageLayout, chunks: int,
+                   transposed: bool, levels: Tensor | None = None) -> Tensor:
+    """`a` times a block's dequantized rows `W` (the quantizer's row layout), without writing `W` where it can:
+    `a @ W` (`k = rows`), or `a @ W^T` if `transposed` (`k = length`). Row `r`'s group `g` dequantizes as
+    `scale[r, g] * C + zero[r, g]`, `C` the code, or the level it indexes when `levels` is given (a codebook),
+    `zero` None for 0. The compiled CPU kernel reads the packed codes; otherwise, with one group per row,
     the products run on the unpacked codes and the scales and zeros are folded in afterwards (`W[r] = s[r] C[r] +
     z[r]`); with several groups per row the block is dequantized.
+
+    Args:
+        a: float32 `[chunks or 1, batch, heads, m, k]`.
+        codes: uint8 `[(chunks batch), packed bytes]`, each entry's codes of all heads packed in row layout.
+        scale: `[(chunks batch), heads, rows, groups per row]`.
+        zero: like `scale`, or None.
+        layout: the rows, group and code width (`tokens`, `head_dim`, `bits`, `group`, `q_channel`).
+        chunks: chunks in the block.
+        transposed: multiply by `W^T` instead of `W`.
+        levels: float32 `[2**bits]`: the codebook, or None for uniform codes.
 
     Returns:
         float32 `[chunks, batch, heads, m, length or rows]`.
     """
     rows, length = layout.rows
-    entries, heads = q.shape[:2]
+    entries, heads = scale.shape[:2]
     if cpu.usable(a.device, layout.group):
-        out = cpu.dequant_matmul(a.reshape(-1, *a.shape[3:]), q.codes.reshape(entries * heads, -1), q.scale,
-                                 q.zero, layout.bits, length, transposed)
+        out = cpu.dequant_matmul(a.reshape(-1, *a.shape[3:]), codes.reshape(entries * heads, -1), scale, zero,
+                                 layout.bits, length, transposed, levels)
         return out.reshape(chunks, entries // chunks, heads, *out.shape[1:])
-    codes = _codes(q, layout).reshape(chunks, entries // chunks, heads, rows, -1, layout.group)
-    scale, zero = (t.float().reshape(*codes.shape[:-1], 1) for t in (q.scale, q.zero))
+    c = _codes(codes, entries, heads, layout, levels).reshape(chunks, entries // chunks, heads, rows, -1, layout.group)
+    scale = scale.float().reshape(*c.shape[:-1], 1)
+    zero = None if zero is None else zero.float().reshape(*c.shape[:-1], 1)
     if layout.group != length:
-        w = torch.addcmul(zero, scale, codes).flatten(-2)
+        w = (c * scale if zero is None else torch.addcmul(zero, scale, c)).flatten(-2)
         return a @ (w.mT if transposed else w)
-    codes, scale, zero = codes.flatten(-2), scale.flatten(-3).unsqueeze(-2), zero.flatten(-3).unsqueeze(-2)
+    c, scale = c.flatten(-2), scale.flatten(-3).unsqueeze(-2)
+    zero = None if zero is None else zero.flatten(-3).unsqueeze(-2)
     if transposed:  # (a @ C^T) s + sum(a) z
-        return (a @ codes.mT) * scale + a.sum(-1, keepdim=True) * zero
-    return (a * scale) @ codes + a @ zero.mT  # (a s) @ C + a @ z
+        out = (a @ c.mT) * scale
+        return out if zero is None else out + a.sum(-1, keepdim=True) * zero
+    out = (a * scale) @ c  # (a s) @ C + a @ z
+    return out if zero is None else out + a @ zero.mT
 
 
-def _scores(q: Tensor, keys: CompressedTensor, layout: StorageLayout, chunks: int) -> Tensor:
-    """`q` `[1, batch, heads, rows, D]` times the stored keys: `[chunks, batch, heads, rows, T]`."""
+def layout_scores(q: Tensor, keys: CompressedTensor, layout: StorageLayout, chunks: int) -> Tensor:
+    """`q` `[1, batch, heads, rows, D]` times the keys stored in `layout`: `[chunks, batch, heads, rows, T]`."""
     part, o, lr = _parts(keys)
-    scores = _product(q, part, layout, chunks, not layout.q_channel)  # keys are rows per channel, or per token
+    # keys are rows per channel, or per token
+    scores = stored_product(q, part.codes, part.scale, part.zero, layout, chunks, not layout.q_channel)
     if lr is not None:  # k = left @ right^T, applied in factored form
         left, right = (t.float().reshape(chunks, -1, *t.shape[1:]) for t in (lr.left, lr.right))
         scores = scores + (q @ right) @ left.mT
@@ -120,12 +153,13 @@ def _scores(q: Tensor, keys: CompressedTensor, layout: StorageLayout, chunks: in
     return scores
 
 
-def _weighted(p: Tensor, values: CompressedTensor, layout: StorageLayout) -> Tensor:
-    """Weights `p` `[chunks, batch, heads, rows, T]` times the stored values, summed over chunks:
+def layout_weighted(p: Tensor, values: CompressedTensor, layout: StorageLayout) -> Tensor:
+    """Weights `p` `[chunks, batch, heads, rows, T]` times the values stored in `layout`, summed over chunks:
     `[batch, heads, rows, D]`."""
     chunks = p.shape[0]
     part, o, lr = _parts(values)
-    out = _product(p, part, layout, chunks, layout.q_channel)  # values are rows per channel, or per token
+    # values are rows per channel, or per token
+    out = stored_product(p, part.codes, part.scale, part.zero, layout, chunks, layout.q_channel)
     if lr is not None:
         left, right = (t.float().reshape(chunks, -1, *t.shape[1:]) for t in (lr.left, lr.right))
         out = out + (p @ left) @ right.mT
@@ -136,22 +170,22 @@ def _weighted(p: Tensor, values: CompressedTensor, layout: StorageLayout) -> Ten
     return out.sum(0)
 
 
-def stored_attention(query: Tensor, blocks: Sequence[tuple[CompressedTensor, CompressedTensor]],
-                     key_layout: StorageLayout, value_layout: StorageLayout, bias: Tensor, scaling: float,
-                     exact: Exact | None = None) -> tuple[Tensor, Tensor]:
-    """Attention of a few queries over stored chunks in torch, reading each block of chunks in its stored
-    orientation: where a row has one group (`sink-*`, `gear-*`), the products read the packed codes (the compiled
-    CPU kernel, or torch products on the unpacked codes) with the scales, zeros and low-rank factors folded in;
-    otherwise the block is reconstructed (`stored_rows`). No sequence-major copy of the past is made, and the
-    softmax runs online over the `exact` tokens, then block by block, so what a call creates is bounded by one
-    block whatever the context.
+def stored_attention(query: Tensor, blocks: Sequence[tuple[CompressedTensor, CompressedTensor]], read: Read,
+                     bias: Tensor, scaling: float, exact: Exact | None = None) -> tuple[Tensor, Tensor]:
+    """Attention of a few queries over stored chunks in torch, reading each block of chunks in its stored form
+    (`read`: where a row has one group, the products read the packed codes, through the compiled CPU kernel or
+    torch products on the unpacked codes, with scales, zeros, low-rank factors and rotations folded in). No
+    sequence-major copy of the past is made, and the softmax runs online over the `exact` tokens, then block by
+    block, so what a call creates is bounded by one block whatever the context.
 
     Args:
         query: `[batch, heads, queries, head_dim]`; query head `j` reads KV head `j // (heads / kv_heads)`.
         blocks: consecutive `(keys, values)` blocks of chunks, each stacked chunk-major along the batch:
             `[(chunks batch), kv_heads, T, head_dim]`.
-        key_layout: how the keys are stored.
-        value_layout: how the values are stored.
+        read: `(scores, weighted)`: `scores(keys, q, chunks)` takes float32 queries `[1, batch, kv_heads, rows,
+            head_dim]` (a KV head's query rows) to `[chunks, batch, kv_heads, rows, T]`, and `weighted(values, p)`
+            takes weights `[chunks, batch, kv_heads, rows, T]` to `[batch, kv_heads, rows, head_dim]` (summed over
+            the chunks), e.g. `Pipeline.scores` and `Pipeline.weighted`.
         bias: `[batch, total chunks * T]`, the same for every query: additive float (`-inf` masks a position) or
             boolean (True = attend; see `block_bias`).
         scaling: softmax scale.
@@ -162,6 +196,7 @@ def stored_attention(query: Tensor, blocks: Sequence[tuple[CompressedTensor, Com
         `(out, lse)`: float32 `[batch, heads, queries, head_dim]` (zeros for a query that sees nothing here) and
         `[batch, heads, queries]` (`-inf` then).
     """
+    read_scores, read_weighted = read
     b, hq, nq, d = query.shape
     heads, t = blocks[0][0].shape[1], blocks[0][0].shape[2]
     rows = hq // heads * nq
@@ -182,14 +217,14 @@ def stored_attention(query: Tensor, blocks: Sequence[tuple[CompressedTensor, Com
     for keys, values in blocks:
         n = keys.shape[0] // b
         part = block_bias(bias, first * t, (first + n) * t).reshape(b, n, t).transpose(0, 1)[:, :, None, None]
-        scores = _scores(q, keys, key_layout, n) + part  # [chunks, batch, heads, rows, T]
+        scores = read_scores(keys, q, n) + part  # [chunks, batch, heads, rows, T]
         first += n
         seen = scores.amax((0, -1))
         new = torch.where(total > 0, torch.maximum(top, seen), torch.where(torch.isfinite(seen), seen, 0.0))
         rescale = torch.where(total > 0, torch.exp(top - new), 0.0)  # what was summed so far, at the new reference
         p = torch.exp(scores - new[..., None])
         total = total * rescale + p.sum((0, -1))
-        out = out * rescale[..., None] + _weighted(p, values, value_layout)
+        out = out * rescale[..., None] + read_weighted(values, p)
         top = new
     seen = total > 0
     out = out / torch.where(seen, total, 1.0)[..., None]
@@ -198,12 +233,12 @@ def stored_attention(query: Tensor, blocks: Sequence[tuple[CompressedTensor, Com
 
 
 def compressed_attention(query: Tensor, blocks: Sequence[tuple[CompressedTensor, CompressedTensor]],
-                         key_layout: Layout, value_layout: Layout, bias: Tensor, scaling: float,
+                         key_layout: Layout, value_layout: Layout, bias: Tensor, scaling: float, read: Read,
                          rebuild: Callable[[CompressedTensor, CompressedTensor], tuple[Tensor, Tensor]],
                          exact: Exact | None = None) -> tuple[Tensor, Tensor]:
     """Attention of a few queries over a cache's compressed chunks, read from their stored form: the Triton
-    kernel where it covers the layouts (on a GPU), else `stored_attention` in torch where the layouts allow,
-    else the reference (`rebuild` one block at a time).
+    kernel where it covers the layouts (on a GPU), else `stored_attention` in torch (`read`); the reference
+    (`rebuild` one block at a time) under the torch backend.
 
     Args:
         query: `[batch, heads, queries, head_dim]`; query head `j` reads KV head `j // (heads / kv_heads)`.
@@ -215,6 +250,7 @@ def compressed_attention(query: Tensor, blocks: Sequence[tuple[CompressedTensor,
         bias: `[batch, total chunks * T]`, the same for every query: additive float (`-inf` masks a position) or
             boolean (True = attend; see `block_bias`).
         scaling: softmax scale.
+        read: how `stored_attention` reads a block of keys and of values (see there).
         rebuild: `(keys, values)` of one block decompressed, float32 `[batch, kv_heads, chunks * T, head_dim]`.
         exact: optional full-precision tokens attended to with the chunks (see `stored_attention`).
 
@@ -225,8 +261,8 @@ def compressed_attention(query: Tensor, blocks: Sequence[tuple[CompressedTensor,
     keys, values = blocks[0]
     triton = may_use_triton(query.device) and use_triton(query.device, (
         key_reason or value_reason or key_layout.triton_unsupported(keys) or value_layout.triton_unsupported(values)))
-    if not triton and key_layout is not None and value_layout is not None and get_backend() != "torch":
-        return stored_attention(query, blocks, key_layout, value_layout, bias, scaling, exact)
+    if not triton and get_backend() != "torch":
+        return stored_attention(query, blocks, read, bias, scaling, exact)
     segments, first, t = [], 0, keys.shape[2]
     if exact is not None:
         segments.append(attention_reference(query, *exact, scaling))

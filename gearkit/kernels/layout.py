@@ -30,6 +30,8 @@ class StorageLayout:
         k2: outliers per row (both sides), 0 without an outlier stage.
         o_channel: outlier rows are channels (indices are token positions) rather than tokens.
         rank: rank of the low-rank term, 0 without one.
+        o_heads: outlier rows are a token's channels of all heads (`across_heads`; indices are `head * D +
+            channel`), stored `[entries, T, k2]`.
     """
 
     tokens: int
@@ -40,6 +42,7 @@ class StorageLayout:
     k2: int = 0
     o_channel: bool = False
     rank: int = 0
+    o_heads: bool = False
 
     @property
     def rows(self) -> tuple[int, int]:
@@ -65,7 +68,8 @@ class StorageLayout:
         """The kernels' compile-time constants."""
         length = self.rows[1]
         return dict(T=self.tokens, D=self.head_dim, BITS=self.bits, GROUP=self.group, NG=length // self.group,
-                    Q_CHANNEL=self.q_channel, K2=self.k2, O_CHANNEL=self.o_channel, RANK=self.rank)
+                    Q_CHANNEL=self.q_channel, K2=self.k2, O_CHANNEL=self.o_channel, RANK=self.rank,
+                    O_HEADS=self.o_heads)
 
 
 def layout_ints(layout: StorageLayout) -> list[int]:

@@ -107,7 +107,8 @@ def quantize_pack(rows, valid, bits: int, group: int, out):
 @triton.jit
 def _tile(e, h, H, codes, scale, zero, out_val, out_idx, left, right,
           T: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr,
-          Q_CHANNEL: tl.constexpr, K2: tl.constexpr, O_CHANNEL: tl.constexpr, RANK: tl.constexpr):
+          Q_CHANNEL: tl.constexpr, K2: tl.constexpr, O_CHANNEL: tl.constexpr, RANK: tl.constexpr,
+          O_HEADS: tl.constexpr):
     """Reconstruct entry `e`, head `h` of a stored chunk as float32 `[T, D]`: codes dequantized, plus the
     low-rank term, with the sparse outliers in place (they replace the other terms where stored)."""
     PB: tl.constexpr = 8 // BITS
@@ -152,7 +153,10 @@ def _tile(e, h, H, codes, scale, zero, out_val, out_idx, left, right,
         b = tl.load(right + (eh * D + d) * RANK + r).to(tl.float32)
         val += a * b
     for j in tl.static_range(K2):
-        if O_CHANNEL:
+        if O_HEADS:  # a token's outliers among the channels of all heads
+            o = (e * T + t) * K2 + j
+            hit = tl.load(out_idx + o).to(tl.int32) == h * D + d
+        elif O_CHANNEL:
             o = (eh * D + d) * K2 + j
             hit = tl.load(out_idx + o).to(tl.int32) == t
         else:
@@ -166,10 +170,10 @@ def _tile(e, h, H, codes, scale, zero, out_val, out_idx, left, right,
 def _reconstruct_kernel(out, H, codes, scale, zero, out_val, out_idx, left, right,
                         T: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
                         NG: tl.constexpr, Q_CHANNEL: tl.constexpr, K2: tl.constexpr, O_CHANNEL: tl.constexpr,
-                        RANK: tl.constexpr):
+                        RANK: tl.constexpr, O_HEADS: tl.constexpr):
     pid = tl.program_id(0)
     val = _tile(pid // H, pid % H, H, codes, scale, zero, out_val, out_idx, left, right,
-                T, D, BITS, GROUP, NG, Q_CHANNEL, K2, O_CHANNEL, RANK)
+                T, D, BITS, GROUP, NG, Q_CHANNEL, K2, O_CHANNEL, RANK, O_HEADS)
     tl.store(out + pid * T * D + tl.arange(0, T)[:, None] * D + tl.arange(0, D)[None, :], val.to(out.dtype.element_ty))
 
 
@@ -185,9 +189,9 @@ def _decode_attention_kernel(
     kc, ks, kz, kov, koi, kl, kr, vc, vs, vz, vov, voi, vl, vr,
     T: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_F16: tl.constexpr,
     K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_NG: tl.constexpr, K_QCH: tl.constexpr,
-    K_K2: tl.constexpr, K_OCH: tl.constexpr, K_RANK: tl.constexpr,
+    K_K2: tl.constexpr, K_OCH: tl.constexpr, K_RANK: tl.constexpr, K_OHD: tl.constexpr,
     V_BITS: tl.constexpr, V_GROUP: tl.constexpr, V_NG: tl.constexpr, V_QCH: tl.constexpr,
-    V_K2: tl.constexpr, V_OCH: tl.constexpr, V_RANK: tl.constexpr,
+    V_K2: tl.constexpr, V_OCH: tl.constexpr, V_RANK: tl.constexpr, V_OHD: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -205,7 +209,7 @@ def _decode_attention_kernel(
     last = tl.minimum(first + per_split, N)
     for n in range(first, last):
         e = n * B + b
-        k = _tile(e, h, H, kc, ks, kz, kov, koi, kl, kr, T, D, K_BITS, K_GROUP, K_NG, K_QCH, K_K2, K_OCH, K_RANK)
+        k = _tile(e, h, H, kc, ks, kz, kov, koi, kl, kr, T, D, K_BITS, K_GROUP, K_NG, K_QCH, K_K2, K_OCH, K_RANK, K_OHD)
         if DOT_F16:
             scores = tl.dot(qt, tl.trans(k.to(tl.float16)))
         else:
@@ -216,7 +220,7 @@ def _decode_attention_kernel(
         p = tl.exp(scores - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _tile(e, h, H, vc, vs, vz, vov, voi, vl, vr, T, D, V_BITS, V_GROUP, V_NG, V_QCH, V_K2, V_OCH, V_RANK)
+        v = _tile(e, h, H, vc, vs, vz, vov, voi, vl, vr, T, D, V_BITS, V_GROUP, V_NG, V_QCH, V_K2, V_OCH, V_RANK, V_OHD)
         if DOT_F16:
             acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v.to(tl.float16))
         else:
@@ -243,4 +247,4 @@ def decode_attention(q, bias, key_layout, key_tensors, value_layout, value_tenso
 
 
 _PREFIXED = (("BITS", "BITS"), ("GROUP", "GROUP"), ("NG", "NG"), ("QCH", "Q_CHANNEL"), ("K2", "K2"),
-             ("OCH", "O_CHANNEL"), ("RANK", "RANK"))
+             ("OCH", "O_CHANNEL"), ("RANK", "RANK"), ("OHD", "O_HEADS"))
