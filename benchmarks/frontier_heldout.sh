@@ -20,3 +20,18 @@ python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 --out benchm
 python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 \
     --out benchmarks/results/frontier_heldout_alloc3_without_lowrank.md --only alloc-2.5 alloc-3.0 \
     --allocations benchmarks/results/bit_allocation_round3_without_lowrank.json
+# issue 15, fourth round: the same ladder and per-head widths, sensitivities averaged over three windows of idle-help
+# instead of one; results/bit_allocation_round4.json = gearkit/allocations (its `source` is the allocate command),
+# bit_allocation_round3.json the previous package file. The two new windows were measured by
+#   python benchmarks/bit_allocation.py measure --skip 1 --windows 2 --out benchmarks/results/bit_allocation_sensitivity_idle-help_w2-3.json
+#   python benchmarks/bit_allocation.py heads --skip 1 --windows 2 --out benchmarks/results/bit_allocation_heads_keys_idle-help_w2-3.json
+#   python benchmarks/bit_allocation.py heads --role value --widths had-lm2 had-lm3 --skip 1 --windows 2 \
+#       --out benchmarks/results/bit_allocation_heads_values_idle-help_w2-3.json
+python benchmarks/frontier_sweep.py --text pydoc-topics --windows 2 --out benchmarks/results/frontier_heldout_alloc4.md \
+    --only alloc-2.5 alloc-3.0 alloc-3.5 alloc-4.5 --allocations benchmarks/results/bit_allocation_round4.json
+# a second held-out text (legal English, on every Debian machine), both rounds
+for r in 3 4; do
+    python benchmarks/frontier_sweep.py --text /usr/share/common-licenses/GPL-3 --windows 2 \
+        --out benchmarks/results/frontier_heldout_gpl3_round$r.md --only alloc-2.5 alloc-3.0 alloc-3.5 alloc-4.5 \
+        --allocations benchmarks/results/bit_allocation_round$r.json
+done

@@ -23,7 +23,7 @@ import time
 import torch
 
 from gearkit import (CodebookQuantizer, HadamardRotation, LowRankResidual, Pipeline, PreRoPE, Quantizer, Recipe,
-                     SparseOutlier)
+                     SignSketch, SparseOutlier)
 from gearkit.cli import progress_bar
 from gearkit.eval.perplexity import evaluate
 from gearkit.models import DEFAULT_MODEL, load_default_model, load_text
@@ -42,6 +42,8 @@ def keys(kind: str, bits: int):
         "pre-lm-ch": [PreRoPE(CodebookQuantizer(bits, 64, "channel", centered=True), THETA)],
         "had-lm": [HadamardRotation(CodebookQuantizer(bits))],  # TurboQuant-style
         "pre-had-lm": [PreRoPE(HadamardRotation(CodebookQuantizer(bits)), THETA)],
+        # TurboQuant's inner-product variant: the MSE code, then QJL's 1-bit sketch of its residual (1.25 bits more)
+        "had-lm-qjl": [HadamardRotation(CodebookQuantizer(bits)), SignSketch()],
         # GEAR's low-rank term first, on pre-RoPE keys (rank 1 per 64-token chunk: 0.5 bit), the rest quantized
         "pre-lr1-ch": [PreRoPE(LowRankResidual(1), THETA), PreRoPE(Quantizer(bits, 64, "channel"), THETA)],
         # GEAR's order: quantize, then rank 1 of the residual
@@ -84,6 +86,12 @@ THIRD = [  # under 3 bits: longer key groups pay for finer value scales
 ]
 
 
+QJL = [  # unbiased scores (QJL) against the same bits spent on a finer MSE code
+    candidate("had-lm-qjl", 2, "had-lm", 2), candidate("had-lm", 2, "had-lm", 2), candidate("had-lm", 3, "had-lm", 2),
+    candidate("had-lm", 4, "had-lm", 2),
+]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--text", default="idle-help")
@@ -94,7 +102,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="markdown file for the table")
     ap.add_argument("--allocations", default=None, help="allocation file for `alloc-*` (default: the stored one)")
     args = ap.parse_args()
-    by_name = {r.name: r for r in CANDIDATES + SECOND + THIRD}
+    by_name = {r.name: r for r in CANDIDATES + SECOND + THIRD + QJL}
     # `alloc-<budget>`: the stored bit allocation for that budget (bit_allocation.py); other names: registered recipes
     pick = lambda n: by_name.get(n) or (allocated(n.removeprefix("alloc-"), path=args.allocations)  # noqa: E731
                                         if n.startswith("alloc-") else n)

@@ -6,7 +6,7 @@ import torch
 import gearkit
 from gearkit import (Chain, ChannelSeparableQuantizer, CodebookQuantizer, Context, FullPrecision, HadamardRotation,
                      LowRankResidual, MixedPrecision, PerHead, PerLayer, Pipeline, PreRoPE, Quantizer, Rotation,
-                     SparseDictionary, SparseOutlier, Stage)
+                     SignSketch, SparseDictionary, SparseOutlier, Stage)
 from gearkit.compressed import cat_batch, select_batch
 
 from conftest import kv_like
@@ -30,6 +30,7 @@ STAGES = {
     "codebook-channel-centered": CodebookQuantizer(2, 8, "channel", centered=True),
     "codebook-calibrated": CodebookQuantizer(2, levels=[-2.0, -0.5, 0.25, 1.5]),
     "hadamard-codebook": HadamardRotation(CodebookQuantizer(2, 8), seed=1),
+    "sign-sketch": SignSketch(64, seed=1),  # 4 bits per element: the round-trip check wants error below the norm
     "pre-rope-codebook": PreRoPE(CodebookQuantizer(3, None, "channel", centered=True), 10000.0),
     "channel-separable": ChannelSeparableQuantizer(3),
     "mixed-precision": MixedPrecision(Quantizer(4, None, "channel"), ChannelSeparableQuantizer(2), 0.25),
@@ -131,7 +132,7 @@ def test_requirements_are_declared_and_checked_once():
 def test_every_stage_the_docs_name_is_exported():
     documented = {"Quantizer", "ChannelSeparableQuantizer", "SparseOutlier", "LowRankResidual", "FullPrecision", "Rotation",
                   "MixedPrecision", "SparseDictionary", "HadamardRotation", "CodebookQuantizer", "PreRoPE", "PerLayer",
-                  "PerHead", "Chain"}
+                  "PerHead", "Chain", "SignSketch"}
     assert documented <= set(gearkit.__all__)
     assert {name for name, cls in Stage.known().items() if cls.__module__.startswith("gearkit.")} <= set(gearkit.__all__)
     for name in gearkit.__all__:

@@ -15,6 +15,7 @@ from gearkit.compressors.probes import Probes
 from gearkit.compressors.quantizer import Quantizer
 from gearkit.compressors.rope import RoPE
 from gearkit.compressors.rotation import HadamardRotation, Rotation
+from gearkit.compressors.sketch import SignSketch
 from gearkit.compressors.sparse_dictionary import SparseDictionary
 
 Rotary = RoPE  # the old name, for one release
@@ -23,8 +24,8 @@ __all__ = [
     # stages and their composition
     "Stage", "Context", "Pipeline", "Chain", "Quantizer", "ChannelSeparableQuantizer", "SparseOutlier",
     "LowRankResidual", "FullPrecision", "Rotation",
-    # rotation + non-uniform codebooks (TurboQuant), keys coded before RoPE (KVQuant)
-    "HadamardRotation", "CodebookQuantizer", "PreRoPE",
+    # rotation + non-uniform codebooks and the 1-bit residual sketch (TurboQuant, QJL), keys coded before RoPE (KVQuant)
+    "HadamardRotation", "CodebookQuantizer", "SignSketch", "PreRoPE",
     # bit allocation: a stage per model layer or KV head (KVTuner)
     "PerLayer", "PerHead",
     # ZipCache: saliency-driven mixed precision and the probe queries that score saliency

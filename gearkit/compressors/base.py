@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from gearkit.compressed import DensePart, Part
 from gearkit.compressors.checks import check_kv, check_storable
+from gearkit.kernels.decode import dense_scores, dense_weighted
 
 CONTEXT_FIELDS = ("saliency", "positions", "layer")
 
@@ -156,8 +157,7 @@ class Stage(nn.Module, abc.ABC):
         Returns:
             float32 `[chunks, batch, kv_heads, rows, T]`.
         """
-        x = self.decode(part)
-        return q @ x.reshape(chunks, -1, *x.shape[1:]).mT
+        return dense_scores(q, self.decode(part), chunks)
 
     def weighted(self, part: Part, p: Tensor) -> Tensor:
         """Weights times the stored vectors, `p @ x`, summed over a block's chunks.
@@ -169,8 +169,7 @@ class Stage(nn.Module, abc.ABC):
         Returns:
             float32 `[batch, kv_heads, rows, head_dim]`.
         """
-        x = self.decode(part)
-        return (p @ x.reshape(p.shape[0], -1, *x.shape[1:])).sum(0)
+        return dense_weighted(p, self.decode(part))
 
     def check_chunk(self, tokens: int, head_dim: int | None = None) -> None:
         """Raise `ValueError` if this stage cannot encode chunks of `tokens` tokens (default: it can)."""

@@ -18,7 +18,7 @@ from gearkit.compressors.outlier import SparseOutlier
 from gearkit.compressors.quantizer import Quantizer
 from gearkit.kernels import ops
 from gearkit.kernels.backend import may_use_triton, use_triton
-from gearkit.kernels.decode import layout_scores, layout_weighted
+from gearkit.kernels.decode import dense_scores, dense_weighted, layout_scores, layout_weighted
 from gearkit.kernels.layout import StorageLayout, layout_ints, layout_tensors
 
 
@@ -192,8 +192,7 @@ class Pipeline(nn.Module):
             return layout_scores(q, c, layout, chunks)
         if self._additive(c):
             return sum(stage.scores(part, q, chunks) for stage, part in zip(self.stages, c.parts))
-        x = self.decompress(c).float()
-        return q @ x.reshape(chunks, -1, *x.shape[1:]).mT
+        return dense_scores(q, self.decompress(c).float(), chunks)
 
     def weighted(self, c: CompressedTensor, p: Tensor) -> Tensor:
         """Weights times the stored values of a block of chunks, `p @ v` summed over the chunks, read like `scores`.
@@ -210,8 +209,7 @@ class Pipeline(nn.Module):
             return layout_weighted(p, c, layout)
         if self._additive(c):
             return sum(stage.weighted(part, p) for stage, part in zip(self.stages, c.parts))
-        x = self.decompress(c).float()
-        return (p @ x.reshape(p.shape[0], -1, *x.shape[1:])).sum(0)
+        return dense_weighted(p, self.decompress(c).float())
 
     def _additive(self, c: CompressedTensor) -> bool:
         """Whether the parts' reconstructions simply add up (no part stores entries exactly)."""

@@ -138,6 +138,18 @@ def stored_product(a: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None,
     return out if zero is None else out + a @ zero.mT
 
 
+def dense_scores(q: Tensor, x: Tensor, chunks: int) -> Tensor:
+    """`q` `[1, batch, heads, rows, D]` times decompressed chunks `x` `[(chunks batch), heads, T, D]`:
+    `[chunks, batch, heads, rows, T]`."""
+    return q @ x.reshape(chunks, -1, *x.shape[1:]).mT
+
+
+def dense_weighted(p: Tensor, x: Tensor) -> Tensor:
+    """Weights `p` `[chunks, batch, heads, rows, T]` times decompressed chunks `x` `[(chunks batch), heads, T, D]`,
+    summed over chunks: `[batch, heads, rows, D]`."""
+    return (p @ x.reshape(p.shape[0], -1, *x.shape[1:])).sum(0)
+
+
 def layout_scores(q: Tensor, keys: CompressedTensor, layout: StorageLayout, chunks: int) -> Tensor:
     """`q` `[1, batch, heads, rows, D]` times the keys stored in `layout`: `[chunks, batch, heads, rows, T]`."""
     part, o, lr = _parts(keys)
