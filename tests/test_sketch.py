@@ -19,7 +19,7 @@ def test_inner_products_are_unbiased_and_bytes_are_one_bit_per_sketch_entry():
     single = (draws - true).abs().mean(0)  # one sketch is a noisy estimate ...
     assert (single > 0.05 * scale).all()
     assert ((draws.mean(0) - true).abs() < 0.03 * scale).all()  # ... whose mean over sketches is the truth
-    # a biased variant (signs without the sqrt(pi/2) / m factor's first part) would fail the same check
+    # the same estimates scaled by sqrt(2 / pi), a biased variant, fail the same check
     assert ((draws.mean(0) * math.sqrt(2 / math.pi) - true).abs() > 0.03 * scale).any()
     c = Pipeline([SignSketch()]).compress(x)
     assert c.bits_per_element == pytest.approx(1 + 16 / 32)  # the signs, one fp16 scale per vector
