@@ -35,14 +35,26 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from report import publish  # benchmarks/report.py (run as `python benchmarks/<script>.py`)
 
-from gearkit import (Chain, CodebookQuantizer, FullPrecision, HadamardRotation, LowRankResidual, PerHead, PerLayer,
-                     Pipeline, PreRoPE, Quantizer, Recipe, Stage)
+from gearkit import (
+    Chain,
+    CodebookQuantizer,
+    FullPrecision,
+    HadamardRotation,
+    LowRankResidual,
+    PerHead,
+    PerLayer,
+    Pipeline,
+    PreRoPE,
+    Quantizer,
+    Recipe,
+    Stage,
+)
 from gearkit.eval.perplexity import cached_logits
 from gearkit.integrations.hf import make_cache
 from gearkit.models import DEFAULT_MODEL, load_default_model, load_text, token_windows
 from gearkit.recipes import DEFAULT_ROPE_THETA, allocation_stage
-from report import publish  # benchmarks/report.py (run as `python benchmarks/<script>.py`)
 
 SINKS, BUFFER, TOKENS = 4, 64, 2048  # the frontier protocol's sink tokens and buffer; bits counted at 2048 tokens
 RESULTS = Path("benchmarks/results")
@@ -54,17 +66,27 @@ ALLOCATION = Path("gearkit/allocations") / f"{DEFAULT_MODEL}.json"
 # The first five key and five value entries were the first ladder (bit_allocation_ladder1.json); `measure`
 # re-run after adding entries measures only the new ones.
 LADDER = {
-    "key": {"had-lm2": HadamardRotation(CodebookQuantizer(2)), "ch3": Quantizer(3, 64, "channel"),
-            "ch4": Quantizer(4, 64, "channel"), "ch4/32": Quantizer(4, 32, "channel"), "ch8": Quantizer(8, 64, "channel"),
-            "ch2": Quantizer(2, 64, "channel"), "had-lm3": HadamardRotation(CodebookQuantizer(3)),
-            "ch3/32": Quantizer(3, 32, "channel"),
-            # GEAR's low-rank term first (rank 1 per 64-token chunk on pre-RoPE keys, fp16 factors), then 2-bit
-            # rotated codes of the rest: per layer (`lowrank`) it beat `ch2` and `had-lm3` on some layers
-            "pre-lr1+had-lm2": Chain([PreRoPE(LowRankResidual(1), DEFAULT_ROPE_THETA),
-                                      HadamardRotation(CodebookQuantizer(2))])},
-    "value": {**{f"had-lm{b}": HadamardRotation(CodebookQuantizer(b)) for b in (1, 2, 3, 4)},
-              "had-lm4/32": HadamardRotation(CodebookQuantizer(4, 32)),
-              "had-lm2/32": HadamardRotation(CodebookQuantizer(2, 32)), "had-lm3/32": HadamardRotation(CodebookQuantizer(3, 32))},
+    "key": {
+        "had-lm2": HadamardRotation(CodebookQuantizer(2)),
+        "ch3": Quantizer(3, 64, "channel"),
+        "ch4": Quantizer(4, 64, "channel"),
+        "ch4/32": Quantizer(4, 32, "channel"),
+        "ch8": Quantizer(8, 64, "channel"),
+        "ch2": Quantizer(2, 64, "channel"),
+        "had-lm3": HadamardRotation(CodebookQuantizer(3)),
+        "ch3/32": Quantizer(3, 32, "channel"),
+        # GEAR's low-rank term first (rank 1 per 64-token chunk on pre-RoPE keys, fp16 factors), then 2-bit
+        # rotated codes of the rest: per layer (`lowrank`) it beat `ch2` and `had-lm3` on some layers
+        "pre-lr1+had-lm2": Chain(
+            [PreRoPE(LowRankResidual(1), DEFAULT_ROPE_THETA), HadamardRotation(CodebookQuantizer(2))]
+        ),
+    },
+    "value": {
+        **{f"had-lm{b}": HadamardRotation(CodebookQuantizer(b)) for b in (1, 2, 3, 4)},
+        "had-lm4/32": HadamardRotation(CodebookQuantizer(4, 32)),
+        "had-lm2/32": HadamardRotation(CodebookQuantizer(2, 32)),
+        "had-lm3/32": HadamardRotation(CodebookQuantizer(3, 32)),
+    },
 }
 
 
@@ -72,8 +94,14 @@ LADDER = {
 # fewer bits, against the ladder's keys at about the same bytes (`lowrank` subcommand)
 LOWRANK = {
     "pre-ch2": [PreRoPE(Quantizer(2, 64, "channel"), DEFAULT_ROPE_THETA)],
-    "pre-lr1+pre-ch2": [PreRoPE(LowRankResidual(1), DEFAULT_ROPE_THETA), PreRoPE(Quantizer(2, 64, "channel"), DEFAULT_ROPE_THETA)],
-    "pre-lr2+pre-ch2": [PreRoPE(LowRankResidual(2), DEFAULT_ROPE_THETA), PreRoPE(Quantizer(2, 64, "channel"), DEFAULT_ROPE_THETA)],
+    "pre-lr1+pre-ch2": [
+        PreRoPE(LowRankResidual(1), DEFAULT_ROPE_THETA),
+        PreRoPE(Quantizer(2, 64, "channel"), DEFAULT_ROPE_THETA),
+    ],
+    "pre-lr2+pre-ch2": [
+        PreRoPE(LowRankResidual(2), DEFAULT_ROPE_THETA),
+        PreRoPE(Quantizer(2, 64, "channel"), DEFAULT_ROPE_THETA),
+    ],
     "pre-lr1+had-lm2": [PreRoPE(LowRankResidual(1), DEFAULT_ROPE_THETA), HadamardRotation(CodebookQuantizer(2))],
     "ch3": [Quantizer(3, 64, "channel")],
 }
@@ -82,15 +110,20 @@ LOWRANK = {
 def stage_bits(stages: Stage | list[Stage], heads: int, head_dim: int) -> float:
     """Stored bits per element of `stages` on one 64-token chunk (their own byte count, not a formula)."""
     x = torch.randn(1, heads, BUFFER, head_dim)
-    return Pipeline(stages if isinstance(stages, list) else [stages]).compress(
-        x, layer=0, positions=torch.zeros(1, dtype=torch.long)).bits_per_element
+    return (
+        Pipeline(stages if isinstance(stages, list) else [stages])
+        .compress(x, layer=0, positions=torch.zeros(1, dtype=torch.long))
+        .bits_per_element
+    )
 
 
 def only(layer: int, role: str, stages: Stage | list[Stage]) -> Recipe:
     """Layer `layer`'s `role` coded by `stages`, everything else fp16 (other layers' fp16 copy takes the first
     stage's place, and later stages store its near-zero remainder: bytes do not matter here, only the KL)."""
     fp16 = Pipeline([FullPrecision()])
-    coded = Pipeline([PerLayer({layer: s}, FullPrecision()) for s in (stages if isinstance(stages, list) else [stages])])
+    coded = Pipeline(
+        [PerLayer({layer: s}, FullPrecision()) for s in (stages if isinstance(stages, list) else [stages])]
+    )
     key, value = (coded, fp16) if role == "key" else (fp16, coded)
     return Recipe(f"L{layer}-{role}", key, value, BUFFER, sink_tokens=SINKS)
 
@@ -99,8 +132,9 @@ def kl_divergence(model, windows, baseline, recipe: Recipe) -> float:
     """Mean KL(baseline || cached) per scored token, over the windows."""
     total = count = 0
     for window, base in zip(windows, baseline):
-        logits = torch.cat([lg for lg, _ in cached_logits(model, window, window.numel() - base.shape[0],
-                                                          make_cache(recipe, model))])
+        logits = torch.cat(
+            [lg for lg, _ in cached_logits(model, window, window.numel() - base.shape[0], make_cache(recipe, model))]
+        )
         total += F.kl_div(logits.float().log_softmax(-1), base, log_target=True, reduction="sum").item()
         count += base.shape[0]
     return total / count
@@ -109,8 +143,9 @@ def kl_divergence(model, windows, baseline, recipe: Recipe) -> float:
 def tuning_windows(tokenizer, args) -> list:
     """Windows `skip + 1 ...` of `skip + windows` consecutive ones of the tuning text (a later run can add windows
     that `allocate` averages with an earlier file's)."""
-    return token_windows(tokenizer, load_text(args.text), args.prefix, args.continuation,
-                         args.skip + args.windows)[args.skip:]
+    return token_windows(tokenizer, load_text(args.text), args.prefix, args.continuation, args.skip + args.windows)[
+        args.skip :
+    ]
 
 
 def weighted(values: list, weights: list[float]):
@@ -129,8 +164,14 @@ def average(files: list[Path]) -> dict:
         if any(r.get(k) != first.get(k) for k in ("model", "text", "prefix", "continuation", "role")):
             raise ValueError(f"{path} was measured with another protocol than {files[0]}")
     weights = [r["windows"] / total for r in runs]
-    kl = {role: {n: weighted([r["kl"][role][n] for r in runs], weights)
-                 for n in first["kl"][role] if all(n in r["kl"][role] for r in runs)} for role in first["kl"]}
+    kl = {
+        role: {
+            n: weighted([r["kl"][role][n] for r in runs], weights)
+            for n in first["kl"][role]
+            if all(n in r["kl"][role] for r in runs)
+        }
+        for role in first["kl"]
+    }
     return {**first, "windows": total, "kl": kl, "files": [str(f) for f in files]}
 
 
@@ -144,13 +185,23 @@ def measure(args) -> None:
     windows = tuning_windows(tokenizer, args)
     baseline = baseline_logprobs(model, windows, args.prefix)
     layers, cfg = model.config.num_hidden_layers, model.config
-    out = {"model": DEFAULT_MODEL, "text": args.text, "prefix": args.prefix, "continuation": args.continuation,
-           "windows": len(windows), "skip": args.skip, "sink_tokens": SINKS, "buffer": BUFFER,
-           "command": " ".join(sys.argv),
-           "ladder": {role: {name: s.to_dict() for name, s in ladder.items()} for role, ladder in LADDER.items()},
-           "bits": {role: {name: stage_bits(s, cfg.num_key_value_heads, cfg.head_dim) for name, s in ladder.items()}
-                    for role, ladder in LADDER.items()},
-           "kl": {role: {name: [None] * layers for name in ladder} for role, ladder in LADDER.items()}}
+    out = {
+        "model": DEFAULT_MODEL,
+        "text": args.text,
+        "prefix": args.prefix,
+        "continuation": args.continuation,
+        "windows": len(windows),
+        "skip": args.skip,
+        "sink_tokens": SINKS,
+        "buffer": BUFFER,
+        "command": " ".join(sys.argv),
+        "ladder": {role: {name: s.to_dict() for name, s in ladder.items()} for role, ladder in LADDER.items()},
+        "bits": {
+            role: {name: stage_bits(s, cfg.num_key_value_heads, cfg.head_dim) for name, s in ladder.items()}
+            for role, ladder in LADDER.items()
+        },
+        "kl": {role: {name: [None] * layers for name in ladder} for role, ladder in LADDER.items()},
+    }
     if args.out.is_file():  # a ladder extended since: measure only the new entries
         old = json.loads(args.out.read_text())
         for role in out["kl"]:
@@ -162,8 +213,12 @@ def measure(args) -> None:
             for name, stage in ladder.items():
                 if out["kl"][role][name][layer] is None:
                     out["kl"][role][name][layer] = kl_divergence(model, windows, baseline, only(layer, role, stage))
-            print(f"layer {layer} {role}: " + ", ".join(f"{n} {out['kl'][role][n][layer]:.4f}" for n in ladder),
-                  f"({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
+            print(
+                f"layer {layer} {role}: " + ", ".join(f"{n} {out['kl'][role][n][layer]:.4f}" for n in ladder),
+                f"({time.time() - start:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
         args.out.write_text(json.dumps(out, indent=1))  # as it goes: a long run can be read part-way
 
 
@@ -175,10 +230,20 @@ def measure_heads(args) -> None:
     layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
     ladder = {name: LADDER[args.role][name] for name in args.widths}
     args.out = args.out or RESULTS / f"bit_allocation_heads_{args.role}s_{args.text}.json"
-    out = {"model": DEFAULT_MODEL, "text": args.text, "prefix": args.prefix, "continuation": args.continuation,
-           "windows": len(windows), "skip": args.skip, "sink_tokens": SINKS, "buffer": BUFFER,
-           "command": " ".join(sys.argv),
-           "role": args.role, "heads": heads, "kl": {args.role: {name: [] for name in ladder}}}
+    out = {
+        "model": DEFAULT_MODEL,
+        "text": args.text,
+        "prefix": args.prefix,
+        "continuation": args.continuation,
+        "windows": len(windows),
+        "skip": args.skip,
+        "sink_tokens": SINKS,
+        "buffer": BUFFER,
+        "command": " ".join(sys.argv),
+        "role": args.role,
+        "heads": heads,
+        "kl": {args.role: {name: [] for name in ladder}},
+    }
     if args.out.is_file():  # resume a stopped run: keep its layers of these widths
         old = json.loads(args.out.read_text())
         kept = min(len(old["kl"][args.role].get(name, [])) for name in ladder)
@@ -187,12 +252,26 @@ def measure_heads(args) -> None:
     start = time.time()
     for layer in range(len(next(iter(out["kl"][args.role].values()))), layers):
         for name, stage in ladder.items():
-            out["kl"][args.role][name].append([
-                kl_divergence(model, windows, baseline, only(layer, args.role, PerHead(
-                    [stage if h == head else FullPrecision() for h in range(heads)]))) for head in range(heads)])
-        print(f"layer {layer} {args.role}: " + ", ".join(
-            f"{n} " + "/".join(f"{1e4 * v:.1f}" for v in out["kl"][args.role][n][layer]) for n in ladder),
-            f"({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
+            out["kl"][args.role][name].append(
+                [
+                    kl_divergence(
+                        model,
+                        windows,
+                        baseline,
+                        only(
+                            layer, args.role, PerHead([stage if h == head else FullPrecision() for h in range(heads)])
+                        ),
+                    )
+                    for head in range(heads)
+                ]
+            )
+        print(
+            f"layer {layer} {args.role}: "
+            + ", ".join(f"{n} " + "/".join(f"{1e4 * v:.1f}" for v in out["kl"][args.role][n][layer]) for n in ladder),
+            f"({time.time() - start:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
         args.out.write_text(json.dumps(out, indent=1))  # as it goes: a long run can be read part-way
 
 
@@ -212,13 +291,19 @@ def options(kl: dict, bits: dict, role: str, layer: int, heads: dict | None) -> 
         count = len(next(iter(per_head.values()))[layer])
         for combo in itertools.product(per_head, repeat=count):
             width = combo[0] if len(set(combo)) == 1 else list(combo)
-            out.append((sum(bits[role][n] for n in combo) / count,
-                        sum(per_head[n][layer][h] for h, n in enumerate(combo)), width))
+            out.append(
+                (
+                    sum(bits[role][n] for n in combo) / count,
+                    sum(per_head[n][layer][h] for h, n in enumerate(combo)),
+                    width,
+                )
+            )
     return out
 
 
-def allocate_widths(kl: dict, bits: dict, budget: float, layers: int,
-                    heads: dict | None = None) -> dict[str, list[str | list[str]]]:
+def allocate_widths(
+    kl: dict, bits: dict, budget: float, layers: int, heads: dict | None = None
+) -> dict[str, list[str | list[str]]]:
     """The width per (role, layer) minimising the summed KL with mean stored bits <= the budget's share.
 
     All-in bits at `TOKENS` tokens are the mean stage bits plus the sink tokens' fp16 copy. Widths cost whole
@@ -238,13 +323,13 @@ def allocate_widths(kl: dict, bits: dict, budget: float, layers: int,
             for q, b, k, width in choices:
                 key, value = spent + q, total + k
                 if key <= capacity and (key not in nxt or value < nxt[key][0]):
-                    nxt[key] = (value, exact + b, choice + [width])
+                    nxt[key] = (value, exact + b, [*choice, width])
         best = nxt
     fits = [v for v in best.values() if v[1] <= limit + 1e-9]
     if not fits:
         raise ValueError(f"budget {budget} is below the cheapest widths")
     _, _, choice = min(fits, key=lambda v: v[0])
-    return {role: choice[i * layers:(i + 1) * layers] for i, role in enumerate(kl)}
+    return {role: choice[i * layers : (i + 1) * layers] for i, role in enumerate(kl)}
 
 
 def width_bits(bits: dict, role: str, width: str | list[str]) -> float:
@@ -270,9 +355,15 @@ def allocate(args) -> None:
     for role in data["kl"]:  # widths left out of the ladder (an ablation)
         data["kl"][role] = {n: v for n, v in data["kl"][role].items() if n not in args.without}
     layers = len(next(iter(data["kl"]["key"].values())))
-    out = {"model": data["model"], "tuned_on": data["text"], "sink_tokens": SINKS, "buffer": BUFFER,
-           "source": "benchmarks/bit_allocation.py allocate " + " ".join(sys.argv[2:]), "ladder": data["ladder"],
-           "allocations": {}}
+    out = {
+        "model": data["model"],
+        "tuned_on": data["text"],
+        "sink_tokens": SINKS,
+        "buffer": BUFFER,
+        "source": "benchmarks/bit_allocation.py allocate " + " ".join(sys.argv[2:]),
+        "ladder": data["ladder"],
+        "allocations": {},
+    }
     by_role = {}  # per-head files by role, each role's averaged over its files' windows
     for path in args.heads:
         by_role.setdefault(json.loads(path.read_text())["role"], []).append(path)
@@ -284,19 +375,28 @@ def allocate(args) -> None:
         widths = allocate_widths(data["kl"], data["bits"], budget, layers, split)
         predicted = sum(width_kl(data["kl"], split, r, i, w) for r, ws in widths.items() for i, w in enumerate(ws))
         mean = sum(width_bits(data["bits"], r, w) for r, ws in widths.items() for w in ws) / (2 * layers)
-        out["allocations"][str(budget)] = {**widths, "predicted_kl": predicted, "all_in_bits": mean + 16 * SINKS / TOKENS}
+        out["allocations"][str(budget)] = {
+            **widths,
+            "predicted_kl": predicted,
+            "all_in_bits": mean + 16 * SINKS / TOKENS,
+        }
         print(f"budget {budget}: {mean + 16 * SINKS / TOKENS:.3f} bits, predicted KL {predicted:.4f}", file=sys.stderr)
         for role, ws in widths.items():
             print(f"  {role}: {' '.join(w if isinstance(w, str) else ','.join(w) for w in ws)}", file=sys.stderr)
     if args.check:  # the additive model against the KL of whole allocations, on the sensitivity protocol
         model, tokenizer = load_default_model()
         # the first windows of the text, as many as the files measured (they add up when each run skips the earlier's)
-        windows = token_windows(tokenizer, load_text(data["text"]), data["prefix"], data["continuation"], data["windows"])
+        windows = token_windows(
+            tokenizer, load_text(data["text"]), data["prefix"], data["continuation"], data["windows"]
+        )
         baseline = baseline_logprobs(model, windows, data["prefix"])
         for budget, a in out["allocations"].items():
             widths = {r: a[r] for r in ("key", "value")}
             a["measured_kl"] = kl_divergence(model, windows, baseline, recipe(widths, data["ladder"], budget))
-            print(f"budget {budget}: predicted KL {a['predicted_kl']:.4f}, measured {a['measured_kl']:.4f}", file=sys.stderr)
+            print(
+                f"budget {budget}: predicted KL {a['predicted_kl']:.4f}, measured {a['measured_kl']:.4f}",
+                file=sys.stderr,
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
 
@@ -308,10 +408,14 @@ def lowrank(args) -> None:
     baseline = baseline_logprobs(model, windows, args.prefix)
     cfg = model.config
     bits = {n: stage_bits(s, cfg.num_key_value_heads, cfg.head_dim) for n, s in LOWRANK.items()}
-    lines = [f"{DEFAULT_MODEL}, text {args.text}, {len(windows)} window(s) of {args.prefix}+{args.continuation} tokens: "
-             "KL from the uncompressed model (per scored token, x1e-4) when only one layer's keys are coded so; "
-             "values and other layers fp16.", "",
-             "| layer | " + " | ".join(f"`{n}` ({bits[n]:.2f} b)" for n in LOWRANK) + " |", "|---" * (len(LOWRANK) + 1) + "|"]
+    lines = [
+        f"{DEFAULT_MODEL}, text {args.text}, {len(windows)} window(s) of {args.prefix}+{args.continuation} tokens: "
+        "KL from the uncompressed model (per scored token, x1e-4) when only one layer's keys are coded so; "
+        "values and other layers fp16.",
+        "",
+        "| layer | " + " | ".join(f"`{n}` ({bits[n]:.2f} b)" for n in LOWRANK) + " |",
+        "|---" * (len(LOWRANK) + 1) + "|",
+    ]
     for layer in args.layers:
         kl = [kl_divergence(model, windows, baseline, only(layer, "key", s)) for s in LOWRANK.values()]
         lines.append(f"| {layer} | " + " | ".join(f"{1e4 * v:.2f}" for v in kl) + " |")
@@ -330,13 +434,22 @@ def main() -> None:
     m.add_argument("--skip", type=int, default=0, help="windows of the text to skip (measured by an earlier run)")
     m.add_argument("--out", type=Path, default=RESULTS / "bit_allocation_sensitivity_idle-help.json")
     a = sub.add_parser("allocate", help="widths per layer and role under each budget")
-    a.add_argument("--sensitivity", type=Path, nargs="+",
-                   default=[RESULTS / "bit_allocation_sensitivity_idle-help.json"],
-                   help="sensitivity files (`measure`) of different windows of one text: averaged")
+    a.add_argument(
+        "--sensitivity",
+        type=Path,
+        nargs="+",
+        default=[RESULTS / "bit_allocation_sensitivity_idle-help.json"],
+        help="sensitivity files (`measure`) of different windows of one text: averaged",
+    )
     a.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.5])
     a.add_argument("--check", action="store_true", help="measure each allocation's KL against the prediction")
-    a.add_argument("--heads", type=Path, nargs="*", default=[],
-                   help="per-KV-head sensitivities (`heads`) to split by; files of one role are averaged")
+    a.add_argument(
+        "--heads",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="per-KV-head sensitivities (`heads`) to split by; files of one role are averaged",
+    )
     a.add_argument("--without", nargs="*", default=[], help="ladder widths to leave out")
     a.add_argument("--heads-for", type=float, nargs="*", default=None, help="budgets that use --heads (default: all)")
     a.add_argument("--out", type=Path, default=ALLOCATION)

@@ -6,7 +6,8 @@ first window's RMS-normalised entries, as each coding scheme normalises them, an
 of the real stage (64-token chunks) is measured on the second window, with the Gaussian levels and with the
 calibrated ones, at equal bytes (levels are recipe data, not stored per chunk).
 
-Run: OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/calibrated_codebooks.py --out benchmarks/results/calibrated_codebooks_idle-help.md
+Run: OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/calibrated_codebooks.py \
+    --out benchmarks/results/calibrated_codebooks_idle-help.md
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import argparse
 import sys
 
 import torch
+from report import publish  # benchmarks/report.py (run as `python benchmarks/<script>.py`)
 
 from gearkit import CodebookQuantizer, HadamardRotation, Pipeline
 from gearkit.compressors.codebook import kmeans_levels
 from gearkit.compressors.rope import RoPE, inverse_frequencies
 from gearkit.models import DEFAULT_MODEL, load_default_model, load_text, token_windows
 from gearkit.recipes import DEFAULT_ROPE_THETA
-from report import publish  # benchmarks/report.py (run as `python benchmarks/<script>.py`)
 
 CHUNK = 64
 
@@ -52,14 +53,30 @@ def pre_rope(x: torch.Tensor) -> torch.Tensor:
 ROTATE = HadamardRotation(CodebookQuantizer(2))
 # scheme: (role, transform of the raw tensor, normalisation the stage applies, stage from levels)
 SCHEMES = {
-    "values, Hadamard, per vector (gk, TurboQuant)": ("value", lambda x: x, lambda x: per_vector(ROTATE.rotate(x)),
-                                                     lambda b, lv: HadamardRotation(CodebookQuantizer(b, levels=lv))),
-    "keys, Hadamard, per vector (gk-2.5)": ("key", lambda x: x, lambda x: per_vector(ROTATE.rotate(x)),
-                                           lambda b, lv: HadamardRotation(CodebookQuantizer(b, levels=lv))),
-    "keys, pre-RoPE, per channel centered (KVQuant)": ("key", pre_rope, per_channel,
-                                                      lambda b, lv: CodebookQuantizer(b, CHUNK, "channel", True, levels=lv)),
-    "values, per vector, no rotation (KVQuant)": ("value", lambda x: x, per_vector,
-                                                 lambda b, lv: CodebookQuantizer(b, levels=lv)),
+    "values, Hadamard, per vector (gk, TurboQuant)": (
+        "value",
+        lambda x: x,
+        lambda x: per_vector(ROTATE.rotate(x)),
+        lambda b, lv: HadamardRotation(CodebookQuantizer(b, levels=lv)),
+    ),
+    "keys, Hadamard, per vector (gk-2.5)": (
+        "key",
+        lambda x: x,
+        lambda x: per_vector(ROTATE.rotate(x)),
+        lambda b, lv: HadamardRotation(CodebookQuantizer(b, levels=lv)),
+    ),
+    "keys, pre-RoPE, per channel centered (KVQuant)": (
+        "key",
+        pre_rope,
+        per_channel,
+        lambda b, lv: CodebookQuantizer(b, CHUNK, "channel", True, levels=lv),
+    ),
+    "values, per vector, no rotation (KVQuant)": (
+        "value",
+        lambda x: x,
+        per_vector,
+        lambda b, lv: CodebookQuantizer(b, levels=lv),
+    ),
 }
 
 
@@ -77,11 +94,20 @@ def main() -> None:
     model, tokenizer = load_default_model()
     train, test = token_windows(tokenizer, load_text(args.text), 1024, 1024, 2)
     with torch.inference_mode():
-        kv = [[(layer.keys.float().clone(), layer.values.float().clone())
-               for layer in model(w[None], use_cache=True).past_key_values.layers] for w in (train, test)]
-    lines = [f"{DEFAULT_MODEL}, text {args.text}: codebooks fit on window 1, error on window 2 (relative squared "
-             f"error, mean over {len(kv[0])} layers)", "", "| scheme | bits | Lloyd-Max | calibrated | change |",
-             "|---|---|---|---|---|"]
+        kv = [
+            [
+                (layer.keys.float().clone(), layer.values.float().clone())
+                for layer in model(w[None], use_cache=True).past_key_values.layers
+            ]
+            for w in (train, test)
+        ]
+    lines = [
+        f"{DEFAULT_MODEL}, text {args.text}: codebooks fit on window 1, error on window 2 (relative squared "
+        f"error, mean over {len(kv[0])} layers)",
+        "",
+        "| scheme | bits | Lloyd-Max | calibrated | change |",
+        "|---|---|---|---|---|",
+    ]
     for name, (role, transform, normalise, make) in SCHEMES.items():
         for bits in args.bits:
             errors = torch.zeros(2)

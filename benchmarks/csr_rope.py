@@ -8,8 +8,6 @@ each way with Matching Pursuit.
 import argparse
 import time
 
-import torch
-
 from gearkit.compressors.solvers import combine_atoms, matching_pursuit
 from gearkit.models import load_default_model, load_text
 from gearkit.neuraldict import collect_kv, fit, group_vectors, layer_groups
@@ -27,14 +25,19 @@ def main() -> None:
     parser.add_argument("--test-text", default="idle-help")
     args = parser.parse_args()
     model, tokenizer = load_default_model()
-    print(f"| key space | s | held-out relative error (mean over layer groups) | train s |\n|---|---|---|---|")
+    print("| key space | s | held-out relative error (mean over layer groups) | train s |\n|---|---|---|---|")
     for pre in (True, False):
         train_keys, _ = collect_kv(model, tokenizer, load_text(args.train_text), args.tokens, 1, pre_rope=pre)
         test_keys, _ = collect_kv(model, tokenizer, load_text(args.test_text), args.tokens, 1, pre_rope=pre)
         groups = layer_groups(train_keys.shape[0], args.group_layers)
         start = time.perf_counter()
-        atoms, _ = fit(group_vectors(train_keys, groups, 1, args.vectors), args.atoms, max(args.sparsity), args.epochs,
-                       progress=False)
+        atoms, _ = fit(
+            group_vectors(train_keys, groups, 1, args.vectors),
+            args.atoms,
+            max(args.sparsity),
+            args.epochs,
+            progress=False,
+        )
         seconds = time.perf_counter() - start
         test = group_vectors(test_keys, groups, 1, args.vectors, seed=1)  # [groups, n, head_dim]
         for s in args.sparsity:

@@ -41,15 +41,17 @@ def main() -> None:
         token = model(ids, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
         runs[spec] = [cache, token, model.config._attn_implementation, []]
     for _ in range(args.steps + 1):  # the first round warms up
-        for spec, run in runs.items():
+        for run in runs.values():
             cache, token, attention, times = run
             model.set_attn_implementation(attention)
             start = time.perf_counter()
             run[1] = model(token, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
             times.append(time.perf_counter() - start)
     base = statistics.median(next(iter(runs.values()))[3][1:])
-    print(f"{platform.machine()} {platform.processor() or 'cpu'}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}, context {args.context}, median of {args.steps} interleaved steps")
+    print(
+        f"{platform.machine()} {platform.processor() or 'cpu'}, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}, context {args.context}, median of {args.steps} interleaved steps"
+    )
     for spec, (*_, times) in runs.items():
         ms = statistics.median(times[1:])
         print(f"{spec}: {1000 * ms:.1f} ms per token, {ms / base:.2f}x {next(iter(runs))}")

@@ -5,7 +5,8 @@ outliers and low-rank term, KIVI-style groups); all keep 4 fp16 sink tokens and 
 otherwise. Perplexity with a compressed past (prefix 1024 + 1024 scored tokens per window), SmolLM2-135M fp32,
 bits all-in from the cache's own byte report. The stages behind the built-in `gk-*` recipes come from this
 run on `idle-help` (the tuning text), their per-layer widths from `bit_allocation.py` (`--only alloc-3.0` runs a
-stored allocation, `--allocations FILE` one not stored yet); the held-out figures come from `frontier_heldout.sh`, never from here.
+stored allocation, `--allocations FILE` one not stored yet); the held-out figures come from `frontier_heldout.sh`,
+never from here.
 
 Run: OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/frontier_sweep.py --text idle-help --windows 1 \
          --out benchmarks/results/frontier_sweep_idle-help.md [--only NAME ...]
@@ -21,14 +22,23 @@ import sys
 import time
 
 import torch
+from report import publish  # benchmarks/report.py (run as `python benchmarks/<script>.py`)
 
-from gearkit import (CodebookQuantizer, HadamardRotation, LowRankResidual, Pipeline, PreRoPE, Quantizer, Recipe,
-                     SignSketch, SparseOutlier)
+from gearkit import (
+    CodebookQuantizer,
+    HadamardRotation,
+    LowRankResidual,
+    Pipeline,
+    PreRoPE,
+    Quantizer,
+    Recipe,
+    SignSketch,
+    SparseOutlier,
+)
 from gearkit.cli import progress_bar
 from gearkit.eval.perplexity import evaluate
 from gearkit.models import DEFAULT_MODEL, load_default_model, load_text
 from gearkit.recipes import DEFAULT_ROPE_THETA, allocated
-from report import publish  # benchmarks/report.py (run as `python benchmarks/<script>.py`)
 
 THETA = DEFAULT_ROPE_THETA
 
@@ -49,8 +59,10 @@ def keys(kind: str, bits: int):
         # GEAR's order: quantize, then rank 1 of the residual
         "pre-ch-lr1": [PreRoPE(Quantizer(bits, 64, "channel"), THETA), LowRankResidual(1)],
         # KVQuant: 1% dense-and-sparse outliers per token (across heads), then a non-uniform per-channel code
-        "pre-out-lm-ch": [PreRoPE(SparseOutlier(0.01, "token", across_heads=True), THETA),
-                          PreRoPE(CodebookQuantizer(bits, 64, "channel", centered=True), THETA)],
+        "pre-out-lm-ch": [
+            PreRoPE(SparseOutlier(0.01, "token", across_heads=True), THETA),
+            PreRoPE(CodebookQuantizer(bits, 64, "channel", centered=True), THETA),
+        ],
     }[kind]
 
 
@@ -71,23 +83,35 @@ def candidate(key: str, kb: int, value: str, vb: int, sinks: int = 4, buffer: in
 
 CANDIDATES = [  # first round
     # ~2.5 bits
-    candidate("pre-ch", 2, "had-lm", 2), candidate("pre-lm-ch", 2, "had-lm", 2), candidate("had-lm", 2, "had-lm", 2),
+    candidate("pre-ch", 2, "had-lm", 2),
+    candidate("pre-lm-ch", 2, "had-lm", 2),
+    candidate("had-lm", 2, "had-lm", 2),
     candidate("pre-lr1-ch", 2, "had-lm", 2),
     # ~3 bits
-    candidate("pre-ch", 3, "had-lm", 2), candidate("ch", 3, "had-lm", 2), candidate("pre-lm-ch", 3, "had-lm", 2),
-    candidate("pre-ch", 2, "had-lm", 3), candidate("pre-lr1-ch", 2, "had-lm", 3),
+    candidate("pre-ch", 3, "had-lm", 2),
+    candidate("ch", 3, "had-lm", 2),
+    candidate("pre-lm-ch", 3, "had-lm", 2),
+    candidate("pre-ch", 2, "had-lm", 3),
+    candidate("pre-lr1-ch", 2, "had-lm", 3),
 ]
 SECOND = [  # after the first round: post-RoPE per-channel keys won at 3 bits, so the higher widths use them
-    candidate("ch", 2, "had-lm", 2), candidate("had-lm", 3, "had-lm", 2), candidate("ch", 3, "had-lm", 3),
-    candidate("ch", 4, "had-lm", 3), candidate("ch", 4, "had-lm", 4), candidate("ch", 3, "had-lm-32", 2),
+    candidate("ch", 2, "had-lm", 2),
+    candidate("had-lm", 3, "had-lm", 2),
+    candidate("ch", 3, "had-lm", 3),
+    candidate("ch", 4, "had-lm", 3),
+    candidate("ch", 4, "had-lm", 4),
+    candidate("ch", 3, "had-lm-32", 2),
 ]
 THIRD = [  # under 3 bits: longer key groups pay for finer value scales
-    candidate("ch128-", 3, "had-lm-32", 2, buffer=128), candidate("ch128-", 3, "had-lm", 2, buffer=128),
+    candidate("ch128-", 3, "had-lm-32", 2, buffer=128),
+    candidate("ch128-", 3, "had-lm", 2, buffer=128),
 ]
 
 
 QJL = [  # unbiased scores (QJL) against the same bits spent on a finer MSE code
-    candidate("had-lm-qjl", 2, "had-lm", 2), candidate("had-lm", 2, "had-lm", 2), candidate("had-lm", 3, "had-lm", 2),
+    candidate("had-lm-qjl", 2, "had-lm", 2),
+    candidate("had-lm", 2, "had-lm", 2),
+    candidate("had-lm", 3, "had-lm", 2),
     candidate("had-lm", 4, "had-lm", 2),
 ]
 
@@ -98,25 +122,42 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--prefix", type=int, default=1024)
     ap.add_argument("--continuation", type=int, default=1024)
-    ap.add_argument("--only", nargs="*", default=None, help="candidate or registered recipe names (default: every candidate)")
+    ap.add_argument(
+        "--only", nargs="*", default=None, help="candidate or registered recipe names (default: every candidate)"
+    )
     ap.add_argument("--out", default=None, help="markdown file for the table")
     ap.add_argument("--allocations", default=None, help="allocation file for `alloc-*` (default: the stored one)")
     args = ap.parse_args()
     by_name = {r.name: r for r in CANDIDATES + SECOND + THIRD + QJL}
     # `alloc-<budget>`: the stored bit allocation for that budget (bit_allocation.py); other names: registered recipes
-    pick = lambda n: by_name.get(n) or (allocated(n.removeprefix("alloc-"), path=args.allocations)  # noqa: E731
-                                        if n.startswith("alloc-") else n)
+    pick = lambda n: (
+        by_name.get(n) or (allocated(n.removeprefix("alloc-"), path=args.allocations) if n.startswith("alloc-") else n)
+    )
     chosen = [pick(n) for n in args.only] if args.only else CANDIDATES + SECOND + THIRD
     model, tokenizer = load_default_model()
     start = time.time()
-    results = evaluate(model, tokenizer, chosen, load_text(args.text), args.prefix, args.continuation, args.windows,
-                       progress=progress_bar(), model_name=DEFAULT_MODEL,
-                       on_result=lambda r: print(f"{r.recipe}: {r.bits_per_element:.3f} bits, {r.ppl_increase_pct:+.2f}%",
-                                                 file=sys.stderr, flush=True))
-    lines = [f"{DEFAULT_MODEL} fp32, text {args.text}, {results[0].windows} windows of {args.prefix}+{args.continuation} "
-             f"tokens, baseline ppl {results[0].baseline_ppl:.4f}; {platform.machine()}, {torch.get_num_threads()} "
-             f"threads, torch {torch.__version__}; {time.time() - start:.0f} s", "",
-             "| candidate | bits/elt | ppl | ppl increase |", "|---|---|---|---|"]
+    results = evaluate(
+        model,
+        tokenizer,
+        chosen,
+        load_text(args.text),
+        args.prefix,
+        args.continuation,
+        args.windows,
+        progress=progress_bar(),
+        model_name=DEFAULT_MODEL,
+        on_result=lambda r: print(
+            f"{r.recipe}: {r.bits_per_element:.3f} bits, {r.ppl_increase_pct:+.2f}%", file=sys.stderr, flush=True
+        ),
+    )
+    lines = [
+        f"{DEFAULT_MODEL} fp32, text {args.text}, {results[0].windows} windows of {args.prefix}+{args.continuation} "
+        f"tokens, baseline ppl {results[0].baseline_ppl:.4f}; {platform.machine()}, {torch.get_num_threads()} "
+        f"threads, torch {torch.__version__}; {time.time() - start:.0f} s",
+        "",
+        "| candidate | bits/elt | ppl | ppl increase |",
+        "|---|---|---|---|",
+    ]
     for r in sorted(results, key=lambda r: r.bits_per_element):
         lines.append(f"| `{r.recipe}` | {r.bits_per_element:.3f} | {r.ppl:.3f} | {r.ppl_increase_pct:+.2f}% |")
     publish(lines, args.out)

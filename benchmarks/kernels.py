@@ -7,7 +7,8 @@ uncompressed fp32 cache; the stored path with the compiled CPU kernel, with the 
 block-wise reference) and the compiled pipeline against eager.
 
     python benchmarks/kernels.py --out benchmarks/results/kernels_cpu.csv
-    python benchmarks/kernels.py --contexts 1024,4096,16384 --skip-compiled --out benchmarks/results/kernels_cpu_decode.csv
+    python benchmarks/kernels.py --contexts 1024,4096,16384 --skip-compiled \
+        --out benchmarks/results/kernels_cpu_decode.csv
     python benchmarks/kernels.py --contexts 1024,4096,16384,32768,65536 --batches 1,4,16 --out kernels_h200.csv
 
 Shapes follow a Llama-3-8B-like layer: 32 query heads, 8 KV heads, head dim 128 (CPU: 2 KV heads, head dim 64).
@@ -28,8 +29,8 @@ from einops import rearrange
 
 import gearkit
 from gearkit import recipes
-from gearkit.eval import synthetic_kv
 from gearkit.cache import chunk_attention
+from gearkit.eval import synthetic_kv
 from gearkit.kernels.backend import use_backend
 
 PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}  # datasheet HBM bandwidth of the SXM parts
@@ -62,7 +63,9 @@ def main() -> None:
     parser.add_argument("--contexts", default=None, help="comma-separated context lengths")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes")
     parser.add_argument("--recipes", default="kivi-2,gear-2,sink-3")
-    parser.add_argument("--skip-compiled", action="store_true", help="CPU: only decode attention, no torch.compile runs")
+    parser.add_argument(
+        "--skip-compiled", action="store_true", help="CPU: only decode attention, no torch.compile runs"
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -97,30 +100,47 @@ def main() -> None:
                     for backend in ("triton", "torch"):
                         with use_backend(backend):
                             ms = bench_ms(lambda: quant.encode(ck), device)
-                        record(op="quantize_pack", backend=backend, ms=round(ms, 4), gbps=round(moved / ms / 1e6, 1), **key)
+                        record(
+                            op="quantize_pack", backend=backend, ms=round(ms, 4), gbps=round(moved / ms / 1e6, 1), **key
+                        )
                     # reconstruction of the whole key pipeline (codes + outliers + low rank -> fp16)
                     stored = recipe.key.compress(ck)
                     moved = stored.nbytes + ck.numel() * 2
                     for backend in ("triton", "torch"):
                         with use_backend(backend):
                             ms = bench_ms(lambda: recipe.key.decompress(stored), device)
-                        record(op="reconstruct", backend=backend, ms=round(ms, 4), gbps=round(moved / ms / 1e6, 1), **key)
+                        record(
+                            op="reconstruct", backend=backend, ms=round(ms, 4), gbps=round(moved / ms / 1e6, 1), **key
+                        )
                     # decode attention, one query token
                     sk, sv = recipe.key.compress(ck), recipe.value.compress(cv)
                     q = torch.randn(batch, heads, 1, head_dim, device=device, dtype=torch.float16)
                     bias = torch.zeros(batch, context, device=device)
                     scale = head_dim**-0.5
-                    sdpa = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
-                        q, k, v, scale=scale, enable_gqa=True), device)
-                    record(op="decode_attention", backend="sdpa-fp16-uncompressed", ms=round(sdpa, 4),
-                           gbps=round(2 * k.numel() * 2 / sdpa / 1e6, 1), **key)
+                    sdpa = bench_ms(
+                        lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True),
+                        device,
+                    )
+                    record(
+                        op="decode_attention",
+                        backend="sdpa-fp16-uncompressed",
+                        ms=round(sdpa, 4),
+                        gbps=round(2 * k.numel() * 2 / sdpa / 1e6, 1),
+                        **key,
+                    )
                     for backend in ("triton", "torch"):
                         with use_backend(backend):
-                            ms = bench_ms(lambda: chunk_attention(q, recipe.key, recipe.value, [(sk, sv)], bias,
-                                                                  scale), device)
-                        record(op="decode_attention", backend=backend, ms=round(ms, 4),
-                               speedup_vs_sdpa_fp16=round(sdpa / ms, 2),
-                               bytes_read=sk.nbytes + sv.nbytes, **key)
+                            ms = bench_ms(
+                                lambda: chunk_attention(q, recipe.key, recipe.value, [(sk, sv)], bias, scale), device
+                            )
+                        record(
+                            op="decode_attention",
+                            backend=backend,
+                            ms=round(ms, 4),
+                            speedup_vs_sdpa_fp16=round(sdpa / ms, 2),
+                            bytes_read=sk.nbytes + sv.nbytes,
+                            **key,
+                        )
                     del sk, sv, stored
                 else:
                     # decode attention, one query token: SDPA over the uncompressed fp32 cache against the stored
@@ -129,26 +149,46 @@ def main() -> None:
                     q = torch.randn(batch, heads, 1, head_dim)
                     bias = torch.zeros(batch, context)
                     kf, vf, scale = k.float(), v.float(), head_dim**-0.5
-                    sdpa = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
-                        q, kf, vf, scale=scale, enable_gqa=True), device)
+                    sdpa = bench_ms(
+                        lambda: torch.nn.functional.scaled_dot_product_attention(
+                            q, kf, vf, scale=scale, enable_gqa=True
+                        ),
+                        device,
+                    )
                     record(op="decode_attention", backend="sdpa-fp32-uncompressed", ms=round(sdpa, 4), **key)
-                    for backend, label, kernel in (("auto", "stored-c-kernel", "1"), ("auto", "stored-torch", "0"),
-                                                   ("torch", "reference", "1")):
+                    for backend, label, kernel in (
+                        ("auto", "stored-c-kernel", "1"),
+                        ("auto", "stored-torch", "0"),
+                        ("torch", "reference", "1"),
+                    ):
                         os.environ["GEARKIT_CPU_KERNEL"] = kernel
                         with use_backend(backend):
-                            ms = bench_ms(lambda: chunk_attention(q, recipe.key, recipe.value, [(sk, sv)], bias,
-                                                                  scale), device)
-                        record(op="decode_attention", backend=label, ms=round(ms, 4),
-                               speedup_vs_sdpa_fp32=round(sdpa / ms, 2), **key)
+                            ms = bench_ms(
+                                lambda: chunk_attention(q, recipe.key, recipe.value, [(sk, sv)], bias, scale), device
+                            )
+                        record(
+                            op="decode_attention",
+                            backend=label,
+                            ms=round(ms, 4),
+                            speedup_vs_sdpa_fp32=round(sdpa / ms, 2),
+                            **key,
+                        )
                     os.environ.pop("GEARKIT_CPU_KERNEL")
-                    for op, fn in () if args.skip_compiled else (("compress", recipe.key.compress), ("round_trip", recipe.key)):
+                    for op, fn in (
+                        () if args.skip_compiled else (("compress", recipe.key.compress), ("round_trip", recipe.key))
+                    ):
                         eager = bench_ms(lambda: fn(ck), device)
                         compiled_fn = torch.compile(fn, fullgraph=True)
                         compiled = bench_ms(lambda: compiled_fn(ck), device)
                         record(op=op, backend="torch-eager", ms=round(eager, 3), **key)
-                        record(op=op, backend="torch-compiled", ms=round(compiled, 3),
-                               speedup_vs_eager=round(eager / compiled, 2), **key)
-                del k, v, ck, cv
+                        record(
+                            op=op,
+                            backend="torch-compiled",
+                            ms=round(compiled, 3),
+                            speedup_vs_eager=round(eager / compiled, 2),
+                            **key,
+                        )
+                k = v = ck = cv = None  # free before the next shape is built
                 if gpu:
                     torch.cuda.empty_cache()
     fields = list(dict.fromkeys(f for r in rows for f in r))

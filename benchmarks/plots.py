@@ -5,8 +5,8 @@ attention time against context length on a GPU, and end-to-end decode time and s
 Run: python benchmarks/plots.py --out docs/img [--synthetic]
 
 The frontier and decode plots read the committed results (`benchmarks/results/ppl_frontier_idle-help.csv`,
-`benchmarks/results/kernels_h200.csv`, `benchmarks/results/throughput_cpu_*.csv`); the spectrum is computed here, from the default model's keys on held-out
-text (or from synthetic keys with `--synthetic`, which needs no model).
+`benchmarks/results/kernels_h200.csv`, `benchmarks/results/throughput_cpu_*.csv`); the spectrum is computed here,
+from the default model's keys on held-out text (or from synthetic keys with `--synthetic`, which needs no model).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FAMILIES = {  # name prefix -> (label, colour, marker); first match wins
@@ -34,8 +34,16 @@ FAMILIES = {  # name prefix -> (label, colour, marker); first match wins
     "uniform": ("uniform per-token", "#8c564b", "x"),
     "fp16": ("fp16", "black", "*"),
 }
-OFFSETS = {"hf-quanto-2": (5, -10), "uniform-4": (6, 0), "gear-l-3": (-40, 4), "hf-quanto-4": (5, -11), "kivi-2": (4, 6), "sink-2": (-30, -10),
-           "kcvt-4": (-10, -12), "kivi-3": (4, -10)}  # label placement where points crowd
+OFFSETS = {
+    "hf-quanto-2": (5, -10),
+    "uniform-4": (6, 0),
+    "gear-l-3": (-40, 4),
+    "hf-quanto-4": (5, -11),
+    "kivi-2": (4, 6),
+    "sink-2": (-30, -10),
+    "kcvt-4": (-10, -12),
+    "kivi-3": (4, -10),
+}  # label placement where points crowd
 FLOOR = 0.05  # percent: increases at or below this (fp16, 8-bit: -0.01%..0%) are drawn on the floor
 
 
@@ -53,11 +61,29 @@ def plot_frontier(out: Path, source: Path = RESULTS / "ppl_frontier_idle-help.cs
         x, y = float(r["bits_per_element"]), max(float(r["ppl_increase_pct"]), FLOOR)
         ax.scatter(x, y, color=colour, marker=marker, s=55, label=None if fam in seen else label, zorder=3)
         seen.add(fam)
-        ax.annotate(r["recipe"], (x, y), textcoords="offset points", xytext=OFFSETS.get(r["recipe"], (5, 3)), fontsize=7, color=colour)
-    front = sorted((float(r["bits_per_element"]), max(float(r["ppl_increase_pct"]), FLOOR)) for r in rows
-                   if r["frontier"] == "True")
-    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="#d62728", alpha=0.35, lw=1.5,
-            label="frontier (lowest increase at ≤ these bits)", zorder=2)
+        ax.annotate(
+            r["recipe"],
+            (x, y),
+            textcoords="offset points",
+            xytext=OFFSETS.get(r["recipe"], (5, 3)),
+            fontsize=7,
+            color=colour,
+        )
+    front = sorted(
+        (float(r["bits_per_element"]), max(float(r["ppl_increase_pct"]), FLOOR))
+        for r in rows
+        if r["frontier"] == "True"
+    )
+    ax.step(
+        [p[0] for p in front],
+        [p[1] for p in front],
+        where="post",
+        color="#d62728",
+        alpha=0.35,
+        lw=1.5,
+        label="frontier (lowest increase at ≤ these bits)",
+        zorder=2,
+    )
     ax.set_yscale("log")
     ax.set_xscale("log", base=2)
     ax.set_xticks([2, 3, 4, 5, 6, 8, 12, 16], labels=["2", "3", "4", "5", "6", "8", "12", "16"])
@@ -65,8 +91,11 @@ def plot_frontier(out: Path, source: Path = RESULTS / "ppl_frontier_idle-help.cs
     ax.set_xlabel("bits per element, all-in (codes + scales + outliers + low-rank + sinks; log scale)")
     ax.set_ylabel(f"perplexity increase over uncompressed, % (log; ≤ {FLOOR}% drawn at {FLOOR}%)")
     r0 = rows[0]
-    ax.set_title(f"{r0['model']} on {r0['text']}: {r0['windows']} windows, {int(r0['tokens']) // int(r0['windows'])} "
-                 f"scored tokens each after a compressed past", fontsize=10)
+    ax.set_title(
+        f"{r0['model']} on {r0['text']}: {r0['windows']} windows, {int(r0['tokens']) // int(r0['windows'])} "
+        f"scored tokens each after a compressed past",
+        fontsize=10,
+    )
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8, loc="upper right")
     path = out / "ppl_frontier.png"
@@ -137,14 +166,19 @@ def plot_decode(out: Path, source: Path = RESULTS / "kernels_h200.csv") -> Path:
     rows = [r for r in csv.DictReader(source.open()) if r["op"] == "decode_attention"]
     batches = sorted({int(r["batch"]) for r in rows})
     fig, axes = plt.subplots(1, len(batches), figsize=(10, 4.5), sharey=True)
-    series = [("triton", "kivi-2", "C0-o", "kivi-2, Triton (packed codes)"),
-              ("triton", "gear-2", "C2-s", "gear-2, Triton (packed codes + outliers + rank 2)"),
-              ("sdpa-fp16-uncompressed", "kivi-2", "k--", "fp16 SDPA on the uncompressed cache"),
-              ("torch", "kivi-2", "C0:", "kivi-2, torch reference (decompress, then attend)")]
+    series = [
+        ("triton", "kivi-2", "C0-o", "kivi-2, Triton (packed codes)"),
+        ("triton", "gear-2", "C2-s", "gear-2, Triton (packed codes + outliers + rank 2)"),
+        ("sdpa-fp16-uncompressed", "kivi-2", "k--", "fp16 SDPA on the uncompressed cache"),
+        ("torch", "kivi-2", "C0:", "kivi-2, torch reference (decompress, then attend)"),
+    ]
     for ax, batch in zip(axes, batches):
         for backend, recipe, style, label in series:
-            pts = sorted((int(r["context"]), float(r["ms"])) for r in rows
-                         if r["backend"] == backend and r["recipe"] == recipe and int(r["batch"]) == batch)
+            pts = sorted(
+                (int(r["context"]), float(r["ms"]))
+                for r in rows
+                if r["backend"] == backend and r["recipe"] == recipe and int(r["batch"]) == batch
+            )
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -153,8 +187,9 @@ def plot_decode(out: Path, source: Path = RESULTS / "kernels_h200.csv") -> Path:
         ax.grid(True, which="both", alpha=0.25)
     axes[0].set_ylabel("decode attention, ms per step (log)")
     axes[-1].legend(fontsize=8)
-    fig.suptitle(f"One decode step's attention, {rows[0]['hardware']}: 32 query heads, 8 KV heads, head dim 128",
-                 fontsize=10)
+    fig.suptitle(
+        f"One decode step's attention, {rows[0]['hardware']}: 32 query heads, 8 KV heads, head dim 128", fontsize=10
+    )
     path = out / "decode_speed.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -167,14 +202,26 @@ def plot_throughput_cpu(out: Path, sources: tuple[str, ...] = ("1k", "4k", "8k")
     (`benchmarks/results/throughput_cpu_*.csv`, written by `benchmarks/throughput.py`)."""
     rows = [r for k in sources for r in csv.DictReader((RESULTS / f"throughput_cpu_{k}.csv").open())]
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 4.2))
-    for cache, style in (("DynamicCache", "k--o"), ("sink-3", "C3-o"), ("sink-3@sdpa", "C3:s"), ("kivi-2", "C0-^"),
-                         ("gear-2", "C2->"), ("hf-quanto-4", "C7-v")):
-        pts = sorted((int(r["context"]), float(r["decode_ms_per_step"]), int(r["step_largest_tensor_bytes"]))
-                     for r in rows if r["cache"] == cache)
+    for cache, style in (
+        ("DynamicCache", "k--o"),
+        ("sink-3", "C3-o"),
+        ("sink-3@sdpa", "C3:s"),
+        ("kivi-2", "C0-^"),
+        ("gear-2", "C2->"),
+        ("hf-quanto-4", "C7-v"),
+    ):
+        pts = sorted(
+            (int(r["context"]), float(r["decode_ms_per_step"]), int(r["step_largest_tensor_bytes"]))
+            for r in rows
+            if r["cache"] == cache
+        )
         if not pts:
             continue
-        label = {"sink-3": "sink-3 (reads the stored codes)", "sink-3@sdpa": "sink-3, SDPA over the decompressed past",
-                 "DynamicCache": "DynamicCache (fp32)"}.get(cache, cache)
+        label = {
+            "sink-3": "sink-3 (reads the stored codes)",
+            "sink-3@sdpa": "sink-3, SDPA over the decompressed past",
+            "DynamicCache": "DynamicCache (fp32)",
+        }.get(cache, cache)
         speed.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
         memory.plot([p[0] for p in pts], [p[2] / 2**20 for p in pts], style, label=label)
     for ax, ylabel in ((speed, "decode ms per token"), (memory, "largest tensor one step allocates (MiB)")):

@@ -46,24 +46,53 @@ def main() -> None:
     names = args.recipes or gearkit.recipes.names() + available_baselines()
     model, tokenizer = load_default_model()
     start = time.time()
-    results = evaluate(model, tokenizer, names, load_text(args.text), args.prefix, args.continuation, args.windows,
-                       progress=progress_bar(), model_name=DEFAULT_MODEL)
-    hardware = f"{platform.machine()} {platform.processor() or 'cpu'}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    print(f"{DEFAULT_MODEL} fp32, text {args.text}, {results[0].windows} windows of {args.prefix}+{args.continuation} "
-          f"tokens, baseline ppl {results[0].baseline_ppl:.4f}; {hardware}; {time.time() - start:.0f} s")
-    print("\n| cache | bits/elt | ratio | ppl | ppl increase | frontier | components (bits/elt) |\n|---|---|---|---|---|---|---|")
+    results = evaluate(
+        model,
+        tokenizer,
+        names,
+        load_text(args.text),
+        args.prefix,
+        args.continuation,
+        args.windows,
+        progress=progress_bar(),
+        model_name=DEFAULT_MODEL,
+    )
+    threads = torch.get_num_threads()
+    hardware = f"{platform.machine()} {platform.processor() or 'cpu'}, {threads} threads, torch {torch.__version__}"
+    print(
+        f"{DEFAULT_MODEL} fp32, text {args.text}, {results[0].windows} windows of {args.prefix}+{args.continuation} "
+        f"tokens, baseline ppl {results[0].baseline_ppl:.4f}; {hardware}; {time.time() - start:.0f} s"
+    )
+    print("\n| cache | bits/elt | ratio | ppl | ppl increase | frontier | components (bits/elt) |")
+    print("|---|---|---|---|---|---|---|")
     rows = []
     for r in sorted(results, key=lambda r: r.bits_per_element):
-        frontier = not any(o.bits_per_element <= r.bits_per_element and o.ppl_increase_pct < r.ppl_increase_pct
-                           and o is not r for o in results)
-        parts = ", ".join(f"{k} {gearkit.compressed.bits_per_element(v, r.kv_bytes_fp16 // 2):.2f}"
-                          for k, v in sorted(r.components.items()) if v)
-        print(f"| {r.recipe} | {r.bits_per_element:.3f} | {r.compression_ratio:.2f} | {r.ppl:.3f} | "
-              f"{r.ppl_increase_pct:+.2f}% | {'yes' if frontier else ''} | {parts} |")
-        rows.append({**r.summary(), "frontier": frontier, "text": args.text, "windows": r.windows,
-                     "prefill_tok_s": round(r.prefill_tokens_per_s, 1), "hardware": hardware,
-                     "date": datetime.date.today().isoformat(), "gearkit": gearkit.__version__,
-                     "definition": definition(r.recipe)})
+        frontier = not any(
+            o.bits_per_element <= r.bits_per_element and o.ppl_increase_pct < r.ppl_increase_pct and o is not r
+            for o in results
+        )
+        parts = ", ".join(
+            f"{k} {gearkit.accounting.bits_per_element(v, r.kv_bytes_fp16 // 2):.2f}"
+            for k, v in sorted(r.components.items())
+            if v
+        )
+        print(
+            f"| {r.recipe} | {r.bits_per_element:.3f} | {r.compression_ratio:.2f} | {r.ppl:.3f} | "
+            f"{r.ppl_increase_pct:+.2f}% | {'yes' if frontier else ''} | {parts} |"
+        )
+        rows.append(
+            {
+                **r.summary(),
+                "frontier": frontier,
+                "text": args.text,
+                "windows": r.windows,
+                "prefill_tok_s": round(r.prefill_tokens_per_s, 1),
+                "hardware": hardware,
+                "date": datetime.date.today().isoformat(),
+                "gearkit": gearkit.__version__,
+                "definition": definition(r.recipe),
+            }
+        )
     if args.out:
         with open(args.out, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

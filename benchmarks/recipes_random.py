@@ -27,8 +27,10 @@ def main() -> None:
     shape = (1, args.heads, args.tokens, args.head_dim)
     keys = synthetic_kv(shape, args.heavy, seed=0)
     values = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    print(f"gearkit {gearkit.__version__}, torch {torch.__version__}, {platform.machine()} "
-          f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads; shape {list(shape)}")
+    print(
+        f"gearkit {gearkit.__version__}, torch {torch.__version__}, {platform.machine()} "
+        f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads; shape {list(shape)}"
+    )
     results, millis = [], []
     for name in gearkit.recipes.names():
         recipe = gearkit.recipes.get(name)
@@ -39,12 +41,23 @@ def main() -> None:
         millis.append(1e3 * (time.perf_counter() - start))
     components = sorted({c for r in results for c in r.components})
     numel = 2 * keys.numel()
-    print(format_table([
-        {"recipe": r.recipe, "bits/elt": r.bits_per_element, "ratio": r.compression_ratio,
-         "key rel err": r.key_error, "value rel err": r.value_error, "round trip ms": ms,
-         **{f"{c} bits": 8 * r.components.get(c, 0) / numel for c in components}}
-        for r, ms in zip(results, millis)
-    ]))
+    print(
+        format_table(
+            [
+                {
+                    "recipe": r.recipe,
+                    "bits/elt": r.bits_per_element,
+                    "ratio": r.compression_ratio,
+                    "key rel err": r.key_error,
+                    "value rel err": r.value_error,
+                    "round trip ms": ms,
+                    **{f"{c} bits": 8 * r.components.get(c, 0) / numel for c in components},
+                }
+                for r, ms in zip(results, millis)
+            ]
+        )
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -9,9 +9,11 @@ A batch "fits" when its peak memory (GPU) or cache bytes plus the step's largest
 `--budget-gib`; the sweep stops at the first batch that does not fit. One CSV row per (cache, batch) with
 hardware, date and versions. Not a test.
 
-CPU, default model:   python benchmarks/throughput.py --context 4096 --batches 1 --out benchmarks/results/throughput_cpu.csv
-GPU, 8B shapes:       python benchmarks/throughput.py --device cuda --model llama3-8b-shaped --layers 4 --context 32768 \
-                          --batches 1,2,4,8,16,32 --budget-gib 80 --out benchmarks/results/throughput_h200.csv
+CPU, default model:
+    python benchmarks/throughput.py --context 4096 --batches 1 --out benchmarks/results/throughput_cpu.csv
+GPU, 8B shapes:
+    python benchmarks/throughput.py --device cuda --model llama3-8b-shaped --layers 4 --context 32768 \
+        --batches 1,2,4,8,16,32 --budget-gib 80 --out benchmarks/results/throughput_h200.csv
 """
 
 from __future__ import annotations
@@ -48,8 +50,16 @@ def load(name: str, layers: int | None, device: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     n = layers or 32
-    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                         num_hidden_layers=n, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0)
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        num_hidden_layers=n,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+    )
     with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.float16 if device == "cuda" else torch.float32).eval()
     return model, f"llama3-8b-shaped ({n} layers, random weights)", 32 / n
@@ -80,7 +90,8 @@ def run(model, spec: str, batch: int, context: int, new_tokens: int, device: str
             torch.cuda.synchronize()
         start = time.perf_counter()
         if i == new_tokens - 1 and device != "cuda":  # count once, outside the timed steps' statistics
-            logits, step_largest = largest_tensor(lambda: model(token, cache=cache, use_cache=True).logits[:, -1])
+            step = lambda token=token: model(token, cache=cache, use_cache=True).logits[:, -1]
+            logits, step_largest = largest_tensor(step)
         else:
             logits = model(token, cache=cache, use_cache=True).logits[:, -1]
         if device == "cuda":
@@ -90,9 +101,16 @@ def run(model, spec: str, batch: int, context: int, new_tokens: int, device: str
     timed = times[1:-1] if len(times) > 2 else times  # drop the warm-up step and the counted one
     ms = 1000 * sorted(timed)[len(timed) // 2]
     report = memory_report(cache, model.config, batch)
-    row = {"cache": spec, "batch": batch, "context": context, "new_tokens": new_tokens, "decode_ms_per_step": round(ms, 2),
-           "decode_tokens_per_s": round(batch * 1000 / ms, 2), "kv_bytes": report.nbytes,
-           "kv_bits_per_element": round(report.bits_per_element, 3)}
+    row = {
+        "cache": spec,
+        "batch": batch,
+        "context": context,
+        "new_tokens": new_tokens,
+        "decode_ms_per_step": round(ms, 2),
+        "decode_tokens_per_s": round(batch * 1000 / ms, 2),
+        "kv_bytes": report.nbytes,
+        "kv_bits_per_element": round(report.bits_per_element, 3),
+    }
     if device == "cuda":
         row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
     else:
@@ -109,17 +127,31 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--batches", default="1")
-    ap.add_argument("--caches", default=None, help="comma-separated; default DynamicCache, quanto, sink-3, kivi-2, gear-2; "
-                    "NAME@sdpa runs a recipe in the SDPA compatibility mode")
+    ap.add_argument(
+        "--caches",
+        default=None,
+        help="comma-separated; default DynamicCache, quanto, sink-3, kivi-2, gear-2; "
+        "NAME@sdpa runs a recipe in the SDPA compatibility mode",
+    )
     ap.add_argument("--budget-gib", type=float, default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    specs = args.caches.split(",") if args.caches else (
-        ["DynamicCache"] + [n for n in ("hf-quanto-4", "hf-quanto-2") if n in available_baselines()] + ["sink-3", "kivi-2", "gear-2"])
+    specs = (
+        args.caches.split(",")
+        if args.caches
+        else (
+            ["DynamicCache"]
+            + [n for n in ("hf-quanto-4", "hf-quanto-2") if n in available_baselines()]
+            + ["sink-3", "kivi-2", "gear-2"]
+        )
+    )
     model, label, scale = load(args.model, args.layers, args.device)
-    hardware = (torch.cuda.get_device_name() if args.device == "cuda"
-                else f"{platform.machine()} {platform.processor() or 'cpu'}, {torch.get_num_threads()} threads")
+    hardware = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"{platform.machine()} {platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+    )
     rows = []
     for spec in specs:
         for batch in [int(b) for b in args.batches.split(",")]:
@@ -129,13 +161,30 @@ def main() -> None:
                 print(f"{spec} batch {batch}: out of memory", file=sys.stderr)
                 break
             peak = row.get("peak_allocated_bytes", row["kv_bytes"] + row.get("step_largest_tensor_bytes", 0))
-            row.update(model=label, layer_scale=scale, device=args.device, hardware=hardware,
-                       date=datetime.date.today().isoformat(), torch=torch.__version__, gearkit=gearkit.__version__,
-                       fits_budget=None if args.budget_gib is None else peak <= args.budget_gib * 2**30)
+            row.update(
+                model=label,
+                layer_scale=scale,
+                device=args.device,
+                hardware=hardware,
+                date=datetime.date.today().isoformat(),
+                torch=torch.__version__,
+                gearkit=gearkit.__version__,
+                fits_budget=None if args.budget_gib is None else peak <= args.budget_gib * 2**30,
+            )
             rows.append(row)
-            print({k: row[k] for k in ("cache", "batch", "decode_ms_per_step", "decode_tokens_per_s", "kv_bytes")
-                   if k in row} | {k: row[k] for k in ("rss_growth_bytes", "step_largest_tensor_bytes",
-                                                        "peak_allocated_bytes") if k in row}, flush=True)
+            print(
+                {
+                    k: row[k]
+                    for k in ("cache", "batch", "decode_ms_per_step", "decode_tokens_per_s", "kv_bytes")
+                    if k in row
+                }
+                | {
+                    k: row[k]
+                    for k in ("rss_growth_bytes", "step_largest_tensor_bytes", "peak_allocated_bytes")
+                    if k in row
+                },
+                flush=True,
+            )
             if row["fits_budget"] is False:
                 break
     if args.out and rows:

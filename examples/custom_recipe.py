@@ -24,7 +24,9 @@ values = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))  
 pipeline = Pipeline([SparseOutlier(0.02, "token"), Quantizer(3, 64, "token"), LowRankResidual(2)])
 c = pipeline.compress(values)
 error = ((pipeline.decompress(c) - values).norm() / values.norm()).item()
-print(f"one chunk: {c.bits_per_element:.3f} bits/element, relative error {error:.4f}, bytes by component {c.components()}")
+print(
+    f"one chunk: {c.bits_per_element:.3f} bits/element, relative error {error:.4f}, bytes by component {c.components()}"
+)
 # --8<-- [end:pipeline]
 
 # --8<-- [start:recipe]
@@ -46,8 +48,10 @@ recipes.register(mine, replace=True)  # now every gearkit tool knows "my-3"
 keys = synthetic_kv((1, 3, 512, 64), heavy_channels=3, seed=0)
 values = torch.randn(1, 3, 512, 64, generator=torch.Generator().manual_seed(1))
 names = ["gear-2", "sink-3", "my-3"]
-rows = [{"recipe": r.recipe, "bits/elt": r.bits_per_element, "key rel err": r.key_error, "value rel err": r.value_error}
-        for r in compare_recipes(keys, values, names)]
+rows = [
+    {"recipe": r.recipe, "bits/elt": r.bits_per_element, "key rel err": r.key_error, "value rel err": r.value_error}
+    for r in compare_recipes(keys, values, names)
+]
 print("\nsynthetic [1, 3, 512, 64] keys and values, compressed in chunks of each recipe's buffer size:")
 print(format_table(rows))
 
@@ -56,10 +60,25 @@ from gearkit.eval.perplexity import evaluate  # noqa: E402  (imports transformer
 from gearkit.models import DEFAULT_MODEL, load_default_model, load_text  # noqa: E402
 
 model, tokenizer = load_default_model()
-results = evaluate(model, tokenizer, names, load_text("idle-help"), args.prefix, args.continuation, windows=1,
-                   model_name=DEFAULT_MODEL)
-print(f"\n{DEFAULT_MODEL}, idle-help, 1 window of {args.prefix} prefilled + {args.continuation} scored tokens, "
-      f"uncompressed ppl {results[0].baseline_ppl:.3f}:")
-print(format_table([{"cache": r.recipe, "ppl": r.ppl, "ppl change": f"{r.ppl_increase_pct:+.2f}%", "bits/elt": r.bits_per_element,
-                     "ratio": r.compression_ratio} for r in results]))
+results = evaluate(
+    model, tokenizer, names, load_text("idle-help"), args.prefix, args.continuation, windows=1, model_name=DEFAULT_MODEL
+)
+print(
+    f"\n{DEFAULT_MODEL}, idle-help, 1 window of {args.prefix} prefilled + {args.continuation} scored tokens, "
+    f"uncompressed ppl {results[0].baseline_ppl:.3f}:"
+)
+print(
+    format_table(
+        [
+            {
+                "cache": r.recipe,
+                "ppl": r.ppl,
+                "ppl change": f"{r.ppl_increase_pct:+.2f}%",
+                "bits/elt": r.bits_per_element,
+                "ratio": r.compression_ratio,
+            }
+            for r in results
+        ]
+    )
+)
 # --8<-- [end:measure]

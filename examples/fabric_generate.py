@@ -41,8 +41,10 @@ with torch.inference_mode():
         result = module.predict_step(batch)
         rows += result.rows
         report = result.stats[args.recipe].report
-        print(f"[rank {fabric.global_rank}] batch {result.batch}: {report.nbytes} KV bytes, "
-              f"{report.bits_per_element:.2f} bits/element, {report.compression_ratio:.2f}x smaller than fp16")
+        print(
+            f"[rank {fabric.global_rank}] batch {result.batch}: {report.nbytes} KV bytes, "
+            f"{report.bits_per_element:.2f} bits/element, {report.compression_ratio:.2f}x smaller than fp16"
+        )
 
 if fabric.world_size > 1:
     gathered = [None] * fabric.world_size

@@ -23,18 +23,24 @@ pad = pad_token_id(tokenizer)
 
 def chat(*prompts: str) -> dict:
     """Token ids and attention mask of the prompts as user messages, left-padded to one length."""
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-             for p in prompts]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
     tokenizer.padding_side = "left"  # decoder-only models continue from the right end
     return tokenizer(texts, return_tensors="pt", padding=True)
+
+
 # --8<-- [end:setup]
 
 
 def show(label: str, cache: GearCache, out: torch.Tensor, inputs: dict) -> None:
     report = cache.memory_report()
-    print(f"--- {label}: {report.bits_per_element:.2f} bits/element, {report.compression_ratio:.2f}x smaller than fp16, "
-          f"{report.nbytes} bytes {report.components}")
-    for row in out[:, inputs["input_ids"].shape[1]:]:
+    print(
+        f"--- {label}: {report.bits_per_element:.2f} bits/element, {report.compression_ratio:.2f}x smaller than fp16, "
+        f"{report.nbytes} bytes {report.components}"
+    )
+    for row in out[:, inputs["input_ids"].shape[1] :]:
         print("   ", tokenizer.decode(row, skip_special_tokens=True).strip().replace("\n", " "))
 
 

@@ -37,9 +37,11 @@ with use_backend("triton"):
         print(f"triton on this CPU without TRITON_INTERPRET=1: {type(e).__name__}: {e}")
     else:
         restored = pipeline.decompress(interpreted)
-        print(f"triton (interpreter, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}): stored bytes identical "
-              f"to the reference: {same_bytes(reference, interpreted)}; reconstruction max |diff| vs reference "
-              f"{(restored - pipeline.decompress(reference)).abs().max().item():.2e}")
+        print(
+            f"triton (interpreter, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}): stored bytes identical "
+            f"to the reference: {same_bytes(reference, interpreted)}; reconstruction max |diff| vs reference "
+            f"{(restored - pipeline.decompress(reference)).abs().max().item():.2e}"
+        )
 
 # 2. torch.compile: the stages are torch.library custom ops with fake implementations, so the whole compress
 #    path compiles as one graph (fullgraph=True raises on any graph break) and stores the same bytes as eager.
@@ -54,6 +56,8 @@ with use_backend("torch"):
         for _ in range(20):
             fn(keys)
         timings[label] = (time.perf_counter() - start) / 20 * 1e3
-print(f"compiled (fullgraph): first call {compile_s:.1f} s including compilation; stored bytes identical to eager: "
-      f"{same_bytes(reference, first)}")
+print(
+    f"compiled (fullgraph): first call {compile_s:.1f} s including compilation; stored bytes identical to eager: "
+    f"{same_bytes(reference, first)}"
+)
 print(f"per call on {tuple(keys.shape)}: eager {timings['eager']:.2f} ms, compiled {timings['compiled']:.2f} ms")

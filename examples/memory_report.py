@@ -8,12 +8,22 @@ Run: python examples/memory_report.py
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gearkit.compressed import tensor_nbytes
+from gearkit.accounting import tensor_nbytes
 from gearkit.integrations.hf import make_cache
 
 torch.manual_seed(0)
-config = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+config = LlamaConfig(
+    vocab_size=97,
+    hidden_size=256,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=1,
+)
 model = LlamaForCausalLM(config).eval()  # head_dim 64, 2 KV heads, 2 layers
 
 
@@ -33,8 +43,10 @@ for name in ("fp16", "kivi-2", "gear-2", "sink-3"):
                 t = cache.get_seq_length()
                 model(ids[:, t : t + 1], cache=cache, use_cache=True)
             r = cache.memory_report()
-            print(f"{r.tokens:4d} tokens: {r.nbytes:7d} bytes = {r.bits_per_element:5.2f} bits/element "
-                  f"({r.compression_ratio:.2f}x smaller than fp16 {r.fp16_nbytes} bytes): {bits(r)}")
+            print(
+                f"{r.tokens:4d} tokens: {r.nbytes:7d} bytes = {r.bits_per_element:5.2f} bits/element "
+                f"({r.compression_ratio:.2f}x smaller than fp16 {r.fp16_nbytes} bytes): {bits(r)}"
+            )
     # The report is the storage of the tensors the cache holds, nothing estimated:
     held = sum(tensor_nbytes(t) for t in cache.held_tensors())
     print(f"bytes of the tensors held: {held} (report: {r.nbytes})")

@@ -4,12 +4,15 @@ Importing gearkit loads only torch and einops; integrations (transformers, Light
 load when used.
 """
 
-from gearkit import compressed, compressors, recipes
-from gearkit.compressed import *  # noqa: F403 (the stored parts and MemoryReport)
+from gearkit import compressors, parts, recipes
+from gearkit.accounting import MemoryReport
 from gearkit.compressors import *  # noqa: F403 (the stages)
-from gearkit.compressors import Rotary  # noqa: F401 (RoPE's old name, for one release)
+from gearkit.deprecation import moved
+from gearkit.parts import *  # noqa: F403 (the stored parts)
 from gearkit.recipes import Recipe
 
 __version__ = "0.1.0"
 
-__all__ = [*compressors.__all__, *compressed.__all__, "Recipe", "recipes"]
+__all__ = [*compressors.__all__, *parts.__all__, "MemoryReport", "Recipe", "recipes"]
+
+__getattr__ = moved(__name__, {"Rotary": "gearkit.compressors.rope:RoPE"})

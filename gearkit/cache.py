@@ -29,14 +29,14 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from gearkit.compressed import (CompressedTensor, MemoryReport, add_counts, cat_batch, select_batch, slice_batch,
-                                tensor_nbytes)
+from gearkit.accounting import MemoryReport, add_counts, tensor_nbytes
 from gearkit.compressors.base import Context
-from gearkit.compressors.pipeline import Pipeline
 from gearkit.compressors.checks import check_kv, check_storable
+from gearkit.compressors.pipeline import Pipeline
 from gearkit.compressors.probes import Probes, normalized_saliency, probe_attention
 from gearkit.kernels.decode import compressed_attention
 from gearkit.kernels.reference import attention_reference
+from gearkit.parts import CompressedTensor, cat_batch, select_batch, slice_batch
 from gearkit.recipes import Recipe
 
 
@@ -126,9 +126,15 @@ class ChunkList:
         return add_counts(*(group.components() for group in self.groups))
 
 
-def chunk_attention(query: Tensor, key_pipeline: Pipeline, value_pipeline: Pipeline,
-                    blocks: Sequence[tuple[CompressedTensor, CompressedTensor]], bias: Tensor, scaling: float,
-                    exact: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+def chunk_attention(
+    query: Tensor,
+    key_pipeline: Pipeline,
+    value_pipeline: Pipeline,
+    blocks: Sequence[tuple[CompressedTensor, CompressedTensor]],
+    bias: Tensor,
+    scaling: float,
+    exact: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
     """Attention of a few queries over stored chunks, read in their stored form: by Triton on a GPU where the
     pipelines' layouts allow (`Pipeline.storage_layout`), else by torch as the pipelines say (`Pipeline.scores`,
     `Pipeline.weighted`); under the torch backend decompressed block by block (the reference).
@@ -147,15 +153,26 @@ def chunk_attention(query: Tensor, key_pipeline: Pipeline, value_pipeline: Pipel
     Returns:
         `(out, lse)`: float32 `[batch, heads, queries, head_dim]` and `[batch, heads, queries]`.
     """
+
     def rebuild(keys: CompressedTensor, values: CompressedTensor) -> tuple[Tensor, Tensor]:
         n = keys.shape[0] // query.shape[0]
-        return (rearrange(key_pipeline.decompress(keys).float(), "(n b) h c d -> b h (n c) d", n=n),
-                rearrange(value_pipeline.decompress(values).float(), "(n b) h c d -> b h (n c) d", n=n))
+        return (
+            rearrange(key_pipeline.decompress(keys).float(), "(n b) h c d -> b h (n c) d", n=n),
+            rearrange(value_pipeline.decompress(values).float(), "(n b) h c d -> b h (n c) d", n=n),
+        )
 
     keys, values = blocks[0]
-    return compressed_attention(query, blocks, key_pipeline.storage_layout(keys.shape),
-                                value_pipeline.storage_layout(values.shape), bias, scaling,
-                                (key_pipeline.scores, value_pipeline.weighted), rebuild, exact)
+    return compressed_attention(
+        query,
+        blocks,
+        key_pipeline.storage_layout(keys.shape),
+        value_pipeline.storage_layout(values.shape),
+        bias,
+        scaling,
+        (key_pipeline.scores, value_pipeline.weighted),
+        rebuild,
+        exact,
+    )
 
 
 class StepShared:
@@ -170,8 +187,11 @@ class StepShared:
     def __call__(self, key: tuple, compute):
         """`compute()`, or its last result if `key` is the same as last time's."""
         last = self._key
-        if last is None or len(key) != len(last) or not all(
-                a is b if isinstance(a, Tensor) or isinstance(b, Tensor) else a == b for a, b in zip(key, last)):
+        if (
+            last is None
+            or len(key) != len(last)
+            or not all(a is b if isinstance(a, Tensor) or isinstance(b, Tensor) else a == b for a, b in zip(key, last))
+        ):
             self._value, self._key = compute(), key
         return self._value
 
@@ -216,8 +236,9 @@ class SaliencyScores:
         self.received = received if self.received is None else torch.cat([self.received, received], -1)
         self.seen = seen if self.seen is None else torch.cat([self.seen, seen], -1)
 
-    def observed(self, query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float | None,
-                 buffered: int) -> tuple[Tensor, Tensor]:
+    def observed(
+        self, query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float | None, buffered: int
+    ) -> tuple[Tensor, Tensor]:
         """The scores after this step's probes (nothing changes yet): `(received, seen)` of the last `buffered`
         keys. Args as `probe_attention`."""
         received, seen = probe_attention(query, keys, attention_mask, scaling, self.probes)
@@ -294,9 +315,15 @@ class StepView:
 
     def _unchunk(self, chunks: ChunkList, pipeline, like: Tensor) -> Tensor:
         """The compressed chunks decompressed into `[batch, kv_heads, chunks * chunk, head_dim]`."""
-        blocks = [rearrange(pipeline.decompress(view).to(self.store.dtype), "(n b) h c d -> b h (n c) d", b=chunks.batch)
-                  for _, view in chunks.blocks()]
-        return torch.cat(blocks, -2) if blocks else like.new_zeros(*like.shape[:2], 0, like.shape[-1], dtype=self.store.dtype)
+        blocks = [
+            rearrange(pipeline.decompress(view).to(self.store.dtype), "(n b) h c d -> b h (n c) d", b=chunks.batch)
+            for _, view in chunks.blocks()
+        ]
+        return (
+            torch.cat(blocks, -2)
+            if blocks
+            else like.new_zeros(*like.shape[:2], 0, like.shape[-1], dtype=self.store.dtype)
+        )
 
     def _assemble(self, sink: Tensor, chunks: ChunkList, pipeline, buffer: Tensor) -> Tensor:
         held = torch.cat([self._unchunk(chunks, pipeline, buffer), buffer.to(self.store.dtype)], -2)
@@ -310,15 +337,18 @@ class StepView:
         """Every token decompressed, sink copy in front: keys and values `[batch, kv_heads, tokens, head_dim]` in
         the compute dtype."""
         recipe = self.store.recipe
-        return (self._assemble(self.sink_keys, self.key_chunks, recipe.key, self.keys),
-                self._assemble(self.sink_values, self.value_chunks, recipe.value, self.values))
+        return (
+            self._assemble(self.sink_keys, self.key_chunks, recipe.key, self.keys),
+            self._assemble(self.sink_values, self.value_chunks, recipe.value, self.values),
+        )
 
     def fresh(self) -> tuple[Tensor, Tensor]:
         """The buffer and the step's tokens only, in the compute dtype (a step that reads the storage)."""
         return self.keys.to(self.store.dtype), self.values.to(self.store.dtype)
 
-    def _biases(self, attention_mask: Tensor | None, b: int, nq: int, held: int, fresh: int,
-                device: torch.device) -> tuple[Tensor, Tensor]:
+    def _biases(
+        self, attention_mask: Tensor | None, b: int, nq: int, held: int, fresh: int, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
         """What the step attends to: over the compressed chunks, boolean `[batch, held]` (True = attend; the same
         for every query; sink positions hidden, the copy holds them), and over the exact tokens, the sink copy then
         `fresh` buffered and new tokens, an additive float `[batch, queries, slots + fresh]` (`-inf` hides).
@@ -328,8 +358,9 @@ class StepView:
         key = (attention_mask, starts, b, nq, held, fresh, self.sink_keys.shape[-2], device)
         return _shared_biases(key, lambda: self._compute_biases(attention_mask, b, nq, held, fresh, device))
 
-    def _compute_biases(self, attention_mask: Tensor | None, b: int, nq: int, held: int, fresh: int,
-                        device: torch.device) -> tuple[Tensor, Tensor]:
+    def _compute_biases(
+        self, attention_mask: Tensor | None, b: int, nq: int, held: int, fresh: int, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
         if attention_mask is None:  # causal: the whole past is visible, the fresh tokens causally
             past = torch.ones(b, 1, held, dtype=torch.bool, device=device)
             recent = torch.ones(nq, fresh, dtype=torch.bool, device=device).tril(fresh - nq).expand(b, nq, fresh)
@@ -337,19 +368,24 @@ class StepView:
             visible = attention_mask[:, 0].to(torch.bool)
             past, recent = visible[:, :, :held], visible[:, :, held:]
             if not (past == past[:, :1]).all():
-                raise ValueError("attention over the compressed storage needs every query to see the same compressed past")
+                raise ValueError(
+                    "attention over the compressed storage needs every query to see the same compressed past"
+                )
         # sink tokens inside the compressed chunks are read from the exact copy (later ones are in the buffer)
         sink_at = self.sink_positions().expand(b, -1)
-        sink_visible = (past.expand(b, nq, held).gather(2, sink_at.clamp(max=max(held - 1, 0))[:, None].expand(-1, nq, -1))
-                        & (sink_at < held)[:, None])
+        sink_visible = (
+            past.expand(b, nq, held).gather(2, sink_at.clamp(max=max(held - 1, 0))[:, None].expand(-1, nq, -1))
+            & (sink_at < held)[:, None]
+        )
         chunks = past[:, 0].clone()  # a byte per past token, as the model's own mask
         window = min(held, self.store.sink_until)  # every row's sink positions lie before it
         if window:
             chunks[:, :window] &= ~self._sink_slots(window)[1]
         return chunks, torch.where(torch.cat([sink_visible, recent], -1), 0.0, float("-inf"))
 
-    def attend(self, query: Tensor, keys: Tensor, values: Tensor, attention_mask: Tensor | None,
-               scaling: float | None) -> Tensor:
+    def attend(
+        self, query: Tensor, keys: Tensor, values: Tensor, attention_mask: Tensor | None, scaling: float | None
+    ) -> Tensor:
         """The step's attention read from the storage: the compressed chunks block by block through
         `chunk_attention` (Triton or torch read the packed codes, the reference decompresses; one block at a time, so
         the working set is one block whatever the context), together with the exact tokens (the sink copy and
@@ -374,8 +410,11 @@ class StepView:
         held, fresh = self.chunks * size, keys.shape[-2]
         scaling = d**-0.5 if scaling is None else scaling
         bias, exact_bias = self._biases(attention_mask, b, nq, held, fresh, query.device)
-        exact = (torch.cat([self.sink_keys.to(keys.dtype), keys], -2),
-                 torch.cat([self.sink_values.to(values.dtype), values], -2), exact_bias)
+        exact = (
+            torch.cat([self.sink_keys.to(keys.dtype), keys], -2),
+            torch.cat([self.sink_values.to(values.dtype), values], -2),
+            exact_bias,
+        )
         if self.chunks:  # one block of chunks read at a time
             blocks = [(kv, vv) for (_, kv), (_, vv) in zip(self.key_chunks.blocks(), self.value_chunks.blocks())]
             out, _ = chunk_attention(query, store.recipe.key, store.recipe.value, blocks, bias, scaling, exact)
@@ -458,8 +497,16 @@ class ChunkStore:
 
     def view(self) -> StepView:
         """Everything held, as a `StepView` with no new tokens."""
-        return StepView(self, self.keys, self.values, self.sink_keys, self.sink_values, self.key_chunks,
-                        self.value_chunks, self.starts)
+        return StepView(
+            self,
+            self.keys,
+            self.values,
+            self.sink_keys,
+            self.sink_values,
+            self.key_chunks,
+            self.value_chunks,
+            self.starts,
+        )
 
     def snapshot(self) -> dict:
         """The store's state, for `restore`: held tensors are never written in place, so a shallow copy of the
@@ -511,16 +558,32 @@ class ChunkStore:
         new_keys, new_values = self._stored(key_states, "key_states"), self._stored(value_states, "value_states")
         starts = self.starts
         if not self.is_initialized:
-            self.keys, self.sink_keys = (new_keys.new_zeros(*new_keys.shape[:2], 0, new_keys.shape[-1]) for _ in range(2))
-            self.values, self.sink_values = (new_values.new_zeros(*new_values.shape[:2], 0, new_values.shape[-1]) for _ in range(2))
+            self.keys, self.sink_keys = (
+                new_keys.new_zeros(*new_keys.shape[:2], 0, new_keys.shape[-1]) for _ in range(2)
+            )
+            self.values, self.sink_values = (
+                new_values.new_zeros(*new_values.shape[:2], 0, new_values.shape[-1]) for _ in range(2)
+            )
             self.dtype = key_states.dtype
             starts = padding(position_ids, key_states)
             # the position after every row's sink tokens (a Python int: no device sync on later steps)
             self.sink_until = self.recipe.sink_tokens + (0 if starts is None else int(starts.max()))
-        step = StepView(self, torch.cat([self.keys, new_keys], -2), torch.cat([self.values, new_values], -2),
-                        *self._sinks(new_keys, new_values, starts), self.key_chunks, self.value_chunks, starts)
+        step = StepView(
+            self,
+            torch.cat([self.keys, new_keys], -2),
+            torch.cat([self.values, new_values], -2),
+            *self._sinks(new_keys, new_values, starts),
+            self.key_chunks,
+            self.value_chunks,
+            starts,
+        )
         compressed = None if self.saliency is not None else self._compress_buffer(step.keys, step.values, starts=starts)
-        self.keys, self.values, self.sink_keys, self.sink_values = step.keys, step.values, step.sink_keys, step.sink_values
+        self.keys, self.values, self.sink_keys, self.sink_values = (
+            step.keys,
+            step.values,
+            step.sink_keys,
+            step.sink_values,
+        )
         self.starts = starts
         self._commit(compressed)
         self.length += key_states.shape[-2]
@@ -536,7 +599,9 @@ class ChunkStore:
             take = max(min(sink - length, new), 0)
             if not take:
                 return self.sink_keys, self.sink_values
-            return torch.cat([self.sink_keys, new_keys[:, :, :take]], -2), torch.cat([self.sink_values, new_values[:, :, :take]], -2)
+            return torch.cat([self.sink_keys, new_keys[:, :, :take]], -2), torch.cat(
+                [self.sink_values, new_values[:, :, :take]], -2
+            )
         if length >= self.sink_until:
             return self.sink_keys, self.sink_values
         slots = int((length + new - starts).clamp(0, sink).max())
@@ -546,10 +611,14 @@ class ChunkStore:
         out = []
         for held, fresh in ((self.sink_keys, new_keys), (self.sink_values, new_values)):
             held = torch.cat([held, held.new_zeros(*held.shape[:2], slots - held.shape[-2], held.shape[-1])], -2)
-            out.append(torch.where(arrives, fresh.gather(2, index.expand(*fresh.shape[:2], slots, fresh.shape[-1])), held))
+            out.append(
+                torch.where(arrives, fresh.gather(2, index.expand(*fresh.shape[:2], slots, fresh.shape[-1])), held)
+            )
         return out[0], out[1]
 
-    def observe_queries(self, query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float | None) -> None:
+    def observe_queries(
+        self, query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float | None
+    ) -> None:
         """Add the step's probe attention to the buffered tokens' saliency, then compress the buffer's whole
         chunks (saliency-driven recipes; a no-op otherwise).
 
@@ -568,8 +637,9 @@ class ChunkStore:
         self._commit(compressed)
         self.saliency.keep(received, seen, compressed[-1] * self.buffer_size if compressed else 0)
 
-    def _compress_chunks(self, buffer: Tensor, pipeline, held: ChunkList, saliency: Tensor | None,
-                         starts: Tensor | None) -> tuple[ChunkList, Tensor]:
+    def _compress_chunks(
+        self, buffer: Tensor, pipeline, held: ChunkList, saliency: Tensor | None, starts: Tensor | None
+    ) -> tuple[ChunkList, Tensor]:
         """Compress the buffer's whole chunks (with per-token `saliency` `[batch, kv_heads, buffered]` where the
         pipeline needs it, and rows starting at `starts` `[batch]`); returns (the chunks held with them, remaining
         buffer)."""
@@ -586,16 +656,21 @@ class ChunkStore:
         exclude = None
         if first < self.sink_until:  # sink positions are stored exactly in the sink copy
             position = first + torch.arange(full, device=buffer.device) - offset[:, None]  # [batch, full]
-            exclude = rearrange((position >= 0) & (position < self.recipe.sink_tokens), "b (n c) -> (n b) 1 c 1", c=size)
+            exclude = rearrange(
+                (position >= 0) & (position < self.recipe.sink_tokens), "b (n c) -> (n b) 1 c 1", c=size
+            )
             exclude = exclude.expand(chunks.shape)
         # each entry's first token position (chunk-major; a row's real tokens start at 0), for stages that code
         # keys before RoPE
-        positions = rearrange(first + size * torch.arange(full // size, device=buffer.device)[:, None] - offset,
-                              "n b -> (n b)")
+        positions = rearrange(
+            first + size * torch.arange(full // size, device=buffer.device)[:, None] - offset, "n b -> (n b)"
+        )
         new = pipeline.compress(chunks, exclude, Context(saliency, positions, self.layer))
         return held.append(new, buffer.shape[0]), buffer[:, :, full:].clone()  # clone: the buffer owns its bytes
 
-    def _compress_buffer(self, keys: Tensor, values: Tensor, saliency: Tensor | None = None, starts: Tensor | None = None):
+    def _compress_buffer(
+        self, keys: Tensor, values: Tensor, saliency: Tensor | None = None, starts: Tensor | None = None
+    ):
         """Compress the whole chunks of the given buffers (nothing changes yet); the result goes to `_commit`.
         `starts`: the rows' first real tokens (default: the store's)."""
         starts = self.starts if starts is None else starts
@@ -609,8 +684,11 @@ class ChunkStore:
             if not self.chunks and compressed[-1]:  # the first chunk: say so if the recipe enlarges the cache
                 bits = max(compressed[0].groups[-1].bits_per_element, compressed[1].groups[-1].bits_per_element)
                 if bits > 16:
-                    warnings.warn(f"recipe {self.recipe.name!r} stores more bits per element than fp16 (16) on this "
-                                  "data: it enlarges the cache instead of compressing it", stacklevel=2)
+                    warnings.warn(
+                        f"recipe {self.recipe.name!r} stores more bits per element than fp16 (16) on this "
+                        "data: it enlarges the cache instead of compressing it",
+                        stacklevel=2,
+                    )
             self.key_chunks, self.value_chunks, self.keys, self.values, _ = compressed
 
     # -- batch and length edits ----------------------------------------------------------------------------
@@ -620,7 +698,10 @@ class ChunkStore:
             return
         index = index.to(self.keys.device)
         self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
-        self.sink_keys, self.sink_values = self.sink_keys.index_select(0, index), self.sink_values.index_select(0, index)
+        self.sink_keys, self.sink_values = (
+            self.sink_keys.index_select(0, index),
+            self.sink_values.index_select(0, index),
+        )
         if self.starts is not None:
             self.starts = self.starts.index_select(0, index)
         self.key_chunks, self.value_chunks = self.key_chunks.select(index), self.value_chunks.select(index)
@@ -659,7 +740,9 @@ class ChunkStore:
         """Every tensor this store holds (compressed parts, buffer, sink copy, saliency scores)."""
         if not self.is_initialized:
             return []
-        out = [self.keys, self.values, self.sink_keys, self.sink_values] + ([] if self.starts is None else [self.starts])
+        out = [self.keys, self.values, self.sink_keys, self.sink_values] + (
+            [] if self.starts is None else [self.starts]
+        )
         out += [*self.key_chunks.tensors(), *self.value_chunks.tensors()]
         return out + (self.saliency.tensors() if self.saliency is not None else [])
 

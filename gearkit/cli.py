@@ -37,11 +37,23 @@ def _ppl_rows(results) -> list[dict]:
     shared = any(r.dictionary_bytes for r in results)
     rows = []
     for r in results:
-        row = {"cache": r.recipe, "ppl": r.ppl, "ppl change": f"{r.ppl_increase_pct:+.2f}%", "bits/elt": r.bits_per_element}
+        row = {
+            "cache": r.recipe,
+            "ppl": r.ppl,
+            "ppl change": f"{r.ppl_increase_pct:+.2f}%",
+            "bits/elt": r.bits_per_element,
+        }
         if shared:
             row["bits/elt w/o dict"] = r.bits_per_element_without_dictionary
-        rows.append({**row, "ratio": r.compression_ratio, "KV MiB": r.kv_bytes / 2**20,
-                     "prefill tok/s": r.prefill_tokens_per_s, "cont. tok/s": r.continuation_tokens_per_s})
+        rows.append(
+            {
+                **row,
+                "ratio": r.compression_ratio,
+                "KV MiB": r.kv_bytes / 2**20,
+                "prefill tok/s": r.prefill_tokens_per_s,
+                "cont. tok/s": r.continuation_tokens_per_s,
+            }
+        )
     return rows
 
 
@@ -76,7 +88,11 @@ def check_names(names, dictionary=None) -> list[str]:
         for sparsity in (8, 4):
             recipes.register(recipes.csr(sparsity, dictionary), replace=True)
     names = [check_cache_name(n) for n in names]
-    if any(n in ("csr-8", "csr-4") for n in names) and dictionary is None and not recipes.default_dictionary_path().is_file():
+    if (
+        any(n in ("csr-8", "csr-4") for n in names)
+        and dictionary is None
+        and not recipes.default_dictionary_path().is_file()
+    ):
         from gearkit.neuraldict import train_default_dictionary
 
         train_default_dictionary()
@@ -96,20 +112,32 @@ def cmd_eval_ppl(args) -> None:
         from gearkit.integrations.lightning import perplexity_results, predict
 
         spans = token_windows(tokenizer, text, args.prefix, args.continuation, args.windows)
-        rows = predict(spans, names, task="ppl", devices=args.devices, prefix=args.prefix, model=model,
-                       tokenizer=tokenizer)
+        rows = predict(
+            spans, names, task="ppl", devices=args.devices, prefix=args.prefix, model=model, tokenizer=tokenizer
+        )
         if rows is None:  # a DDP rank other than 0: rank 0 prints
             return
         results = perplexity_results(rows, model_name, args.prefix)
     else:
-        results = evaluate(model, tokenizer, names, text, args.prefix, args.continuation, args.windows,
-                           progress=progress_bar(), model_name=model_name)
+        results = evaluate(
+            model,
+            tokenizer,
+            names,
+            text,
+            args.prefix,
+            args.continuation,
+            args.windows,
+            progress=progress_bar(),
+            model_name=model_name,
+        )
     if args.json:
         for r in results:
             print(json.dumps(r.summary()))
         return
-    print(f"{model_name}, text {args.text}, {results[0].windows} window(s) of {args.prefix} + {args.continuation} "
-          f"tokens, baseline ppl {results[0].baseline_ppl:.4f}")
+    print(
+        f"{model_name}, text {args.text}, {results[0].windows} window(s) of {args.prefix} + {args.continuation} "
+        f"tokens, baseline ppl {results[0].baseline_ppl:.4f}"
+    )
     print(format_table(_ppl_rows(results)))
 
 
@@ -129,14 +157,37 @@ def cmd_dict_train(args) -> None:
     model, tokenizer, model_name = _load()
     start = time.perf_counter()
     dictionaries, stats = train_dictionaries(
-        model, tokenizer, text, model_name, args.atoms, args.sparsity, args.group_layers, args.vectors, args.epochs,
-        args.tokens, args.windows, pre_rope=not args.post_rope, root=args.work_dir, progress=not args.quiet)
+        model,
+        tokenizer,
+        text,
+        model_name,
+        args.atoms,
+        args.sparsity,
+        args.group_layers,
+        args.vectors,
+        args.epochs,
+        args.tokens,
+        args.windows,
+        pre_rope=not args.post_rope,
+        root=args.work_dir,
+        progress=not args.quiet,
+    )
     path = dictionaries.save(args.out)
-    print(json.dumps({"out": str(path), "atoms": args.atoms, "sparsity": args.sparsity, "groups": len(dictionaries.groups),
-                      "key_space": dictionaries.metadata()["key_space"], "MiB": dictionary_mib(dictionaries),
-                      "seconds": time.perf_counter() - start,
-                      **{f"{role}_rel_mse": stats[role]["mse_trained"] for role in ("keys", "values")},
-                      **{f"{role}_rel_mse_kmeans": stats[role]["mse_init"] for role in ("keys", "values")}}))
+    print(
+        json.dumps(
+            {
+                "out": str(path),
+                "atoms": args.atoms,
+                "sparsity": args.sparsity,
+                "groups": len(dictionaries.groups),
+                "key_space": dictionaries.metadata()["key_space"],
+                "MiB": dictionary_mib(dictionaries),
+                "seconds": time.perf_counter() - start,
+                **{f"{role}_rel_mse": stats[role]["mse_trained"] for role in ("keys", "values")},
+                **{f"{role}_rel_mse_kmeans": stats[role]["mse_init"] for role in ("keys", "values")},
+            }
+        )
+    )
 
 
 def cmd_eval_layers(args) -> None:
@@ -173,15 +224,23 @@ def cmd_eval_generation(args) -> None:
     from gearkit.eval.generation import agreement
 
     names = check_names(args.recipe, args.dictionary)
-    model, tokenizer, model_name = _load()
+    model, tokenizer, _ = _load()
     prompts = args.prompt or GENERATION_PROMPTS
     for index, prompt in enumerate(progress_bar()(prompts, total=len(prompts), desc="prompts")):
         for g in agreement(model, tokenizer, names, prompt, args.max_new_tokens):
-            row = {"prompt": index, "recipe": g.recipe, "match_rate": round(g.match_rate, 4),
-                   "first_divergence": g.first_divergence, "tokens_per_s": round(g.tokens_per_s, 2)}
-            print(json.dumps(row) if args.json else
-                  f"prompt {index} [{g.recipe}] match {100 * g.match_rate:.1f}%, first divergence at new token "
-                  f"{g.first_divergence}, {g.tokens_per_s:.1f} tok/s")
+            row = {
+                "prompt": index,
+                "recipe": g.recipe,
+                "match_rate": round(g.match_rate, 4),
+                "first_divergence": g.first_divergence,
+                "tokens_per_s": round(g.tokens_per_s, 2),
+            }
+            print(
+                json.dumps(row)
+                if args.json
+                else f"prompt {index} [{g.recipe}] match {100 * g.match_rate:.1f}%, first divergence at new token "
+                f"{g.first_divergence}, {g.tokens_per_s:.1f} tok/s"
+            )
 
 
 GENERATION_PROMPTS = [
@@ -200,8 +259,15 @@ def cmd_generate(args) -> None:
     if args.devices > 1 or args.batch_size > 1:
         from gearkit.integrations.lightning import predict
 
-        rows = predict(args.prompt, args.recipe, devices=args.devices, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens, model=model, tokenizer=tokenizer)
+        rows = predict(
+            args.prompt,
+            args.recipe,
+            devices=args.devices,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            model=model,
+            tokenizer=tokenizer,
+        )
         for row in rows or []:  # None on DDP ranks other than 0
             print(json.dumps(row) if args.json else row["text"])
         return
@@ -209,11 +275,19 @@ def cmd_generate(args) -> None:
         cache = make_cache(args.recipe, model)
         tokens, seconds = greedy(model, tokenizer, prompt, args.max_new_tokens, cache)
         text = tokenizer.decode(tokens, skip_special_tokens=True)
-        print(json.dumps({"index": index, "recipe": args.recipe, "prompt": prompt, "token_ids": tokens.tolist(),
-                          "text": text}) if args.json else text)
+        print(
+            json.dumps(
+                {"index": index, "recipe": args.recipe, "prompt": prompt, "token_ids": tokens.tolist(), "text": text}
+            )
+            if args.json
+            else text
+        )
         report = memory_report(cache, model.config)
-        print(f"[{args.recipe}: {len(tokens)} tokens in {seconds:.1f} s, cache {report.nbytes} bytes, "
-              f"{report.bits_per_element:.2f} bits/element, {versus_fp16(report.compression_ratio)}]", file=sys.stderr)
+        print(
+            f"[{args.recipe}: {len(tokens)} tokens in {seconds:.1f} s, cache {report.nbytes} bytes, "
+            f"{report.bits_per_element:.2f} bits/element, {versus_fp16(report.compression_ratio)}]",
+            file=sys.stderr,
+        )
 
 
 def cmd_demo(args) -> None:
@@ -226,22 +300,45 @@ def cmd_demo(args) -> None:
     names = DEMO_RECIPES + available_baselines()
     model, tokenizer, model_name = _load()
     text = load_text(DEFAULT_TEXT)
-    results = evaluate(model, tokenizer, names, text, args.prefix, args.continuation, args.windows,
-                       progress=progress_bar(), model_name=model_name)
-    print(f"\nPerplexity with a compressed past: {model_name}, {DEFAULT_TEXT} text, {results[0].windows} window(s) of "
-          f"{args.prefix} prefilled + {args.continuation} scored tokens; uncompressed baseline ppl "
-          f"{results[0].baseline_ppl:.4f}. Bits/elt and ratio are all-in, from the bytes held.")
+    results = evaluate(
+        model,
+        tokenizer,
+        names,
+        text,
+        args.prefix,
+        args.continuation,
+        args.windows,
+        progress=progress_bar(),
+        model_name=model_name,
+    )
+    print(
+        f"\nPerplexity with a compressed past: {model_name}, {DEFAULT_TEXT} text, {results[0].windows} window(s) of "
+        f"{args.prefix} prefilled + {args.continuation} scored tokens; uncompressed baseline ppl "
+        f"{results[0].baseline_ppl:.4f}. Bits/elt and ratio are all-in, from the bytes held."
+    )
     print(format_table(_ppl_rows(results)))
     # the passage puts most of every cache's tokens past its full-precision buffer (128 tokens at most)
     passage = tokenizer.decode(first_tokens(tokenizer, text, args.context)[0], skip_special_tokens=True)
-    print(f"\nGreedy generation: {args.context} tokens of the {DEFAULT_TEXT} text, then {args.prompt!r}; match = new "
-          f"tokens equal to the uncompressed cache's, compressed = tokens held compressed at the end (the rest "
-          f"in the full-precision buffer).")
+    print(
+        f"\nGreedy generation: {args.context} tokens of the {DEFAULT_TEXT} text, then {args.prompt!r}; match = new "
+        f"tokens equal to the uncompressed cache's, compressed = tokens held compressed at the end (the rest "
+        f"in the full-precision buffer)."
+    )
     generations = agreement(model, tokenizer, names, f"{passage}\n\n{args.prompt}", args.max_new_tokens)
-    print(format_table([{"cache": g.recipe, "match": f"{100 * g.match_rate:.0f}%",
-                         "compressed": f"{g.compressed}/{g.held} ({100 * g.compressed / max(g.held, 1):.0f}%)",
-                         "first diff": "-" if g.first_divergence is None else g.first_divergence,
-                         "tok/s": g.tokens_per_s} for g in generations]))
+    print(
+        format_table(
+            [
+                {
+                    "cache": g.recipe,
+                    "match": f"{100 * g.match_rate:.0f}%",
+                    "compressed": f"{g.compressed}/{g.held} ({100 * g.compressed / max(g.held, 1):.0f}%)",
+                    "first diff": "-" if g.first_divergence is None else g.first_divergence,
+                    "tok/s": g.tokens_per_s,
+                }
+                for g in generations
+            ]
+        )
+    )
     for g in generations:
         print(f"\n[{g.recipe}]\n{g.text.strip()}")
 
@@ -279,9 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prefix", type=positive_int, default=512)
     demo.add_argument("--continuation", type=positive_int, default=512)
     demo.add_argument("--windows", type=positive_int, default=1)
-    demo.add_argument("--context", type=positive_int, default=384,
-                      help="tokens of the default text before the prompt: every cache then holds most of its tokens "
-                           "compressed")
+    demo.add_argument(
+        "--context",
+        type=positive_int,
+        default=384,
+        help="tokens of the default text before the prompt: every cache then holds most of its tokens compressed",
+    )
     demo.add_argument("--prompt", default="Summarize the text above in three sentences.")
     demo.add_argument("--max-new-tokens", type=positive_int, default=64)
     demo.set_defaults(func=cmd_demo)
@@ -294,12 +394,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--recipe", required=True)
     gen.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     gen.add_argument("--max-new-tokens", type=positive_int, default=128)
-    gen.add_argument("--devices", type=positive_int, default=1,
-                     help="N > 1: Lightning Trainer.predict with DDP over N processes/devices (gloo on CPU); "
-                          "1: a plain loop. Greedy tokens are the same either way")
-    gen.add_argument("--batch-size", type=positive_int, default=1,
-                     help="prompts per left-padded batch (Lightning path); a prompt's output can depend on its "
-                          "batch, never on --devices")
+    gen.add_argument(
+        "--devices",
+        type=positive_int,
+        default=1,
+        help="N > 1: Lightning Trainer.predict with DDP over N processes/devices (gloo on CPU); "
+        "1: a plain loop. Greedy tokens are the same either way",
+    )
+    gen.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=1,
+        help="prompts per left-padded batch (Lightning path); a prompt's output can depend on its "
+        "batch, never on --devices",
+    )
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     gen.set_defaults(func=cmd_generate)
 
@@ -311,27 +419,44 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--continuation", type=positive_int, default=1024)
     ppl.add_argument("--windows", type=positive_int, default=4, help="at most this many windows")
     ppl.add_argument("--json", action="store_true", help="print one JSON object per recipe")
-    ppl.add_argument("--dictionary", default=None, help="dictionary file for csr-8 / csr-4 (default: the cached default)")
-    ppl.add_argument("--devices", type=positive_int, default=1,
-                     help="N > 1: windows sharded over N processes/devices with Lightning DDP (gloo on CPU); 1: the "
-                          "plain loop. Perplexities and bytes are the same either way (only speeds differ)")
+    ppl.add_argument(
+        "--dictionary", default=None, help="dictionary file for csr-8 / csr-4 (default: the cached default)"
+    )
+    ppl.add_argument(
+        "--devices",
+        type=positive_int,
+        default=1,
+        help="N > 1: windows sharded over N processes/devices with Lightning DDP (gloo on CPU); 1: the "
+        "plain loop. Perplexities and bytes are the same either way (only speeds differ)",
+    )
     ppl.set_defaults(func=cmd_eval_ppl)
     pk = ev.add_parser("passkey", help="passkey retrieval: a number hidden in filler text, asked for at the end")
-    pk.add_argument("--recipe", action="append", help="recipe or HF baseline; repeat for several (the uncompressed "
-                                                       "cache always runs too)")
+    pk.add_argument(
+        "--recipe",
+        action="append",
+        help="recipe or HF baseline; repeat for several (the uncompressed cache always runs too)",
+    )
     add_text(pk)
-    pk.add_argument("--length", type=positive_int, action="extend", nargs="+", help="prompt lengths in tokens (default 1024 2048)")
-    pk.add_argument("--depth", type=float, action="extend", nargs="+", help="needle depths in [0, 1] (default 0.1 0.5 0.9)")
+    pk.add_argument(
+        "--length", type=positive_int, action="extend", nargs="+", help="prompt lengths in tokens (default 1024 2048)"
+    )
+    pk.add_argument(
+        "--depth", type=float, action="extend", nargs="+", help="needle depths in [0, 1] (default 0.1 0.5 0.9)"
+    )
     pk.add_argument("--keys", type=positive_int, default=2, help="keys tried per depth")
     pk.add_argument("--json", action="store_true", help="print one JSON object per (cache, length)")
-    pk.add_argument("--dictionary", default=None, help="dictionary file for csr-8 / csr-4 (default: the cached default)")
+    pk.add_argument(
+        "--dictionary", default=None, help="dictionary file for csr-8 / csr-4 (default: the cached default)"
+    )
     pk.set_defaults(func=cmd_eval_passkey)
     gen_eval = ev.add_parser("generation", help="long greedy continuations: agreement with the uncompressed cache")
     gen_eval.add_argument("--recipe", action="append", required=True, help="recipe or HF baseline; repeat for several")
     gen_eval.add_argument("--prompt", action="append", help="repeat for several (default: three built-in prompts)")
     gen_eval.add_argument("--max-new-tokens", type=positive_int, default=256)
     gen_eval.add_argument("--json", action="store_true", help="print one JSON object per (prompt, recipe)")
-    gen_eval.add_argument("--dictionary", default=None, help="dictionary file for csr-8 / csr-4 (default: the cached default)")
+    gen_eval.add_argument(
+        "--dictionary", default=None, help="dictionary file for csr-8 / csr-4 (default: the cached default)"
+    )
     gen_eval.set_defaults(func=cmd_eval_generation)
     layers = ev.add_parser("layers", help="per-layer reconstruction error of keys and values")
     layers.add_argument("--recipe", required=True)
@@ -345,8 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--atoms", type=positive_int, default=1024, help="atoms per dictionary")
     train.add_argument("--sparsity", type=positive_int, default=8, help="key atoms per vector (values: half per half)")
     train.add_argument("--out", help="output .safetensors path")
-    train.add_argument("--default", action="store_true",
-                       help="train the default dictionary (read by csr-8 / csr-4) with the default settings")
+    train.add_argument(
+        "--default",
+        action="store_true",
+        help="train the default dictionary (read by csr-8 / csr-4) with the default settings",
+    )
     train.add_argument("--group-layers", type=positive_int, default=6, help="adjacent layers sharing a dictionary")
     train.add_argument("--vectors", type=positive_int, default=12288, help="training vectors per group and role")
     train.add_argument("--epochs", type=positive_int, default=4)

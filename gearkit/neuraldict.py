@@ -43,7 +43,9 @@ DEFAULT_EPOCHS = 4
 
 
 @torch.inference_mode()
-def collect_kv(model, tokenizer, text: str, tokens: int = 1024, windows: int = 4, pre_rope: bool = True) -> tuple[Tensor, Tensor]:
+def collect_kv(
+    model, tokenizer, text: str, tokens: int = 1024, windows: int = 4, pre_rope: bool = True
+) -> tuple[Tensor, Tensor]:
     """Keys and values of every layer for windows of `text`, read from a `DynamicCache` the model fills.
 
     Args:
@@ -59,7 +61,6 @@ def collect_kv(model, tokenizer, text: str, tokens: int = 1024, windows: int = 4
     """
     from transformers import DynamicCache
 
-
     spans = token_windows(tokenizer, text, tokens, 1, windows)
     rotary = RoPE.from_model(model) if pre_rope else None
     keys, values = [], []
@@ -69,7 +70,9 @@ def collect_kv(model, tokenizer, text: str, tokens: int = 1024, windows: int = 4
         positions = torch.arange(tokens)[None]
         k = [rotary.undo(layer.keys, positions) if rotary else layer.keys.float() for layer in cache.layers]
         keys.append(torch.stack([t[0].reshape(-1, t.shape[-1]) for t in k]))
-        values.append(torch.stack([layer.values[0].float().reshape(-1, layer.values.shape[-1]) for layer in cache.layers]))
+        values.append(
+            torch.stack([layer.values[0].float().reshape(-1, layer.values.shape[-1]) for layer in cache.layers])
+        )
     return torch.cat(keys, 1), torch.cat(values, 1)
 
 
@@ -192,9 +195,20 @@ class NeuralDict(pl.LightningModule):
         return self.loss_terms(x)[0].item()
 
 
-def fit(vectors: Tensor, atoms: int, sparsity: int, epochs: int = DEFAULT_EPOCHS, batch_size: int = 512,
-        lr: float = 2e-3, diversity: float = 0.1, validation: float = 0.1, root: str | Path | None = None,
-        progress: bool = True, seed: int = 0, callbacks: Sequence[Callback] = ()) -> tuple[Tensor, dict]:
+def fit(
+    vectors: Tensor,
+    atoms: int,
+    sparsity: int,
+    epochs: int = DEFAULT_EPOCHS,
+    batch_size: int = 512,
+    lr: float = 2e-3,
+    diversity: float = 0.1,
+    validation: float = 0.1,
+    root: str | Path | None = None,
+    progress: bool = True,
+    seed: int = 0,
+    callbacks: Sequence[Callback] = (),
+) -> tuple[Tensor, dict]:
     """Train one dictionary per group with `Trainer.fit` (k-means init, then NeuralDict).
 
     Args:
@@ -226,24 +240,49 @@ def fit(vectors: Tensor, atoms: int, sparsity: int, epochs: int = DEFAULT_EPOCHS
     before = module.held_out_mse(val)
     tmp = None if root is not None else tempfile.TemporaryDirectory(prefix="gearkit-neuraldict-")
     root = Path(root if root is not None else tmp.name)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, default_root_dir=root,
-                         logger=CSVLogger(root, name="neuraldict"), enable_progress_bar=progress,
-                         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10,
-                         callbacks=list(callbacks), deterministic=False)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=root,
+        logger=CSVLogger(root, name="neuraldict"),
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+        callbacks=list(callbacks),
+        deterministic=False,
+    )
     pl.seed_everything(seed, verbose=False)
     loader = DataLoader(TensorDataset(train), batch_size=batch_size, shuffle=True, generator=gen)
     trainer.fit(module, loader, DataLoader(TensorDataset(val), batch_size=4 * batch_size))
     after = module.held_out_mse(val)
     if tmp is not None:
         tmp.cleanup()
-    return module.atoms.detach().clone(), {"mse_init": before, "mse_trained": after, "seconds": time.perf_counter() - start}
+    return module.atoms.detach().clone(), {
+        "mse_init": before,
+        "mse_trained": after,
+        "seconds": time.perf_counter() - start,
+    }
 
 
-def train_dictionaries(model, tokenizer, text: str, model_name: str, atoms: int = DEFAULT_ATOMS,
-                       sparsity: int = DEFAULT_SPARSITY, group_layers: int = DEFAULT_GROUP_LAYERS,
-                       vectors: int = DEFAULT_VECTORS, epochs: int = DEFAULT_EPOCHS, tokens: int = 1024,
-                       windows: int = 4, pre_rope: bool = True, root: str | Path | None = None,
-                       progress: bool = True, log=None) -> tuple[DictionarySet, dict]:
+def train_dictionaries(
+    model,
+    tokenizer,
+    text: str,
+    model_name: str,
+    atoms: int = DEFAULT_ATOMS,
+    sparsity: int = DEFAULT_SPARSITY,
+    group_layers: int = DEFAULT_GROUP_LAYERS,
+    vectors: int = DEFAULT_VECTORS,
+    epochs: int = DEFAULT_EPOCHS,
+    tokens: int = 1024,
+    windows: int = 4,
+    pre_rope: bool = True,
+    root: str | Path | None = None,
+    progress: bool = True,
+    log=None,
+) -> tuple[DictionarySet, dict]:
     """Key and value dictionaries for every layer group of `model`, trained on KV vectors of `text`.
 
     Keys: one vector per (token, head), `sparsity` atoms (`s_n = 1`); values: each half of a vector, with
@@ -277,15 +316,19 @@ def train_dictionaries(model, tokenizer, text: str, model_name: str, atoms: int 
     keys, values = collect_kv(model, tokenizer, text, tokens, windows, pre_rope)
     stats = {"collect_seconds": time.perf_counter() - start}
     groups = layer_groups(keys.shape[0], group_layers)
-    log(f"NeuralDict: {keys.shape[1]} key/value vectors per layer in {time.perf_counter() - start:.1f} s; "
-        f"{len(groups)} groups of {group_layers} layers, {atoms} atoms, s={sparsity}")
+    log(
+        f"NeuralDict: {keys.shape[1]} key/value vectors per layer in {time.perf_counter() - start:.1f} s; "
+        f"{len(groups)} groups of {group_layers} layers, {atoms} atoms, s={sparsity}"
+    )
     trained = {}
     for role, per_layer, chunks, s in (("keys", keys, 1, sparsity), ("values", values, 2, sparsity // 2)):
         data = group_vectors(per_layer, groups, chunks, vectors)
         sub = None if root is None else Path(root) / role
         trained[role], stats[role] = fit(data, atoms, s, epochs, root=sub, progress=progress)
-        log(f"NeuralDict {role}: held-out relative MSE {stats[role]['mse_init']:.4f} (k-means) -> "
-            f"{stats[role]['mse_trained']:.4f} in {stats[role]['seconds']:.1f} s")
+        log(
+            f"NeuralDict {role}: held-out relative MSE {stats[role]['mse_init']:.4f} (k-means) -> "
+            f"{stats[role]['mse_trained']:.4f} in {stats[role]['seconds']:.1f} s"
+        )
     stats["seconds"] = time.perf_counter() - start
     rope = RoPE.from_model(model) if pre_rope else None
     meta = {"name": model_name, **model_signature(model.config)}
@@ -313,5 +356,13 @@ def dictionary_mib(d: DictionarySet) -> float:
     return 2 * (d.keys.numel() + d.values.numel()) / 2**20
 
 
-__all__ = ["NeuralDict", "collect_kv", "fit", "kmeans_init", "layer_groups", "train_default_dictionary",
-           "train_dictionaries", "dictionary_mib"]
+__all__ = [
+    "NeuralDict",
+    "collect_kv",
+    "dictionary_mib",
+    "fit",
+    "kmeans_init",
+    "layer_groups",
+    "train_default_dictionary",
+    "train_dictionaries",
+]

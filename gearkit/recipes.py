@@ -18,8 +18,21 @@ from pathlib import Path
 from typing import Any
 
 from gearkit.compressors import (
-    ChannelSeparableQuantizer, CodebookQuantizer, FullPrecision, HadamardRotation, LowRankResidual, MixedPrecision,
-    PerHead, PerLayer, Pipeline, PreRoPE, Probes, Quantizer, SparseDictionary, SparseOutlier, Stage,
+    ChannelSeparableQuantizer,
+    CodebookQuantizer,
+    FullPrecision,
+    HadamardRotation,
+    LowRankResidual,
+    MixedPrecision,
+    PerHead,
+    PerLayer,
+    Pipeline,
+    PreRoPE,
+    Probes,
+    Quantizer,
+    SparseDictionary,
+    SparseOutlier,
+    Stage,
 )
 from gearkit.compressors.checks import check_int
 from gearkit.compressors.solvers import Solver
@@ -52,7 +65,7 @@ class Recipe:
     buffer_size: int = 64
     sink_tokens: int = 0
     description: str = ""
-    probes: Probes = Probes()
+    probes: Probes = dataclasses.field(default_factory=Probes)
 
     @property
     def needs_dictionary(self) -> bool:
@@ -77,7 +90,9 @@ class Recipe:
         for role in ("key", "value"):
             if not isinstance(getattr(self, role), Pipeline):
                 raise TypeError(f"recipe {role} must be a gearkit Pipeline")
-            getattr(self, role).check_chunk(self.buffer_size)  # e.g. a rank above the chunk size fails here, not in generate
+            getattr(self, role).check_chunk(
+                self.buffer_size
+            )  # e.g. a rank above the chunk size fails here, not in generate
         if not isinstance(self.probes, Probes):
             raise TypeError(f"recipe probes must be a gearkit Probes, got {type(self.probes).__name__}")
 
@@ -87,9 +102,17 @@ class Recipe:
         Raises:
             TypeError: for a stage argument that is not data (a dictionary set held in memory, a lambda).
         """
-        return {"format": "gearkit.Recipe", "version": FORMAT_VERSION, "name": self.name, "key": self.key.to_dict(),
-                "value": self.value.to_dict(), "buffer_size": self.buffer_size, "sink_tokens": self.sink_tokens,
-                "description": self.description, "probes": dataclasses.asdict(self.probes)}
+        return {
+            "format": "gearkit.Recipe",
+            "version": FORMAT_VERSION,
+            "name": self.name,
+            "key": self.key.to_dict(),
+            "value": self.value.to_dict(),
+            "buffer_size": self.buffer_size,
+            "sink_tokens": self.sink_tokens,
+            "description": self.description,
+            "probes": dataclasses.asdict(self.probes),
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
@@ -99,10 +122,19 @@ class Recipe:
             ValueError: if the data is not a gearkit recipe of this format version.
         """
         if data.get("format") != "gearkit.Recipe" or data.get("version") != FORMAT_VERSION:
-            raise ValueError(f"not a gearkit recipe of format version {FORMAT_VERSION}: "
-                             f"format {data.get('format')!r}, version {data.get('version')!r}")
-        return cls(data["name"], Pipeline.from_dict(data["key"]), Pipeline.from_dict(data["value"]), data["buffer_size"],
-                   data["sink_tokens"], data["description"], Probes(**data["probes"]))
+            raise ValueError(
+                f"not a gearkit recipe of format version {FORMAT_VERSION}: "
+                f"format {data.get('format')!r}, version {data.get('version')!r}"
+            )
+        return cls(
+            data["name"],
+            Pipeline.from_dict(data["key"]),
+            Pipeline.from_dict(data["value"]),
+            data["buffer_size"],
+            data["sink_tokens"],
+            data["description"],
+            Probes(**data["probes"]),
+        )
 
 
 _REGISTRY: dict[str, Recipe] = {}
@@ -138,42 +170,86 @@ def _pipeline(*stages) -> Pipeline:
 
 
 def _builtin() -> list[Recipe]:
-    out = [Recipe("fp16", _pipeline(FullPrecision()), _pipeline(FullPrecision()), 64,
-                  description="uncompressed fp16 storage (the baseline)")]
+    out = [
+        Recipe(
+            "fp16",
+            _pipeline(FullPrecision()),
+            _pipeline(FullPrecision()),
+            64,
+            description="uncompressed fp16 storage (the baseline)",
+        )
+    ]
     for b in (2, 4, 8):
-        out.append(Recipe(f"uniform-{b}", _pipeline(Quantizer(b)), _pipeline(Quantizer(b)), 64,
-                          description=f"per-token {b}-bit, one scale/zero per head vector"))
+        out.append(
+            Recipe(
+                f"uniform-{b}",
+                _pipeline(Quantizer(b)),
+                _pipeline(Quantizer(b)),
+                64,
+                description=f"per-token {b}-bit, one scale/zero per head vector",
+            )
+        )
     for b in (2, 3, 4):  # KIVI as published: groups of 32, 128 recent tokens in full precision
-        out.append(Recipe(f"kivi-{b}", _pipeline(Quantizer(b, 32, "channel")), _pipeline(Quantizer(b, 32, "token")),
-                          128, description=f"KIVI {b}-bit: keys per-channel, values per-token, groups of 32"))
+        out.append(
+            Recipe(
+                f"kivi-{b}",
+                _pipeline(Quantizer(b, 32, "channel")),
+                _pipeline(Quantizer(b, 32, "token")),
+                128,
+                description=f"KIVI {b}-bit: keys per-channel, values per-token, groups of 32",
+            )
+        )
     for b in (2, 3, 4):  # GEAR as published on a KIVI-style backbone: 2% outliers, rank 2 per 64-token chunk
-        out.append(Recipe(
-            f"gear-{b}",
-            _pipeline(SparseOutlier(0.02, "channel"), Quantizer(b, 64, "channel"), LowRankResidual(2)),
-            _pipeline(SparseOutlier(0.02, "token"), Quantizer(b, 64, "token"), LowRankResidual(2)),
-            64, description=f"GEAR {b}-bit: 2% outliers + KIVI-style groups of 64 + rank-2 residual per chunk"))
-        out.append(Recipe(
-            f"gear-l-{b}",
-            _pipeline(Quantizer(b, 64, "channel"), LowRankResidual(2)),
-            _pipeline(Quantizer(b, 64, "token"), LowRankResidual(2)),
-            64, description=f"GEAR-L {b}-bit: KIVI-style groups of 64 + rank-2 residual per chunk"))
-    out.append(Recipe(
-        "kcvt-4",
-        _pipeline(SparseOutlier(0.02, "channel"), Quantizer(4, None, "channel"), LowRankResidual(2)),
-        _pipeline(SparseOutlier(0.02, "token"), Quantizer(4, None, "token", across_heads=True), LowRankResidual(2)),
-        64, description="GEAR on a KCVT 4-bit backbone: keys per-channel per chunk, values per-token across heads"))
+        out.append(
+            Recipe(
+                f"gear-{b}",
+                _pipeline(SparseOutlier(0.02, "channel"), Quantizer(b, 64, "channel"), LowRankResidual(2)),
+                _pipeline(SparseOutlier(0.02, "token"), Quantizer(b, 64, "token"), LowRankResidual(2)),
+                64,
+                description=f"GEAR {b}-bit: 2% outliers + KIVI-style groups of 64 + rank-2 residual per chunk",
+            )
+        )
+        out.append(
+            Recipe(
+                f"gear-l-{b}",
+                _pipeline(Quantizer(b, 64, "channel"), LowRankResidual(2)),
+                _pipeline(Quantizer(b, 64, "token"), LowRankResidual(2)),
+                64,
+                description=f"GEAR-L {b}-bit: KIVI-style groups of 64 + rank-2 residual per chunk",
+            )
+        )
+    out.append(
+        Recipe(
+            "kcvt-4",
+            _pipeline(SparseOutlier(0.02, "channel"), Quantizer(4, None, "channel"), LowRankResidual(2)),
+            _pipeline(SparseOutlier(0.02, "token"), Quantizer(4, None, "token", across_heads=True), LowRankResidual(2)),
+            64,
+            description="GEAR on a KCVT 4-bit backbone: keys per-channel per chunk, values per-token across heads",
+        )
+    )
     # gearkit's own, from measuring where the bytes earn their keep (see the README's frontier): groups of 64,
     # the first 4 tokens (attention sinks) kept in fp16, and GEAR's outliers only where they pay (at 2 bits).
     for b in (2, 3, 4):
-        out.append(Recipe(f"sink-{b}", _pipeline(Quantizer(b, 64, "channel")), _pipeline(Quantizer(b, 64, "token")),
-                          64, sink_tokens=4,
-                          description=f"{b}-bit per-channel keys / per-token values in groups of 64, 4 fp16 sink tokens"))
-    out.append(Recipe(
-        "sink-gear-2",
-        _pipeline(SparseOutlier(0.02, "channel"), Quantizer(2, 64, "channel")),
-        _pipeline(SparseOutlier(0.01, "token", across_heads=True), Quantizer(2, 64, "token")),
-        64, sink_tokens=4,
-        description="sink-2 + GEAR outliers (2% per key channel, 1% per token across heads), no low-rank term"))
+        out.append(
+            Recipe(
+                f"sink-{b}",
+                _pipeline(Quantizer(b, 64, "channel")),
+                _pipeline(Quantizer(b, 64, "token")),
+                64,
+                sink_tokens=4,
+                description=f"{b}-bit per-channel keys / per-token values in groups of 64, 4 fp16 sink tokens",
+            )
+        )
+    out.append(
+        Recipe(
+            "sink-gear-2",
+            _pipeline(SparseOutlier(0.02, "channel"), Quantizer(2, 64, "channel")),
+            _pipeline(SparseOutlier(0.01, "token", across_heads=True), Quantizer(2, 64, "token")),
+            64,
+            sink_tokens=4,
+            description="sink-2 + GEAR outliers (2% per key channel, 1% per token across heads), no low-rank term",
+        )
+    )
     out += _zipcache()
     out += [csr(8), csr(4)]
     out += _frontier()
@@ -190,8 +266,10 @@ def _kvquant(bits: int, role: str) -> Pipeline:
     """KVQuant: 1% dense-and-sparse outliers per token (across heads), then a non-uniform code; keys per channel and
     before RoPE, values per token."""
     if role == "key":
-        return _pipeline(PreRoPE(SparseOutlier(0.01, "token", across_heads=True), DEFAULT_ROPE_THETA),
-                         PreRoPE(CodebookQuantizer(bits, 64, "channel", centered=True), DEFAULT_ROPE_THETA))
+        return _pipeline(
+            PreRoPE(SparseOutlier(0.01, "token", across_heads=True), DEFAULT_ROPE_THETA),
+            PreRoPE(CodebookQuantizer(bits, 64, "channel", centered=True), DEFAULT_ROPE_THETA),
+        )
     return _pipeline(SparseOutlier(0.01, "token", across_heads=True), CodebookQuantizer(bits))
 
 
@@ -201,13 +279,28 @@ def _frontier() -> list[Recipe]:
     `benchmarks/bit_allocation.py` from the stages `benchmarks/frontier_sweep.py` found best."""
     out = []
     for code_bits, (kb, vb) in {"2.5": (3, 2), "3.5": (4, 3)}.items():
-        out.append(Recipe(f"turboquant-{code_bits}", _turboquant(kb), _turboquant(vb), 64,
-                          description=f"TurboQuant {code_bits} code bits: Hadamard rotation + Lloyd-Max codes, keys {kb}-bit, "
-                                      f"values {vb}-bit, fp16 norms (not in the paper's count)"))
+        out.append(
+            Recipe(
+                f"turboquant-{code_bits}",
+                _turboquant(kb),
+                _turboquant(vb),
+                64,
+                description=f"TurboQuant {code_bits} code bits: Hadamard rotation + Lloyd-Max codes, keys {kb}-bit, "
+                f"values {vb}-bit, fp16 norms (not in the paper's count)",
+            )
+        )
     for bits in (2, 3):
-        out.append(Recipe(f"kvquant-{bits}", _kvquant(bits, "key"), _kvquant(bits, "value"), 64, sink_tokens=1,
-                          description=f"KVQuant {bits}-bit: pre-RoPE per-channel keys, per-token values, Gaussian "
-                                      "non-uniform codes (not calibrated), 1% outliers, 1 fp16 sink token"))
+        out.append(
+            Recipe(
+                f"kvquant-{bits}",
+                _kvquant(bits, "key"),
+                _kvquant(bits, "value"),
+                64,
+                sink_tokens=1,
+                description=f"KVQuant {bits}-bit: pre-RoPE per-channel keys, per-token values, Gaussian "
+                "non-uniform codes (not calibrated), 1% outliers, 1 fp16 sink token",
+            )
+        )
     # gearkit's own: each layer's (or KV head's) keys and values at the width its sensitivity earns under the budget
     # (bit allocation, benchmarks/bit_allocation.py on idle-help), from a ladder of per-channel key groups of 64
     # (post-RoPE), rotated Lloyd-Max codes, a rank-1 pre-RoPE low-rank term before 2-bit rotated codes, and 4 fp16
@@ -231,6 +324,7 @@ def allocation_stage(widths: list[str | list[str]], ladder: dict[str, dict]) -> 
     Raises:
         KeyError: for a name the ladder does not hold.
     """
+
     def stage(name: str) -> Stage:
         if name not in ladder:
             raise KeyError(f"allocation names width {name!r}; the ladder holds {', '.join(ladder)}")
@@ -268,12 +362,22 @@ def allocated(budget: str, name: str | None = None, model: str = DEFAULT_MODEL, 
         raise KeyError(f"no allocation for budget {budget!r} in {path}; stored: {', '.join(data['allocations'])}")
     chosen, ladder = data["allocations"][budget], data["ladder"]
     key, value = (Pipeline([allocation_stage(chosen[role], ladder[role])]) for role in ("key", "value"))
-    counts = {role: ", ".join(f"{c} {n}" for n, c in Counter(w if isinstance(w, str) else "split by KV head"
-                                                              for w in chosen[role]).most_common())
-              for role in ("key", "value")}
-    return Recipe(name or f"alloc-{budget}", key, value, data["buffer"], sink_tokens=data["sink_tokens"],
-                  description=f"per-layer widths for {model}, {budget} all-in bits, tuned on {data['tuned_on']} (layers: "
-                              f"keys {counts['key']}; values {counts['value']}; {data['sink_tokens']} fp16 sink tokens)")
+    counts = {
+        role: ", ".join(
+            f"{c} {n}"
+            for n, c in Counter(w if isinstance(w, str) else "split by KV head" for w in chosen[role]).most_common()
+        )
+        for role in ("key", "value")
+    }
+    return Recipe(
+        name or f"alloc-{budget}",
+        key,
+        value,
+        data["buffer"],
+        sink_tokens=data["sink_tokens"],
+        description=f"per-layer widths for {model}, {budget} all-in bits, tuned on {data['tuned_on']} (layers: "
+        f"keys {counts['key']}; values {counts['value']}; {data['sink_tokens']} fp16 sink tokens)",
+    )
 
 
 DEFAULT_DICTIONARY = dict(atoms=1024, sparsity=8, group_layers=6)  # what `gearkit dict train --default` trains
@@ -295,14 +399,23 @@ def default_dictionary() -> Path:
     """
     path = default_dictionary_path()
     if not path.is_file():
-        raise FileNotFoundError(f"the default CSR dictionary is not trained yet ({path}); train it once with "
-                                "`gearkit dict train --default` (a few minutes on a CPU), or pass your own dictionary")
+        raise FileNotFoundError(
+            f"the default CSR dictionary is not trained yet ({path}); train it once with "
+            "`gearkit dict train --default` (a few minutes on a CPU), or pass your own dictionary"
+        )
     return path
 
 
-def csr(sparsity: int, dictionary: Source = default_dictionary, *, name: str | None = None, solver: str | Solver = "mp",
-        coef_bits: int = 16,
-        pre_rope: bool | None = None, buffer_size: int = 64) -> Recipe:
+def csr(
+    sparsity: int,
+    dictionary: Source = default_dictionary,
+    *,
+    name: str | None = None,
+    solver: str | Solver = "mp",
+    coef_bits: int = 16,
+    pre_rope: bool | None = None,
+    buffer_size: int = 64,
+) -> Recipe:
     """A CSR recipe at the paper's Matching Pursuit levels: keys `sparsity` atoms per vector (`s_n = 1`), values
     `sparsity / 2` atoms per half (`s_n = 2`).
 
@@ -335,29 +448,40 @@ def csr(sparsity: int, dictionary: Source = default_dictionary, *, name: str | N
         _pipeline(SparseDictionary(dictionary, "value", sparsity // 2, 2, solver, coef_bits)),
         buffer_size,
         description=f"CSR: keys {sparsity} atoms{space}, values {sparsity // 2} per half, {label}, {where}; "
-                    f"{bits:g} bits/elt at head dim 64 + the amortised dictionary")
+        f"{bits:g} bits/elt at head dim 64 + the amortised dictionary",
+    )
 
 
 def _zipcache() -> list[Recipe]:
     """ZipCache as published, and gearkit's composition of its saliency with sink tokens and GEAR's outliers."""
+
     def mixed(high, low, ratio):
         return MixedPrecision(high, low, ratio)
 
     return [
-        Recipe("zipcache",
-               _pipeline(mixed(Quantizer(4, None, "channel"), Quantizer(2, None, "channel"), 0.4)),
-               _pipeline(mixed(ChannelSeparableQuantizer(4), ChannelSeparableQuantizer(2), 0.4)),
-               128, description="ZipCache: 40% most salient tokens (probe-normalized attention) at 4 bits, the rest at 2; "
-                                "keys per channel, values CSTQuant, per 128-token chunk"),
+        Recipe(
+            "zipcache",
+            _pipeline(mixed(Quantizer(4, None, "channel"), Quantizer(2, None, "channel"), 0.4)),
+            _pipeline(mixed(ChannelSeparableQuantizer(4), ChannelSeparableQuantizer(2), 0.4)),
+            128,
+            description="ZipCache: 40% most salient tokens (probe-normalized attention) at 4 bits, the rest at 2; "
+            "keys per channel, values CSTQuant, per 128-token chunk",
+        ),
         # Measured on idle-help (benchmarks/results/zipcache_idle-help.md): at this budget 3/2 bits on a quarter of
         # the tokens beats 4/2 bits on a tenth; GEAR's outliers (1 per side of each key channel) and 4 fp16 sink
         # tokens take the channel extremes out of the per-channel ranges.
-        Recipe("zipcache-gear",
-               _pipeline(SparseOutlier(0.01, "channel"), mixed(Quantizer(3, None, "channel"), Quantizer(2, None, "channel"), 0.25)),
-               _pipeline(mixed(Quantizer(3, None, "token"), Quantizer(2, None, "token"), 0.25)),
-               128, sink_tokens=4,
-               description="25% most salient tokens at 3 bits, the rest at 2, GEAR outliers on key channels, 4 fp16 sink "
-                           "tokens, per 128-token chunk"),
+        Recipe(
+            "zipcache-gear",
+            _pipeline(
+                SparseOutlier(0.01, "channel"),
+                mixed(Quantizer(3, None, "channel"), Quantizer(2, None, "channel"), 0.25),
+            ),
+            _pipeline(mixed(Quantizer(3, None, "token"), Quantizer(2, None, "token"), 0.25)),
+            128,
+            sink_tokens=4,
+            description="25% most salient tokens at 3 bits, the rest at 2, GEAR outliers on key channels, 4 fp16 sink "
+            "tokens, per 128-token chunk",
+        ),
     ]
 
 

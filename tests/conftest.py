@@ -12,8 +12,11 @@ from gearkit.eval import synthetic_kv
 
 # Small examples and no deadlines keep the property suite fast and steady on two CPU cores.
 settings.register_profile(
-    "ci", max_examples=int(os.environ.get("GEARKIT_EXAMPLES", 25)), deadline=None,
-    suppress_health_check=[HealthCheck.too_slow], derandomize=True,
+    "ci",
+    max_examples=int(os.environ.get("GEARKIT_EXAMPLES", 25)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
 )
 settings.load_profile("ci")
 
@@ -63,6 +66,14 @@ def tiny_llama(shape: str | dict = "gqa", layers: int = 2, **config):
 
     torch.manual_seed(0)
     heads = SHAPES[shape] if isinstance(shape, str) else shape
-    settings = dict(vocab_size=97, intermediate_size=96, num_hidden_layers=layers, max_position_embeddings=512,
-                    pad_token_id=0, eos_token_id=1, bos_token_id=1, **heads)
+    settings = dict(
+        vocab_size=97,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+        **heads,
+    )
     return LlamaForCausalLM(LlamaConfig(**{**settings, **config})).eval()

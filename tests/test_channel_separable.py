@@ -1,12 +1,11 @@
 import torch
+from conftest import kv_like, kv_tensors, rel_error
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gearkit import ChannelSeparableQuantizer, Pipeline, Quantizer
-from gearkit.compressed import cat_batch, select_batch
 from gearkit.kernels.reference import SUPPORTED_BITS
-
-from conftest import kv_like, kv_tensors, rel_error
+from gearkit.parts import cat_batch, select_batch
 
 
 @given(x=kv_tensors(), bits=st.sampled_from(SUPPORTED_BITS))

@@ -2,14 +2,13 @@ import math
 
 import pytest
 import torch
+from conftest import kv_tensors, rel_error
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gearkit import CodebookQuantizer, HadamardRotation, Pipeline, Quantizer
 from gearkit.compressors.codebook import kmeans_levels, lloyd_max_levels
 from gearkit.kernels.reference import packed_nbytes
-
-from conftest import kv_tensors, rel_error
 
 
 def test_lloyd_max_levels_are_the_known_gaussian_ones():
@@ -32,8 +31,13 @@ def test_unsupported_widths_are_refused(bits):
         CodebookQuantizer(bits)
 
 
-@given(x=kv_tensors(), bits=st.sampled_from([1, 2, 3, 4]), centered=st.booleans(), group=st.sampled_from([None, 8]),
-       axis=st.sampled_from(["token", "channel"]))
+@given(
+    x=kv_tensors(),
+    bits=st.sampled_from([1, 2, 3, 4]),
+    centered=st.booleans(),
+    group=st.sampled_from([None, 8]),
+    axis=st.sampled_from(["token", "channel"]),
+)
 def test_codes_are_packed_exactly_and_the_scale_only_helps(x, bits, centered, group, axis):
     q = CodebookQuantizer(bits, group, axis, centered)
     part = q.encode(x)
@@ -49,7 +53,7 @@ def test_codes_are_packed_exactly_and_the_scale_only_helps(x, bits, centered, gr
     size, n = q._groups(rows.shape[-1])
     grouped = torch.nn.functional.pad(rows, (0, n * size - rows.shape[-1])).reshape(*rows.shape[:-1], n, size)
     real = torch.nn.functional.pad(torch.ones_like(rows), (0, n * size - rows.shape[-1])).reshape(grouped.shape)
-    center = part.center.float()[..., None] if centered else 0.0
+    center = part.zero.float()[..., None] if centered else 0.0
     dev = (grouped - center) * real
     rms = (dev.square().sum(-1, keepdim=True) / real.sum(-1, keepdim=True)).sqrt()
     levels = lloyd_max_levels(bits)[q._grouped_codes(part).long()]
@@ -114,7 +118,9 @@ def test_calibrated_levels_fit_their_data_and_travel_as_data():
     assert torch.allclose(weighted, torch.tensor([-0.5, 1.0]))  # a zero-weight sample pulls no level
 
 
-@pytest.mark.parametrize("levels", [[0.0, 1.0], [0.0, 1.0, 1.0, 2.0], [0.0, 1.0, float("nan"), 2.0], [2.0, 1.0, 0.0, -1.0]])
+@pytest.mark.parametrize(
+    "levels", [[0.0, 1.0], [0.0, 1.0, 1.0, 2.0], [0.0, 1.0, float("nan"), 2.0], [2.0, 1.0, 0.0, -1.0]]
+)
 def test_malformed_calibrated_levels_are_refused(levels):
     with pytest.raises(ValueError, match="ascending finite levels"):
         CodebookQuantizer(2, levels=levels)

@@ -2,15 +2,31 @@
 
 import pytest
 import torch
-
-import gearkit
-from gearkit import (Chain, ChannelSeparableQuantizer, CodebookQuantizer, Context, FullPrecision, HadamardRotation,
-                     LowRankResidual, MixedPrecision, PerHead, PerLayer, Pipeline, PreRoPE, Quantizer, Rotation,
-                     SignSketch, SparseDictionary, SparseOutlier, Stage)
-from gearkit.compressed import cat_batch, select_batch
-
 from conftest import kv_like
 from test_dictionary import tiny_set
+
+import gearkit
+from gearkit import (
+    Chain,
+    ChannelSeparableQuantizer,
+    CodebookQuantizer,
+    Context,
+    FullPrecision,
+    HadamardRotation,
+    LowRankResidual,
+    MixedPrecision,
+    PerHead,
+    PerLayer,
+    Pipeline,
+    PreRoPE,
+    Quantizer,
+    Rotation,
+    SignSketch,
+    SparseDictionary,
+    SparseOutlier,
+    Stage,
+)
+from gearkit.parts import cat_batch, select_batch
 
 DICTIONARY = tiny_set()  # head dim 16, layers 0 and 1, pre-RoPE keys
 
@@ -46,7 +62,9 @@ SHAPE = (2, 2, 16, 16)  # [batch, kv_heads, tokens, head_dim]
 def context(stage: Stage, shape=SHAPE) -> Context:
     """What a cache would supply: saliency where required, positions and layer always."""
     b, h, t, _ = shape
-    saliency = torch.randn(b, h, t, generator=torch.Generator().manual_seed(t)) if "saliency" in stage.requires else None
+    saliency = (
+        torch.randn(b, h, t, generator=torch.Generator().manual_seed(t)) if "saliency" in stage.requires else None
+    )
     return Context(saliency, torch.arange(b) * 100, 1)
 
 
@@ -77,7 +95,9 @@ def test_batch_join_and_select_never_touch_the_bytes(stage):
     joined = cat_batch([ca, cb])
     assert torch.equal(pipeline.decompress(joined), torch.cat([pipeline.decompress(ca), pipeline.decompress(cb)]))
     picked = select_batch(joined, torch.tensor([3, 0]))
-    assert torch.equal(pipeline.decompress(picked), torch.cat([pipeline.decompress(cb)[1:], pipeline.decompress(ca)[:1]]))
+    assert torch.equal(
+        pipeline.decompress(picked), torch.cat([pipeline.decompress(cb)[1:], pipeline.decompress(ca)[:1]])
+    )
     assert joined.nbytes == ca.nbytes + cb.nbytes
 
 
@@ -130,10 +150,26 @@ def test_requirements_are_declared_and_checked_once():
 
 
 def test_every_stage_the_docs_name_is_exported():
-    documented = {"Quantizer", "ChannelSeparableQuantizer", "SparseOutlier", "LowRankResidual", "FullPrecision", "Rotation",
-                  "MixedPrecision", "SparseDictionary", "HadamardRotation", "CodebookQuantizer", "PreRoPE", "PerLayer",
-                  "PerHead", "Chain", "SignSketch"}
+    documented = {
+        "Quantizer",
+        "ChannelSeparableQuantizer",
+        "SparseOutlier",
+        "LowRankResidual",
+        "FullPrecision",
+        "Rotation",
+        "MixedPrecision",
+        "SparseDictionary",
+        "HadamardRotation",
+        "CodebookQuantizer",
+        "PreRoPE",
+        "PerLayer",
+        "PerHead",
+        "Chain",
+        "SignSketch",
+    }
     assert documented <= set(gearkit.__all__)
-    assert {name for name, cls in Stage.known().items() if cls.__module__.startswith("gearkit.")} <= set(gearkit.__all__)
+    assert {name for name, cls in Stage.known().items() if cls.__module__.startswith("gearkit.")} <= set(
+        gearkit.__all__
+    )
     for name in gearkit.__all__:
         assert getattr(gearkit, name) is not None

@@ -11,8 +11,14 @@ ROOT = Path(__file__).resolve().parent.parent  # mkdocs, mkdocstrings and matplo
 
 def test_mkdocs_build_strict(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_MKDOCS_2_WARNING": "1"}
-    run = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600, env=env)
+    run = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-3000:]
     assert not [line for line in log.splitlines() if "WARNING" in line], log[-3000:]

@@ -6,13 +6,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from transformers import DynamicCache
 
 from gearkit.eval.generation import agreement, layer_errors
 from gearkit.eval.perplexity import baseline_nll, cached_nll, evaluate
-from gearkit.models import token_windows
-from gearkit.models import load_text
+from gearkit.models import load_text, token_windows
 
 
 def test_feeding_protocol_reproduces_the_one_pass_baseline(smol):
@@ -62,14 +60,37 @@ def gearkit(*args):
 
 
 def test_cli_eval_ppl_json_prints_one_object():
-    run = gearkit("eval", "ppl", "--recipe", "kivi-4", "--text", "idle-help", "--prefix", "64", "--continuation", "64",
-                  "--windows", "1", "--json")
+    run = gearkit(
+        "eval",
+        "ppl",
+        "--recipe",
+        "kivi-4",
+        "--text",
+        "idle-help",
+        "--prefix",
+        "64",
+        "--continuation",
+        "64",
+        "--windows",
+        "1",
+        "--json",
+    )
     assert run.returncode == 0, run.stderr
     lines = run.stdout.strip().splitlines()
     assert len(lines) == 1
     result = json.loads(lines[0])
-    assert set(result) == {"recipe", "model", "tokens", "baseline_ppl", "ppl", "ppl_increase_pct", "bits_per_element",
-                           "compression_ratio", "kv_bytes", "kv_bytes_fp16"}
+    assert set(result) == {
+        "recipe",
+        "model",
+        "tokens",
+        "baseline_ppl",
+        "ppl",
+        "ppl_increase_pct",
+        "bits_per_element",
+        "compression_ratio",
+        "kv_bytes",
+        "kv_bytes_fp16",
+    }
     assert result["recipe"] == "kivi-4" and result["tokens"] == 64 and result["model"] == "SmolLM2-135M-Instruct"
 
 

@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+from conftest import SHAPES, kv_like, tiny_llama
 from transformers import DynamicCache
 
 from gearkit import FullPrecision, Pipeline, Quantizer, Recipe, recipes
 from gearkit.cache import ChunkStore
-from gearkit.compressed import select_batch
 from gearkit.integrations.hf import GearCache
-
-from conftest import SHAPES, kv_like, tiny_llama
+from gearkit.parts import select_batch
 
 
 class CountingPipeline(Pipeline):
@@ -32,8 +31,10 @@ def storage(cache: GearCache) -> int:
 
 def chat(tokenizer, prompts):
     tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-             for p in prompts]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
     return tokenizer(texts, return_tensors="pt", padding=True)
 
 
@@ -43,6 +44,7 @@ def generate(model, inputs, cache=None, **kw):
 
 
 # -- the real default model ------------------------------------------------------------------------------
+
 
 def test_gear_4_matches_uncompressed_greedy_output(smol):
     model, tok = smol
@@ -87,8 +89,13 @@ def test_long_generation_never_recompresses_a_chunk(smol):
     first = generate(model, inputs, cache, max_new_tokens=100, min_new_tokens=100)
     chunk0 = select_batch(cache.layers[0].store.compressed_keys, torch.tensor([0])).tensors()
     # Continue the same cache: 100 + 520 new tokens in all.
-    out = generate(model, {"input_ids": first, "attention_mask": torch.ones_like(first)}, cache,
-                   max_new_tokens=520, min_new_tokens=520)
+    out = generate(
+        model,
+        {"input_ids": first, "attention_mask": torch.ones_like(first)},
+        cache,
+        max_new_tokens=520,
+        min_new_tokens=520,
+    )
     length = out.shape[1] - 1
     assert cache.get_seq_length() == length == inputs["input_ids"].shape[1] + 619
     for layer in cache.layers:
@@ -118,6 +125,7 @@ def test_bytes_reported_equal_bytes_held_and_beat_fp16(smol):
 
 # -- layer-level behaviour ---------------------------------------------------------------------------------
 
+
 def make_layer(name="gear-2"):
     cache = GearCache(name)
     cache.update(kv_like(0, (2, 3, 150, 64)), kv_like(1, (2, 3, 150, 64)), 0)
@@ -125,7 +133,7 @@ def make_layer(name="gear-2"):
 
 
 def test_non_finite_values_leave_the_cache_unchanged():
-    cache, layer = make_layer()
+    cache, _ = make_layer()
     before = [t.clone() for t in cache.held_tensors()]
     bad = kv_like(2, (2, 3, 1, 64))
     bad[0, 1, 0, 5] = float("nan")
@@ -175,7 +183,10 @@ def test_unknown_recipe_lists_known_ones():
 
 # -- tiny random configs of other shapes -------------------------------------------------------------------
 
-EXACT = Recipe("exact-fp32", Pipeline([FullPrecision(torch.float32)]), Pipeline([FullPrecision(torch.float32)]), buffer_size=8)
+EXACT = Recipe(
+    "exact-fp32", Pipeline([FullPrecision(torch.float32)]), Pipeline([FullPrecision(torch.float32)]), buffer_size=8
+)
+
 
 @pytest.fixture(scope="module", params=list(SHAPES))
 def tiny(request):
@@ -200,8 +211,9 @@ def test_tiny_compressed_generation_batch_beam_and_bytes(tiny):
     recipe = Recipe("tiny-gear-2", recipes.get("gear-2").key, recipes.get("gear-2").value, buffer_size=16)
     for kw in (dict(), dict(num_beams=2)):
         cache = GearCache(recipe, tiny.config)
-        out = tiny.generate(ids, attention_mask=mask, max_new_tokens=40, min_new_tokens=40, do_sample=False,
-                            cache=cache, **kw)
+        out = tiny.generate(
+            ids, attention_mask=mask, max_new_tokens=40, min_new_tokens=40, do_sample=False, cache=cache, **kw
+        )
         assert out.shape[1] == 13 + 40 and cache.get_seq_length() == 13 + 39
         assert cache.memory_report().nbytes == storage(cache)
         assert all(layer.store.chunks == (13 + 39) // 16 for layer in cache.layers)

@@ -10,13 +10,13 @@ import os
 
 import pytest
 import torch
+from conftest import kv_like
 
 from gearkit import LowRankResidual, Pipeline, Quantizer, SparseOutlier
 from gearkit.cache import chunk_attention
 from gearkit.kernels import cpu
 from gearkit.kernels.backend import get_backend, set_backend, use_backend, use_triton
 from gearkit.kernels.reference import SUPPORTED_BITS, pack_bits
-from conftest import kv_like
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
@@ -74,15 +74,19 @@ def gear(k_axis: str, q_axis: str, bits: int, group: int, rank: int, ratio: floa
     return Pipeline(stages + ([LowRankResidual(rank)] if rank else []))
 
 
-@pytest.mark.parametrize("pipeline", [
-    gear("channel", "channel", 2, 32, 2),            # GEAR keys
-    gear("token", "token", 4, 64, 4),               # GEAR values
-    gear("token", "channel", 8, 16, 0),
-    gear("channel", "token", 2, 16, 0, ratio=0),    # KIVI
-    gear("channel", "channel", 3, 64, 0, ratio=0),  # sink-3 keys: 3-bit codes straddle bytes
-    gear("token", "token", 3, 16, 2),
-    Pipeline([SparseOutlier(0.02, "token", across_heads=True), Quantizer(2, 32, "token"), LowRankResidual(2)]),
-], ids=["gear-keys", "gear-values", "outliers+q8", "kivi", "3-bit-keys", "3-bit-gear-values", "across-heads"])
+@pytest.mark.parametrize(
+    "pipeline",
+    [
+        gear("channel", "channel", 2, 32, 2),  # GEAR keys
+        gear("token", "token", 4, 64, 4),  # GEAR values
+        gear("token", "channel", 8, 16, 0),
+        gear("channel", "token", 2, 16, 0, ratio=0),  # KIVI
+        gear("channel", "channel", 3, 64, 0, ratio=0),  # sink-3 keys: 3-bit codes straddle bytes
+        gear("token", "token", 3, 16, 2),
+        Pipeline([SparseOutlier(0.02, "token", across_heads=True), Quantizer(2, 32, "token"), LowRankResidual(2)]),
+    ],
+    ids=["gear-keys", "gear-values", "outliers+q8", "kivi", "3-bit-keys", "3-bit-gear-values", "across-heads"],
+)
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_fused_reconstruction_matches_pipeline(pipeline, head_dim):
     x = kv(3, (4, 2, 64, head_dim), magnitude=2.0)
@@ -118,8 +122,7 @@ def test_decode_attention_matches_reference_and_sdpa(heads, kv_heads, queries, h
     bias = torch.zeros(batch, chunks * tokens, device=DEVICE)
     bias[0, :5] = float("-inf")  # left padding of the first sequence
     scale = head_dim**-0.5
-    (ref, ref_lse), (got, got_lse) = both(
-        lambda: chunk_attention(query, kp, vp, [(keys, values)], bias, scale))
+    (ref, ref_lse), (got, got_lse) = both(lambda: chunk_attention(query, kp, vp, [(keys, values)], bias, scale))
     tol = 1e-5 if qdtype == torch.float32 else 1e-2
     assert torch.allclose(got, ref, rtol=tol, atol=tol) and torch.allclose(got_lse, ref_lse, rtol=tol, atol=tol)
     # and against PyTorch's SDPA on the dequantized tensors
@@ -127,19 +130,33 @@ def test_decode_attention_matches_reference_and_sdpa(heads, kv_heads, queries, h
     v = vp.decompress(values).reshape(chunks, batch, kv_heads, tokens, head_dim).permute(1, 2, 0, 3, 4)
     k, v = (t.reshape(batch, kv_heads, chunks * tokens, head_dim) for t in (k, v))
     sdpa = torch.nn.functional.scaled_dot_product_attention(
-        query.float(), k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1),
-        attn_mask=(bias == 0)[:, None, None], scale=scale)
+        query.float(),
+        k.repeat_interleave(heads // kv_heads, 1),
+        v.repeat_interleave(heads // kv_heads, 1),
+        attn_mask=(bias == 0)[:, None, None],
+        scale=scale,
+    )
     assert torch.allclose(got, sdpa, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("kp,vp", [
-    (gear("channel", "channel", 3, 32, 0, ratio=0), gear("token", "token", 3, 32, 0, ratio=0)),  # sink-3: in codes
-    (gear("channel", "channel", 2, 16, 0, ratio=0), gear("token", "token", 4, 8, 0, ratio=0)),   # KIVI: groups per row
-    (gear("channel", "channel", 2, 32, 2), gear("token", "token", 2, 32, 3)),                    # GEAR
-    (gear("token", "token", 1, 32, 2, ratio=0), gear("channel", "channel", 8, 32, 1, ratio=0)),  # other orientations
-    (gear("token", "channel", 3, 40, 0), gear("channel", "token", 4, 40, 2)),                   # outliers across rows
-    (gear("channel", "channel", 2, 32, 0), SINK_GEAR_VALUES),                                    # across heads
-], ids=["sink-3", "kivi", "gear", "token-keys", "crossed", "sink-gear"])
+@pytest.mark.parametrize(
+    "kp,vp",
+    [
+        (gear("channel", "channel", 3, 32, 0, ratio=0), gear("token", "token", 3, 32, 0, ratio=0)),  # sink-3: in codes
+        (
+            gear("channel", "channel", 2, 16, 0, ratio=0),
+            gear("token", "token", 4, 8, 0, ratio=0),
+        ),  # KIVI: groups per row
+        (gear("channel", "channel", 2, 32, 2), gear("token", "token", 2, 32, 3)),  # GEAR
+        (
+            gear("token", "token", 1, 32, 2, ratio=0),
+            gear("channel", "channel", 8, 32, 1, ratio=0),
+        ),  # other orientations
+        (gear("token", "channel", 3, 40, 0), gear("channel", "token", 4, 40, 2)),  # outliers across rows
+        (gear("channel", "channel", 2, 32, 0), SINK_GEAR_VALUES),  # across heads
+    ],
+    ids=["sink-3", "kivi", "gear", "token-keys", "crossed", "sink-gear"],
+)
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch-products"])
 def test_stored_form_torch_path_matches_the_reference(kp, vp, compiled, monkeypatch):
     """The default CPU path (`stored_attention`: several blocks, an online softmax, the compiled kernel or torch
@@ -152,8 +169,13 @@ def test_stored_form_torch_path_matches_the_reference(kp, vp, compiled, monkeypa
     sizes = (2, 1, 3)
     shape = (1, kv_heads, tokens, head_dim)
     assert kp.storage_layout(shape)[0] is not None and vp.storage_layout(shape)[0] is not None
-    blocks = [(stored_chunks(kp, batch, kv_heads, n, tokens, head_dim, 10 + i),
-               stored_chunks(vp, batch, kv_heads, n, tokens, head_dim, 20 + i)) for i, n in enumerate(sizes)]
+    blocks = [
+        (
+            stored_chunks(kp, batch, kv_heads, n, tokens, head_dim, 10 + i),
+            stored_chunks(vp, batch, kv_heads, n, tokens, head_dim, 20 + i),
+        )
+        for i, n in enumerate(sizes)
+    ]
     query = torch.randn(batch, 6, 2, head_dim, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     bias = torch.zeros(batch, sum(sizes) * tokens, device=DEVICE)
     bias[0, :70] = float("-inf")  # left padding past the whole first block (64 tokens)
@@ -166,8 +188,11 @@ def test_stored_form_torch_path_matches_the_reference(kp, vp, compiled, monkeypa
     assert (got[1] == 0).all() and torch.isinf(got_lse[1]).all()
     # with full-precision tokens in the same softmax (sinks, buffer): causal over the two queries
     causal = torch.ones(2, 5, dtype=torch.bool, device=DEVICE).triu(4)
-    exact = (kv(30, (batch, kv_heads, 5, head_dim)), kv(31, (batch, kv_heads, 5, head_dim)),
-             torch.zeros(batch, 2, 5, device=DEVICE).masked_fill(causal, float("-inf")))
+    exact = (
+        kv(30, (batch, kv_heads, 5, head_dim)),
+        kv(31, (batch, kv_heads, 5, head_dim)),
+        torch.zeros(batch, 2, 5, device=DEVICE).masked_fill(causal, float("-inf")),
+    )
     with use_backend("torch"):
         ref, ref_lse = chunk_attention(query, kp, vp, blocks, bias, 0.2, exact)
     got, got_lse = chunk_attention(query, kp, vp, blocks, bias, 0.2, exact)
@@ -184,9 +209,11 @@ def test_compiled_cpu_kernel_matches_torch(bits):
     if cpu.unavailable():
         pytest.skip(f"no compiled CPU kernel: {cpu.unavailable()}")
     g = torch.Generator().manual_seed(bits)
-    for dtype, (a_groups, groups, m, k, n, ng) in [(torch.float16, (3, 12, 3, 64, 64, 1)),
-                                                   (torch.float32, (5, 5, 11, 7, 16, 2)),
-                                                   (torch.float16, (1, 2, 1, 130, 64, 4))]:
+    for dtype, (a_groups, groups, m, k, n, ng) in [
+        (torch.float16, (3, 12, 3, 64, 64, 1)),
+        (torch.float32, (5, 5, 11, 7, 16, 2)),
+        (torch.float16, (1, 2, 1, 130, 64, 4)),
+    ]:
         codes = torch.randint(0, 2**bits, (groups, k, n), generator=g, dtype=torch.uint8)
         scale = (torch.rand(groups, k, ng, generator=g) * 0.1).to(dtype)
         scale[0, 0] = 3e-7  # a subnormal fp16 scale
@@ -215,16 +242,20 @@ def test_without_a_compiler_the_cpu_kernel_says_why_once(monkeypatch):
             assert "/nonexistent/cc" in cpu.unavailable()
         assert not cpu.usable(torch.device("cpu"), 8)  # decode then runs the torch products (tested above)
         with pytest.raises(RuntimeError, match="unavailable"):
-            cpu.dequant_matmul(torch.zeros(1, 1, 1), torch.zeros(1, 3, dtype=torch.uint8), torch.ones(1, 1),
-                               torch.zeros(1, 1), 3, 8)
+            cpu.dequant_matmul(
+                torch.zeros(1, 1, 1), torch.zeros(1, 3, dtype=torch.uint8), torch.ones(1, 1), torch.zeros(1, 1), 3, 8
+            )
     finally:
         cpu._library.cache_clear()
         cpu._warn_once.cache_clear()
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4)])
-@pytest.mark.parametrize("bits,values", [(3, gear("token", "token", 3, 64, 0, ratio=0)), (2, SINK_GEAR_VALUES)],
-                         ids=["sink-3", "sink-gear-2"])
+@pytest.mark.parametrize(
+    "bits,values",
+    [(3, gear("token", "token", 3, 64, 0, ratio=0)), (2, SINK_GEAR_VALUES)],
+    ids=["sink-3", "sink-gear-2"],
+)
 def test_decode_attention_reads_sink_layouts(heads, kv_heads, bits, values):
     """`sink-3` (3-bit codes straddling bytes) and `sink-gear-2` (value outliers across heads) through the fused
     kernel, against the reference."""

@@ -29,8 +29,9 @@ PROMPTS = [
 
 def gearkit(*args):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the processes DDP starts import this checkout too
-    return subprocess.run([sys.executable, "-m", "gearkit.cli", *args], capture_output=True, text=True, timeout=600,
-                          cwd=ROOT, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "gearkit.cli", *args], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env
+    )
 
 
 def json_lines(text):
@@ -55,13 +56,16 @@ class Captured(Logger):
 
 # -- bad input: clear errors before any process is spawned ----------------------------------------------
 
+
 def test_bad_input_is_refused_before_anything_runs(smol):
     model, tok = smol
     with pytest.raises(ValueError, match="prompt list is empty"):
         predict([], "kivi-2", devices=2)
     with pytest.raises(ValueError, match="unknown recipe 'gear-9'; known recipes: fp16"):
         predict(["Hi"], "gear-9", devices=2)
-    with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens \+ 8 new tokens, longer than the model's context of 8192"):
+    with pytest.raises(
+        ValueError, match=r"prompt 1 has \d+ tokens \+ 8 new tokens, longer than the model's context of 8192"
+    ):
         predict(["Hi", "word " * 8200], "kivi-2", devices=2, max_new_tokens=8, model=model, tokenizer=tok)
     with pytest.raises(ValueError, match="scoring after a prefix of 64 needs at least 65"):
         predict([torch.arange(10)], "kivi-2", task="ppl", prefix=64, devices=2, model=model, tokenizer=tok)
@@ -79,18 +83,31 @@ def test_cli_bad_input_fails_before_spawning():
 
 # -- one process ------------------------------------------------------------------------------------------
 
+
 def test_callback_logs_the_bytes_the_cache_reports(smol, tmp_path):
     model, tok = smol
     stats, logger = CompressionStatsLogger(), Captured()
-    rows = predict(PROMPTS[:2], "sink-3", tmp_path / "rows.jsonl", batch_size=2, max_new_tokens=6, model=model,
-                   tokenizer=tok, accelerator="cpu", callbacks=[stats], logger=logger)
+    rows = predict(
+        PROMPTS[:2],
+        "sink-3",
+        tmp_path / "rows.jsonl",
+        batch_size=2,
+        max_new_tokens=6,
+        model=model,
+        tokenizer=tok,
+        accelerator="cpu",
+        callbacks=[stats],
+        logger=logger,
+    )
     assert [r["index"] for r in rows] == [0, 1] and rows == [json.loads(x) for x in (tmp_path / "rows.jsonl").open()]
-    (step, logged), = logger.metrics
+    ((step, logged),) = logger.metrics
     assert step == 0 and logged == stats.history[0]
     # the same batch by hand: left-padded chat prompts, one GearCache
     tok.padding_side = "left"
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-             for p in PROMPTS[:2]]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in PROMPTS[:2]
+    ]
     inputs = tok(texts, return_tensors="pt", padding=True)
     cache = GearCache("sink-3", model.config)
     out = model.generate(**inputs, cache=cache, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -101,7 +118,9 @@ def test_callback_logs_the_bytes_the_cache_reports(smol, tmp_path):
     assert {k.rsplit("/", 1)[1]: v for k, v in logged.items() if "/kv_bytes/" in k} == report.components
     assert logged["predict/sink-3/compression_ratio"] == report.compression_ratio
     assert logged["predict/sink-3/tokens_per_s"] > 0 and logged["predict/sink-3/peak_memory_bytes"] > 0
-    assert [r["token_ids"] for r in rows] == [_until_eos(t, tok) for t in out[:, inputs["input_ids"].shape[1]:].tolist()]
+    assert [r["token_ids"] for r in rows] == [
+        _until_eos(t, tok) for t in out[:, inputs["input_ids"].shape[1] :].tolist()
+    ]
 
 
 def _until_eos(tokens, tok):
@@ -110,35 +129,65 @@ def _until_eos(tokens, tok):
 
 def test_batch_of_one_equals_the_prompt_alone(smol, tmp_path):
     model, tok = smol
-    rows = predict(PROMPTS[1:2], "sink-3", tmp_path / "r.jsonl", max_new_tokens=8, model=model, tokenizer=tok,
-                   accelerator="cpu")
+    rows = predict(
+        PROMPTS[1:2], "sink-3", tmp_path / "r.jsonl", max_new_tokens=8, model=model, tokenizer=tok, accelerator="cpu"
+    )
     alone, _ = greedy(model, tok, PROMPTS[1], 8, GearCache("sink-3", model.config))
     assert rows[0]["token_ids"] == alone.tolist()
 
 
 def test_merge_drops_repeated_rows_and_restores_prompt_order():
-    rows = [{"index": 2, "recipe": "a"}, {"index": 0, "recipe": "a"}, {"index": 0, "recipe": "b"},
-            {"index": 2, "recipe": "a", "dup": True}, {"index": 1, "recipe": "a"}]
-    assert merge_rows(rows) == [{"index": 0, "recipe": "a"}, {"index": 0, "recipe": "b"}, {"index": 1, "recipe": "a"},
-                                {"index": 2, "recipe": "a"}]
+    rows = [
+        {"index": 2, "recipe": "a"},
+        {"index": 0, "recipe": "a"},
+        {"index": 0, "recipe": "b"},
+        {"index": 2, "recipe": "a", "dup": True},
+        {"index": 1, "recipe": "a"},
+    ]
+    assert merge_rows(rows) == [
+        {"index": 0, "recipe": "a"},
+        {"index": 0, "recipe": "b"},
+        {"index": 1, "recipe": "a"},
+        {"index": 2, "recipe": "a"},
+    ]
     batches = PromptBatches(["a", "b", "c"], 2)
     assert len(batches) == 2 and batches[1] == {"batch": 1, "index": [2], "items": ["c"]}
 
 
 # -- two processes (DDP, gloo) against one ----------------------------------------------------------------
 
+
 def test_two_processes_generate_what_one_does(smol, tmp_path):
     model, tok = smol
     module = GearInference("sink-3", model=model, tokenizer=tok)
     assert all(module.encode(p).numel() > 64 for p in (PROMPTS[0], PROMPTS[2]))  # a chunk gets compressed
     args = [a for p in PROMPTS for a in ("--prompt", p)]
-    run = gearkit("generate", "--recipe", "sink-3", *args, "--max-new-tokens", "12", "--batch-size", "2",
-                  "--devices", "2", "--json")
+    run = gearkit(
+        "generate",
+        "--recipe",
+        "sink-3",
+        *args,
+        "--max-new-tokens",
+        "12",
+        "--batch-size",
+        "2",
+        "--devices",
+        "2",
+        "--json",
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Starting with 2 processes" in run.stderr
     two = json_lines(run.stdout)
-    one = predict(PROMPTS, "sink-3", tmp_path / "one.jsonl", batch_size=2, max_new_tokens=12, model=model,
-                  tokenizer=tok, accelerator="cpu")
+    one = predict(
+        PROMPTS,
+        "sink-3",
+        tmp_path / "one.jsonl",
+        batch_size=2,
+        max_new_tokens=12,
+        model=model,
+        tokenizer=tok,
+        accelerator="cpu",
+    )
     assert [r["index"] for r in two] == [0, 1, 2]
     assert two == one  # token ids and texts, exactly
 
@@ -146,8 +195,25 @@ def test_two_processes_generate_what_one_does(smol, tmp_path):
 def test_eval_ppl_on_two_processes_equals_one(smol):
     model, tok = smol
     names = ["sink-3", "kivi-2"]
-    run = gearkit("eval", "ppl", "--recipe", names[0], "--recipe", names[1], "--text", "idle-help", "--prefix", "64",
-                  "--continuation", "16", "--windows", "3", "--json", "--devices", "2")
+    run = gearkit(
+        "eval",
+        "ppl",
+        "--recipe",
+        names[0],
+        "--recipe",
+        names[1],
+        "--text",
+        "idle-help",
+        "--prefix",
+        "64",
+        "--continuation",
+        "16",
+        "--windows",
+        "3",
+        "--json",
+        "--devices",
+        "2",
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     one = evaluate(model, tok, names, load_text("idle-help"), 64, 16, 3, model_name="SmolLM2-135M-Instruct")
     # the same windows (two on rank 0, one on rank 1), the same per-window NLLs summed in the same order: exact

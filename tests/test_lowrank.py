@@ -1,11 +1,10 @@
 import pytest
 import torch
+from conftest import kv_tensors, rel_error
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gearkit import LowRankResidual
-
-from conftest import kv_tensors, rel_error
 
 
 def low_rank_matrix(rank, shape=(2, 3, 40, 16), seed=0):

@@ -1,12 +1,11 @@
 import pytest
 import torch
+from conftest import kv_tensors
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gearkit import SparseOutlier
 from gearkit.compressors.outlier import index_dtype
-
-from conftest import kv_tensors
 
 
 @given(x=kv_tensors(), ratio=st.sampled_from([0.0, 0.02, 0.1, 0.5, 1.0]), axis=st.sampled_from(["token", "channel"]))
@@ -46,8 +45,10 @@ def test_count_uses_the_real_row_length():
     assert SparseOutlier(0.02).count_per_side(1000) == 10
 
 
-@pytest.mark.parametrize("length, dtype", [(1, torch.uint8), (256, torch.uint8), (257, torch.int16),
-                                           (32768, torch.int16), (32769, torch.int32)])
+@pytest.mark.parametrize(
+    "length, dtype",
+    [(1, torch.uint8), (256, torch.uint8), (257, torch.int16), (32768, torch.int16), (32769, torch.int32)],
+)
 def test_indices_use_the_smallest_type_that_addresses_the_row(length, dtype):
     assert index_dtype(length) == dtype
 

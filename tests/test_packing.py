@@ -45,7 +45,9 @@ def test_unpack_checks_the_byte_count():
         unpack_bits(torch.zeros(5, dtype=torch.uint8), 3, 16)
 
 
-@given(bits=st.sampled_from(SUPPORTED_BITS), rows=st.integers(0, 3), n=st.integers(0, 130), seed=st.integers(0, 2**31 - 1))
+@given(
+    bits=st.sampled_from(SUPPORTED_BITS), rows=st.integers(0, 3), n=st.integers(0, 130), seed=st.integers(0, 2**31 - 1)
+)
 def test_table_lookup_unpacking_equals_shift_unpacking(bits, rows, n, seed):
     codes = torch.randint(0, 2**bits, (rows, n), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
     packed = pack_bits(codes, bits)

@@ -1,9 +1,8 @@
 import pytest
 import torch
+from conftest import tiny_llama
 
 from gearkit.eval.passkey import BASELINE, NEEDLE, QUESTION, passkey, passkey_ids, passkey_keys
-
-from conftest import tiny_llama
 
 
 class Chars:
@@ -42,4 +41,8 @@ def test_every_cache_is_scored_beside_the_uncompressed_one():
     results = passkey(model, tok, ["fp16", "sink-2"], "lorem ipsum dolor sit amet " * 40, [200], depths=[0.5], keys=1)
     assert [r.recipe for r in results] == [BASELINE, "fp16", "sink-2"]
     assert all(r.trials == 1 and r.length == 200 and 0.0 <= r.accuracy <= 1.0 for r in results)
-    assert results[0].bits_per_element is None and results[1].bits_per_element == 16.0 and results[2].bits_per_element < 16.0
+    assert (
+        results[0].bits_per_element is None
+        and results[1].bits_per_element == 16.0
+        and results[2].bits_per_element < 16.0
+    )

@@ -2,15 +2,27 @@ import json
 
 import pytest
 import torch
+from conftest import kv_like, kv_tensors, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gearkit import (ChannelSeparableQuantizer, CodebookQuantizer, Context, FullPrecision, MixedPrecision, PerHead,
-                     PerLayer, Pipeline, Quantizer, Recipe, SparseOutlier, Stage, recipes)
+from gearkit import (
+    ChannelSeparableQuantizer,
+    CodebookQuantizer,
+    Context,
+    FullPrecision,
+    MixedPrecision,
+    PerHead,
+    PerLayer,
+    Pipeline,
+    Quantizer,
+    Recipe,
+    SparseOutlier,
+    Stage,
+    recipes,
+)
 from gearkit.integrations.hf import make_cache
 from gearkit.models import DEFAULT_MODEL
-
-from conftest import kv_like, kv_tensors, tiny_llama
 
 WIDTHS = [Quantizer(b, None, "token") for b in (2, 3, 4)]
 
@@ -74,8 +86,12 @@ def test_exact_entries_of_the_chosen_stage_stay_exact():
 
 def test_a_cache_codes_each_layer_with_its_stage_and_refuses_models_it_does_not_fit():
     model = tiny_llama("gqa", layers=2)
-    per_layer = Recipe("pl", Pipeline([PerLayer([Quantizer(2, 8, "channel"), Quantizer(4, 8, "channel")])]),
-                       Pipeline([Quantizer(4, 8, "token")]), 8)
+    per_layer = Recipe(
+        "pl",
+        Pipeline([PerLayer([Quantizer(2, 8, "channel"), Quantizer(4, 8, "channel")])]),
+        Pipeline([Quantizer(4, 8, "token")]),
+        8,
+    )
     cache = make_cache(per_layer, model)
     model(torch.randint(2, 97, (1, 40)), cache=cache, use_cache=True)
     bits = [layer.store.memory_report().component_bits()["codes"] for layer in cache.layers]
@@ -94,8 +110,11 @@ def test_builtin_allocations_cost_what_they_state_within_budget_and_fit_only_the
     data = json.loads((recipes.ALLOCATIONS / f"{DEFAULT_MODEL}.json").read_text())["allocations"][str(budget)]
     x, layers = kv_like(5, (1, 3, 64, 64)), len(data["key"])
     start = torch.tensor([64])  # pre-RoPE widths store the chunk's first position
-    bits = sum(p.compress(x, layer=i, positions=start).bits_per_element for i in range(layers)
-               for p in (recipe.key, recipe.value))
+    bits = sum(
+        p.compress(x, layer=i, positions=start).bits_per_element
+        for i in range(layers)
+        for p in (recipe.key, recipe.value)
+    )
     all_in = bits / (2 * layers) + 16 * recipe.sink_tokens / 2048
     assert all_in == pytest.approx(data["all_in_bits"]) and all_in <= budget and recipe.model_bound
     with pytest.raises(ValueError, match=f"{layers} layers; the model has 2"):
@@ -116,7 +135,7 @@ def test_each_head_gets_exactly_its_stage_and_its_bytes(x, seed):
     stages = [HEAD_WIDTHS[i] for i in order]
     per_head = Pipeline([PerHead(stages)])
     c = per_head.compress(x)
-    alone = [Pipeline([s]).compress(x[:, h:h + 1]) for h, s in enumerate(stages)]
+    alone = [Pipeline([s]).compress(x[:, h : h + 1]) for h, s in enumerate(stages)]
     assert c.nbytes == sum(a.nbytes for a in alone)
     expected = torch.cat([Pipeline([s]).decompress(a) for s, a in zip(stages, alone)], dim=1)
     assert torch.equal(per_head.decompress(c), expected)
@@ -138,8 +157,10 @@ def test_per_head_slices_saliency_keeps_exact_entries_and_refuses_other_head_cou
     with pytest.raises(ValueError, match="2 KV heads, got a tensor with 3"):
         Pipeline([PerHead([Quantizer(2), Quantizer(3)])]).compress(kv_like(0, (1, 3, 8, 8)))
     with pytest.raises(ValueError, match="2 KV heads; the model has 4"):
-        make_cache(Recipe("ph", Pipeline([PerHead([Quantizer(2), Quantizer(3)])]), Pipeline([Quantizer(4)]), 8),
-                   tiny_llama("mha"))
+        make_cache(
+            Recipe("ph", Pipeline([PerHead([Quantizer(2), Quantizer(3)])]), Pipeline([Quantizer(4)]), 8),
+            tiny_llama("mha"),
+        )
     with pytest.raises(TypeError, match="head 1"):
         PerHead([Quantizer(2), "3-bit"])
     with pytest.raises(ValueError, match="none"):

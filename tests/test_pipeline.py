@@ -1,14 +1,22 @@
 import pytest
 import torch
 import torch.utils._pytree as pytree
+from conftest import kv_like, kv_tensors, rel_error
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from gearkit.compressed import cat_batch, select_batch
-from gearkit import (Chain, CompressedTensor, FullPrecision, LowRankResidual, Pipeline, PerLayer, Quantizer,
-                     SparseOutlier, recipes)
-
-from conftest import kv_like, kv_tensors, rel_error
+from gearkit import (
+    Chain,
+    CompressedTensor,
+    FullPrecision,
+    LowRankResidual,
+    PerLayer,
+    Pipeline,
+    Quantizer,
+    SparseOutlier,
+    recipes,
+)
+from gearkit.parts import cat_batch, select_batch
 
 
 def gear(bits=2, group=16, axis="channel", ratio=0.05, rank=2):
@@ -45,12 +53,18 @@ SELF_CONTAINED = [n for n in recipes.names() if not recipes.get(n).model_bound]
 
 backbones = st.builds(
     lambda bits, group, axis: (Quantizer(bits, group, axis), axis),
-    bits=st.sampled_from([2, 3, 4]), group=st.sampled_from([None, 16, 32]), axis=st.sampled_from(["token", "channel"]),
+    bits=st.sampled_from([2, 3, 4]),
+    group=st.sampled_from([None, 16, 32]),
+    axis=st.sampled_from(["token", "channel"]),
 )
 
 
-@given(x=kv_tensors(min_tokens=16, max_tokens=64, head_dims=(16, 32, 64)), backbone=backbones,
-       rank=st.integers(1, 4), ratio=st.sampled_from([0.02, 0.05, 0.1]))
+@given(
+    x=kv_tensors(min_tokens=16, max_tokens=64, head_dims=(16, 32, 64)),
+    backbone=backbones,
+    rank=st.integers(1, 4),
+    ratio=st.sampled_from([0.02, 0.05, 0.1]),
+)
 def test_each_correction_never_increases_the_error(x, backbone, rank, ratio):
     quantizer, axis = backbone
     plain = rel_error(x, Pipeline([quantizer])(x))
@@ -112,9 +126,14 @@ def test_parts_are_pytrees():
     assert torch.equal(gear().decompress(again), gear().decompress(c))
 
 
-@pytest.mark.parametrize("bad, match", [
-    (float("nan"), "NaN or Inf"), (float("inf"), "NaN or Inf"), (float("-inf"), "NaN or Inf"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (float("nan"), "NaN or Inf"),
+        (float("inf"), "NaN or Inf"),
+        (float("-inf"), "NaN or Inf"),
+    ],
+)
 def test_non_finite_input_is_a_clear_error(bad, match):
     x = torch.randn(1, 1, 8, 8)
     x[0, 0, 3, 3] = bad
@@ -124,9 +143,14 @@ def test_non_finite_input_is_a_clear_error(bad, match):
         Quantizer(2)(x)
 
 
-@pytest.mark.parametrize("x, match", [
-    (torch.randn(8, 8), "4-D"), (torch.randn(1, 1, 1, 8, 8), "4-D"), (torch.ones(1, 1, 4, 4, dtype=torch.int32), "floating"),
-])
+@pytest.mark.parametrize(
+    "x, match",
+    [
+        (torch.randn(8, 8), "4-D"),
+        (torch.randn(1, 1, 1, 8, 8), "4-D"),
+        (torch.ones(1, 1, 4, 4, dtype=torch.int32), "floating"),
+    ],
+)
 def test_wrong_tensors_are_a_clear_error(x, match):
     with pytest.raises(ValueError, match=match):
         gear(rank=1).compress(x)

@@ -1,13 +1,12 @@
 import pytest
 import torch
+from conftest import kv_tensors, rel_error, tiny_llama
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gearkit import CodebookQuantizer, Context, FullPrecision, Pipeline, PreRoPE, Quantizer, Recipe
 from gearkit.compressors.rope import RoPE, inverse_frequencies
 from gearkit.integrations.hf import make_cache
-
-from conftest import kv_tensors, rel_error, tiny_llama
 
 THETA = 10000.0
 
@@ -72,16 +71,22 @@ def test_sink_exclusions_survive_and_single_entries_do_not():
 
 def test_a_model_with_another_rotary_embedding_is_refused_and_the_cache_supplies_positions():
     model = tiny_llama("gqa", rope_theta=THETA)  # head dim 16
-    recipe = Recipe("pre-rope-test", Pipeline([PreRoPE(FullPrecision(torch.float32), THETA)]),
-                    Pipeline([FullPrecision(torch.float32)]), buffer_size=4, sink_tokens=1)
+    recipe = Recipe(
+        "pre-rope-test",
+        Pipeline([PreRoPE(FullPrecision(torch.float32), THETA)]),
+        Pipeline([FullPrecision(torch.float32)]),
+        buffer_size=4,
+        sink_tokens=1,
+    )
     ids = torch.randint(2, 97, (2, 13), generator=torch.Generator().manual_seed(0))
     plain = Recipe("post-rope-test", Pipeline([FullPrecision(torch.float32)]), recipe.value, 4, 1)
 
     def logits(r: Recipe) -> torch.Tensor:
         cache = make_cache(r, model)
         with torch.no_grad():
-            return torch.cat([model(ids[:, :9], past_key_values=cache).logits,
-                              model(ids[:, 9:], past_key_values=cache).logits], 1)
+            return torch.cat(
+                [model(ids[:, :9], past_key_values=cache).logits, model(ids[:, 9:], past_key_values=cache).logits], 1
+            )
 
     assert torch.allclose(logits(recipe), logits(plain), atol=1e-5)  # lossless inner: every chunk's positions right
     other = Recipe("pre-rope-other", Pipeline([PreRoPE(FullPrecision(), 500000.0)]), Pipeline([FullPrecision()]))

@@ -1,13 +1,12 @@
 import pytest
 import torch
+from conftest import kv_tensors
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gearkit import Quantizer
+from gearkit.accounting import tensor_nbytes
 from gearkit.kernels.reference import SUPPORTED_BITS, quantize_groups
-from gearkit.compressed import tensor_nbytes
-
-from conftest import kv_tensors
 
 quantizers = st.builds(
     Quantizer,
@@ -38,7 +37,7 @@ def test_error_bound_holds_for_adversarial_values(values, bits):
 
 @given(x=kv_tensors(), bits=st.sampled_from(SUPPORTED_BITS), group=st.sampled_from([None, 5, 16]))
 def test_codes_in_range(x, bits, group):
-    codes, scale, zero = quantize_groups(x.reshape(-1, x.shape[-1])[:, None, :], bits)
+    codes, _, _ = quantize_groups(x.reshape(-1, x.shape[-1])[:, None, :], bits)
     assert codes.dtype == torch.uint8 and int(codes.max()) <= 2**bits - 1
     q = Quantizer(bits, group, "channel")
     assert int(q.codes(q.encode(x)).max()) <= 2**bits - 1
@@ -81,12 +80,15 @@ def test_range_too_wide_for_fp16_parameters_is_a_clear_error():
     assert torch.allclose(out, x)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(bits=5), "unsupported bit width"),
-    (dict(bits=2, group_size=0), "group_size"),
-    (dict(bits=2, axis="head"), "axis"),
-    (dict(bits=2, axis="channel", across_heads=True), "across_heads"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(bits=5), "unsupported bit width"),
+        (dict(bits=2, group_size=0), "group_size"),
+        (dict(bits=2, axis="head"), "axis"),
+        (dict(bits=2, axis="channel", across_heads=True), "across_heads"),
+    ],
+)
 def test_bad_configuration_is_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Quantizer(**kwargs)

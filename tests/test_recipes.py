@@ -1,9 +1,8 @@
 import pytest
 import torch
+from conftest import kv_like, rel_error
 
 from gearkit import LowRankResidual, Pipeline, Quantizer, Recipe, recipes
-
-from conftest import kv_like, rel_error
 
 REQUIRED = ["fp16", "uniform-2", "uniform-4", "kivi-2", "kivi-4", "gear-2", "gear-4", "gear-l-2", "gear-l-4", "kcvt-4"]
 
@@ -23,8 +22,12 @@ def test_lookup_is_by_exact_name():
 
 
 def test_a_user_recipe_takes_a_few_lines():
-    mine = Recipe("test-mine-3", key=Pipeline([Quantizer(3, 32, "channel"), LowRankResidual(2)]),
-                  value=Pipeline([Quantizer(3, 32, "token")]), buffer_size=32)
+    mine = Recipe(
+        "test-mine-3",
+        key=Pipeline([Quantizer(3, 32, "channel"), LowRankResidual(2)]),
+        value=Pipeline([Quantizer(3, 32, "token")]),
+        buffer_size=32,
+    )
     try:
         assert recipes.register(mine) is recipes.get("test-mine-3")
         with pytest.raises(ValueError, match="already registered"):
@@ -89,10 +92,14 @@ def test_stage_constraints_are_checked_against_the_chunk_size_at_construction():
 def test_frontier_recipes_cost_the_bits_they_state():
     """All-in bits of one 64-token chunk at head dim 64 (3 KV heads), per role: codes + scales (+ outliers)."""
     x, start = kv_like(5, (1, 3, 64, 64)), torch.tensor([64])
-    expected = {"turboquant-2.5": (3.25, 2.25), "turboquant-3.5": (4.25, 3.25),  # gk-*: see test_per_layer.py
-                # 1% outliers: one per side of each token's 192 entries across heads, fp16 value + uint8 index;
-                # keys: two pre-RoPE stages, each storing the chunk's int32 first position
-                "kvquant-2": (2.75 + 64 / (3 * 64 * 64), 2.5), "kvquant-3": (3.75 + 64 / (3 * 64 * 64), 3.5)}
+    expected = {
+        "turboquant-2.5": (3.25, 2.25),
+        "turboquant-3.5": (4.25, 3.25),  # gk-*: see test_per_layer.py
+        # 1% outliers: one per side of each token's 192 entries across heads, fp16 value + uint8 index;
+        # keys: two pre-RoPE stages, each storing the chunk's int32 first position
+        "kvquant-2": (2.75 + 64 / (3 * 64 * 64), 2.5),
+        "kvquant-3": (3.75 + 64 / (3 * 64 * 64), 3.5),
+    }
     for name, (key_bits, value_bits) in expected.items():
         recipe = recipes.get(name)
         assert recipe.key.compress(x, positions=start).bits_per_element == pytest.approx(key_bits), name

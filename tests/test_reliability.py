@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kv_like, tiny_llama
 from transformers import DynamicCache, Gemma2Config, MistralConfig, Qwen2Config
 
 from gearkit import FullPrecision, Pipeline, Quantizer, Recipe, SparseOutlier, recipes
@@ -20,10 +21,10 @@ from gearkit.compressors.base import NO_CONTEXT
 from gearkit.integrations.attention import register
 from gearkit.integrations.hf import HF_BASELINES, GearCache, check_build_lock, compressed_tokens, make_cache
 
-from conftest import kv_like, tiny_llama
-
 ROOT = Path(__file__).resolve().parent.parent
-EXACT = Recipe("exact-fp32", Pipeline([FullPrecision(torch.float32)]), Pipeline([FullPrecision(torch.float32)]), buffer_size=16)
+EXACT = Recipe(
+    "exact-fp32", Pipeline([FullPrecision(torch.float32)]), Pipeline([FullPrecision(torch.float32)]), buffer_size=16
+)
 NO_DICTIONARY = [n for n in recipes.names() if not recipes.get(n).model_bound]  # CSR, allocations: one model's
 GREEDY = dict(do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
 
@@ -59,7 +60,10 @@ def test_padded_row_equals_the_prompt_alone(model, name, attention):
     model.set_attn_implementation(register() if attention == "gearkit" else "sdpa")  # ZipCache switches to gearkit
     size = recipes.get(name).buffer_size
     gen = torch.Generator().manual_seed(3)
-    long, short = torch.randint(2, 97, (1, 2 * size + 20), generator=gen), torch.randint(2, 97, (1, size + 20), generator=gen)
+    long, short = (
+        torch.randint(2, 97, (1, 2 * size + 20), generator=gen),
+        torch.randint(2, 97, (1, size + 20), generator=gen),
+    )
     ids = torch.cat([long, torch.cat([torch.zeros(1, size, dtype=torch.long), short], 1)])
     mask = torch.ones_like(ids)
     mask[1, :size] = 0
@@ -150,8 +154,9 @@ def test_a_step_abandoned_between_layers_is_undone_at_the_next(model):
     with pytest.raises(RuntimeError, match="run this step again"):
         model(ids[:, 30:], cache=cache, use_cache=True)
     assert [layer.get_seq_length() for layer in cache.layers] == [30, 30]
-    assert torch.equal(model(ids[:, 30:], cache=cache, use_cache=True).logits,
-                       model(ids[:, 30:], cache=clean, use_cache=True).logits)
+    assert torch.equal(
+        model(ids[:, 30:], cache=cache, use_cache=True).logits, model(ids[:, 30:], cache=clean, use_cache=True).logits
+    )
     hook = model.model.layers[1].register_forward_pre_hook(fail)
     with pytest.raises(KeyboardInterrupt):
         model(ids[:, :1], cache=cache, use_cache=True)
@@ -183,8 +188,15 @@ def test_crop_into_a_chunk_then_continue_equals_dynamic_cache(model):
 
 
 def test_sliding_window_and_hybrid_models_are_refused():
-    heads = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16)
+    heads = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
     with pytest.raises(ValueError, match="sliding_window"):
         GearCache("kivi-2", MistralConfig(sliding_window=8, **heads))
     with pytest.raises(ValueError, match="sliding_attention"):
@@ -222,11 +234,16 @@ def test_a_recipe_that_enlarges_the_cache_warns():
         ChunkStore(recipes.get("kivi-2")).append(kv_like(0, (1, 2, 128, 16)), kv_like(1, (1, 2, 128, 16)))
 
 
-@pytest.mark.parametrize("argv", [["eval", "ppl", "--recipe", "kivi-2", "--windows", "0"],
-                                  ["eval", "ppl", "--recipe", "kivi-2", "--windows", "-1"],
-                                  ["eval", "layers", "--recipe", "kivi-2", "--tokens", "0"],
-                                  ["eval", "layers", "--recipe", "kivi-2", "--tokens", "-5"],
-                                  ["demo", "--context", "0"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "ppl", "--recipe", "kivi-2", "--windows", "0"],
+        ["eval", "ppl", "--recipe", "kivi-2", "--windows", "-1"],
+        ["eval", "layers", "--recipe", "kivi-2", "--tokens", "0"],
+        ["eval", "layers", "--recipe", "kivi-2", "--tokens", "-5"],
+        ["demo", "--context", "0"],
+    ],
+)
 def test_cli_counts_are_checked_by_the_parser(argv, capsys):
     from gearkit.cli import build_parser
 
@@ -271,14 +288,16 @@ def test_reports_are_honest(model):
 def test_readme_docs_and_registry_agree_on_recipe_names():
     known = set(recipes.names()) | set(HF_BASELINES)
     readme = (ROOT / "README.md").read_text()
-    listing = readme[readme.index("Recipes (`gearkit recipes`)"):].split("\n\n")[0]
+    listing = readme[readme.index("Recipes (`gearkit recipes`)") :].split("\n\n")[0]
     listed = set()
     for name in re.findall(r"`([a-z0-9.{},-]+)`", listing):
         head, _, tail = name.partition("{")
         listed |= {head + x + tail.split("}")[1] for x in tail.split("}")[0].split(",")} if tail else {name}
     assert listed == known
-    family = re.compile(r"\b(?:uniform|kivi|gear-l|gear|kcvt|sink-gear|sink|csr|hf-quanto|hf-hqq|turboquant|kvquant|gk)"
-                        r"-\d+(?:\.\d+)?\b")
+    family = re.compile(
+        r"\b(?:uniform|kivi|gear-l|gear|kcvt|sink-gear|sink|csr|hf-quanto|hf-hqq|turboquant|kvquant|gk)"
+        r"-\d+(?:\.\d+)?\b"
+    )
     for page in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]:
         named = set(family.findall(page.read_text())) - known
         assert not named, f"{page.relative_to(ROOT)} names recipes that do not exist: {sorted(named)}"

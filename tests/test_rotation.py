@@ -1,12 +1,11 @@
 import pytest
 import torch
+from conftest import kv_tensors
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gearkit import FullPrecision, Pipeline, Quantizer
 from gearkit.compressors.rotation import HadamardRotation, Rotation, hadamard_transform, random_orthogonal
-
-from conftest import kv_tensors
 
 
 @given(dim=st.integers(1, 128), seed=st.integers(0, 1000))
@@ -62,7 +61,9 @@ def test_hadamard_rotation_keeps_the_inner_error_size_and_costs_nothing(x):
 def test_hadamard_rotation_is_seeded_and_refuses_other_head_dims():
     x = torch.randn(1, 1, 4, 16)
     a, b = HadamardRotation(FullPrecision(), 1), HadamardRotation(FullPrecision(), 2)
-    assert torch.equal(a.rotate(x), HadamardRotation(FullPrecision(), 1).rotate(x)) and not torch.equal(a.rotate(x), b.rotate(x))
+    assert torch.equal(a.rotate(x), HadamardRotation(FullPrecision(), 1).rotate(x)) and not torch.equal(
+        a.rotate(x), b.rotate(x)
+    )
     with pytest.raises(ValueError, match="power-of-two"):
         Pipeline([a]).compress(torch.randn(1, 1, 4, 24))
     with pytest.raises(ValueError, match="power-of-two"):

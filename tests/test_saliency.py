@@ -4,15 +4,15 @@ import math
 
 import pytest
 import torch
+from conftest import kv_like, kv_tensors
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gearkit import ChannelSeparableQuantizer, Context, MixedPrecision, Pipeline, Probes, Quantizer, SparseOutlier
-from gearkit.compressed import MixedPart, cat_batch, select_batch
-from gearkit.compressors.saliency import normalized_saliency, probe_attention, salient_mask
+from gearkit.compressors.mixed import salient_mask
+from gearkit.compressors.probes import normalized_saliency, probe_attention
 from gearkit.kernels.reference import packed_nbytes
-
-from conftest import kv_like, kv_tensors
+from gearkit.parts import MixedPart, cat_batch, select_batch
 
 STAGES = {
     "channel": lambda b: Quantizer(b, None, "channel"),
@@ -27,8 +27,13 @@ def scores_for(x: torch.Tensor, seed: int) -> torch.Tensor:
 
 # -- probes and scores ---------------------------------------------------------------------------------------
 
-@given(n=st.integers(0, 300), pad=st.integers(0, 40), recent=st.sampled_from([0.0, 0.05, 0.3]),
-       rand=st.sampled_from([0.0, 0.05, 0.5]))
+
+@given(
+    n=st.integers(0, 300),
+    pad=st.integers(0, 40),
+    recent=st.sampled_from([0.0, 0.05, 0.3]),
+    rand=st.sampled_from([0.0, 0.05, 0.5]),
+)
 def test_probes_are_the_most_recent_and_a_seeded_random_set_of_real_queries(n, pad, recent, rand):
     probes = Probes(recent, rand, seed=3)
     valid = torch.tensor([[False] * pad + [True] * n, [True] * (n + pad)], dtype=torch.bool)
@@ -50,10 +55,17 @@ def full_attention(query, keys, visible, scaling):
     return torch.softmax(logits, -1).nan_to_num(0.0)
 
 
-@given(seed=st.integers(0, 2**16), kv_heads=st.sampled_from([1, 3]), group=st.sampled_from([1, 3]),
-       q_len=st.integers(1, 40), past=st.integers(0, 30), pad=st.integers(0, 5))
-def test_probe_attention_is_the_probes_rows_of_the_full_attention_summed_over_each_group(seed, kv_heads, group, q_len,
-                                                                                         past, pad):
+@given(
+    seed=st.integers(0, 2**16),
+    kv_heads=st.sampled_from([1, 3]),
+    group=st.sampled_from([1, 3]),
+    q_len=st.integers(1, 40),
+    past=st.integers(0, 30),
+    pad=st.integers(0, 5),
+)
+def test_probe_attention_is_the_probes_rows_of_the_full_attention_summed_over_each_group(
+    seed, kv_heads, group, q_len, past, pad
+):
     g = torch.Generator().manual_seed(seed)
     length = past + q_len
     query = torch.randn(2, kv_heads * group, q_len, 8, generator=g)
@@ -110,8 +122,13 @@ def test_salient_mask_marks_exactly_the_top_scores(seed, tokens, ratio):
 
 # -- the mixed-precision stage -------------------------------------------------------------------------------
 
-@given(x=kv_tensors(), kind=st.sampled_from(list(STAGES)), ratio=st.sampled_from([0.0, 0.25, 0.5, 1.0]),
-       seed=st.integers(0, 2**16))
+
+@given(
+    x=kv_tensors(),
+    kind=st.sampled_from(list(STAGES)),
+    ratio=st.sampled_from([0.0, 0.25, 0.5, 1.0]),
+    seed=st.integers(0, 2**16),
+)
 def test_error_bounds_hold_and_salient_tokens_get_the_high_stage(x, kind, ratio, seed):
     stage = MixedPrecision(STAGES[kind](4), STAGES[kind](2), ratio)
     scores = scores_for(x, seed)

@@ -4,10 +4,9 @@ import math
 
 import pytest
 import torch
+from conftest import kv_like
 
 from gearkit import Pipeline, Quantizer, SignSketch
-
-from conftest import kv_like
 
 
 def test_inner_products_are_unbiased_and_bytes_are_one_bit_per_sketch_entry():

@@ -2,20 +2,19 @@
 
 import pytest
 import torch
-
-from gearkit import Recipe, recipes
-from gearkit.cache import ChunkStore
-from gearkit.integrations.attention import register
-from gearkit.eval.speed import largest_tensor
-from gearkit.integrations.hf import GearCache, make_cache
-from gearkit.kernels.backend import use_backend
-
 from conftest import SHAPES, tiny_llama
 from test_hf_cache import chat, generate
 
+from gearkit import Recipe, recipes
+from gearkit.cache import ChunkStore
+from gearkit.eval.speed import largest_tensor
+from gearkit.integrations.attention import register
+from gearkit.integrations.hf import GearCache, make_cache
+from gearkit.kernels.backend import use_backend
 
-TINY_GEAR = Recipe("tiny-sink-gear-2", recipes.get("gear-2").key, recipes.get("gear-2").value, buffer_size=16,
-                   sink_tokens=2)
+TINY_GEAR = Recipe(
+    "tiny-sink-gear-2", recipes.get("gear-2").key, recipes.get("gear-2").value, buffer_size=16, sink_tokens=2
+)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -41,9 +40,14 @@ def test_storage_attention_logits_match_dequantize_path(shape, queries, padded):
 
 def test_greedy_through_triton_storage_attention_equals_dequantize_path(smol):
     model, tok = smol
-    inputs = chat(tok, ["Write a short story about a lighthouse keeper who finds a message in a bottle on a stormy "
-                        "night. Describe the sea, the wind, the old lamp, the letter's strange handwriting, and what "
-                        "the keeper decides to do when he understands who wrote it."])
+    inputs = chat(
+        tok,
+        [
+            "Write a short story about a lighthouse keeper who finds a message in a bottle on a stormy "
+            "night. Describe the sea, the wind, the old lamp, the letter's strange handwriting, and what "
+            "the keeper decides to do when he understands who wrote it."
+        ],
+    )
     assert inputs["input_ids"].shape[1] > 64  # the prompt fills a gear-2 chunk
     reference = generate(model, inputs, GearCache("gear-2", model.config), max_new_tokens=8, min_new_tokens=8)
     model.set_attn_implementation(register())
@@ -94,25 +98,62 @@ def test_per_layer_per_head_rotated_and_codebook_stages_decode_from_their_codes(
     path attends."""
     if not compiled:
         monkeypatch.setenv("GEARKIT_CPU_KERNEL", "0")
-    from gearkit import (Chain, CodebookQuantizer, HadamardRotation, LowRankResidual, PerHead, PerLayer, Pipeline,
-                         PreRoPE, Quantizer)
+    from gearkit import (
+        Chain,
+        CodebookQuantizer,
+        HadamardRotation,
+        LowRankResidual,
+        PerHead,
+        PerLayer,
+        Pipeline,
+        PreRoPE,
+        Quantizer,
+    )
     from gearkit.compressors.rotation import Rotation
 
     theta = 100000.0
-    keys = Pipeline([PerLayer([
-        PerHead([Quantizer(3, 16, "channel"), HadamardRotation(CodebookQuantizer(2)),
-                 Chain([PreRoPE(LowRankResidual(1), theta), HadamardRotation(CodebookQuantizer(2))])]),
-        CodebookQuantizer(3, 16, "channel", centered=True)])])
-    values = Pipeline([PerLayer([HadamardRotation(CodebookQuantizer(3)), PerHead([
-        Quantizer(2, 16, "token"), HadamardRotation(CodebookQuantizer(4, 16)), Quantizer(4, None, "token")])])])
+    keys = Pipeline(
+        [
+            PerLayer(
+                [
+                    PerHead(
+                        [
+                            Quantizer(3, 16, "channel"),
+                            HadamardRotation(CodebookQuantizer(2)),
+                            Chain([PreRoPE(LowRankResidual(1), theta), HadamardRotation(CodebookQuantizer(2))]),
+                        ]
+                    ),
+                    CodebookQuantizer(3, 16, "channel", centered=True),
+                ]
+            )
+        ]
+    )
+    values = Pipeline(
+        [
+            PerLayer(
+                [
+                    HadamardRotation(CodebookQuantizer(3)),
+                    PerHead(
+                        [
+                            Quantizer(2, 16, "token"),
+                            HadamardRotation(CodebookQuantizer(4, 16)),
+                            Quantizer(4, None, "token"),
+                        ]
+                    ),
+                ]
+            )
+        ]
+    )
     recipe = Recipe("tiny-gk", keys, values, buffer_size=16, sink_tokens=2)
     model = tiny_llama(dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=192), rope_theta=theta)
     ids = torch.randint(2, 97, (2, 3 * 16 + 5), generator=torch.Generator().manual_seed(8))
     mask = torch.ones_like(ids)
     mask[0, :7] = 0
     ref, _ = decode_logits(model, recipe, "sdpa", ids, mask)
+
     def refuse(self, part):
         raise AssertionError(f"{type(self).__name__} decoded its part")
+
     for stage in (Quantizer, CodebookQuantizer, Rotation):
         monkeypatch.setattr(stage, "decode", refuse)
     got, cache = decode_logits(model, recipe, "gearkit", ids, mask)
@@ -120,9 +161,14 @@ def test_per_layer_per_head_rotated_and_codebook_stages_decode_from_their_codes(
     torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
 
 
-@pytest.mark.parametrize("heads", [dict(num_attention_heads=4, num_key_value_heads=1, hidden_size=320),  # MQA, dim 80
-                                   dict(num_attention_heads=3, num_key_value_heads=3, hidden_size=288)],  # MHA, dim 96
-                         ids=["mqa-80", "mha-96"])
+@pytest.mark.parametrize(
+    "heads",
+    [
+        dict(num_attention_heads=4, num_key_value_heads=1, hidden_size=320),  # MQA, dim 80
+        dict(num_attention_heads=3, num_key_value_heads=3, hidden_size=288),
+    ],  # MHA, dim 96
+    ids=["mqa-80", "mha-96"],
+)
 def test_other_head_dims_read_the_storage(heads):
     model = tiny_llama(heads)
     ids = torch.randint(2, 97, (1, 40), generator=torch.Generator().manual_seed(6))
@@ -138,12 +184,14 @@ def test_beam_search_sampling_and_crop_through_storage_attention():
     outs = {}
     for attention in ("sdpa", "gearkit"):
         cache = make_cache(TINY_GEAR, model, attention=attention)
-        outs[attention] = model.generate(ids, cache=cache, max_new_tokens=12, min_new_tokens=12, num_beams=3,
-                                         do_sample=False, pad_token_id=0)
+        outs[attention] = model.generate(
+            ids, cache=cache, max_new_tokens=12, min_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=0
+        )
     assert torch.equal(outs["sdpa"], outs["gearkit"])
     torch.manual_seed(0)
-    sampled = model.generate(ids, cache=make_cache(TINY_GEAR, model), max_new_tokens=8, do_sample=True, top_k=5,
-                             pad_token_id=0)
+    sampled = model.generate(
+        ids, cache=make_cache(TINY_GEAR, model), max_new_tokens=8, do_sample=True, top_k=5, pad_token_id=0
+    )
     assert sampled.shape[1] == 48
     cache = make_cache(TINY_GEAR, model)
     with torch.inference_mode():
@@ -168,7 +216,7 @@ def test_a_decode_step_creates_nothing_that_grows_with_the_context(monkeypatch):
             cache = make_cache("sink-3", model, attention=attention)
             model(ids, cache=cache)
             model(ids[:, -1:], cache=cache)  # the first step may build lookup tables once
-            _, largest[attention, length] = largest_tensor(lambda: model(ids[:, -1:], cache=cache))
+            _, largest[attention, length] = largest_tensor(lambda ids=ids, cache=cache: model(ids[:, -1:], cache=cache))
     assert largest["gearkit", 4428] <= 1.1 * largest["gearkit", 1100]  # bounded: one block at a time
     assert largest["sdpa", 4428] > 3 * largest["sdpa", 1100]  # the compatibility path rebuilds the past
 

@@ -2,23 +2,28 @@
 
 import pytest
 import torch
+from conftest import tiny_llama
+from test_hf_cache import storage
 
 from gearkit import MixedPrecision, Pipeline, Probes, Quantizer, Recipe, recipes
 from gearkit.integrations.attention import register
 from gearkit.integrations.hf import GearCache
 
-from conftest import tiny_llama
-from test_hf_cache import storage
-
 CHUNK = 16
-TINY = Recipe("tiny-zipcache", Pipeline([MixedPrecision(Quantizer(4, None, "channel"), Quantizer(2, None, "channel"), 0.25)]),
-              Pipeline([MixedPrecision(Quantizer(4, 8, "token"), Quantizer(2, 8, "token"), 0.25)]), CHUNK,
-              probes=Probes(0.1, 0.1))
+TINY = Recipe(
+    "tiny-zipcache",
+    Pipeline([MixedPrecision(Quantizer(4, None, "channel"), Quantizer(2, None, "channel"), 0.25)]),
+    Pipeline([MixedPrecision(Quantizer(4, 8, "token"), Quantizer(2, 8, "token"), 0.25)]),
+    CHUNK,
+    probes=Probes(0.1, 0.1),
+)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return tiny_llama(dict(num_attention_heads=6, num_key_value_heads=2, hidden_size=96), attn_implementation=register())
+    return tiny_llama(
+        dict(num_attention_heads=6, num_key_value_heads=2, hidden_size=96), attn_implementation=register()
+    )
 
 
 def ids(n, seed=0, batch=1):
@@ -41,7 +46,9 @@ def test_prefill_attends_in_full_precision_and_then_compresses_with_saliency(tin
     mask = TINY.key.stages[0].salient(layer.compressed_keys.parts[0])
     assert mask.shape == (2, 2, CHUNK) and (mask.sum(-1) == 4).all()
     report = cache.memory_report()
-    assert report.nbytes == storage(cache) and report.components["saliency_map"] == 2 * 2 * 2 * (2 * CHUNK // 8)  # layers, K/V, chunks, bits
+    assert report.nbytes == storage(cache) and report.components["saliency_map"] == 2 * 2 * 2 * (
+        2 * CHUNK // 8
+    )  # layers, K/V, chunks, bits
     assert report.components["probe_scores"] == 2 * (4 * 2 * 8 + 4 * 8)  # two layers, fp32 received and seen
 
 
@@ -84,8 +91,9 @@ def test_batch_with_left_padding_gives_each_sequence_its_batch_of_one_result(tin
 
 
 def test_without_gearkit_attention_the_cache_says_how_to_enable_it():
-    model = tiny_llama(dict(num_attention_heads=2, num_key_value_heads=1, hidden_size=32), layers=1,
-                       attn_implementation="sdpa")
+    model = tiny_llama(
+        dict(num_attention_heads=2, num_key_value_heads=1, hidden_size=32), layers=1, attn_implementation="sdpa"
+    )
     config = model.config
     with pytest.raises(ValueError, match="register"):
         GearCache(TINY, config)
@@ -98,6 +106,7 @@ def test_without_gearkit_attention_the_cache_says_how_to_enable_it():
 
 
 # -- the real default model ----------------------------------------------------------------------------------
+
 
 @torch.inference_mode()
 def test_saliency_on_the_real_model_marks_the_sink_and_the_recently_attended_tokens(smol):

@@ -1,9 +1,8 @@
 """Compression stages (`nn.Module`s with `encode`/`decode`) and the `Pipeline` that chains them."""
 
 from gearkit.compressors.base import Context, FullPrecision, Stage
-from gearkit.compressors.codebook import CodebookQuantizer
 from gearkit.compressors.channel_separable import ChannelSeparableQuantizer
-from gearkit.compressors.checks import check_kv
+from gearkit.compressors.codebook import CodebookQuantizer
 from gearkit.compressors.dictionary_set import DictionarySet
 from gearkit.compressors.lowrank import LowRankResidual
 from gearkit.compressors.mixed import MixedPrecision
@@ -17,19 +16,35 @@ from gearkit.compressors.rope import RoPE
 from gearkit.compressors.rotation import HadamardRotation, Rotation
 from gearkit.compressors.sketch import SignSketch
 from gearkit.compressors.sparse_dictionary import SparseDictionary
-
-Rotary = RoPE  # the old name, for one release
+from gearkit.deprecation import moved
 
 __all__ = [
     # stages and their composition
-    "Stage", "Context", "Pipeline", "Chain", "Quantizer", "ChannelSeparableQuantizer", "SparseOutlier",
-    "LowRankResidual", "FullPrecision", "Rotation",
+    "Stage",
+    "Context",
+    "Pipeline",
+    "Chain",
+    "Quantizer",
+    "ChannelSeparableQuantizer",
+    "SparseOutlier",
+    "LowRankResidual",
+    "FullPrecision",
+    "Rotation",
     # rotation + non-uniform codebooks and the 1-bit residual sketch (TurboQuant, QJL), keys coded before RoPE (KVQuant)
-    "HadamardRotation", "CodebookQuantizer", "SignSketch", "PreRoPE",
+    "HadamardRotation",
+    "CodebookQuantizer",
+    "SignSketch",
+    "PreRoPE",
     # bit allocation: a stage per model layer or KV head (KVTuner)
-    "PerLayer", "PerHead",
+    "PerLayer",
+    "PerHead",
     # ZipCache: saliency-driven mixed precision and the probe queries that score saliency
-    "MixedPrecision", "Probes",
+    "MixedPrecision",
+    "Probes",
     # CSR: sparse dictionary codes (NeuralDict training lives in gearkit.neuraldict, which loads Lightning)
-    "SparseDictionary", "DictionarySet", "RoPE",
+    "SparseDictionary",
+    "DictionarySet",
+    "RoPE",
 ]
+
+__getattr__ = moved(__name__, {"Rotary": "gearkit.compressors.rope:RoPE"})

@@ -10,9 +10,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from gearkit.compressed import DensePart, Part
 from gearkit.compressors.checks import check_kv, check_storable
 from gearkit.kernels.decode import dense_scores, dense_weighted
+from gearkit.parts import DensePart, Part
 
 CONTEXT_FIELDS = ("saliency", "positions", "layer")
 
@@ -200,8 +200,10 @@ def make_context(ctx: Context | None, fields: dict[str, Any], requires: frozense
     ctx = dataclasses.replace(ctx or NO_CONTEXT, **fields) if fields else (ctx or NO_CONTEXT)
     missing = requires - ctx.given()
     if "saliency" in missing:
-        raise ValueError("this pipeline needs per-token saliency scores [batch, kv_heads, tokens] (a ZipCache cache "
-                         "computes them from probe queries; pass saliency=...)")
+        raise ValueError(
+            "this pipeline needs per-token saliency scores [batch, kv_heads, tokens] (a ZipCache cache "
+            "computes them from probe queries; pass saliency=...)"
+        )
     if missing:
         raise ValueError(f"this pipeline needs context field(s) {sorted(missing)}")
     return ctx

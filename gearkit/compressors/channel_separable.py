@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gearkit.compressed import ChannelScaledPart
 from gearkit.compressors.base import NO_CONTEXT, Context, Stage
 from gearkit.compressors.checks import check_storable
 from gearkit.compressors.quantizer import Quantizer
+from gearkit.parts import ChannelScaledPart
 
 
 class ChannelSeparableQuantizer(Stage):

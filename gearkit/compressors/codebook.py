@@ -8,32 +8,42 @@ is calibrated and nothing but the codes and one scale per group is stored.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from gearkit.compressed import CodebookPart
 from gearkit.compressors.base import NO_CONTEXT, Context
 from gearkit.compressors.checks import Axis, check_storable
 from gearkit.compressors.quantizer import Quantizer
 from gearkit.kernels.reference import check_bits, pack_bits, unpack_bits
+from gearkit.parts import QuantizedPart
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _levels(bits: int) -> tuple[float, ...]:
     normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
     n = 2**bits
     levels = normal.icdf((torch.arange(n, dtype=torch.float64) + 0.5) / n)  # start from equal-mass cells
     for _ in range(1000):  # Lloyd's iteration on the density: levels are the centroids of their cells
-        edges = torch.cat([levels.new_tensor([-math.inf]), (levels[1:] + levels[:-1]) / 2, levels.new_tensor([math.inf])])
+        edges = torch.cat(
+            [levels.new_tensor([-math.inf]), (levels[1:] + levels[:-1]) / 2, levels.new_tensor([math.inf])]
+        )
         pdf, cdf = normal.log_prob(edges).exp(), normal.cdf(edges)
         new = (pdf[:-1] - pdf[1:]) / (cdf[1:] - cdf[:-1])  # E[X | a < X < b] for a standard normal
         if torch.allclose(new, levels, rtol=0, atol=1e-12):
             break
         levels = new
     return tuple(levels.tolist())
+
+
+@functools.cache
+def _level_table(bits: int, levels: tuple[float, ...] | None, device: torch.device) -> Tensor:
+    """A codebook's levels on `device`, built once (decode reads them for every block)."""
+    table = lloyd_max_levels(bits) if levels is None else torch.tensor(levels, dtype=torch.float32)
+    return table.to(device)
 
 
 def lloyd_max_levels(bits: int) -> Tensor:
@@ -103,34 +113,46 @@ class CodebookQuantizer(Quantizer):
         ValueError: for levels that are not `2**bits` ascending finite numbers.
     """
 
-    def __init__(self, bits: int, group_size: int | None = None, axis: Axis = "token", centered: bool = False,
-                 param_dtype: torch.dtype = torch.float16, levels: Sequence[float] | None = None):
+    def __init__(
+        self,
+        bits: int,
+        group_size: int | None = None,
+        axis: Axis = "token",
+        centered: bool = False,
+        param_dtype: torch.dtype = torch.float16,
+        levels: Sequence[float] | None = None,
+    ):
         super().__init__(bits, group_size, axis, False, param_dtype)
         if not isinstance(centered, bool):
             raise TypeError(f"centered must be a bool, got {centered!r}")
         if levels is not None:
             levels = tuple(float(v) for v in levels)
-            if len(levels) != 2**bits or not all(map(math.isfinite, levels)) or any(
-                    a >= b for a, b in zip(levels, levels[1:])):
+            if (
+                len(levels) != 2**bits
+                or not all(map(math.isfinite, levels))
+                or any(a >= b for a, b in itertools.pairwise(levels))
+            ):
                 raise ValueError(f"a {bits}-bit codebook needs {2**bits} ascending finite levels, got {levels}")
         self.centered, self.levels = centered, levels
 
     def config(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size, "axis": self.axis, "centered": self.centered,
-                "param_dtype": self.param_dtype, "levels": None if self.levels is None else list(self.levels)}
+        return {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "axis": self.axis,
+            "centered": self.centered,
+            "param_dtype": self.param_dtype,
+            "levels": None if self.levels is None else list(self.levels),
+        }
 
     def codebook(self, device=None) -> Tensor:
         """The levels codes index: float32 `[2**bits]` (calibrated if given, else `lloyd_max_levels(bits)`)."""
-        levels = lloyd_max_levels(self.bits) if self.levels is None else torch.tensor(self.levels, dtype=torch.float32)
-        return levels.to(device)
-
-    def _read_parameters(self, part: CodebookPart, device) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        return part.scale, part.center, self.codebook(device)
+        return _level_table(self.bits, self.levels, torch.device(device or "cpu"))
 
     def kernel_unsupported(self, length: int) -> str | None:
         return "the fused kernels read uniform codes, not codebook indices"
 
-    def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> CodebookPart:
+    def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> QuantizedPart:
         """Quantize `x` `[batch, kv_heads, tokens, head_dim]`; `exclude`d entries do not count in any statistic."""
         rows = self._to_rows(x.float())
         length = rows.shape[-1]
@@ -155,20 +177,28 @@ class CodebookQuantizer(Quantizer):
         scale = check_storable(scale.squeeze(-1).to(self.param_dtype), "CodebookQuantizer scales", "param_dtype")
         codes = codes.reshape(*rows.shape[:-1], n * size)[..., :length]
         packed = pack_bits(codes.reshape(x.shape[0], math.prod(self._rows_shape(x.shape)[1:])), self.bits)
-        return CodebookPart(packed, scale, None if center is None else center.squeeze(-1).to(self.param_dtype), self.bits,
-                            tuple(x.shape))
+        return QuantizedPart(
+            packed,
+            scale,
+            None if center is None else center.squeeze(-1).to(self.param_dtype),
+            self.bits,
+            tuple(x.shape),
+        )
 
-    def decode(self, part: CodebookPart) -> Tensor:
+    def decode(self, part: QuantizedPart) -> Tensor:
         """Dequantize: float32 `[batch, kv_heads, tokens, head_dim]`."""
         if part.bits != self.bits:
             raise ValueError(f"part holds {part.bits}-bit codes but this quantizer is {self.bits}-bit")
         codes = self._grouped_codes(part, unpack_bits).long()
-        out = self.codebook(codes.device).index_select(0, codes.flatten()).view(codes.shape) * part.scale.float()[..., None]
-        if part.center is not None:
-            out = out + part.center.float()[..., None]
+        out = (
+            self.codebook(codes.device).index_select(0, codes.flatten()).view(codes.shape)
+            * part.scale.float()[..., None]
+        )
+        if part.zero is not None:
+            out = out + part.zero.float()[..., None]
         return self._ungroup(out, part.shape)
 
-    def error_bound(self, part: CodebookPart) -> Tensor:
+    def error_bound(self, part: QuantizedPart) -> Tensor:
         """Refused: a Gaussian codebook's outermost cells are unbounded, so there is no per-element bound.
 
         Raises:
@@ -179,5 +209,7 @@ class CodebookQuantizer(Quantizer):
     def extra_repr(self) -> str:
         centered = ", centered=True" if self.centered else ""
         calibrated = ", calibrated levels" if self.levels is not None else ""
-        return (f"bits={self.bits}, group_size={self.group_size}, axis={self.axis!r}{centered}{calibrated}, "
-                f"param_dtype={self.param_dtype}")
+        return (
+            f"bits={self.bits}, group_size={self.group_size}, axis={self.axis!r}{centered}{calibrated}, "
+            f"param_dtype={self.param_dtype}"
+        )

@@ -1,6 +1,18 @@
-"""Old import path (one release): see `solvers`, `rope`, `dictionary_set` and `sparse_dictionary`."""
+"""Old import path: see `solvers`, `rope`, `dictionary_set` and `sparse_dictionary` in `gearkit.compressors`."""
 
-from gearkit.compressors.dictionary_set import FORMAT_VERSION, DictionarySet, model_signature  # noqa: F401
-from gearkit.compressors.rope import RoPE as Rotary  # noqa: F401
-from gearkit.compressors.solvers import SOLVERS, matching_pursuit, orthogonal_matching_pursuit  # noqa: F401
-from gearkit.compressors.sparse_dictionary import SparseDictionary  # noqa: F401
+from gearkit.deprecation import moved
+
+__getattr__ = moved(
+    __name__,
+    {
+        **{
+            n: f"gearkit.compressors.dictionary_set:{n}" for n in ("FORMAT_VERSION", "DictionarySet", "model_signature")
+        },
+        **{
+            n: f"gearkit.compressors.solvers:{n}"
+            for n in ("SOLVERS", "matching_pursuit", "orthogonal_matching_pursuit")
+        },
+        "Rotary": "gearkit.compressors.rope:RoPE",
+        "SparseDictionary": "gearkit.compressors.sparse_dictionary:SparseDictionary",
+    },
+)

@@ -87,8 +87,10 @@ class DictionarySet:
         table = self.keys if role == "key" else self.values
         if layer is None:
             if len(self.groups) != 1:
-                raise ValueError(f"this dictionary set has {len(self.groups)} layer groups: the layer must be given "
-                                 "(GearCache passes it)")
+                raise ValueError(
+                    f"this dictionary set has {len(self.groups)} layer groups: the layer must be given "
+                    "(GearCache passes it)"
+                )
             return table[0]
         if layer not in self._group_of:
             raise ValueError(f"no dictionary for layer {layer}; this set covers layers {sorted(self._group_of)}")
@@ -109,8 +111,10 @@ class DictionarySet:
         wrong = {k: (v, have.get(k)) for k, v in want.items() if have.get(k) != v}
         if wrong:
             detail = ", ".join(f"{k}: trained for {a}, model has {b}" for k, (a, b) in wrong.items())
-            raise ValueError(f"this dictionary was trained for {self.model.get('name', 'another model')} and does not fit "
-                             f"this model ({detail})")
+            raise ValueError(
+                f"this dictionary was trained for {self.model.get('name', 'another model')} and does not fit "
+                f"this model ({detail})"
+            )
         covered = {i for g in self.groups for i in g}
         missing = sorted(set(range(have["num_hidden_layers"])) - covered)
         if missing:
@@ -118,11 +122,18 @@ class DictionarySet:
 
     def metadata(self) -> dict:
         """The JSON-serialisable description saved beside the tensors."""
-        return {"format": "gearkit.DictionarySet", "version": self.version, "model": self.model,
-                "groups": [list(g) for g in self.groups], "key_chunks": self.key_chunks,
-                "value_chunks": self.value_chunks, "atoms": self.atoms, "sparsity": list(self.sparsity),
-                "key_space": "pre-rope" if self.rope is not None else "post-rope",
-                "attention_scaling": None if self.rope is None else self.rope.attention_scaling}
+        return {
+            "format": "gearkit.DictionarySet",
+            "version": self.version,
+            "model": self.model,
+            "groups": [list(g) for g in self.groups],
+            "key_chunks": self.key_chunks,
+            "value_chunks": self.value_chunks,
+            "atoms": self.atoms,
+            "sparsity": list(self.sparsity),
+            "key_space": "pre-rope" if self.rope is not None else "post-rope",
+            "attention_scaling": None if self.rope is None else self.rope.attention_scaling,
+        }
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write a safetensors file (fp16 atoms; metadata under the `gearkit` key), atomically. Returns the path."""
@@ -151,20 +162,34 @@ class DictionarySet:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no dictionary file {str(path)!r} (train one with: gearkit dict train)")
-        with safe_open(str(path), "pt") as f:
-            raw = (f.metadata() or {}).get("gearkit")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), "pt") as f:
+                raw = (f.metadata() or {}).get("gearkit")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors file is not a dict)
+        except Exception as e:  # safetensors raises its own error type for a damaged file
+            raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
         meta = json.loads(raw) if raw else {}
         if meta.get("format") != "gearkit.DictionarySet":
             raise ValueError(f"{path} is not a gearkit dictionary file")
         if meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path} has dictionary format version {meta.get('version')}; this gearkit reads "
-                             f"version {FORMAT_VERSION}: train it again")
+            raise ValueError(
+                f"{path} has dictionary format version {meta.get('version')}; this gearkit reads "
+                f"version {FORMAT_VERSION}: train it again"
+            )
         rope = None
         if meta["key_space"] == "pre-rope":
             rope = RoPE(tensors["rope.inv_freq"], meta["attention_scaling"])
-        out = cls(tensors["keys"], tensors["values"], tuple(tuple(g) for g in meta["groups"]), meta["key_chunks"],
-                  meta["value_chunks"], rope, meta["model"], tuple(meta["sparsity"]), meta["version"])
+        out = cls(
+            tensors["keys"],
+            tensors["values"],
+            tuple(tuple(g) for g in meta["groups"]),
+            meta["key_chunks"],
+            meta["value_chunks"],
+            rope,
+            meta["model"],
+            tuple(meta["sparsity"]),
+            meta["version"],
+        )
         if config is not None:
             out.check_model(config)
         return out

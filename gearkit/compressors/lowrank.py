@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gearkit.compressed import LowRankPart
 from gearkit.compressors.base import NO_CONTEXT, Context, Stage
 from gearkit.compressors.checks import check_int, check_storable
+from gearkit.parts import LowRankPart
 
 METHODS = ("power", "svd")
 
@@ -52,21 +52,30 @@ class LowRankResidual(Stage):
         self.rank, self.method, self.iters, self.seed, self.factor_dtype = rank, method, iters, seed, factor_dtype
 
     def config(self) -> dict:
-        return {"rank": self.rank, "method": self.method, "iters": self.iters, "seed": self.seed,
-                "factor_dtype": self.factor_dtype}
+        return {
+            "rank": self.rank,
+            "method": self.method,
+            "iters": self.iters,
+            "seed": self.seed,
+            "factor_dtype": self.factor_dtype,
+        }
 
     def check_chunk(self, tokens: int, head_dim: int | None = None) -> None:
         """Raise `ValueError` if a chunk of `tokens` tokens (and `head_dim` channels) is too small for the rank."""
         if self.rank > min(tokens, head_dim or tokens):
-            raise ValueError(f"rank {self.rank} exceeds the matrix size [tokens={tokens}, head_dim={head_dim}]: use "
-                             f"a rank of at most {min(tokens, head_dim or tokens)} or larger chunks (buffer_size)")
+            raise ValueError(
+                f"rank {self.rank} exceeds the matrix size [tokens={tokens}, head_dim={head_dim}]: use "
+                f"a rank of at most {min(tokens, head_dim or tokens)} or larger chunks (buffer_size)"
+            )
 
     def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> LowRankPart:
         """Factor `x` `[batch, kv_heads, tokens, head_dim]` (excluded entries count as zero)."""
         r = x.float() if exclude is None else x.float().masked_fill(exclude, 0.0)
         b, h, t, d = r.shape
         if r.numel() == 0:
-            return LowRankPart(r.new_zeros(b, h, t, 0, dtype=self.factor_dtype), r.new_zeros(b, h, d, 0, dtype=self.factor_dtype))
+            return LowRankPart(
+                r.new_zeros(b, h, t, 0, dtype=self.factor_dtype), r.new_zeros(b, h, d, 0, dtype=self.factor_dtype)
+            )
         self.check_chunk(t, d)
         if self.method == "svd":
             u, s, vh = torch.linalg.svd(r, full_matrices=False)
@@ -89,4 +98,7 @@ class LowRankResidual(Stage):
         return part.left.float() @ part.right.float().mT
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, method={self.method!r}, iters={self.iters}, seed={self.seed}, factor_dtype={self.factor_dtype}"
+        return (
+            f"rank={self.rank}, method={self.method!r}, iters={self.iters}, seed={self.seed}, "
+            f"factor_dtype={self.factor_dtype}"
+        )

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gearkit.compressed import MixedPart
 from gearkit.compressors.base import NO_CONTEXT, Context, Stage
 from gearkit.compressors.checks import check_fraction
 from gearkit.kernels.reference import pack_bits, unpack_bits
+from gearkit.parts import MixedPart
 
 
 def salient_count(tokens: int, ratio: float) -> int:
@@ -65,8 +65,9 @@ class MixedPrecision(Stage):
         super().__init__()
         for name, s in (("high", high), ("low", low)):
             if not isinstance(s, Stage) or s.requires - {"layer"}:
-                raise TypeError(f"MixedPrecision {name} must be a gearkit Stage that needs no saliency or positions, "
-                                f"got {s!r}")
+                raise TypeError(
+                    f"MixedPrecision {name} must be a gearkit Stage that needs no saliency or positions, got {s!r}"
+                )
         self.high, self.low, self.ratio = high, low, check_fraction(ratio, "ratio")
 
     @property
@@ -77,7 +78,10 @@ class MixedPrecision(Stage):
         return {"high": self.high, "low": self.low, "ratio": self.ratio}
 
     def check_chunk(self, tokens: int, head_dim: int | None = None) -> None:
-        for s, n in ((self.high, salient_count(tokens, self.ratio)), (self.low, tokens - salient_count(tokens, self.ratio))):
+        for s, n in (
+            (self.high, salient_count(tokens, self.ratio)),
+            (self.low, tokens - salient_count(tokens, self.ratio)),
+        ):
             s.check_chunk(n, head_dim)
 
     @staticmethod
@@ -113,10 +117,14 @@ class MixedPrecision(Stage):
         """
         saliency = ctx.saliency
         if saliency is None:
-            raise ValueError("MixedPrecision needs per-token saliency scores [batch, kv_heads, tokens] (a ZipCache "
-                             "cache computes them from probe queries; pass saliency= to Pipeline.compress)")
+            raise ValueError(
+                "MixedPrecision needs per-token saliency scores [batch, kv_heads, tokens] (a ZipCache "
+                "cache computes them from probe queries; pass saliency= to Pipeline.compress)"
+            )
         if tuple(saliency.shape) != tuple(x.shape[:3]):
-            raise ValueError(f"saliency must be [batch, kv_heads, tokens] = {tuple(x.shape[:3])}, got {tuple(saliency.shape)}")
+            raise ValueError(
+                f"saliency must be [batch, kv_heads, tokens] = {tuple(x.shape[:3])}, got {tuple(saliency.shape)}"
+            )
         mask = salient_mask(saliency.to(x.device), self.ratio)
         xs, xl = self._split(x, mask)
         es, el = (None, None) if exclude is None else self._split(exclude, mask)

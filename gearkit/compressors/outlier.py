@@ -6,9 +6,9 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from gearkit.compressed import OutlierPart
 from gearkit.compressors.base import NO_CONTEXT, Context, Stage
 from gearkit.compressors.checks import Axis, check_axis, check_fraction, check_storable
+from gearkit.parts import OutlierPart
 
 
 def index_dtype(length: int) -> torch.dtype:
@@ -37,8 +37,9 @@ class SparseOutlier(Stage):
         across_heads: rows span all heads of a token (only with `axis="token"`).
     """
 
-    def __init__(self, ratio: float, axis: Axis = "token", value_dtype: torch.dtype = torch.float16,
-                 across_heads: bool = False):
+    def __init__(
+        self, ratio: float, axis: Axis = "token", value_dtype: torch.dtype = torch.float16, across_heads: bool = False
+    ):
         super().__init__()
         self.ratio = check_fraction(ratio, "outlier ratio")
         self.axis = check_axis(axis)
@@ -47,7 +48,12 @@ class SparseOutlier(Stage):
         self.value_dtype, self.across_heads = value_dtype, across_heads
 
     def config(self) -> dict:
-        return {"ratio": self.ratio, "axis": self.axis, "value_dtype": self.value_dtype, "across_heads": self.across_heads}
+        return {
+            "ratio": self.ratio,
+            "axis": self.axis,
+            "value_dtype": self.value_dtype,
+            "across_heads": self.across_heads,
+        }
 
     def count_per_side(self, row_length: int) -> int:
         """Entries taken from each end of a row of `row_length`."""
@@ -77,7 +83,9 @@ class SparseOutlier(Stage):
             low_pool = low_pool.masked_fill(skip, float("inf"))
         bottom = low_pool.topk(k, dim=-1, largest=False).indices
         idx = torch.cat([top, bottom], -1)
-        values = check_storable(rows.gather(-1, idx).to(self.value_dtype), "outlier values", "SparseOutlier value_dtype")
+        values = check_storable(
+            rows.gather(-1, idx).to(self.value_dtype), "outlier values", "SparseOutlier value_dtype"
+        )
         return OutlierPart(values, idx.to(index_dtype(length)), length, x.shape[1])
 
     def _scatter(self, part: OutlierPart, src: Tensor) -> Tensor:

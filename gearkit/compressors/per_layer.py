@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from gearkit.compressed import HeadsPart, LayerPart
 from gearkit.compressors.base import NO_CONTEXT, Context, Stage, text_config
+from gearkit.parts import HeadsPart, LayerPart
 
 
 class PerLayer(Stage):
@@ -42,8 +42,10 @@ class PerLayer(Stage):
         stages = list(stages)
         for i, s in enumerate([*stages, default]):
             if s is not None and not isinstance(s, Stage):
-                raise TypeError(f"PerLayer stages must be gearkit Stages or None, got {type(s).__name__} "
-                                f"({'default' if i == len(stages) else f'layer {i}'})")
+                raise TypeError(
+                    f"PerLayer stages must be gearkit Stages or None, got {type(s).__name__} "
+                    f"({'default' if i == len(stages) else f'layer {i}'})"
+                )
         if default is None and not any(s is not None for s in stages):
             raise ValueError("PerLayer needs a stage for some layer (or a default)")
         self.stages, self.default = stages, default
@@ -197,14 +199,16 @@ class PerHead(Stage):
     def scores(self, part: HeadsPart, q: Tensor, chunks: int) -> Tensor:
         """Each head's stage on its head's queries (see `Stage.scores`): `[chunks, batch, kv_heads, rows, T]`."""
         self._check_heads(len(part.heads))
-        return torch.cat([s.scores(x, q[:, :, h : h + 1], chunks)
-                          for h, (s, x) in enumerate(zip(self.stages, part.heads))], dim=2)
+        return torch.cat(
+            [s.scores(x, q[:, :, h : h + 1], chunks) for h, (s, x) in enumerate(zip(self.stages, part.heads))], dim=2
+        )
 
     def weighted(self, part: HeadsPart, p: Tensor) -> Tensor:
         """Each head's stage on its head's weights (see `Stage.weighted`): `[batch, kv_heads, rows, head_dim]`."""
         self._check_heads(len(part.heads))
-        return torch.cat([s.weighted(x, p[:, :, h : h + 1]) for h, (s, x) in enumerate(zip(self.stages, part.heads))],
-                         dim=1)
+        return torch.cat(
+            [s.weighted(x, p[:, :, h : h + 1]) for h, (s, x) in enumerate(zip(self.stages, part.heads))], dim=1
+        )
 
     def exact_mask(self, part: HeadsPart) -> Tensor | None:
         """Entries the heads' stages store exactly, bool `[batch, kv_heads, tokens, head_dim]`, or None."""

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gearkit.compressed import CompressedTensor, Part
 from gearkit.compressors.base import NO_CONTEXT, Context, Stage, make_context
 from gearkit.compressors.checks import check_kv
 from gearkit.compressors.lowrank import LowRankResidual
@@ -20,6 +19,7 @@ from gearkit.kernels import ops
 from gearkit.kernels.backend import may_use_triton, use_triton
 from gearkit.kernels.decode import dense_scores, dense_weighted, layout_scores, layout_weighted
 from gearkit.kernels.layout import StorageLayout, layout_ints, layout_tensors
+from gearkit.parts import CompressedTensor, Part
 
 
 class Pipeline(nn.Module):
@@ -91,7 +91,9 @@ class Pipeline(nn.Module):
         """Bytes of shared artifacts (dictionaries) the stages read for `layer`, as this layer's share."""
         return sum(stage.shared_nbytes(layer) for stage in self.stages)
 
-    def compress(self, x: Tensor, exclude: Tensor | None = None, ctx: Context | None = None, **context: Any) -> CompressedTensor:
+    def compress(
+        self, x: Tensor, exclude: Tensor | None = None, ctx: Context | None = None, **context: Any
+    ) -> CompressedTensor:
         """Compress `x` `[batch, kv_heads, tokens, head_dim]` (fp32, fp16 or bf16, finite).
 
         Args:
@@ -124,7 +126,9 @@ class Pipeline(nn.Module):
     def decompress(self, c: CompressedTensor) -> Tensor:
         """Reconstruct: tensor of `c.shape` `[batch, kv_heads, tokens, head_dim]` and `c.dtype`."""
         if len(c.parts) != len(self.stages):
-            raise ValueError(f"compressed tensor has {len(c.parts)} parts but the pipeline has {len(self.stages)} stages")
+            raise ValueError(
+                f"compressed tensor has {len(c.parts)} parts but the pipeline has {len(self.stages)} stages"
+            )
         device = next(iter(c.tensors().values())).device
         if c.numel and may_use_triton(device):
             layout, unsupported = self.storage_layout(c.shape)
@@ -171,8 +175,9 @@ class Pipeline(nn.Module):
         if outlier is not None:
             o_channel, o_heads = outlier.axis == "channel", outlier.across_heads
             k2 = 2 * outlier.count_per_side(heads * d if o_heads else t if o_channel else d)
-        return dataclasses.replace(layout, k2=k2, o_channel=o_channel, rank=lowrank.rank if lowrank else 0,
-                                   o_heads=o_heads), None
+        return dataclasses.replace(
+            layout, k2=k2, o_channel=o_channel, rank=lowrank.rank if lowrank else 0, o_heads=o_heads
+        ), None
 
     def scores(self, c: CompressedTensor, q: Tensor, chunks: int) -> Tensor:
         """Queries times the stored keys of a block of chunks, `q @ k^T`, read in their stored form: by the

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gearkit.compressed import PositionedPart
 from gearkit.compressors.base import NO_CONTEXT, Context, Stage
 from gearkit.compressors.rope import RoPE, inverse_frequencies, rope_parameters
+from gearkit.parts import PositionedPart
 
 
 class PreRoPE(Stage):
@@ -51,8 +51,10 @@ class PreRoPE(Stage):
         """Raise `ValueError` unless the model uses plain RoPE with this stage's `rope_theta`."""
         theta, kind = rope_parameters(config)
         if kind != "default" or theta != self.rope_theta:
-            raise ValueError(f"PreRoPE codes keys for plain RoPE with theta {self.rope_theta:g}; the model has "
-                             f"{kind!r} RoPE with theta {theta}")
+            raise ValueError(
+                f"PreRoPE codes keys for plain RoPE with theta {self.rope_theta:g}; the model has "
+                f"{kind!r} RoPE with theta {theta}"
+            )
         self.inner.check_model(config)
 
     def _rope(self, head_dim: int, device) -> RoPE:

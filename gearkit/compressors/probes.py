@@ -103,8 +103,9 @@ def visible_keys(attention_mask: Tensor | None, batch: int, queries: int, keys: 
     return mask.expand(batch, queries, keys)
 
 
-def probe_attention(query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float | None,
-                    probes: Probes) -> tuple[Tensor, Tensor]:
+def probe_attention(
+    query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float | None, probes: Probes
+) -> tuple[Tensor, Tensor]:
     """Attention received by every key from the step's probe queries, and how many probes see each key.
 
     The probes' attention rows are computed in blocks (never the full `queries x keys` matrix), from
@@ -124,8 +125,10 @@ def probe_attention(query: Tensor, keys: Tensor, attention_mask: Tensor | None, 
         the number of probe queries that see each key.
     """
     if query.dim() != 4 or keys.dim() != 4 or query.shape[0] != keys.shape[0] or query.shape[-1] != keys.shape[-1]:
-        raise ValueError(f"query [batch, heads, queries, head_dim] and keys [batch, kv_heads, kv_len, head_dim] do not "
-                         f"match: {tuple(query.shape)} and {tuple(keys.shape)}")
+        raise ValueError(
+            f"query [batch, heads, queries, head_dim] and keys [batch, kv_heads, kv_len, head_dim] do not "
+            f"match: {tuple(query.shape)} and {tuple(keys.shape)}"
+        )
     b, heads, nq, d = query.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     if heads % kv_heads:
@@ -136,7 +139,7 @@ def probe_attention(query: Tensor, keys: Tensor, attention_mask: Tensor | None, 
     own = torch.arange(nq, device=query.device) + (length - nq)
     valid = visible.gather(2, own[None, :, None].expand(b, nq, 1))[..., 0]  # a real query sees its own position
     index, used = probes.positions(valid)
-    scale = d ** -0.5 if scaling is None else scaling
+    scale = d**-0.5 if scaling is None else scaling
     grouped_keys = keys.float().unflatten(1, (kv_heads, 1))  # [b, kv_heads, 1, kv_len, d]
     received = query.new_zeros(b, kv_heads, length, dtype=torch.float32)
     seen = query.new_zeros(b, length, dtype=torch.float32)

@@ -8,7 +8,6 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from gearkit.compressed import QuantizedPart
 from gearkit.compressors.base import NO_CONTEXT, Context, Stage
 from gearkit.compressors.checks import Axis, check_axis, check_int
 from gearkit.kernels import ops
@@ -16,6 +15,7 @@ from gearkit.kernels.backend import use_triton
 from gearkit.kernels.decode import stored_product
 from gearkit.kernels.layout import KERNEL_BITS, StorageLayout, is_pow2
 from gearkit.kernels.reference import check_bits, dequantize_groups, pack_bits, unpack_bits, unpack_float
+from gearkit.parts import QuantizedPart
 
 
 class Quantizer(Stage):
@@ -58,8 +58,13 @@ class Quantizer(Stage):
         self.param_dtype = param_dtype
 
     def config(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size, "axis": self.axis, "across_heads": self.across_heads,
-                "param_dtype": self.param_dtype}
+        return {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "axis": self.axis,
+            "across_heads": self.across_heads,
+            "param_dtype": self.param_dtype,
+        }
 
     # Layout: rows are the last axis, cut into groups.
     def _to_rows(self, x: Tensor) -> Tensor:
@@ -101,11 +106,20 @@ class Quantizer(Stage):
                 valid = torch.cat([valid, valid.new_zeros(*valid.shape[:-1], pad)], -1)
         if x.numel() and use_triton(x.device, self.kernel_unsupported(length)):  # fused quantize + pack
             packed, scale, zero = ops.quantize_pack(
-                rows.reshape(-1, length), None if valid is None else valid.reshape(-1, length),
-                self.bits, size, self.param_dtype)
+                rows.reshape(-1, length),
+                None if valid is None else valid.reshape(-1, length),
+                self.bits,
+                size,
+                self.param_dtype,
+            )
             lead = rows.shape[:-1]
-            return QuantizedPart(packed.reshape(x.shape[0], -1), scale.reshape(*lead, n), zero.reshape(*lead, n),
-                                 self.bits, tuple(x.shape))
+            return QuantizedPart(
+                packed.reshape(x.shape[0], -1),
+                scale.reshape(*lead, n),
+                zero.reshape(*lead, n),
+                self.bits,
+                tuple(x.shape),
+            )
         grouped = rows.reshape(*rows.shape[:-1], n, size)
         codes, scale, zero = ops.quantize_groups(
             grouped, self.bits, self.param_dtype, None if valid is None else valid.reshape(grouped.shape)
@@ -155,25 +169,25 @@ class Quantizer(Stage):
         group = min(self.group_size or length, length)  # a group longer than the row is the row
         return None if length % group else StorageLayout(t, d, self.bits, group, self.axis == "channel")
 
-    def _read_parameters(self, part: QuantizedPart, device) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """(scale, zero or None, codebook levels or None) as `stored_product` reads them."""
-        return part.scale, part.zero, None
+    def codebook(self, device=None) -> Tensor | None:
+        """The level each code stands for, float32 `[2**bits]`, or None: a uniform code is its own level."""
+        return None
 
     def scores(self, part: QuantizedPart, q: Tensor, chunks: int) -> Tensor:
         """`q @ x^T` on the packed codes (see `Stage.scores`): `[chunks, batch, kv_heads, rows, T]`."""
         layout = self.read_layout(part.shape)
         if layout is None:
             return super().scores(part, q, chunks)
-        scale, zero, levels = self._read_parameters(part, q.device)
-        return stored_product(q, part.codes, scale, zero, layout, chunks, not layout.q_channel, levels)
+        levels = self.codebook(q.device)
+        return stored_product(q, part.codes, part.scale, part.zero, layout, chunks, not layout.q_channel, levels)
 
     def weighted(self, part: QuantizedPart, p: Tensor) -> Tensor:
         """`p @ x` on the packed codes, summed over chunks (see `Stage.weighted`): `[batch, kv_heads, rows, D]`."""
         layout = self.read_layout(part.shape)
         if layout is None:
             return super().weighted(part, p)
-        scale, zero, levels = self._read_parameters(part, p.device)
-        return stored_product(p, part.codes, scale, zero, layout, p.shape[0], layout.q_channel, levels).sum(0)
+        levels = self.codebook(p.device)
+        return stored_product(p, part.codes, part.scale, part.zero, layout, p.shape[0], layout.q_channel, levels).sum(0)
 
     def codes(self, part: QuantizedPart) -> Tensor:
         """The integer codes of a part, uint8 `[batch, kv_heads, tokens, head_dim]`."""
@@ -187,4 +201,6 @@ class Quantizer(Stage):
 
     def extra_repr(self) -> str:
         heads = ", across_heads=True" if self.across_heads else ""
-        return f"bits={self.bits}, group_size={self.group_size}, axis={self.axis!r}{heads}, param_dtype={self.param_dtype}"
+        return (
+            f"bits={self.bits}, group_size={self.group_size}, axis={self.axis!r}{heads}, param_dtype={self.param_dtype}"
+        )

@@ -72,7 +72,9 @@ class RoPE(nn.Module):
         if x.shape[-1] != self.head_dim:
             raise ValueError(f"rotary embedding of head dim {self.head_dim} cannot rotate vectors of dim {x.shape[-1]}")
         if positions.shape != (x.shape[0], x.shape[-2]):
-            raise ValueError(f"positions must be [batch, tokens] = {(x.shape[0], x.shape[-2])}, got {tuple(positions.shape)}")
+            raise ValueError(
+                f"positions must be [batch, tokens] = {(x.shape[0], x.shape[-2])}, got {tuple(positions.shape)}"
+            )
         cos, sin = (t[:, None] for t in self.cos_sin(positions))
         x = x.float()
         first, second = x[..., : self.head_dim // 2], x[..., self.head_dim // 2 :]

@@ -8,9 +8,9 @@ import math
 import torch
 from torch import Tensor
 
-from gearkit.compressed import Part
 from gearkit.compressors.base import NO_CONTEXT, Context, Stage
 from gearkit.compressors.checks import check_int
+from gearkit.parts import Part
 
 
 def random_orthogonal(dim: int, seed: int = 0) -> Tensor:
@@ -96,7 +96,9 @@ def _butterflies(x: Tensor) -> Tensor:
     lead, h = x.shape[:-1], 1
     while h < d:
         pairs = x.reshape(*lead, d // (2 * h), 2, h)
-        x = torch.stack([pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]], -2).reshape(*lead, d)
+        x = torch.stack([pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]], -2).reshape(
+            *lead, d
+        )
         h *= 2
     return x
 

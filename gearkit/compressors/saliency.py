@@ -1,4 +1,14 @@
-"""Old import path (one release): see `gearkit.compressors.probes` and `gearkit.compressors.mixed`."""
+"""Old import path: see `gearkit.compressors.probes` and `gearkit.compressors.mixed`."""
 
-from gearkit.compressors.mixed import MixedPrecision, salient_count, salient_mask  # noqa: F401
-from gearkit.compressors.probes import Probes, normalized_saliency, probe_attention, visible_keys  # noqa: F401
+from gearkit.deprecation import moved
+
+__getattr__ = moved(
+    __name__,
+    {
+        **{n: f"gearkit.compressors.mixed:{n}" for n in ("MixedPrecision", "salient_count", "salient_mask")},
+        **{
+            n: f"gearkit.compressors.probes:{n}"
+            for n in ("Probes", "normalized_saliency", "probe_attention", "visible_keys")
+        },
+    },
+)

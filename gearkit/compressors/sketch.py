@@ -8,10 +8,10 @@ import math
 import torch
 from torch import Tensor
 
-from gearkit.compressed import CodebookPart
 from gearkit.compressors.base import NO_CONTEXT, Context, Stage
 from gearkit.compressors.checks import check_int, check_storable
 from gearkit.kernels.reference import pack_bits, unpack_bits
+from gearkit.parts import SketchPart
 
 
 @functools.cache
@@ -48,21 +48,21 @@ class SignSketch(Stage):
     def _matrix(self, dim: int, device) -> Tensor:
         return _gaussian(self.size or dim, dim, self.seed).to(device)
 
-    def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> CodebookPart:
-        """Sketch `x` `[batch, kv_heads, tokens, head_dim]`; `exclude`d entries (stored exactly elsewhere) count as 0."""
+    def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> SketchPart:
+        """Sketch `x` `[batch, kv_heads, tokens, head_dim]`; `exclude`d entries count as 0."""
         x = x.float() if exclude is None else x.float().masked_fill(exclude, 0.0)
         s = self._matrix(x.shape[-1], x.device)
         signs = (x @ s.T >= 0).to(torch.uint8)  # [batch, kv_heads, tokens, m]
         scale = x.norm(dim=-1, keepdim=True) * math.sqrt(math.pi / 2) / s.shape[0]
         scale = check_storable(scale.to(self.param_dtype), "SignSketch scales", "param_dtype")
-        codes = pack_bits(signs.reshape(x.shape[0], math.prod(signs.shape[1:])), 1)
-        return CodebookPart(codes, scale, None, 1, tuple(x.shape))
+        packed = pack_bits(signs.reshape(x.shape[0], math.prod(signs.shape[1:])), 1)
+        return SketchPart(packed, scale, s.shape[0], tuple(x.shape))
 
-    def decode(self, part: CodebookPart) -> Tensor:
+    def decode(self, part: SketchPart) -> Tensor:
         """The unbiased estimate `scale * S^T sign`: float32 `[batch, kv_heads, tokens, head_dim]`."""
         b, h, t, d = part.shape
-        s = self._matrix(d, part.codes.device)
-        signs = unpack_bits(part.codes, 1, h * t * s.shape[0]).reshape(b, h, t, s.shape[0]).float() * 2 - 1
+        s = self._matrix(d, part.signs.device)
+        signs = unpack_bits(part.signs, 1, h * t * part.size).reshape(b, h, t, part.size).float() * 2 - 1
         return part.scale.float() * (signs @ s)
 
     def extra_repr(self) -> str:

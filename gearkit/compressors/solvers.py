@@ -94,8 +94,11 @@ def combine_atoms(index: Tensor, coef: Tensor, atoms: Tensor) -> Tensor:
     """`sum_j coef[..., j] * atoms[:, index[..., j]]`: `[..., n, dim]` from `[..., n, s]` codes and `atoms`
     `[dim, atoms]` (or `[..., dim, atoms]`)."""
     if atoms.dim() == 2:  # one fused gather + weighted sum
-        flat = torch.nn.functional.embedding_bag(index.reshape(-1, index.shape[-1]).long(), atoms.mT.contiguous(),
-                                                 per_sample_weights=coef.reshape(-1, coef.shape[-1]).to(atoms.dtype),
-                                                 mode="sum")
+        flat = torch.nn.functional.embedding_bag(
+            index.reshape(-1, index.shape[-1]).long(),
+            atoms.mT.contiguous(),
+            per_sample_weights=coef.reshape(-1, coef.shape[-1]).to(atoms.dtype),
+            mode="sum",
+        )
         return flat.reshape(*index.shape[:-1], atoms.shape[0])
     return (coef[..., None, :].to(atoms.dtype) @ _pick(atoms.mT, index.long())).squeeze(-2)

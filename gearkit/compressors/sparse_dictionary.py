@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from gearkit.compressed import DictionaryPart
 from gearkit.compressors.base import NO_CONTEXT, Context, Stage
 from gearkit.compressors.checks import check_int, check_storable
 from gearkit.compressors.dictionary_set import DictionarySet, Role, load_cached
 from gearkit.compressors.solvers import SOLVERS, Solver, combine_atoms
+from gearkit.parts import DictionaryPart
 
 Source = DictionarySet | str | os.PathLike | Callable[[], "DictionarySet | str | os.PathLike"]
 PYTHON = "python:"  # a source or solver named by its import path, as recipe data
@@ -60,8 +60,16 @@ class SparseDictionary(Stage):
             as the set's key dictionaries were trained. Needs a set trained on pre-RoPE keys; ignored for values.
     """
 
-    def __init__(self, dictionary: Source, role: Role, sparsity: int, chunks: int | None = None,
-                 solver: str | Solver = "mp", coef_bits: int = 16, pre_rope: bool | None = None):
+    def __init__(
+        self,
+        dictionary: Source,
+        role: Role,
+        sparsity: int,
+        chunks: int | None = None,
+        solver: str | Solver = "mp",
+        coef_bits: int = 16,
+        pre_rope: bool | None = None,
+    ):
         super().__init__()
         if role not in ("key", "value"):
             raise ValueError(f"role must be 'key' or 'value', got {role!r}")
@@ -76,14 +84,22 @@ class SparseDictionary(Stage):
             module, _, name = dictionary.removeprefix(PYTHON).rpartition(".")
             dictionary = getattr(importlib.import_module(module), name)
         if not (isinstance(dictionary, (DictionarySet, str, os.PathLike)) or callable(dictionary)):
-            raise TypeError(f"dictionary must be a DictionarySet, a path or a callable, got {type(dictionary).__name__}")
+            raise TypeError(
+                f"dictionary must be a DictionarySet, a path or a callable, got {type(dictionary).__name__}"
+            )
         self.source, self.role, self.sparsity, self._chunks = dictionary, role, sparsity, chunks
         self.solver, self.coef_bits, self._pre_rope = solver, coef_bits, pre_rope
 
     def config(self) -> dict:
-        return {"dictionary": _source_data(self.source), "role": self.role, "sparsity": self.sparsity,
-                "chunks": self._chunks, "solver": self.solver if isinstance(self.solver, str) else _source_data(self.solver),
-                "coef_bits": self.coef_bits, "pre_rope": self._pre_rope}
+        return {
+            "dictionary": _source_data(self.source),
+            "role": self.role,
+            "sparsity": self.sparsity,
+            "chunks": self._chunks,
+            "solver": self.solver if isinstance(self.solver, str) else _source_data(self.solver),
+            "coef_bits": self.coef_bits,
+            "pre_rope": self._pre_rope,
+        }
 
     # -- the dictionary, read lazily ---------------------------------------------------------------------------
     @property
@@ -117,8 +133,10 @@ class SparseDictionary(Stage):
             return False
         trained = self.dictionaries.rope is not None
         if self._pre_rope and not trained:
-            raise ValueError("pre-RoPE coding needs a dictionary set trained on pre-RoPE keys (it carries the rotary "
-                             "parameters); this one was trained on post-RoPE keys")
+            raise ValueError(
+                "pre-RoPE coding needs a dictionary set trained on pre-RoPE keys (it carries the rotary "
+                "parameters); this one was trained on post-RoPE keys"
+            )
         return trained if self._pre_rope is None else self._pre_rope
 
     def check_model(self, config) -> None:
@@ -132,8 +150,10 @@ class SparseDictionary(Stage):
     def _atoms(self, layer: int | None, dim: int, device: torch.device) -> Tensor:
         atoms = self.dictionaries.dictionary(self.role, layer).to(device=device, dtype=torch.float32)
         if atoms.shape[0] * self.chunks != dim:
-            raise ValueError(f"the {self.role} dictionary has atoms of dim {atoms.shape[0]}; {self.chunks} slice(s) of a "
-                             f"head_dim-{dim} vector need dim {dim / self.chunks:g}")
+            raise ValueError(
+                f"the {self.role} dictionary has atoms of dim {atoms.shape[0]}; {self.chunks} slice(s) of a "
+                f"head_dim-{dim} vector need dim {dim / self.chunks:g}"
+            )
         return atoms
 
     def _solve(self, x: Tensor, atoms: Tensor) -> tuple[Tensor, Tensor]:
@@ -156,7 +176,11 @@ class SparseDictionary(Stage):
         atoms = self._atoms(layer, d, x.device)
         start = None
         if self.pre_rope:
-            start = torch.zeros(b, dtype=torch.int32, device=x.device) if positions is None else positions.to(x.device, torch.int32)
+            start = (
+                torch.zeros(b, dtype=torch.int32, device=x.device)
+                if positions is None
+                else positions.to(x.device, torch.int32)
+            )
             if start.shape != (b,):
                 raise ValueError(f"positions must be [batch] = [{b}], got {tuple(start.shape)}")
             x = self.dictionaries.rope.to(x.device).undo(x, start[:, None].long() + torch.arange(t, device=x.device))
@@ -170,7 +194,11 @@ class SparseDictionary(Stage):
         scale = None
         if self.coef_bits == 8:
             scale = check_storable((coef.abs().amax(-1, keepdim=True) / 127).half(), "coefficient scales", "coef_bits")
-            coef = torch.round(coef / scale.float().clamp_min(torch.finfo(torch.float16).tiny)).clamp(-127, 127).to(torch.int8)
+            coef = (
+                torch.round(coef / scale.float().clamp_min(torch.finfo(torch.float16).tiny))
+                .clamp(-127, 127)
+                .to(torch.int8)
+            )
         else:
             coef = check_storable(coef.half(), "coefficients", "coef_bits (8 stores a scale)")
         return DictionaryPart(index, coef, scale, start, layer, self.chunks)
@@ -183,8 +211,9 @@ class SparseDictionary(Stage):
         if part.scale is not None:
             coef = coef * part.scale.float()
         per_slice = part.indices.shape[-1] // part.chunks
-        out = combine_atoms(part.indices.reshape(b, h, t, part.chunks, per_slice),
-                          coef.reshape(b, h, t, part.chunks, per_slice), atoms).reshape(b, h, t, d)
+        out = combine_atoms(
+            part.indices.reshape(b, h, t, part.chunks, per_slice), coef.reshape(b, h, t, part.chunks, per_slice), atoms
+        ).reshape(b, h, t, d)
         if part.start is not None:
             positions = part.start[:, None].long() + torch.arange(t, device=out.device)
             out = self.dictionaries.rope.to(out.device).apply(out, positions)
@@ -193,5 +222,7 @@ class SparseDictionary(Stage):
     def extra_repr(self) -> str:
         source = self.source if isinstance(self.source, (str, os.PathLike)) else type(self.source).__name__
         solver = self.solver if isinstance(self.solver, str) else getattr(self.solver, "__name__", "custom")
-        return (f"role={self.role}, sparsity={self.sparsity}, chunks={self._chunks}, solver={solver}, "
-                f"coef_bits={self.coef_bits}, pre_rope={self._pre_rope}, dictionary={source}")
+        return (
+            f"role={self.role}, sparsity={self.sparsity}, chunks={self._chunks}, solver={solver}, "
+            f"coef_bits={self.coef_bits}, pre_rope={self._pre_rope}, dictionary={source}"
+        )

@@ -41,8 +41,9 @@ def greedy(model, tokenizer, prompt: str, max_new_tokens: int, cache=None) -> tu
     """Greedy new tokens `[new]` for `prompt` (chat template applied) and the seconds `generate` took."""
     ids = chat_ids(tokenizer, prompt)
     start = time.perf_counter()
-    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, cache=cache,
-                         pad_token_id=pad_token_id(tokenizer))
+    out = model.generate(
+        **ids, max_new_tokens=max_new_tokens, do_sample=False, cache=cache, pad_token_id=pad_token_id(tokenizer)
+    )
     return out[0, ids["input_ids"].shape[-1] :], time.perf_counter() - start
 
 
@@ -56,8 +57,16 @@ def agreement(model, tokenizer, names, prompt: str, max_new_tokens: int = 64) ->
         n = min(len(tokens), len(reference))
         same = (tokens[:n] == reference[:n]).tolist() + [False] * abs(len(tokens) - len(reference))
         first = next((i for i, s in enumerate(same) if not s), None)
-        results.append(Generation(cache_name(spec), tokenizer.decode(tokens, skip_special_tokens=True),
-                                  sum(same) / max(len(same), 1), first, len(tokens) / seconds, *compressed_tokens(cache)))
+        results.append(
+            Generation(
+                cache_name(spec),
+                tokenizer.decode(tokens, skip_special_tokens=True),
+                sum(same) / max(len(same), 1),
+                first,
+                len(tokens) / seconds,
+                *compressed_tokens(cache),
+            )
+        )
     return results
 
 

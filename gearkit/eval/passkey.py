@@ -46,9 +46,14 @@ class PasskeyResult:
 
     def summary(self) -> dict:
         """The result as a JSON-ready dict."""
-        return {"recipe": self.recipe, "length": self.length, "accuracy": round(self.accuracy, 4), "correct": self.correct,
-                "trials": self.trials,
-                "bits_per_element": None if self.bits_per_element is None else round(self.bits_per_element, 4)}
+        return {
+            "recipe": self.recipe,
+            "length": self.length,
+            "accuracy": round(self.accuracy, 4),
+            "correct": self.correct,
+            "trials": self.trials,
+            "bits_per_element": None if self.bits_per_element is None else round(self.bits_per_element, 4),
+        }
 
 
 def passkey_ids(tokenizer, filler: str, length: int, depth: float, key: int) -> Tensor:
@@ -89,13 +94,27 @@ def passkey_keys(count: int, seed: int = 0) -> list[int]:
 @torch.inference_mode()
 def retrieves(model, tokenizer, ids: Tensor, key: int, cache=None, max_new_tokens: int = 8) -> tuple[bool, object]:
     """Whether greedy decoding after `ids` `[tokens]` names `key`, and the cache it used."""
-    out = model.generate(ids[None], attention_mask=torch.ones_like(ids)[None], max_new_tokens=max_new_tokens,
-                         do_sample=False, cache=cache, pad_token_id=pad_token_id(tokenizer))
-    return str(key) in tokenizer.decode(out[0, ids.numel():], skip_special_tokens=True), cache
+    out = model.generate(
+        ids[None],
+        attention_mask=torch.ones_like(ids)[None],
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        cache=cache,
+        pad_token_id=pad_token_id(tokenizer),
+    )
+    return str(key) in tokenizer.decode(out[0, ids.numel() :], skip_special_tokens=True), cache
 
 
-def passkey(model, tokenizer, names: Sequence[str | Recipe], filler: str, lengths: Sequence[int],
-            depths: Sequence[float] = (0.1, 0.5, 0.9), keys: int = 2, progress: Callable | None = None) -> list[PasskeyResult]:
+def passkey(
+    model,
+    tokenizer,
+    names: Sequence[str | Recipe],
+    filler: str,
+    lengths: Sequence[int],
+    depths: Sequence[float] = (0.1, 0.5, 0.9),
+    keys: int = 2,
+    progress: Callable | None = None,
+) -> list[PasskeyResult]:
     """Passkey accuracy of the uncompressed cache and of each cache in `names`, per prompt length.
 
     Args:
@@ -112,7 +131,9 @@ def passkey(model, tokenizer, names: Sequence[str | Recipe], filler: str, length
         One `PasskeyResult` per (cache, length), the uncompressed cache first.
     """
     specs = [n if isinstance(n, Recipe) else check_cache_name(n) for n in names]
-    prompts = {n: [(passkey_ids(tokenizer, filler, n, d, k), k) for d in depths for k in passkey_keys(keys)] for n in lengths}
+    prompts = {
+        n: [(passkey_ids(tokenizer, filler, n, d, k), k) for d in depths for k in passkey_keys(keys)] for n in lengths
+    }
     wrap = progress or (lambda it, **_: it)
     results = []
     for spec in [None, *specs]:

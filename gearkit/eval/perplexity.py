@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gearkit.compressed import MemoryReport, bits_per_element
+from gearkit.accounting import MemoryReport, bits_per_element
 from gearkit.integrations.hf import cache_name, cache_step, check_cache_name, make_cache, memory_report
 from gearkit.models import token_windows
 from gearkit.recipes import Recipe
+
 
 @dataclasses.dataclass
 class PerplexityResult:
@@ -57,8 +58,18 @@ class PerplexityResult:
 
     def summary(self) -> dict:
         """The fields `gearkit eval ppl --json` prints."""
-        keys = ("recipe", "model", "tokens", "baseline_ppl", "ppl", "ppl_increase_pct", "bits_per_element",
-                "compression_ratio", "kv_bytes", "kv_bytes_fp16")
+        keys = (
+            "recipe",
+            "model",
+            "tokens",
+            "baseline_ppl",
+            "ppl",
+            "ppl_increase_pct",
+            "bits_per_element",
+            "compression_ratio",
+            "kv_bytes",
+            "kv_bytes_fp16",
+        )
         return {k: getattr(self, k) for k in keys}
 
 
@@ -83,8 +94,9 @@ def _steps(cache, start: int, end: int):
 
 
 @torch.inference_mode()
-def cached_logits(model, window: Tensor, prefix: int, cache, progress: Callable | None = None
-                  ) -> Iterator[tuple[Tensor, Tensor]]:
+def cached_logits(
+    model, window: Tensor, prefix: int, cache, progress: Callable | None = None
+) -> Iterator[tuple[Tensor, Tensor]]:
     """The logits of `window[prefix:]` with `cache` holding the past, one step at a time (lazily).
 
     Args:
@@ -108,7 +120,9 @@ def cached_logits(model, window: Tensor, prefix: int, cache, progress: Callable 
 
 
 @torch.inference_mode()
-def cached_nll(model, window: Tensor, prefix: int, cache, progress: Callable | None = None) -> tuple[float, float, float]:
+def cached_nll(
+    model, window: Tensor, prefix: int, cache, progress: Callable | None = None
+) -> tuple[float, float, float]:
     """Summed NLL of `window[prefix:]` with `cache` holding the past; returns (nll, prefill s, continuation s).
 
     All of `window` ends up in the cache, so its memory report covers `prefix + continuation` tokens.
@@ -124,9 +138,18 @@ def cached_nll(model, window: Tensor, prefix: int, cache, progress: Callable | N
     return nll, prefill_s, time.perf_counter() - start
 
 
-def evaluate(model, tokenizer, names: Sequence[str | Recipe], text: str, prefix: int = 1024, continuation: int = 1024,
-             windows: int | None = 4, progress: Callable | None = None, model_name: str = "",
-             on_result: Callable[[PerplexityResult], None] | None = None) -> list[PerplexityResult]:
+def evaluate(
+    model,
+    tokenizer,
+    names: Sequence[str | Recipe],
+    text: str,
+    prefix: int = 1024,
+    continuation: int = 1024,
+    windows: int | None = 4,
+    progress: Callable | None = None,
+    model_name: str = "",
+    on_result: Callable[[PerplexityResult], None] | None = None,
+) -> list[PerplexityResult]:
     """Perplexity of each cache in `names` with a compressed past, beside the baseline from the same run.
 
     Args:
@@ -157,23 +180,45 @@ def evaluate(model, tokenizer, names: Sequence[str | Recipe], text: str, prefix:
             n, p, c = cached_nll(model, window, prefix, cache, progress)
             nll, prefill_s, cont_s = nll + n, prefill_s + p, cont_s + c
         report = memory_report(cache, model.config)  # the last window's cache, holding prefix + continuation tokens
-        results.append(perplexity_result(name, model_name, len(spans), prefix, continuation, base, nll, report,
-                                         prefill_s, cont_s))
+        results.append(
+            perplexity_result(name, model_name, len(spans), prefix, continuation, base, nll, report, prefill_s, cont_s)
+        )
         if on_result is not None:
             on_result(results[-1])
     return results
 
 
-def perplexity_result(name: str, model_name: str, windows: int, prefix: int, continuation: int, base_nll: float,
-                      nll: float, report: MemoryReport, prefill_s: float, continuation_s: float) -> PerplexityResult:
+def perplexity_result(
+    name: str,
+    model_name: str,
+    windows: int,
+    prefix: int,
+    continuation: int,
+    base_nll: float,
+    nll: float,
+    report: MemoryReport,
+    prefill_s: float,
+    continuation_s: float,
+) -> PerplexityResult:
     """A `PerplexityResult` from NLLs summed over `windows` windows (in window order) and the report of the
     last window's cache."""
     scored = windows * continuation
     baseline_ppl, ppl = math.exp(base_nll / scored), math.exp(nll / scored)
     return PerplexityResult(
-        recipe=name, model=model_name, tokens=scored, windows=windows, prefix=prefix, continuation=continuation,
-        baseline_ppl=baseline_ppl, ppl=ppl, ppl_increase_pct=100 * (ppl / baseline_ppl - 1),
-        bits_per_element=report.bits_per_element, compression_ratio=report.compression_ratio,
-        kv_bytes=report.nbytes, kv_bytes_fp16=report.fp16_nbytes, components=report.components,
-        prefill_tokens_per_s=windows * prefix / prefill_s, continuation_tokens_per_s=scored / continuation_s,
+        recipe=name,
+        model=model_name,
+        tokens=scored,
+        windows=windows,
+        prefix=prefix,
+        continuation=continuation,
+        baseline_ppl=baseline_ppl,
+        ppl=ppl,
+        ppl_increase_pct=100 * (ppl / baseline_ppl - 1),
+        bits_per_element=report.bits_per_element,
+        compression_ratio=report.compression_ratio,
+        kv_bytes=report.nbytes,
+        kv_bytes_fp16=report.fp16_nbytes,
+        components=report.components,
+        prefill_tokens_per_s=windows * prefix / prefill_s,
+        continuation_tokens_per_s=scored / continuation_s,
     )

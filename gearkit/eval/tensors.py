@@ -70,8 +70,16 @@ def compare_recipes(keys: Tensor, values: Tensor, names: Sequence[str] | None = 
         store.append(keys, values)
         k_hat, v_hat = store.dequantized()
         report = store.memory_report()
-        results.append(RecipeResult(name, _rel(keys, k_hat), _rel(values, v_hat), report.bits_per_element,
-                                    report.compression_ratio, report.components))
+        results.append(
+            RecipeResult(
+                name,
+                _rel(keys, k_hat),
+                _rel(values, v_hat),
+                report.bits_per_element,
+                report.compression_ratio,
+                report.components,
+            )
+        )
     return results
 
 

@@ -20,7 +20,9 @@ NAME = "gearkit"
 
 # The GearLayer whose `update` ran last in this context, and a weak reference to the key tensor it returned:
 # transformers calls the attention function right after the cache update, with that very tensor.
-_updated: contextvars.ContextVar[tuple[object, weakref.ref] | None] = contextvars.ContextVar("gearkit_updated", default=None)
+_updated: contextvars.ContextVar[tuple[object, weakref.ref] | None] = contextvars.ContextVar(
+    "gearkit_updated", default=None
+)
 
 
 def mark_updated(layer, keys: Tensor) -> None:

@@ -22,15 +22,17 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from gearkit import recipes
+from gearkit.accounting import MemoryReport
 from gearkit.cache import ChunkStore, StepView
-from gearkit.compressed import MemoryReport
 from gearkit.integrations.attention import NAME as ATTENTION_NAME
 from gearkit.integrations.attention import mark_updated
 from gearkit.recipes import Recipe
 
-NEEDS_QUERIES = ("recipe {name!r} picks salient tokens from the model's queries, which reach the cache only "
-                 "through gearkit's attention function: call model.set_attn_implementation("
-                 "gearkit.integrations.attention.register()) (or load the model with that attn_implementation)")
+NEEDS_QUERIES = (
+    "recipe {name!r} picks salient tokens from the model's queries, which reach the cache only "
+    "through gearkit's attention function: call model.set_attn_implementation("
+    "gearkit.integrations.attention.register()) (or load the model with that attn_implementation)"
+)
 
 
 class GearLayer(CacheLayerMixin):
@@ -53,8 +55,13 @@ class GearLayer(CacheLayerMixin):
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self, recipe: Recipe, buffer_dtype: torch.dtype | None = torch.float16, layer_idx: int | None = None,
-                 config=None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        buffer_dtype: torch.dtype | None = torch.float16,
+        layer_idx: int | None = None,
+        config=None,
+    ):
         self.store = ChunkStore(recipe, buffer_dtype, layer_idx)
         self.layer_idx = layer_idx
         self.config = config  # the model's config: it says which attention function runs this step
@@ -71,7 +78,9 @@ class GearLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         """Nothing to do: the store initialises itself on its first append."""
 
-    def update(self, key_states: Tensor, value_states: Tensor, *args: object, **kwargs: object) -> tuple[Tensor, Tensor]:
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: object, **kwargs: object
+    ) -> tuple[Tensor, Tensor]:
         """Add new tokens `[batch, kv_heads, new, head_dim]`; return the keys and values attention reads.
 
         When the model's config says gearkit's attention function runs this step (`make_cache` sets it), that is
@@ -92,11 +101,17 @@ class GearLayer(CacheLayerMixin):
         if store.saliency is not None and store.buffered >= store.buffer_size:
             raise RuntimeError(NEEDS_QUERIES.format(name=store.recipe.name))
         if self._step is not None:  # never silently lose the compressed past
-            raise RuntimeError("the previous step returned only the buffer for gearkit's attention function, which "
-                               "never read the compressed storage; do not call the cache's update outside a model step")
+            raise RuntimeError(
+                "the previous step returned only the buffer for gearkit's attention function, which "
+                "never read the compressed storage; do not call the cache's update outside a model step"
+            )
         on_gpu = key_states.device.type == "cuda"
-        from_storage = (self.storage_attention_in_use() and store.saliency is None and store.chunks > 0
-                        and (not on_gpu or key_states.shape[-2] <= self.STORAGE_QUERIES))
+        from_storage = (
+            self.storage_attention_in_use()
+            and store.saliency is None
+            and store.chunks > 0
+            and (not on_gpu or key_states.shape[-2] <= self.STORAGE_QUERIES)
+        )
         forwarded = kwargs.get("kwargs")
         position_ids = forwarded.get("position_ids") if isinstance(forwarded, dict) else None
         step = store.append(key_states, value_states, position_ids)
@@ -111,13 +126,22 @@ class GearLayer(CacheLayerMixin):
         return self.config is not None and getattr(self.config, "_attn_implementation", None) == ATTENTION_NAME
 
     # -- gearkit's attention function (see gearkit.integrations.attention) -----------------------------------
-    def observe_queries(self, query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float | None) -> None:
+    def observe_queries(
+        self, query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float | None
+    ) -> None:
         """See the step's queries `[batch, heads, queries, head_dim]` and the keys `update` returned (saliency-driven
         recipes score and compress their buffered tokens here; a no-op for the others)."""
         self.store.observe_queries(query, keys, attention_mask, scaling)
 
-    def attend(self, query: Tensor, keys: Tensor, values: Tensor, attention_mask: Tensor | None,
-               scaling: float | None, dropout: float = 0.0) -> Tensor | None:
+    def attend(
+        self,
+        query: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        attention_mask: Tensor | None,
+        scaling: float | None,
+        dropout: float = 0.0,
+    ) -> Tensor | None:
         """The step's attention, read from the compressed storage, or None for the standard path.
 
         Called by gearkit's attention function right after `update`; see `StepView.attend`.
@@ -221,14 +245,17 @@ class GearCache(Cache):
         check_full_attention(config)
         implementation = getattr(config, "_attn_implementation", None)
         if self.recipe.needs_saliency and implementation not in (None, ATTENTION_NAME):
-            raise ValueError(f"the model uses {implementation!r} attention, but " + NEEDS_QUERIES.format(name=self.recipe.name))
+            raise ValueError(
+                f"the model uses {implementation!r} attention, but " + NEEDS_QUERIES.format(name=self.recipe.name)
+            )
         self.recipe.key.check_model(config)
         self.recipe.value.check_model(config)
         layers = config.get_text_config(decoder=True).num_hidden_layers
         super().__init__(layers=[GearLayer(self.recipe, buffer_dtype, i, config) for i in range(layers)])
 
-    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: object,
-               **kwargs: object) -> tuple[Tensor, Tensor]:
+    def update(
+        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[Tensor, Tensor]:
         """`GearLayer.update` of layer `layer_idx` (created here when the cache was built without a config), as
         one step of all layers: if it raises, every layer this step has updated goes back to its state before
         the step, and the error propagates. A step abandoned between layers (an error in the model's own code)
@@ -251,8 +278,10 @@ class GearCache(Cache):
         while len(self.layers) <= layer_idx:
             self.layers.append(GearLayer(self.recipe, self.buffer_dtype, len(self.layers)))
         if layer_idx == 0 and self._settle():  # this step's mask counted the abandoned tokens: it cannot go on
-            raise RuntimeError("the previous step stopped between layers (an error in the model); the cache is back "
-                               "as it was before that step: run this step again")
+            raise RuntimeError(
+                "the previous step stopped between layers (an error in the model); the cache is back "
+                "as it was before that step: run this step again"
+            )
         if layer_idx == len(self._before):
             self._before.append(self.layers[layer_idx].snapshot())
         try:
@@ -313,19 +342,29 @@ def check_full_attention(config) -> None:
         if set(types) != {"full_attention"}:
             raise ValueError(f"GearCache supports full-attention layers only; this model has {sorted(set(types))}")
     elif getattr(text, "sliding_window", None) is not None and getattr(text, "use_sliding_window", True):
-        raise ValueError(f"GearCache supports full-attention layers only; this model attends to a sliding window of "
-                         f"{text.sliding_window} tokens (config.sliding_window); set config.sliding_window = None to "
-                         "attend to the whole past instead (unlike the model's training beyond the window)")
+        raise ValueError(
+            f"GearCache supports full-attention layers only; this model attends to a sliding window of "
+            f"{text.sliding_window} tokens (config.sliding_window); set config.sliding_window = None to "
+            "attend to the whole past instead (unlike the model's training beyond the window)"
+        )
 
 
 # -- the one cache factory ------------------------------------------------------------------------------------
-HF_BASELINES = {"hf-quanto-2": ("quanto", 2), "hf-quanto-4": ("quanto", 4), "hf-hqq-2": ("hqq", 2), "hf-hqq-4": ("hqq", 4)}
+HF_BASELINES = {
+    "hf-quanto-2": ("quanto", 2),
+    "hf-quanto-4": ("quanto", 4),
+    "hf-hqq-2": ("hqq", 2),
+    "hf-hqq-4": ("hqq", 4),
+}
 
 
 def available_baselines() -> list[str]:
     """The Hugging Face `QuantizedCache` baselines whose backend package is installed."""
-    have = {"quanto": importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.quanto") is not None,
-            "hqq": importlib.util.find_spec("hqq") is not None}
+    have = {
+        "quanto": importlib.util.find_spec("optimum") is not None
+        and importlib.util.find_spec("optimum.quanto") is not None,
+        "hqq": importlib.util.find_spec("hqq") is not None,
+    }
     return [name for name, (backend, _) in HF_BASELINES.items() if have[backend]]
 
 
@@ -345,7 +384,9 @@ def check_build_lock(directory: str | os.PathLike, library: str, stale_after: fl
     except FileNotFoundError:
         return
     if any(Path(directory).glob(f"{library}*.so")) or age > stale_after:
-        raise FileExistsError(f"a stale build lock (from an interrupted build) blocks {library}: delete {lock} and run again")
+        raise FileExistsError(
+            f"a stale build lock (from an interrupted build) blocks {library}: delete {lock} and run again"
+        )
 
 
 def check_cache_name(name: str) -> str:
@@ -357,7 +398,9 @@ def check_cache_name(name: str) -> str:
     """
     if name in HF_BASELINES:
         if name not in available_baselines():
-            raise ValueError(f"{name} needs its backend package: pip install {'optimum-quanto' if 'quanto' in name else 'hqq'}")
+            raise ValueError(
+                f"{name} needs its backend package: pip install {'optimum-quanto' if 'quanto' in name else 'hqq'}"
+            )
         if HF_BASELINES[name][0] == "quanto":  # its C++ extension is compiled on first use, under a lock file
             from optimum.quanto.library.extensions import get_extension
 
@@ -406,7 +449,9 @@ def make_cache(spec: str | Recipe, model, attention: str = "gearkit") -> Cache:
     recipe = spec if isinstance(spec, Recipe) else recipes.get(check_cache_name(spec))
     if attention == "gearkit" or recipe.needs_saliency:
         if attention == "sdpa":
-            raise ValueError(f"recipe {recipe.name!r} scores tokens from the model's queries: it needs attention='gearkit'")
+            raise ValueError(
+                f"recipe {recipe.name!r} scores tokens from the model's queries: it needs attention='gearkit'"
+            )
         from gearkit.integrations.attention import register
 
         model.set_attn_implementation(register())
@@ -440,11 +485,17 @@ def memory_report(cache: Cache, config, batch: int = 1) -> MemoryReport:
             continue
         residual = layer.keys.shape[-2] if layer.keys is not None and layer.keys.dim() == 4 else 0
         quantized = row * (length - residual)
-        reports.append(MemoryReport(
-            {"codes": quantized * layer.nbits // 8, "scales": math.ceil(quantized / layer.q_group_size) * 2 * 2,
-             "buffer": row * residual * 2},
-            length, row * length,
-        ))
+        reports.append(
+            MemoryReport(
+                {
+                    "codes": quantized * layer.nbits // 8,
+                    "scales": math.ceil(quantized / layer.q_group_size) * 2 * 2,
+                    "buffer": row * residual * 2,
+                },
+                length,
+                row * length,
+            )
+        )
     return MemoryReport.total(reports)
 
 

@@ -18,8 +18,9 @@ Conventions (what "the same results on any number of devices" means):
 
 - Generation is greedy. Prompts are batched with left padding; padded positions are stored in the cache
   like any token (they share compressed chunks with the real tokens unless the padding is a multiple of the
-  chunk size), so a prompt's output depends on its batch. Sink tokens are each row's first real tokens. With `PromptBatches` the batch of a prompt is fixed by `batch_size` alone, so outputs are identical
-  on 1 or N devices; with `batch_size=1` they equal the output of the prompt generated on its own.
+  chunk size), so a prompt's output depends on its batch. Sink tokens are each row's first real tokens. With
+  `PromptBatches` the batch of a prompt is fixed by `batch_size` alone, so outputs are identical on 1 or N devices;
+  with `batch_size=1` they equal the output of the prompt generated on its own.
 - Perplexity is scored one sequence at a time, exactly as `gearkit.eval.perplexity.evaluate` does (prefill
   `prefix` tokens into the cache, then the rest teacher-forced in steps that end where the buffer fills);
   batching only groups sequences, it never pads them.
@@ -44,7 +45,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from gearkit.compressed import MemoryReport
+from gearkit.accounting import MemoryReport
 from gearkit.compressors.checks import check_int
 from gearkit.eval.perplexity import PerplexityResult, baseline_nll, cached_nll, perplexity_result
 from gearkit.integrations.hf import cache_name, check_cache_name, make_cache, memory_report
@@ -155,9 +156,19 @@ class GearInference(pl.LightningModule):
         ValueError: for an unknown recipe, an unknown task, or settings that cannot work.
     """
 
-    def __init__(self, recipes: str | Recipe | Sequence[str | Recipe], task: Literal["generate", "ppl"] = "generate",
-                 *, max_new_tokens: int = 32, prefix: int = 64, baseline: bool = True, chat_template: bool = True,
-                 model=None, tokenizer=None, loader: Callable[[], tuple[Any, Any]] | None = None):
+    def __init__(
+        self,
+        recipes: str | Recipe | Sequence[str | Recipe],
+        task: Literal["generate", "ppl"] = "generate",
+        *,
+        max_new_tokens: int = 32,
+        prefix: int = 64,
+        baseline: bool = True,
+        chat_template: bool = True,
+        model=None,
+        tokenizer=None,
+        loader: Callable[[], tuple[Any, Any]] | None = None,
+    ):
         super().__init__()
         specs = [recipes] if isinstance(recipes, (str, Recipe)) else list(recipes)
         if not specs:
@@ -229,8 +240,10 @@ class GearInference(pl.LightningModule):
                 more = f" + {extra} new tokens" if extra else ""
                 raise ValueError(f"prompt {i} has {n} tokens{more}, longer than the model's context of {limit} tokens")
             if self.task == "ppl" and n <= self.prefix:
-                raise ValueError(f"prompt {i} has {n} tokens; scoring after a prefix of {self.prefix} needs at least "
-                                 f"{self.prefix + 1}")
+                raise ValueError(
+                    f"prompt {i} has {n} tokens; scoring after a prefix of {self.prefix} needs at least "
+                    f"{self.prefix + 1}"
+                )
 
     # -- steps ---------------------------------------------------------------------------------------------
     def predict_step(self, batch: dict, batch_idx: int = 0) -> BatchResult:
@@ -241,7 +254,8 @@ class GearInference(pl.LightningModule):
             batch_idx: Lightning's per-rank batch counter (unused: rows carry the global `index`).
 
         Returns:
-            A `BatchResult`. Generate rows: `index`, `recipe`, `prompt` (strings only), `token_ids` (new tokens up to and including the first end-of-sequence token), `text`. Ppl rows:
+            A `BatchResult`. Generate rows: `index`, `recipe`, `prompt` (strings only), `token_ids`
+            (new tokens up to and including the first end-of-sequence token), `text`. Ppl rows:
             `index`, `recipe`, `tokens` (scored), `nll` (summed), `baseline_nll`, `kv_bytes`,
             `kv_bytes_fp16`, `bits_per_element`, `components`, `prefill_s`, `continuation_s`.
         """
@@ -255,13 +269,19 @@ class GearInference(pl.LightningModule):
         input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)
         for row, x in enumerate(ids):  # left padding: every prompt ends at the last column
-            input_ids[row, width - x.numel():], mask[row, width - x.numel():] = x, 1
+            input_ids[row, width - x.numel() :], mask[row, width - x.numel() :] = x, 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         rows, stats = [], {}
         for spec in self.specs:
             cache, start = make_cache(spec, self.model), time.perf_counter()
-            out = self.model.generate(input_ids=input_ids, attention_mask=mask, cache=cache, do_sample=False,
-                                      max_new_tokens=self.max_new_tokens, pad_token_id=pad)
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                cache=cache,
+                do_sample=False,
+                max_new_tokens=self.max_new_tokens,
+                pad_token_id=pad,
+            )
             seconds, new = time.perf_counter() - start, out[:, width:].cpu()
             name = cache_name(spec)
             stats[name] = BatchStats(memory_report(cache, self.model.config, len(ids)), new.numel(), seconds)
@@ -269,8 +289,15 @@ class GearInference(pl.LightningModule):
                 tokens = tokens.tolist()
                 if self.tokenizer.eos_token_id in tokens:
                     tokens = tokens[: tokens.index(self.tokenizer.eos_token_id) + 1]
-                rows.append({"index": index, "recipe": name, **({"prompt": item} if isinstance(item, str) else {}),
-                             "token_ids": tokens, "text": self.tokenizer.decode(tokens, skip_special_tokens=True)})
+                rows.append(
+                    {
+                        "index": index,
+                        "recipe": name,
+                        **({"prompt": item} if isinstance(item, str) else {}),
+                        "token_ids": tokens,
+                        "text": self.tokenizer.decode(tokens, skip_special_tokens=True),
+                    }
+                )
         return BatchResult(batch["batch"], rows, stats)
 
     def _score(self, batch: dict) -> BatchResult:
@@ -283,11 +310,24 @@ class GearInference(pl.LightningModule):
                 cache = make_cache(spec, self.model)
                 nll, prefill_s, cont_s = cached_nll(self.model, window, self.prefix, cache)
                 report = memory_report(cache, self.model.config)
-                total = BatchStats(total.report + report, total.tokens + window.numel(), total.seconds + prefill_s + cont_s)
-                rows.append({"index": index, "recipe": name, "tokens": window.numel() - self.prefix, "nll": nll,
-                             "baseline_nll": b, "kv_bytes": report.nbytes, "kv_bytes_fp16": report.fp16_nbytes,
-                             "bits_per_element": report.bits_per_element, "components": report.components,
-                             "prefill_s": prefill_s, "continuation_s": cont_s})
+                total = BatchStats(
+                    total.report + report, total.tokens + window.numel(), total.seconds + prefill_s + cont_s
+                )
+                rows.append(
+                    {
+                        "index": index,
+                        "recipe": name,
+                        "tokens": window.numel() - self.prefix,
+                        "nll": nll,
+                        "baseline_nll": b,
+                        "kv_bytes": report.nbytes,
+                        "kv_bytes_fp16": report.fp16_nbytes,
+                        "bits_per_element": report.bits_per_element,
+                        "components": report.components,
+                        "prefill_s": prefill_s,
+                        "continuation_s": cont_s,
+                    }
+                )
             stats[name] = total
         return BatchResult(batch["batch"], rows, stats)
 
@@ -320,16 +360,21 @@ class CompressionStatsLogger(Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
-    def on_predict_batch_end(self, trainer, pl_module, outputs: BatchResult, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_predict_batch_end(
+        self, trainer, pl_module, outputs: BatchResult, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         peak = peak_memory_bytes(pl_module.device)
         metrics = {}
         for name, s in outputs.stats.items():
             key = f"{self.prefix}{name}/"
-            metrics |= {f"{key}kv_bytes": s.report.nbytes, f"{key}kv_bytes_fp16": s.report.fp16_nbytes,
-                        f"{key}bits_per_element": s.report.bits_per_element,
-                        f"{key}compression_ratio": s.report.compression_ratio,
-                        f"{key}tokens_per_s": s.tokens / s.seconds if s.seconds else 0.0,
-                        f"{key}peak_memory_bytes": peak}
+            metrics |= {
+                f"{key}kv_bytes": s.report.nbytes,
+                f"{key}kv_bytes_fp16": s.report.fp16_nbytes,
+                f"{key}bits_per_element": s.report.bits_per_element,
+                f"{key}compression_ratio": s.report.compression_ratio,
+                f"{key}tokens_per_s": s.tokens / s.seconds if s.seconds else 0.0,
+                f"{key}peak_memory_bytes": peak,
+            }
             metrics |= {f"{key}kv_bytes/{c}": n for c, n in s.report.components.items()}
         self.history.append(metrics)
         for logger in trainer.loggers:
@@ -388,8 +433,9 @@ class JsonLinesWriter(BasePredictionWriter):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         part_path(self.path, trainer.global_rank).write_text("", encoding="utf-8")
 
-    def write_on_batch_end(self, trainer, pl_module, prediction: BatchResult, batch_indices, batch, batch_idx,
-                           dataloader_idx) -> None:
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction: BatchResult, batch_indices, batch, batch_idx, dataloader_idx
+    ) -> None:
         with part_path(self.path, trainer.global_rank).open("a", encoding="utf-8") as f:
             for row in prediction.rows:
                 f.write(json.dumps(row) + "\n")
@@ -410,10 +456,19 @@ class JsonLinesWriter(BasePredictionWriter):
 OUTPUT_ENV = "GEARKIT_PREDICT_OUTPUT"
 
 
-def predict(items: Sequence[Item], recipes: str | Recipe | Sequence[str | Recipe], output: str | os.PathLike | None = None, *,
-            task: Literal["generate", "ppl"] = "generate", devices: int = 1, batch_size: int = 1,
-            accelerator: str = "auto", callbacks: Sequence[Callback] = (), logger=False,
-            **module_kwargs) -> list[dict] | None:
+def predict(
+    items: Sequence[Item],
+    recipes: str | Recipe | Sequence[str | Recipe],
+    output: str | os.PathLike | None = None,
+    *,
+    task: Literal["generate", "ppl"] = "generate",
+    devices: int = 1,
+    batch_size: int = 1,
+    accelerator: str = "auto",
+    callbacks: Sequence[Callback] = (),
+    logger=False,
+    **module_kwargs,
+) -> list[dict] | None:
     """Validate the inputs, then run `GearInference` with `Trainer.predict` on `devices` devices.
 
     All checks (empty list, unknown recipe, prompts longer than the context) run before the trainer starts,
@@ -450,9 +505,16 @@ def predict(items: Sequence[Item], recipes: str | Recipe | Sequence[str | Recipe
         if OUTPUT_ENV not in os.environ:
             os.environ[OUTPUT_ENV] = str(Path(tempfile.mkdtemp(prefix="gearkit-predict-")) / "rows.jsonl")
         output = os.environ[OUTPUT_ENV]
-    trainer = pl.Trainer(accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto",
-                         logger=logger, callbacks=[JsonLinesWriter(output), *callbacks], enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False)
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        logger=logger,
+        callbacks=[JsonLinesWriter(output), *callbacks],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     trainer.predict(module, dataset.loader(), return_predictions=False)
     if trainer.global_rank != 0:
         return None
@@ -481,8 +543,18 @@ def perplexity_results(rows: Sequence[dict], model_name: str, prefix: int) -> li
     for name, group in by_recipe.items():
         last = group[-1]
         report = MemoryReport(last["components"], prefix + last["tokens"], last["kv_bytes_fp16"] // 2)
-        results.append(perplexity_result(
-            name, model_name, len(group), prefix, last["tokens"], sum(r["baseline_nll"] for r in group),
-            sum(r["nll"] for r in group), report, sum(r["prefill_s"] for r in group),
-            sum(r["continuation_s"] for r in group)))
+        results.append(
+            perplexity_result(
+                name,
+                model_name,
+                len(group),
+                prefix,
+                last["tokens"],
+                sum(r["baseline_nll"] for r in group),
+                sum(r["nll"] for r in group),
+                report,
+                sum(r["prefill_s"] for r in group),
+                sum(r["continuation_s"] for r in group),
+            )
+        )
     return results

@@ -7,7 +7,8 @@ registers and multiplies them there. It is plain C (no PyTorch headers), built w
 time a process needs it and kept under `gearkit.paths.cache_dir()/kernels`, named by a hash of everything the
 build depends on (source, compiler, flags, this CPU's features), so a cached library is never stale and a changed
 source or machine gets its own build. `unavailable()` says why the kernel cannot run (no compiler, a big-endian
-host, `GEARKIT_CPU_KERNEL=0`); callers then use torch (`reference.unpack_float` and matmuls), the reference the tests hold it to.
+host, `GEARKIT_CPU_KERNEL=0`); callers then use torch (`reference.unpack_float` and matmuls), the reference the tests
+hold it to.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def _build(compiler: str, target: Path) -> str | None:
     for flags in FLAGS:
         with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
             partial = Path(tmp.name)
-        build = subprocess.run([compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(partial)],
-                               capture_output=True, text=True)
+        build = subprocess.run(
+            [compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(partial)], capture_output=True, text=True
+        )
         if build.returncode == 0:
             os.replace(partial, target)  # another process building the same library writes the same bytes
             return None
@@ -84,8 +86,13 @@ def _library() -> ctypes.CDLL | str:
     except OSError as e:
         return f"cannot load {target} ({e})"
     library.gearkit_dequant_matmul.restype = ctypes.c_int
-    library.gearkit_dequant_matmul.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p]
-                                               + [ctypes.c_int64] * 6 + [ctypes.c_int] * 2 + [ctypes.c_void_p])
+    library.gearkit_dequant_matmul.argtypes = (
+        [ctypes.c_void_p] * 4
+        + [ctypes.c_int, ctypes.c_void_p]
+        + [ctypes.c_int64] * 6
+        + [ctypes.c_int] * 2
+        + [ctypes.c_void_p]
+    )
     return library
 
 
@@ -103,12 +110,24 @@ def unavailable() -> str | None:
 
 @functools.cache
 def _warn_once(reason: str) -> None:
-    warnings.warn(f"gearkit's compiled CPU kernel is unavailable ({reason}); decode reads packed codes through "
-                  "torch instead (same results, slower)", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"gearkit's compiled CPU kernel is unavailable ({reason}); decode reads packed codes through "
+        "torch instead (same results, slower)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
-def dequant_matmul(a: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None, bits: int, n: int,
-                   transposed: bool = False, levels: Tensor | None = None) -> Tensor:
+def dequant_matmul(
+    a: Tensor,
+    codes: Tensor,
+    scale: Tensor,
+    zero: Tensor | None,
+    bits: int,
+    n: int,
+    transposed: bool = False,
+    levels: Tensor | None = None,
+) -> Tensor:
     """`a @ W` (or `a @ W^T`) where each row `r` of `W[g]` `[k, n]` is held as packed codes `C[g, r]`
     (`reference.pack_bits` of `n` codes) in `ng` groups of `n / ng` codes (a multiple of 8), each with its own
     scale and zero: `W[g, r, j] = scale[g, r, q] * C[g, r, j] + zero[g, r, q]` for `j` in group `q` (with
@@ -139,28 +158,58 @@ def dequant_matmul(a: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None,
     groups = codes.shape[0]
     row_bytes = n // 8 * bits
     k = codes.shape[1] // row_bytes if row_bytes and codes.dim() == 2 else 0
-    if (a.dim() != 3 or n % 8 or not k or codes.shape[1] != k * row_bytes or groups % a_groups
-            or a.shape[2] != (n if transposed else k)):
-        raise ValueError(f"codes {tuple(codes.shape)} are not rows of {n} {bits}-bit codes matching a {tuple(a.shape)} "
-                         f"(transposed={transposed})")
+    if (
+        a.dim() != 3
+        or n % 8
+        or not k
+        or codes.shape[1] != k * row_bytes
+        or groups % a_groups
+        or a.shape[2] != (n if transposed else k)
+    ):
+        raise ValueError(
+            f"codes {tuple(codes.shape)} are not rows of {n} {bits}-bit codes matching a {tuple(a.shape)} "
+            f"(transposed={transposed})"
+        )
     if scale.dtype not in (torch.float16, torch.float32) or (zero is not None and zero.dtype != scale.dtype):
-        raise ValueError(f"scale and zero must both be float16 or float32, got {scale.dtype} and "
-                         f"{None if zero is None else zero.dtype}")
+        raise ValueError(
+            f"scale and zero must both be float16 or float32, got {scale.dtype} and "
+            f"{None if zero is None else zero.dtype}"
+        )
     ng = scale.numel() // (groups * k)
-    if (not ng or scale.numel() != groups * k * ng or (zero is not None and zero.numel() != scale.numel())
-            or n % ng or n // ng % 8):
-        raise ValueError(f"scale and zero {tuple(scale.shape)} do not split {groups} x {k} rows of {n} codes into "
-                         "groups of a multiple of 8")
+    if (
+        not ng
+        or scale.numel() != groups * k * ng
+        or (zero is not None and zero.numel() != scale.numel())
+        or n % ng
+        or n // ng % 8
+    ):
+        raise ValueError(
+            f"scale and zero {tuple(scale.shape)} do not split {groups} x {k} rows of {n} codes into "
+            "groups of a multiple of 8"
+        )
     if levels is not None and levels.numel() != 2**bits:
         raise ValueError(f"a {bits}-bit codebook has {2**bits} levels, got {levels.numel()}")
     a, codes, scale = a.float().contiguous(), codes.contiguous(), scale.contiguous()
     zero = None if zero is None else zero.contiguous()
     levels = None if levels is None else levels.float().contiguous()
     out = a.new_empty(groups, m, k if transposed else n)
-    if _library().gearkit_dequant_matmul(a.data_ptr(), codes.data_ptr(), scale.data_ptr(),
-                                         None if zero is None else zero.data_ptr(), scale.dtype == torch.float16,
-                                         out.data_ptr(), a_groups, groups, m, k, n, ng, transposed, bits,
-                                         None if levels is None else levels.data_ptr()):
+    if _library().gearkit_dequant_matmul(
+        a.data_ptr(),
+        codes.data_ptr(),
+        scale.data_ptr(),
+        None if zero is None else zero.data_ptr(),
+        scale.dtype == torch.float16,
+        out.data_ptr(),
+        a_groups,
+        groups,
+        m,
+        k,
+        n,
+        ng,
+        transposed,
+        bits,
+        None if levels is None else levels.data_ptr(),
+    ):
         raise ValueError(f"unsupported code width {bits}")
     return out
 

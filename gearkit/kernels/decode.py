@@ -8,11 +8,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from gearkit.compressed import CompressedTensor, LowRankPart, OutlierPart, QuantizedPart
 from gearkit.kernels import cpu, ops
 from gearkit.kernels.backend import get_backend, may_use_triton, use_triton
 from gearkit.kernels.layout import StorageLayout, layout_ints, layout_tensors
 from gearkit.kernels.reference import attention_reference, merge_attention, unpack_bits, unpack_float
+from gearkit.parts import CompressedTensor, LowRankPart, OutlierPart, QuantizedPart
 
 Layout = tuple[StorageLayout | None, str | None]  # a layout, or why there is none
 # Tokens held in full precision: keys, values [batch, kv_heads, F, head_dim] and their bias [batch, queries, F].
@@ -54,8 +54,9 @@ def _codes(codes: Tensor, entries: int, heads: int, layout: StorageLayout, level
     return levels.index_select(0, index).reshape(entries, heads, rows, length)
 
 
-def _outliers(q: QuantizedPart, o: OutlierPart, lr: LowRankPart | None, layout: StorageLayout,
-              chunks: int) -> tuple[Tensor, Tensor, Tensor]:
+def _outliers(
+    q: QuantizedPart, o: OutlierPart, lr: LowRankPart | None, layout: StorageLayout, chunks: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """Chunks' stored outliers as corrections to what their codes (and low-rank term) give: the token and channel
     of each, long `[chunks, batch, heads, N]`, and its value minus that reconstruction, float32 (0 where an outlier
     stored across heads belongs to another head). Only the codes at the outliers' positions are read (code `i` of
@@ -82,10 +83,16 @@ def _outliers(q: QuantizedPart, o: OutlierPart, lr: LowRankPart | None, layout: 
     rebuilt = torch.addcmul(zero, scale, code.float())
     if lr is not None:  # left[t] . right[d]
         rank = lr.left.shape[-1]
-        left = lr.left.float().reshape(entries, -1, rank).gather(1, (head * layout.tokens + token)[..., None].expand(
-            -1, -1, rank))
-        right = lr.right.float().reshape(entries, -1, rank).gather(1, (head * layout.head_dim + channel)[..., None]
-                                                                   .expand(-1, -1, rank))
+        left = (
+            lr.left.float()
+            .reshape(entries, -1, rank)
+            .gather(1, (head * layout.tokens + token)[..., None].expand(-1, -1, rank))
+        )
+        right = (
+            lr.right.float()
+            .reshape(entries, -1, rank)
+            .gather(1, (head * layout.head_dim + channel)[..., None].expand(-1, -1, rank))
+        )
         rebuilt = rebuilt + (left * right).sum(-1)
     delta = o.values.float().reshape(entries, -1) - rebuilt
     if layout.o_heads:  # every head sees all of a token's outliers, with zero weight for the other heads'
@@ -95,8 +102,16 @@ def _outliers(q: QuantizedPart, o: OutlierPart, lr: LowRankPart | None, layout: 
     return tuple(x.reshape(chunks, entries // chunks, heads, -1) for x in (token, channel, delta))
 
 
-def stored_product(a: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None, layout: StorageLayout, chunks: int,
-                   transposed: bool, levels: Tensor | None = None) -> Tensor:
+def stored_product(
+    a: Tensor,
+    codes: Tensor,
+    scale: Tensor,
+    zero: Tensor | None,
+    layout: StorageLayout,
+    chunks: int,
+    transposed: bool,
+    levels: Tensor | None = None,
+) -> Tensor:
     """`a` times a block's dequantized rows `W` (the quantizer's row layout), without writing `W` where it can:
     `a @ W` (`k = rows`), or `a @ W^T` if `transposed` (`k = length`). Row `r`'s group `g` dequantizes as
     `scale[r, g] * C + zero[r, g]`, `C` the code, or the level it indexes when `levels` is given (a codebook),
@@ -120,8 +135,16 @@ def stored_product(a: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None,
     rows, length = layout.rows
     entries, heads = scale.shape[:2]
     if cpu.usable(a.device, layout.group):
-        out = cpu.dequant_matmul(a.reshape(-1, *a.shape[3:]), codes.reshape(entries * heads, -1), scale, zero,
-                                 layout.bits, length, transposed, levels)
+        out = cpu.dequant_matmul(
+            a.reshape(-1, *a.shape[3:]),
+            codes.reshape(entries * heads, -1),
+            scale,
+            zero,
+            layout.bits,
+            length,
+            transposed,
+            levels,
+        )
         return out.reshape(chunks, entries // chunks, heads, *out.shape[1:])
     c = _codes(codes, entries, heads, layout, levels).reshape(chunks, entries // chunks, heads, rows, -1, layout.group)
     scale = scale.float().reshape(*c.shape[:-1], 1)
@@ -182,8 +205,14 @@ def layout_weighted(p: Tensor, values: CompressedTensor, layout: StorageLayout) 
     return out.sum(0)
 
 
-def stored_attention(query: Tensor, blocks: Sequence[tuple[CompressedTensor, CompressedTensor]], read: Read,
-                     bias: Tensor, scaling: float, exact: Exact | None = None) -> tuple[Tensor, Tensor]:
+def stored_attention(
+    query: Tensor,
+    blocks: Sequence[tuple[CompressedTensor, CompressedTensor]],
+    read: Read,
+    bias: Tensor,
+    scaling: float,
+    exact: Exact | None = None,
+) -> tuple[Tensor, Tensor]:
     """Attention of a few queries over stored chunks in torch, reading each block of chunks in its stored form
     (`read`: where a row has one group, the products read the packed codes, through the compiled CPU kernel or
     torch products on the unpacked codes, with scales, zeros, low-rank factors and rotations folded in). No
@@ -244,10 +273,17 @@ def stored_attention(query: Tensor, blocks: Sequence[tuple[CompressedTensor, Com
     return out.reshape(b, hq, nq, d), lse.reshape(b, hq, nq)
 
 
-def compressed_attention(query: Tensor, blocks: Sequence[tuple[CompressedTensor, CompressedTensor]],
-                         key_layout: Layout, value_layout: Layout, bias: Tensor, scaling: float, read: Read,
-                         rebuild: Callable[[CompressedTensor, CompressedTensor], tuple[Tensor, Tensor]],
-                         exact: Exact | None = None) -> tuple[Tensor, Tensor]:
+def compressed_attention(
+    query: Tensor,
+    blocks: Sequence[tuple[CompressedTensor, CompressedTensor]],
+    key_layout: Layout,
+    value_layout: Layout,
+    bias: Tensor,
+    scaling: float,
+    read: Read,
+    rebuild: Callable[[CompressedTensor, CompressedTensor], tuple[Tensor, Tensor]],
+    exact: Exact | None = None,
+) -> tuple[Tensor, Tensor]:
     """Attention of a few queries over a cache's compressed chunks, read from their stored form: the Triton
     kernel where it covers the layouts (on a GPU), else `stored_attention` in torch (`read`); the reference
     (`rebuild` one block at a time) under the torch backend.
@@ -271,8 +307,10 @@ def compressed_attention(query: Tensor, blocks: Sequence[tuple[CompressedTensor,
     """
     (key_layout, key_reason), (value_layout, value_reason) = key_layout, value_layout
     keys, values = blocks[0]
-    triton = may_use_triton(query.device) and use_triton(query.device, (
-        key_reason or value_reason or key_layout.triton_unsupported(keys) or value_layout.triton_unsupported(values)))
+    triton = may_use_triton(query.device) and use_triton(
+        query.device,
+        (key_reason or value_reason or key_layout.triton_unsupported(keys) or value_layout.triton_unsupported(values)),
+    )
     if not triton and get_backend() != "torch":
         return stored_attention(query, blocks, read, bias, scaling, exact)
     segments, first, t = [], 0, keys.shape[2]
@@ -292,8 +330,16 @@ def compressed_attention(query: Tensor, blocks: Sequence[tuple[CompressedTensor,
     return merge_attention(segments), torch.stack([lse for _, lse in segments]).logsumexp(0)
 
 
-def _triton_attention(query: Tensor, keys: CompressedTensor, key_layout: StorageLayout, values: CompressedTensor,
-                      value_layout: StorageLayout, chunks: int, bias: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+def _triton_attention(
+    query: Tensor,
+    keys: CompressedTensor,
+    key_layout: StorageLayout,
+    values: CompressedTensor,
+    value_layout: StorageLayout,
+    chunks: int,
+    bias: Tensor,
+    scaling: float,
+) -> tuple[Tensor, Tensor]:
     """The Triton kernel over one block of `chunks` chunks per sequence (arguments as `compressed_attention`)."""
     b, hq, nq, d = query.shape
     heads = keys.shape[1]
@@ -302,13 +348,22 @@ def _triton_attention(query: Tensor, keys: CompressedTensor, key_layout: Storage
     block = max(16, 1 << (rows - 1).bit_length())
     q = torch.nn.functional.pad(query.float().reshape(b, heads, rows, d), (0, 0, 0, block - rows))
     splits = _splits(b * heads, chunks, query.device)
-    m, l, acc = ops.decode_attention(q, bias, list(layout_tensors(keys)), layout_ints(key_layout),
-                                     list(layout_tensors(values)), layout_ints(value_layout), chunks, splits,
-                                     float(scaling), query.dtype in (torch.float16, torch.bfloat16))
+    m, total, acc = ops.decode_attention(
+        q,
+        bias,
+        list(layout_tensors(keys)),
+        layout_ints(key_layout),
+        list(layout_tensors(values)),
+        layout_ints(value_layout),
+        chunks,
+        splits,
+        float(scaling),
+        query.dtype in (torch.float16, torch.bfloat16),
+    )
     # Each split's partial result as (output, log-sum-exp), merged like any other segments.
-    seen = l > 0
-    out_s = acc / torch.where(seen, l, 1.0)[..., None]
-    lse_s = torch.where(seen, m + l.clamp_min(1e-38).log(), float("-inf"))
+    seen = total > 0
+    out_s = acc / torch.where(seen, total, 1.0)[..., None]
+    lse_s = torch.where(seen, m + total.clamp_min(1e-38).log(), float("-inf"))
     out = merge_attention(list(zip(out_s.unbind(2), lse_s.unbind(2))))
     lse = lse_s.logsumexp(2)
     return out[:, :, :rows].reshape(b, hq, nq, d), lse[:, :, :rows].reshape(b, hq, nq)

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from gearkit.compressed import CompressedTensor, LowRankPart, OutlierPart, QuantizedPart
+from gearkit.parts import CompressedTensor, LowRankPart, OutlierPart, QuantizedPart
 
 KERNEL_BITS = (2, 3, 4, 8)  # what the Triton kernels read; the torch path reads every supported width
 
@@ -55,21 +55,34 @@ class StorageLayout:
         length = self.rows[1]
         q = next(p for p in c.parts if isinstance(p, QuantizedPart))
         if self.bits not in KERNEL_BITS or q.scale.dtype not in (torch.float16, torch.float32):
-            return (f"the kernels cover {KERNEL_BITS}-bit codes with fp16/fp32 parameters, not {self.bits}-bit "
-                    f"codes with {q.scale.dtype} parameters")
+            return (
+                f"the kernels cover {KERNEL_BITS}-bit codes with fp16/fp32 parameters, not {self.bits}-bit "
+                f"codes with {q.scale.dtype} parameters"
+            )
         if not (is_pow2(self.tokens) and is_pow2(self.head_dim) and self.tokens >= 16 and self.head_dim >= 16):
             return f"chunk tokens and head_dim must be powers of two >= 16, got {self.tokens} and {self.head_dim}"
         if not (is_pow2(length) and is_pow2(self.group) and 8 <= length <= 4096):
-            return (f"the kernels need power-of-two rows (8 to 4096) and groups dividing them, got {length} and "
-                    f"{self.group}")
+            return (
+                f"the kernels need power-of-two rows (8 to 4096) and groups dividing them, got {length} and "
+                f"{self.group}"
+            )
         return None
 
     def constexprs(self) -> dict[str, int]:
         """The kernels' compile-time constants."""
         length = self.rows[1]
-        return dict(T=self.tokens, D=self.head_dim, BITS=self.bits, GROUP=self.group, NG=length // self.group,
-                    Q_CHANNEL=self.q_channel, K2=self.k2, O_CHANNEL=self.o_channel, RANK=self.rank,
-                    O_HEADS=self.o_heads)
+        return dict(
+            T=self.tokens,
+            D=self.head_dim,
+            BITS=self.bits,
+            GROUP=self.group,
+            NG=length // self.group,
+            Q_CHANNEL=self.q_channel,
+            K2=self.k2,
+            O_CHANNEL=self.o_channel,
+            RANK=self.rank,
+            O_HEADS=self.o_heads,
+        )
 
 
 def layout_ints(layout: StorageLayout) -> list[int]:
@@ -84,8 +97,15 @@ def layout_tensors(c: CompressedTensor) -> tuple[Tensor, ...]:
     o = next((p for p in c.parts if isinstance(p, OutlierPart)), None)
     lr = next((p for p in c.parts if isinstance(p, LowRankPart)), None)
     none = q.codes
-    return tuple(t.contiguous() for t in (
-        q.codes, q.scale, q.zero,
-        o.values if o else none, o.indices if o else none,
-        lr.left if lr else none, lr.right if lr else none,
-    ))
+    return tuple(
+        t.contiguous()
+        for t in (
+            q.codes,
+            q.scale,
+            q.zero,
+            o.values if o else none,
+            o.indices if o else none,
+            lr.left if lr else none,
+            lr.right if lr else none,
+        )
+    )

@@ -7,8 +7,6 @@ inside a kernel, which would make the codes disagree with the parameters actuall
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -18,7 +16,7 @@ from gearkit.kernels.layout import StorageLayout
 
 @torch.library.custom_op("gearkit::quantize_groups", mutates_args=())
 def quantize_groups(
-    x: Tensor, bits: int, param_dtype: torch.dtype, valid: Optional[Tensor] = None
+    x: Tensor, bits: int, param_dtype: torch.dtype, valid: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Group quantization; see `gearkit.kernels.reference.quantize_groups` (shapes and semantics).
 
@@ -37,14 +35,17 @@ def _(x, bits, param_dtype, valid=None):
 
 def _quantize_pack_outputs(rows: Tensor, bits: int, group: int, param_dtype: torch.dtype):
     r, length = rows.shape
-    return (rows.new_empty(r, length * bits // 8, dtype=torch.uint8),
-            rows.new_empty(r, length // group, dtype=param_dtype),
-            rows.new_empty(r, length // group, dtype=param_dtype))
+    return (
+        rows.new_empty(r, length * bits // 8, dtype=torch.uint8),
+        rows.new_empty(r, length // group, dtype=param_dtype),
+        rows.new_empty(r, length // group, dtype=param_dtype),
+    )
 
 
 @torch.library.custom_op("gearkit::quantize_pack", mutates_args=())
-def quantize_pack(rows: Tensor, valid: Optional[Tensor], bits: int, group: int,
-                  param_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_pack(
+    rows: Tensor, valid: Tensor | None, bits: int, group: int, param_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
     """Triton: quantize rows `[R, L]` in groups of `group` and bit-pack each row.
 
     Same codes, scales and zeros as `reference.quantize_groups` followed by `reference.pack_bits`.
@@ -57,8 +58,10 @@ def quantize_pack(rows: Tensor, valid: Optional[Tensor], bits: int, group: int,
     out = _quantize_pack_outputs(rows, bits, group, param_dtype)
     triton_kernels.quantize_pack(rows.contiguous(), None if valid is None else valid.contiguous(), bits, group, out)
     if not (torch.isfinite(out[1]).all() and torch.isfinite(out[2]).all()):
-        raise ValueError(f"values span a range that {param_dtype} cannot store as a scale and zero; "
-                         "use a wider param_dtype (e.g. torch.float32)")
+        raise ValueError(
+            f"values span a range that {param_dtype} cannot store as a scale and zero; "
+            "use a wider param_dtype (e.g. torch.float32)"
+        )
     return out
 
 
@@ -87,14 +90,26 @@ def _(tensors, layout, entries, heads, dtype):
 
 def _attention_outputs(query: Tensor, splits: int):
     b, h, m, d = query.shape
-    return (query.new_empty(b, h, splits, m, dtype=torch.float32), query.new_empty(b, h, splits, m, dtype=torch.float32),
-            query.new_empty(b, h, splits, m, d, dtype=torch.float32))
+    return (
+        query.new_empty(b, h, splits, m, dtype=torch.float32),
+        query.new_empty(b, h, splits, m, dtype=torch.float32),
+        query.new_empty(b, h, splits, m, d, dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("gearkit::decode_attention", mutates_args=())
-def decode_attention(query: Tensor, bias: Tensor, key_tensors: list[Tensor], key_layout: list[int],
-                     value_tensors: list[Tensor], value_layout: list[int], chunks: int, splits: int,
-                     scaling: float, dot_f16: bool) -> tuple[Tensor, Tensor, Tensor]:
+def decode_attention(
+    query: Tensor,
+    bias: Tensor,
+    key_tensors: list[Tensor],
+    key_layout: list[int],
+    value_tensors: list[Tensor],
+    value_layout: list[int],
+    chunks: int,
+    splits: int,
+    scaling: float,
+    dot_f16: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Triton: split-sequence attention of `query` `[B, kv_heads, M, D]` (float32, M a power of two >= 16) over
     `chunks` stored chunks per sequence with additive `bias` `[B, chunks * T]`.
 
@@ -105,9 +120,19 @@ def decode_attention(query: Tensor, bias: Tensor, key_tensors: list[Tensor], key
 
     out = _attention_outputs(query, splits)
     per_split = -(-chunks // splits)
-    triton_kernels.decode_attention(query.contiguous(), bias.float().contiguous(), StorageLayout(*key_layout),
-                                    key_tensors, StorageLayout(*value_layout), value_tensors, chunks, per_split,
-                                    scaling, dot_f16, out)
+    triton_kernels.decode_attention(
+        query.contiguous(),
+        bias.float().contiguous(),
+        StorageLayout(*key_layout),
+        key_tensors,
+        StorageLayout(*value_layout),
+        value_tensors,
+        chunks,
+        per_split,
+        scaling,
+        dot_f16,
+        out,
+    )
     return out
 
 

@@ -167,7 +167,9 @@ def dequantize_groups(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     return torch.addcmul(zero.float()[..., None], scale.float()[..., None], codes.float())
 
 
-def attention_reference(query: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+def attention_reference(
+    query: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scaling: float
+) -> tuple[Tensor, Tensor]:
     """Softmax attention of grouped queries over one segment of keys, in float32, with its log-sum-exp.
 
     Query head `j` reads KV head `j // (heads / kv_heads)` (GQA without repeating stored heads).

@@ -45,9 +45,20 @@ def _to_param(v, DOWN: tl.constexpr, PARAM_F16: tl.constexpr):
 
 
 @triton.jit
-def _quantize_pack_kernel(x_ptr, valid_ptr, packed_ptr, scale_ptr, zero_ptr, R,
-                          BITS: tl.constexpr, NG: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr,
-                          HAS_VALID: tl.constexpr, PARAM_F16: tl.constexpr):
+def _quantize_pack_kernel(
+    x_ptr,
+    valid_ptr,
+    packed_ptr,
+    scale_ptr,
+    zero_ptr,
+    R,
+    BITS: tl.constexpr,
+    NG: tl.constexpr,
+    G: tl.constexpr,
+    ROWS: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    PARAM_F16: tl.constexpr,
+):
     L: tl.constexpr = NG * G
     PB: tl.constexpr = 8 // BITS
     QMAX: tl.constexpr = (1 << BITS) - 1
@@ -98,17 +109,44 @@ def quantize_pack(rows, valid, bits: int, group: int, out):
     r, length = rows.shape
     block = max(1, min(16, 4096 // length))  # rows per program: at most 4096 entries in registers
     _quantize_pack_kernel[(triton.cdiv(r, block),)](
-        rows, rows if valid is None else valid, packed, scale, zero, r,
-        BITS=bits, NG=length // group, G=group, ROWS=block, HAS_VALID=valid is not None,
+        rows,
+        rows if valid is None else valid,
+        packed,
+        scale,
+        zero,
+        r,
+        BITS=bits,
+        NG=length // group,
+        G=group,
+        ROWS=block,
+        HAS_VALID=valid is not None,
         PARAM_F16=scale.dtype == torch.float16,
     )
 
 
 @triton.jit
-def _tile(e, h, H, codes, scale, zero, out_val, out_idx, left, right,
-          T: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr,
-          Q_CHANNEL: tl.constexpr, K2: tl.constexpr, O_CHANNEL: tl.constexpr, RANK: tl.constexpr,
-          O_HEADS: tl.constexpr):
+def _tile(
+    e,
+    h,
+    H,
+    codes,
+    scale,
+    zero,
+    out_val,
+    out_idx,
+    left,
+    right,
+    T: tl.constexpr,
+    D: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    NG: tl.constexpr,
+    Q_CHANNEL: tl.constexpr,
+    K2: tl.constexpr,
+    O_CHANNEL: tl.constexpr,
+    RANK: tl.constexpr,
+    O_HEADS: tl.constexpr,
+):
     """Reconstruct entry `e`, head `h` of a stored chunk as float32 `[T, D]`: codes dequantized, plus the
     low-rank term, with the sparse outliers in place (they replace the other terms where stored)."""
     PB: tl.constexpr = 8 // BITS
@@ -167,13 +205,50 @@ def _tile(e, h, H, codes, scale, zero, out_val, out_idx, left, right,
 
 
 @triton.jit
-def _reconstruct_kernel(out, H, codes, scale, zero, out_val, out_idx, left, right,
-                        T: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-                        NG: tl.constexpr, Q_CHANNEL: tl.constexpr, K2: tl.constexpr, O_CHANNEL: tl.constexpr,
-                        RANK: tl.constexpr, O_HEADS: tl.constexpr):
+def _reconstruct_kernel(
+    out,
+    H,
+    codes,
+    scale,
+    zero,
+    out_val,
+    out_idx,
+    left,
+    right,
+    T: tl.constexpr,
+    D: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    NG: tl.constexpr,
+    Q_CHANNEL: tl.constexpr,
+    K2: tl.constexpr,
+    O_CHANNEL: tl.constexpr,
+    RANK: tl.constexpr,
+    O_HEADS: tl.constexpr,
+):
     pid = tl.program_id(0)
-    val = _tile(pid // H, pid % H, H, codes, scale, zero, out_val, out_idx, left, right,
-                T, D, BITS, GROUP, NG, Q_CHANNEL, K2, O_CHANNEL, RANK, O_HEADS)
+    val = _tile(
+        pid // H,
+        pid % H,
+        H,
+        codes,
+        scale,
+        zero,
+        out_val,
+        out_idx,
+        left,
+        right,
+        T,
+        D,
+        BITS,
+        GROUP,
+        NG,
+        Q_CHANNEL,
+        K2,
+        O_CHANNEL,
+        RANK,
+        O_HEADS,
+    )
     tl.store(out + pid * T * D + tl.arange(0, T)[:, None] * D + tl.arange(0, D)[None, :], val.to(out.dtype.element_ty))
 
 
@@ -185,13 +260,51 @@ def reconstruct(layout, tensors, out):
 
 @triton.jit
 def _decode_attention_kernel(
-    q, bias, m_out, l_out, acc_out, B, H, N, S, per_split, scaling,
-    kc, ks, kz, kov, koi, kl, kr, vc, vs, vz, vov, voi, vl, vr,
-    T: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_F16: tl.constexpr,
-    K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_NG: tl.constexpr, K_QCH: tl.constexpr,
-    K_K2: tl.constexpr, K_OCH: tl.constexpr, K_RANK: tl.constexpr, K_OHD: tl.constexpr,
-    V_BITS: tl.constexpr, V_GROUP: tl.constexpr, V_NG: tl.constexpr, V_QCH: tl.constexpr,
-    V_K2: tl.constexpr, V_OCH: tl.constexpr, V_RANK: tl.constexpr, V_OHD: tl.constexpr,
+    q,
+    bias,
+    m_out,
+    l_out,
+    acc_out,
+    B,
+    H,
+    N,
+    S,
+    per_split,
+    scaling,
+    kc,
+    ks,
+    kz,
+    kov,
+    koi,
+    kl,
+    kr,
+    vc,
+    vs,
+    vz,
+    vov,
+    voi,
+    vl,
+    vr,
+    T: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    DOT_F16: tl.constexpr,
+    K_BITS: tl.constexpr,
+    K_GROUP: tl.constexpr,
+    K_NG: tl.constexpr,
+    K_QCH: tl.constexpr,
+    K_K2: tl.constexpr,
+    K_OCH: tl.constexpr,
+    K_RANK: tl.constexpr,
+    K_OHD: tl.constexpr,
+    V_BITS: tl.constexpr,
+    V_GROUP: tl.constexpr,
+    V_NG: tl.constexpr,
+    V_QCH: tl.constexpr,
+    V_K2: tl.constexpr,
+    V_OCH: tl.constexpr,
+    V_RANK: tl.constexpr,
+    V_OHD: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -210,7 +323,7 @@ def _decode_attention_kernel(
     for n in range(first, last):
         e = n * B + b
         k = _tile(e, h, H, kc, ks, kz, kov, koi, kl, kr, T, D, K_BITS, K_GROUP, K_NG, K_QCH, K_K2, K_OCH, K_RANK, K_OHD)
-        if DOT_F16:
+        if DOT_F16:  # noqa: SIM108 (a constexpr branch: Triton compiles only one side)
             scores = tl.dot(qt, tl.trans(k.to(tl.float16)))
         else:
             scores = tl.dot(qt, tl.trans(k), input_precision="ieee")
@@ -232,19 +345,44 @@ def _decode_attention_kernel(
     tl.store(acc_out + at[:, None] * D + d[None, :], acc)
 
 
-def decode_attention(q, bias, key_layout, key_tensors, value_layout, value_tensors, chunks, per_split, scaling,
-                     dot_f16, out):
+def decode_attention(
+    q, bias, key_layout, key_tensors, value_layout, value_tensors, chunks, per_split, scaling, dot_f16, out
+):
     """Launch split-sequence decode attention; writes partial `(max, sum, acc)` per split into `out`
     (`[B, H, S, M]`, `[B, H, S, M]`, `[B, H, S, M, D]`). `q` is `[B, H, M, D]` float32, M a power of two."""
     m_out, l_out, acc_out = out
     b, h, splits, block_m = m_out.shape
     k, v = key_layout.constexprs(), value_layout.constexprs()
     _decode_attention_kernel[(b * h, splits)](
-        q, bias, m_out, l_out, acc_out, b, h, chunks, splits, per_split, scaling,
-        *key_tensors, *value_tensors, T=k["T"], D=k["D"], BLOCK_M=block_m, DOT_F16=dot_f16,
-        **{f"K_{n}": k[c] for n, c in _PREFIXED}, **{f"V_{n}": v[c] for n, c in _PREFIXED},
+        q,
+        bias,
+        m_out,
+        l_out,
+        acc_out,
+        b,
+        h,
+        chunks,
+        splits,
+        per_split,
+        scaling,
+        *key_tensors,
+        *value_tensors,
+        T=k["T"],
+        D=k["D"],
+        BLOCK_M=block_m,
+        DOT_F16=dot_f16,
+        **{f"K_{n}": k[c] for n, c in _PREFIXED},
+        **{f"V_{n}": v[c] for n, c in _PREFIXED},
     )
 
 
-_PREFIXED = (("BITS", "BITS"), ("GROUP", "GROUP"), ("NG", "NG"), ("QCH", "Q_CHANNEL"), ("K2", "K2"),
-             ("OCH", "O_CHANNEL"), ("RANK", "RANK"), ("OHD", "O_HEADS"))
+_PREFIXED = (
+    ("BITS", "BITS"),
+    ("GROUP", "GROUP"),
+    ("NG", "NG"),
+    ("QCH", "Q_CHANNEL"),
+    ("K2", "K2"),
+    ("OCH", "O_CHANNEL"),
+    ("RANK", "RANK"),
+    ("OHD", "O_HEADS"),
+)
