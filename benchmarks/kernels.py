@@ -28,8 +28,7 @@ import torch
 from einops import rearrange
 
 import gearkit
-from gearkit import recipes
-from gearkit.cache import chunk_attention
+from gearkit import decode_attention, recipes
 from gearkit.eval import synthetic_kv
 from gearkit.kernels.backend import use_backend
 
@@ -131,7 +130,8 @@ def main() -> None:
                     for backend in ("triton", "torch"):
                         with use_backend(backend):
                             ms = bench_ms(
-                                lambda: chunk_attention(q, recipe.key, recipe.value, [(sk, sv)], bias, scale), device
+                                lambda: decode_attention.attend(q, recipe.key, recipe.value, [(sk, sv)], bias, scale),
+                                device,
                             )
                         record(
                             op="decode_attention",
@@ -164,7 +164,8 @@ def main() -> None:
                         os.environ["GEARKIT_CPU_KERNEL"] = kernel
                         with use_backend(backend):
                             ms = bench_ms(
-                                lambda: chunk_attention(q, recipe.key, recipe.value, [(sk, sv)], bias, scale), device
+                                lambda: decode_attention.attend(q, recipe.key, recipe.value, [(sk, sv)], bias, scale),
+                                device,
                             )
                         record(
                             op="decode_attention",

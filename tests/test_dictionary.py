@@ -297,7 +297,10 @@ def test_cache_amortises_the_dictionary_and_reads_positions(smol):
     assert report.nbytes - report.components["dictionary"] == held
     assert report.bits_per_element_excluding("dictionary") < report.bits_per_element
     layer = cache.layers[3].store
-    assert layer.compressed_keys.parts[0].start.tolist() == [0, 32, 64] and layer.compressed_keys.parts[0].layer == 3
+    assert (
+        layer.lanes.keys.chunks.joined().parts[0].start.tolist() == [0, 32, 64]
+        and layer.lanes.keys.chunks.joined().parts[0].layer == 3
+    )
     keys, _ = layer.dequantized()
     assert keys.shape == (1, 3, 100, 64) and torch.isfinite(keys).all()
     with pytest.raises(ValueError, match="does not fit"):

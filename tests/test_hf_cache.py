@@ -87,7 +87,7 @@ def test_long_generation_never_recompresses_a_chunk(smol):
     cache = GearCache(Recipe("counting-kivi-2", key, value, buffer_size=64), model.config)
     inputs = chat(tok, ["Tell me a long story about a lighthouse keeper."])
     first = generate(model, inputs, cache, max_new_tokens=100, min_new_tokens=100)
-    chunk0 = select_batch(cache.layers[0].store.compressed_keys, torch.tensor([0])).tensors()
+    chunk0 = select_batch(cache.layers[0].store.lanes.keys.chunks.joined(), torch.tensor([0])).tensors()
     # Continue the same cache: 100 + 520 new tokens in all.
     out = generate(
         model,
@@ -103,7 +103,7 @@ def test_long_generation_never_recompresses_a_chunk(smol):
     # Every token is compressed exactly once: the calls add up to the compressed tokens, over all layers.
     assert sum(key.calls) == sum(value.calls) == len(cache.layers) * (length // 64) * 64
     assert all(n % 64 == 0 for n in key.calls)
-    now = select_batch(cache.layers[0].store.compressed_keys, torch.tensor([0])).tensors()
+    now = select_batch(cache.layers[0].store.lanes.keys.chunks.joined(), torch.tensor([0])).tensors()
     assert all(torch.equal(now[k], v) for k, v in chunk0.items())  # the first chunk's bytes never changed
     assert cache.memory_report().nbytes == storage(cache)
 
@@ -228,7 +228,7 @@ def test_sink_tokens_stay_in_full_precision():
     cache.update(keys[:, :, :2], kv_like(1, (2, 3, 2, 64)), 0)
     cache.update(keys[:, :, 2:], kv_like(1, (2, 3, 148, 64)), 0)
     layer = cache.layers[0].store
-    assert (layer.sink_keys.shape[-2], layer.chunks, layer.keys.shape[-2]) == (4, 2, 22)  # chunk grid unchanged
+    assert (layer.sink.slots, layer.chunks, layer.keys.shape[-2]) == (4, 2, 22)  # chunk grid unchanged
     assert layer.tokens_to_next_chunk() == 64 - 22
     held, _ = layer.dequantized()
     assert torch.equal(held[:, :, :4], keys[:, :, :4].half().float())
@@ -239,7 +239,7 @@ def test_sink_tokens_stay_in_full_precision():
     assert cache.memory_report().components["sink"] == 2 * 2 * 3 * 4 * 64 * 2
     assert cache.memory_report().nbytes == storage(cache)
     cache.crop(-148)
-    assert cache.get_seq_length() == 2 and layer.sink_keys.shape[-2] == 2 and layer.chunks == 0
+    assert cache.get_seq_length() == 2 and layer.sink.slots == 2 and layer.chunks == 0
     assert torch.equal(layer.dequantized()[0], keys[:, :, :2].half().float())
 
 
@@ -247,13 +247,13 @@ def test_appending_chunks_never_copies_the_earlier_ones(monkeypatch):
     monkeypatch.setattr(ChunkStore, "BLOCK_TOKENS", 1024)
     store = ChunkStore(recipes.get("kivi-2"))  # 128-token chunks, decode attention blocks of 1024 // 128 = 8 chunks
     store.append(kv_like(0, (2, 2, 3 * 128, 64)), kv_like(1, (2, 2, 3 * 128, 64)))  # a prefill of 3 chunks
-    held = lambda: [t.data_ptr() for t in store.key_chunks.tensors()]
+    held = lambda: [t.data_ptr() for t in store.lanes.keys.chunks.tensors()]
     before = held()
     for i in range(1, 10):  # then one chunk per append
         store.append(kv_like(i, (2, 2, 128, 64)), kv_like(i + 50, (2, 2, 128, 64)))
         assert held()[: len(before)] == before  # what was held is neither copied nor re-allocated
-    assert store.chunks == 12 and len(store.key_chunks.groups) == 10
-    assert [first for first, _ in store.key_chunks.blocks()] == [0, 8]  # short groups joined into blocks of 8
+    assert store.chunks == 12 and len(store.lanes.keys.chunks.groups) == 10
+    assert [first for first, _ in store.lanes.keys.chunks.blocks()] == [0, 8]  # short groups joined into blocks of 8
     report = store.memory_report()
     assert "slack" not in report.components
     assert report.nbytes == sum(t.untyped_storage().nbytes() for t in store.held_tensors())

@@ -12,8 +12,7 @@ import pytest
 import torch
 from conftest import kv_like
 
-from gearkit import LowRankResidual, Pipeline, Quantizer, SparseOutlier
-from gearkit.cache import chunk_attention
+from gearkit import LowRankResidual, Pipeline, Quantizer, SparseOutlier, decode_attention
 from gearkit.kernels import cpu
 from gearkit.kernels.backend import get_backend, set_backend, use_backend, use_triton
 from gearkit.kernels.reference import SUPPORTED_BITS, pack_bits
@@ -122,7 +121,7 @@ def test_decode_attention_matches_reference_and_sdpa(heads, kv_heads, queries, h
     bias = torch.zeros(batch, chunks * tokens, device=DEVICE)
     bias[0, :5] = float("-inf")  # left padding of the first sequence
     scale = head_dim**-0.5
-    (ref, ref_lse), (got, got_lse) = both(lambda: chunk_attention(query, kp, vp, [(keys, values)], bias, scale))
+    (ref, ref_lse), (got, got_lse) = both(lambda: decode_attention.attend(query, kp, vp, [(keys, values)], bias, scale))
     tol = 1e-5 if qdtype == torch.float32 else 1e-2
     assert torch.allclose(got, ref, rtol=tol, atol=tol) and torch.allclose(got_lse, ref_lse, rtol=tol, atol=tol)
     # and against PyTorch's SDPA on the dequantized tensors
@@ -159,8 +158,8 @@ def test_decode_attention_matches_reference_and_sdpa(heads, kv_heads, queries, h
 )
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch-products"])
 def test_stored_form_torch_path_matches_the_reference(kp, vp, compiled, monkeypatch):
-    """The default CPU path (`stored_attention`: several blocks, an online softmax, the compiled kernel or torch
-    products on the codes) against block-wise decompression."""
+    """The default CPU path (the "stored" path of `gearkit.decode_attention`: several blocks, an online softmax, the
+    compiled kernel or torch products on the codes) against block-wise decompression."""
     if not compiled:
         monkeypatch.setenv("GEARKIT_CPU_KERNEL", "0")
     elif DEVICE.type == "cpu" and cpu.unavailable():
@@ -181,8 +180,8 @@ def test_stored_form_torch_path_matches_the_reference(kp, vp, compiled, monkeypa
     bias[0, :70] = float("-inf")  # left padding past the whole first block (64 tokens)
     bias[1] = float("-inf")  # a row that sees nothing here
     with use_backend("torch"):
-        ref, ref_lse = chunk_attention(query, kp, vp, blocks, bias, 0.2)
-    got, got_lse = chunk_attention(query, kp, vp, blocks, bias, 0.2)
+        ref, ref_lse = decode_attention.attend(query, kp, vp, blocks, bias, 0.2)
+    got, got_lse = decode_attention.attend(query, kp, vp, blocks, bias, 0.2)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(got_lse, ref_lse, atol=2e-5, rtol=2e-5)
     assert (got[1] == 0).all() and torch.isinf(got_lse[1]).all()
@@ -194,8 +193,8 @@ def test_stored_form_torch_path_matches_the_reference(kp, vp, compiled, monkeypa
         torch.zeros(batch, 2, 5, device=DEVICE).masked_fill(causal, float("-inf")),
     )
     with use_backend("torch"):
-        ref, ref_lse = chunk_attention(query, kp, vp, blocks, bias, 0.2, exact)
-    got, got_lse = chunk_attention(query, kp, vp, blocks, bias, 0.2, exact)
+        ref, ref_lse = decode_attention.attend(query, kp, vp, blocks, bias, 0.2, exact)
+    got, got_lse = decode_attention.attend(query, kp, vp, blocks, bias, 0.2, exact)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(got_lse, ref_lse, atol=2e-5, rtol=2e-5)
 
@@ -268,7 +267,7 @@ def test_decode_attention_reads_sink_layouts(heads, kv_heads, bits, values):
     query = torch.randn(batch, heads, 1, head_dim, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     bias = torch.zeros(batch, chunks * tokens, device=DEVICE)
     bias[1, :70] = float("-inf")
-    (ref, ref_lse), (got, got_lse) = both(lambda: chunk_attention(query, kp, vp, [(keys, values)], bias, 0.125))
+    (ref, ref_lse), (got, got_lse) = both(lambda: decode_attention.attend(query, kp, vp, [(keys, values)], bias, 0.125))
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_lse, ref_lse, atol=1e-5, rtol=1e-5)
 
@@ -279,7 +278,9 @@ def test_decode_attention_fully_masked_sequence_gives_zero_weight():
     bias = torch.zeros(2, 64, device=DEVICE)
     bias[1] = float("-inf")
     with use_backend("triton"):
-        out, lse = chunk_attention(torch.randn(2, 1, 1, 64, device=DEVICE), kp, vp, [(keys, values)], bias, 0.125)
+        out, lse = decode_attention.attend(
+            torch.randn(2, 1, 1, 64, device=DEVICE), kp, vp, [(keys, values)], bias, 0.125
+        )
     assert torch.isfinite(out).all() and (out[1] == 0).all() and torch.isinf(lse[1]).all()
 
 

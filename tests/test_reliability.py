@@ -80,8 +80,8 @@ def test_padded_rows_keep_their_own_first_tokens_as_sinks():
     positions = torch.stack([torch.arange(100), (torch.arange(100) - 64).clamp_min(1)])  # row 1: 64 pads
     positions[1, 64] = 0
     store.append(keys, values, positions)
-    assert store.starts.tolist() == [0, 64]
-    assert torch.equal(store.sink_keys[1], keys[1, :, 64:68]) and torch.equal(store.sink_keys[0], keys[0, :, :4])
+    assert store.sink.starts.tolist() == [0, 64]
+    assert torch.equal(store.sink.keys[1], keys[1, :, 64:68]) and torch.equal(store.sink.keys[0], keys[0, :, :4])
     held, _ = store.dequantized()
     assert torch.equal(held[1, :, 64:68], keys[1, :, 64:68]) and torch.equal(held[0, :, :4], keys[0, :, :4])
     assert store.memory_report().nbytes == sum(t.untyped_storage().nbytes() for t in store.held_tensors())

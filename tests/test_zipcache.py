@@ -6,6 +6,7 @@ from conftest import tiny_llama
 from test_hf_cache import storage
 
 from gearkit import MixedPrecision, Pipeline, Probes, Quantizer, Recipe, recipes
+from gearkit.cache import SaliencyStore
 from gearkit.integrations.attention import register
 from gearkit.integrations.hf import GearCache
 
@@ -40,10 +41,10 @@ def test_prefill_attends_in_full_precision_and_then_compresses_with_saliency(tin
     cache = GearCache(TINY, tiny.config)
     tiny(prompt, cache=cache, use_cache=True)
     layer = cache.layers[0].store
-    assert layer.saliency is not None and layer.chunks == 2 and layer.keys.shape[-2] == 40 - 2 * CHUNK
-    assert layer.saliency.received.shape == (1, 2, 8) and layer.saliency.seen.shape == (1, 8)
-    assert (layer.saliency.seen > 0).all()  # the most recent probe sees every buffered token
-    mask = TINY.key.stages[0].salient(layer.compressed_keys.parts[0])
+    assert isinstance(layer, SaliencyStore) and layer.chunks == 2 and layer.keys.shape[-2] == 40 - 2 * CHUNK
+    assert layer.received.shape == (1, 2, 8) and layer.seen.shape == (1, 8)
+    assert (layer.seen > 0).all()  # the most recent probe sees every buffered token
+    mask = TINY.key.stages[0].salient(layer.lanes.keys.chunks.joined().parts[0])
     assert mask.shape == (2, 2, CHUNK) and (mask.sum(-1) == 4).all()
     report = cache.memory_report()
     assert report.nbytes == storage(cache) and report.components["saliency_map"] == 2 * 2 * 2 * (
@@ -58,11 +59,11 @@ def test_decode_streams_chunks_with_saliency_from_the_decode_probes(tiny):
     out = tiny.generate(ids(20, 1), cache=cache, max_new_tokens=30, min_new_tokens=30, do_sample=False)
     layer = cache.layers[1].store
     assert out.shape[1] == 50 and layer.chunks == 49 // CHUNK and layer.keys.shape[-2] == 49 % CHUNK
-    assert layer.saliency.received.shape[-1] == layer.keys.shape[-2] and (layer.saliency.seen > 0).all()
+    assert layer.received.shape[-1] == layer.keys.shape[-2] and (layer.seen > 0).all()
     assert cache.memory_report().nbytes == storage(cache)
     beam = GearCache(TINY, tiny.config)
     tiny.generate(ids(20, 1, batch=2), cache=beam, max_new_tokens=20, num_beams=2, do_sample=False)
-    assert beam.layers[0].store.saliency.received.shape[0] == 4 and beam.memory_report().nbytes == storage(beam)
+    assert beam.layers[0].store.received.shape[0] == 4 and beam.memory_report().nbytes == storage(beam)
 
 
 @torch.inference_mode()
@@ -84,8 +85,8 @@ def test_batch_with_left_padding_gives_each_sequence_its_batch_of_one_result(tin
         tiny(seq, cache=alone, use_cache=True)
         want = tiny(cont[row : row + 1], cache=alone, use_cache=True).logits
         torch.testing.assert_close(got[row : row + 1], want, rtol=1e-4, atol=1e-4)
-        kept = TINY.key.stages[0].salient(alone.layers[0].store.compressed_keys.parts[0])
-        in_batch = TINY.key.stages[0].salient(batch.layers[0].store.compressed_keys.parts[0])
+        kept = TINY.key.stages[0].salient(alone.layers[0].store.lanes.keys.chunks.joined().parts[0])
+        in_batch = TINY.key.stages[0].salient(batch.layers[0].store.lanes.keys.chunks.joined().parts[0])
         first_real = row  # chunk-major storage: (chunk, batch); sequence b's first real chunk is the batch's second
         assert torch.equal(in_batch[2 * first_real + row], kept[0])
 
@@ -127,7 +128,7 @@ def test_saliency_on_the_real_model_marks_the_sink_and_the_recently_attended_tok
     chunk, groups = recipe.buffer_size, model.config.num_attention_heads // model.config.num_key_value_heads
     sinks, recent_hits, recent_total = [], 0, 0
     for layer, attn in zip(cache.layers[2:], attentions[2:]):  # the first layers attend locally, without a sink
-        salient = stage.salient(layer.store.compressed_keys.parts[0])[0]  # first chunk, [kv_heads, chunk]
+        salient = stage.salient(layer.store.lanes.keys.chunks.joined().parts[0])[0]  # first chunk, [kv_heads, chunk]
         sinks.append(salient[:, 0])
         # What the last 5% of queries attend to most in the first chunk, summed over each KV head's query heads.
         recent = attn[0, :, -13:, :chunk].sum(1).unflatten(0, (-1, groups)).sum(1)[:, 1:]

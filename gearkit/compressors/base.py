@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from gearkit.compressors.checks import check_kv, check_storable
-from gearkit.kernels.decode import dense_scores, dense_weighted
+from gearkit.kernels.products import dense_scores, dense_weighted
 from gearkit.parts import DensePart, Part
 
 CONTEXT_FIELDS = ("saliency", "positions", "layer")

@@ -97,6 +97,21 @@ class LowRankResidual(Stage):
         """`left @ right.mT`: float32 `[batch, kv_heads, tokens, head_dim]`."""
         return part.left.float() @ part.right.float().mT
 
+    # Decode reads the term in factored form: (q right) left^T and (p left) right^T never build the block.
+    @staticmethod
+    def _factors(part: LowRankPart, chunks: int) -> tuple[Tensor, Tensor]:
+        return tuple(t.float().reshape(chunks, -1, *t.shape[1:]) for t in (part.left, part.right))
+
+    def scores(self, part: LowRankPart, q: Tensor, chunks: int) -> Tensor:
+        """`q @ x^T` from the factors (see `Stage.scores`): float32 `[chunks, batch, kv_heads, rows, T]`."""
+        left, right = self._factors(part, chunks)
+        return (q @ right) @ left.mT
+
+    def weighted(self, part: LowRankPart, p: Tensor) -> Tensor:
+        """`p @ x` from the factors, summed over chunks (see `Stage.weighted`): `[batch, kv_heads, rows, head_dim]`."""
+        left, right = self._factors(part, p.shape[0])
+        return ((p @ left) @ right.mT).sum(0)
+
     def extra_repr(self) -> str:
         return (
             f"rank={self.rank}, method={self.method!r}, iters={self.iters}, seed={self.seed}, "

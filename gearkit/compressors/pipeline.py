@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -10,15 +9,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gearkit.compressors import fused
 from gearkit.compressors.base import NO_CONTEXT, Context, Stage, make_context
 from gearkit.compressors.checks import check_kv
-from gearkit.compressors.lowrank import LowRankResidual
-from gearkit.compressors.outlier import SparseOutlier
-from gearkit.compressors.quantizer import Quantizer
 from gearkit.kernels import ops
 from gearkit.kernels.backend import may_use_triton, use_triton
-from gearkit.kernels.decode import dense_scores, dense_weighted, layout_scores, layout_weighted
 from gearkit.kernels.layout import StorageLayout, layout_ints, layout_tensors
+from gearkit.kernels.products import dense_scores, dense_weighted
 from gearkit.parts import CompressedTensor, Part
 
 
@@ -145,42 +142,20 @@ class Pipeline(nn.Module):
         return self.decompress(self.compress(x, exclude, ctx, **context))
 
     def storage_layout(self, shape: tuple[int, ...]) -> tuple[StorageLayout | None, str | None]:
-        """How chunks of `shape` `[entries, heads, T, D]` are stored, for the decode paths that read stored chunks
-        without decompressing them (Triton where `StorageLayout.triton_unsupported` allows, else torch).
-
-        Those paths read `[SparseOutlier?, Quantizer, LowRankResidual?]` with per-head groups that divide the rows
-        (outliers per head or across heads).
+        """How chunks of `shape` `[entries, kv_heads, T, head_dim]` are laid out, if in GEAR's fused layout (see
+        `gearkit.compressors.fused`), which the Triton kernels and the outlier corrections of `scores` read.
 
         Returns:
-            `(layout, None)` when they can, else `(None, reason)`.
+            `(layout, None)` when the pipeline is in that layout, else `(None, reason)`.
         """
         # Asked at every decode step: worked out once per shape and stage list (stages are configured once).
         key = (tuple(shape[1:]), tuple(map(id, self.stages)))
         if key not in self._layouts:
-            self._layouts[key] = self._storage_layout(shape)
+            self._layouts[key] = fused.layout_of(self.stages, shape)
         return self._layouts[key]
 
-    def _storage_layout(self, shape: tuple[int, ...]) -> tuple[StorageLayout | None, str | None]:
-        stages = list(self.stages)
-        outlier = stages.pop(0) if stages and isinstance(stages[0], SparseOutlier) else None
-        quant = stages.pop(0) if stages and type(stages[0]) is Quantizer else None
-        lowrank = stages.pop(0) if stages and isinstance(stages[0], LowRankResidual) else None
-        if quant is None or stages:
-            return None, "the stored-form decode paths read pipelines [SparseOutlier?, Quantizer, LowRankResidual?]"
-        layout = quant.read_layout(shape)
-        if layout is None:
-            return None, "the stored-form decode paths read groups of one head that divide the rows"
-        heads, t, d = shape[1:]
-        k2, o_channel, o_heads = 0, False, False
-        if outlier is not None:
-            o_channel, o_heads = outlier.axis == "channel", outlier.across_heads
-            k2 = 2 * outlier.count_per_side(heads * d if o_heads else t if o_channel else d)
-        return dataclasses.replace(
-            layout, k2=k2, o_channel=o_channel, rank=lowrank.rank if lowrank else 0, o_heads=o_heads
-        ), None
-
     def scores(self, c: CompressedTensor, q: Tensor, chunks: int) -> Tensor:
-        """Queries times the stored keys of a block of chunks, `q @ k^T`, read in their stored form: by the
+        """Queries times the stored keys of a block of chunks, `q @ k^T`, read in their stored form: in the fused
         layout (`storage_layout`), else stage by stage (`Stage.scores`) where no stage stores entries exactly
         (those replace, not add), else from the decompressed block.
 
@@ -194,7 +169,7 @@ class Pipeline(nn.Module):
         """
         layout, _ = self.storage_layout(c.shape)
         if layout is not None:
-            return layout_scores(q, c, layout, chunks)
+            return fused.scores(self.stages, c, q, chunks, layout)
         if self._additive(c):
             return sum(stage.scores(part, q, chunks) for stage, part in zip(self.stages, c.parts))
         return dense_scores(q, self.decompress(c).float(), chunks)
@@ -211,7 +186,7 @@ class Pipeline(nn.Module):
         """
         layout, _ = self.storage_layout(c.shape)
         if layout is not None:
-            return layout_weighted(p, c, layout)
+            return fused.weighted(self.stages, c, p, layout)
         if self._additive(c):
             return sum(stage.weighted(part, p) for stage, part in zip(self.stages, c.parts))
         return dense_weighted(p, self.decompress(c).float())

@@ -12,8 +12,8 @@ from gearkit.compressors.base import NO_CONTEXT, Context, Stage
 from gearkit.compressors.checks import Axis, check_axis, check_int
 from gearkit.kernels import ops
 from gearkit.kernels.backend import use_triton
-from gearkit.kernels.decode import stored_product
 from gearkit.kernels.layout import KERNEL_BITS, StorageLayout, is_pow2
+from gearkit.kernels.products import stored_product
 from gearkit.kernels.reference import check_bits, dequantize_groups, pack_bits, unpack_bits, unpack_float
 from gearkit.parts import QuantizedPart
 

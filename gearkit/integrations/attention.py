@@ -2,9 +2,10 @@
 
 A model loaded with `attn_implementation=register()` (or switched with `model.set_attn_implementation(...)`)
 calls `gearkit_attention` in every attention layer. When the keys and values it receives are the ones a
-`GearLayer` just returned from `update`, the layer gets the step's queries (`GearLayer.observe_queries`, used
-by saliency-driven recipes) and may compute the step's attention itself (`GearLayer.attend`: decode attention
-read straight from the compressed storage). Everything else — prefill, other caches, layers that decline —
+`GearLayer` just returned from `update` (`offer` hands them over), the layer sees the step's queries
+(`GearLayer.observe_queries`, used by saliency-driven recipes) and, when the update offered a step that reads the
+storage, that step computes the attention itself (`gearkit.cache.StepView.attend`: decode attention read straight
+from the compressed storage). Everything else — prefill, other caches, layers that decline —
 goes to `transformers`' own SDPA attention, so the model's output comes from its normal path.
 """
 
@@ -18,24 +19,53 @@ from torch import Tensor
 
 NAME = "gearkit"
 
-# The GearLayer whose `update` ran last in this context, and a weak reference to the key tensor it returned:
-# transformers calls the attention function right after the cache update, with that very tensor.
-_updated: contextvars.ContextVar[tuple[object, weakref.ref] | None] = contextvars.ContextVar(
-    "gearkit_updated", default=None
+# The handoff from a cache layer's `update` to the attention call that follows it, in this context: the layer, a weak
+# reference to the key tensor `update` returned (transformers calls the attention function right after the update,
+# with that very tensor), and the step to read from the storage (None: the standard path).
+_pending: contextvars.ContextVar[tuple[object, weakref.ref, object] | None] = contextvars.ContextVar(
+    "gearkit_pending", default=None
 )
 
 
-def mark_updated(layer, keys: Tensor) -> None:
-    """Record that `layer.update` returned `keys` (called by `GearLayer.update`)."""
-    _updated.set((layer, weakref.ref(keys)))
+def offer(layer, keys: Tensor, step=None) -> None:
+    """Hand the step `layer.update` just prepared to the attention call that follows (called by `GearLayer.update`).
+
+    Args:
+        layer: the cache layer (its `observe_queries` sees the step's queries).
+        keys: the key tensor `update` returned.
+        step: a `gearkit.cache.StepView` whose attention reads the compressed storage, or None.
+
+    Raises:
+        RuntimeError: when the previous offer carried a step that no attention call took: its compressed past
+            would be lost silently.
+    """
+    check_taken()
+    _pending.set((layer, weakref.ref(keys), step))
 
 
-def updated_layer(keys: Tensor):
-    """The layer whose last `update` returned exactly `keys`, or None."""
-    entry = _updated.get()
+def check_taken() -> None:
+    """Raise `RuntimeError` if a step offered for reading the storage was never read (see `offer`)."""
+    entry = _pending.get()
+    if entry is not None and entry[2] is not None:
+        _pending.set(None)
+        raise RuntimeError(
+            "the previous step returned only the buffer for gearkit's attention function, which never read the "
+            "compressed storage; do not call the cache's update outside a model step"
+        )
+
+
+def withdraw() -> None:
+    """Forget an offer (a cache rolled back to before the step that made it)."""
+    _pending.set(None)
+
+
+def take(keys: Tensor) -> tuple[object, object] | None:
+    """`(layer, step)` of the offer made with exactly `keys`, consumed, or None."""
+    entry = _pending.get()
     if entry is None or entry[1]() is not keys:
         return None
-    return entry[0]
+    _pending.set(None)
+    return entry[0], entry[2]
 
 
 def gearkit_attention(
@@ -65,12 +95,14 @@ def gearkit_attention(
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    layer = updated_layer(key)
-    if layer is not None:
+    offered = take(key)
+    if offered is not None:
+        layer, step = offered
         layer.observe_queries(query, key, attention_mask, scaling)
-        out = layer.attend(query, key, value, attention_mask, scaling, dropout)
-        if out is not None:
-            return out, None
+        if step is not None:
+            if dropout:
+                raise ValueError("attention over the compressed storage does not apply dropout; call model.eval()")
+            return step.attend(query, key, value, attention_mask, scaling), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

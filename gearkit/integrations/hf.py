@@ -23,9 +23,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from gearkit import recipes
 from gearkit.accounting import MemoryReport
-from gearkit.cache import ChunkStore, StepView
+from gearkit.cache import StepShared, make_store
+from gearkit.decode_attention import reads_storage
 from gearkit.integrations.attention import NAME as ATTENTION_NAME
-from gearkit.integrations.attention import mark_updated
+from gearkit.integrations.attention import check_taken, offer, withdraw
 from gearkit.recipes import Recipe
 
 NEEDS_QUERIES = (
@@ -47,9 +48,9 @@ class GearLayer(CacheLayerMixin):
         layer_idx: the model layer this cache layer serves (stages with per-layer dictionaries need it).
         config (transformers.PretrainedConfig | None): the model's config, read at every update to see whether
             gearkit's attention function runs the step (then the step reads the compressed storage); None: never.
+        shared: the memo the cache's layers share for a step (see `gearkit.cache.StepShared`).
     """
 
-    STORAGE_QUERIES = 16  # on CUDA, steps with at most this many new tokens read the storage (the kernel's query rows)
     is_compileable = False
     is_croppable = False  # cropping into a compressed chunk cannot restore its tokens exactly
     is_sliding = False
@@ -61,12 +62,12 @@ class GearLayer(CacheLayerMixin):
         buffer_dtype: torch.dtype | None = torch.float16,
         layer_idx: int | None = None,
         config=None,
+        shared: StepShared | None = None,
     ):
-        self.store = ChunkStore(recipe, buffer_dtype, layer_idx)
+        self.store = make_store(recipe, buffer_dtype, layer_idx, shared)
         self.layer_idx = layer_idx
         self.config = config  # the model's config: it says which attention function runs this step
         self.reads_storage = False  # whether the last step read the compressed storage
-        self._step: StepView | None = None  # the step `attend` reads, when it reads the storage
 
     recipe = property(lambda self: self.store.recipe, doc="The recipe.")
     keys = property(lambda self: self.store.keys, doc="The buffer's keys `[batch, kv_heads, buffered, head_dim]`.")
@@ -84,9 +85,10 @@ class GearLayer(CacheLayerMixin):
         """Add new tokens `[batch, kv_heads, new, head_dim]`; return the keys and values attention reads.
 
         When the model's config says gearkit's attention function runs this step (`make_cache` sets it), that is
-        only the buffer and the new tokens, and `attend` reads the compressed chunks as stored, block by block: the
+        only the buffer and the new tokens, and the step (handed to the attention function with
+        `gearkit.integrations.attention.offer`) reads the compressed chunks as stored, block by block: the
         full-precision past is never rebuilt. Otherwise (another attention function, no config to tell, a
-        saliency-driven recipe) it is every token held, decompressed, `[batch, kv_heads, tokens, head_dim]`.
+        saliency-driven recipe, a long prefill on a GPU) it is every token held, decompressed, `KV`.
 
         The attention layer's keyword arguments (`kwargs=`, as `transformers` passes them) carry `position_ids`
         `[batch or 1, new]`: on the first update they tell where a left-padded row's real tokens start, so the
@@ -98,71 +100,33 @@ class GearLayer(CacheLayerMixin):
             ValueError: for non-finite or malformed states; the layer is left unchanged.
         """
         store = self.store
-        if store.saliency is not None and store.buffered >= store.buffer_size:
+        if store.recipe.needs_saliency and store.buffered >= store.buffer_size:
             raise RuntimeError(NEEDS_QUERIES.format(name=store.recipe.name))
-        if self._step is not None:  # never silently lose the compressed past
-            raise RuntimeError(
-                "the previous step returned only the buffer for gearkit's attention function, which "
-                "never read the compressed storage; do not call the cache's update outside a model step"
-            )
-        on_gpu = key_states.device.type == "cuda"
+        check_taken()  # never silently lose the compressed past
         from_storage = (
             self.storage_attention_in_use()
-            and store.saliency is None
+            and not store.recipe.needs_saliency
             and store.chunks > 0
-            and (not on_gpu or key_states.shape[-2] <= self.STORAGE_QUERIES)
+            and reads_storage(key_states.device, key_states.shape[-2])
         )
         forwarded = kwargs.get("kwargs")
         position_ids = forwarded.get("position_ids") if isinstance(forwarded, dict) else None
         step = store.append(key_states, value_states, position_ids)
-        self._step = step if from_storage else None
         self.reads_storage = from_storage
         out = step.fresh() if from_storage else step.dense()
-        mark_updated(self, out[0])
+        offer(self, out[0], step if from_storage else None)
         return out
 
     def storage_attention_in_use(self) -> bool:
         """Whether gearkit's attention function runs the model's attention now (so a step may read the storage)."""
         return self.config is not None and getattr(self.config, "_attn_implementation", None) == ATTENTION_NAME
 
-    # -- gearkit's attention function (see gearkit.integrations.attention) -----------------------------------
     def observe_queries(
         self, query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float | None
     ) -> None:
         """See the step's queries `[batch, heads, queries, head_dim]` and the keys `update` returned (saliency-driven
         recipes score and compress their buffered tokens here; a no-op for the others)."""
         self.store.observe_queries(query, keys, attention_mask, scaling)
-
-    def attend(
-        self,
-        query: Tensor,
-        keys: Tensor,
-        values: Tensor,
-        attention_mask: Tensor | None,
-        scaling: float | None,
-        dropout: float = 0.0,
-    ) -> Tensor | None:
-        """The step's attention, read from the compressed storage, or None for the standard path.
-
-        Called by gearkit's attention function right after `update`; see `StepView.attend`.
-
-        Args:
-            query: `[batch, heads, queries, head_dim]`.
-            keys: what `update` returned, `[batch, kv_heads, buffered + queries, head_dim]` on a storage step.
-            values: like `keys`.
-            attention_mask: boolean `[batch, 1, queries, held + queries]` (True = attend) or None (causal).
-            scaling: softmax scale (default `head_dim ** -0.5`).
-            dropout: must be 0 on a storage step.
-
-        Returns:
-            `[batch, queries, heads, head_dim]` in the query's dtype, or None.
-        """
-        step, self._step = self._step, None
-        if step is None:
-            return None
-        if dropout:
-            raise ValueError("attention over the compressed storage does not apply dropout; call model.eval()")
-        return step.attend(query, keys, values, attention_mask, scaling)
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def get_seq_length(self) -> int:
@@ -176,7 +140,7 @@ class GearLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.store.reset()
-        self._step, self.reads_storage = None, False
+        self.reads_storage = False
 
     def snapshot(self) -> dict:
         """This layer's state, for `restore` (see `ChunkStore.snapshot`)."""
@@ -185,7 +149,6 @@ class GearLayer(CacheLayerMixin):
     def restore(self, snapshot: dict) -> None:
         """Go back to the state `snapshot()` returned."""
         self.store.restore(snapshot)
-        self._step = None
 
     def offload(self):
         """Refused: the compressed chunks are the saving; moving layers off the device is not supported."""
@@ -209,7 +172,6 @@ class GearLayer(CacheLayerMixin):
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative number of tokens to remove, as DynamicLayer.crop does")
         self.store.crop(-tokens_to_remove)
-        self._step = None
 
     def memory_report(self) -> MemoryReport:
         """Bytes held by this layer, by component."""
@@ -237,6 +199,7 @@ class GearCache(Cache):
     def __init__(self, recipe: Recipe | str, config=None, buffer_dtype: torch.dtype | None = torch.float16):
         self.recipe = recipes.get(recipe) if isinstance(recipe, str) else recipe
         self.buffer_dtype = buffer_dtype
+        self.shared = StepShared()  # what every layer of a step computes alike, computed by the first
         self._before: list[dict] = []  # the layers' states before the current step (see `update`)
         self._layers_known = config is not None  # whether the last layer's update ends a step
         if config is None:  # layers are created by `update`, as the model reaches them
@@ -251,7 +214,7 @@ class GearCache(Cache):
         self.recipe.key.check_model(config)
         self.recipe.value.check_model(config)
         layers = config.get_text_config(decoder=True).num_hidden_layers
-        super().__init__(layers=[GearLayer(self.recipe, buffer_dtype, i, config) for i in range(layers)])
+        super().__init__(layers=[GearLayer(self.recipe, buffer_dtype, i, config, self.shared) for i in range(layers)])
 
     def update(
         self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: object, **kwargs: object
@@ -276,7 +239,7 @@ class GearCache(Cache):
             RuntimeError: when the previous step stopped between layers (the cache is rolled back; run again).
         """
         while len(self.layers) <= layer_idx:
-            self.layers.append(GearLayer(self.recipe, self.buffer_dtype, len(self.layers)))
+            self.layers.append(GearLayer(self.recipe, self.buffer_dtype, len(self.layers), shared=self.shared))
         if layer_idx == 0 and self._settle():  # this step's mask counted the abandoned tokens: it cannot go on
             raise RuntimeError(
                 "the previous step stopped between layers (an error in the model); the cache is back "
@@ -319,6 +282,7 @@ class GearCache(Cache):
         for layer, state in zip(self.layers, self._before):
             layer.restore(state)
         self._before = []
+        withdraw()  # an offer the rolled-back step made is void
 
     def memory_report(self) -> MemoryReport:
         """Bytes held over all layers, by component, with bits per element and ratio against fp16."""

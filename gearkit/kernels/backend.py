@@ -2,7 +2,7 @@
 
 - `"auto"` (default): Triton on CUDA tensors when Triton is installed and the layout is supported, torch
   otherwise (CPU included: the Triton interpreter is a test tool, not a fast path); decode attention's torch path
-  reads the stored chunks as the pipeline says (`Pipeline.scores`, `kernels.decode.stored_attention`);
+  reads the stored chunks as the pipelines say (`gearkit.decode_attention`);
 - `"torch"`: always the reference (decode attention decompresses each block);
 - `"triton"`: always Triton; raises when it cannot run (no Triton, a CPU tensor without `TRITON_INTERPRET=1`,
   or a layout the kernels do not cover), never falls back silently.
