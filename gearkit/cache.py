@@ -37,7 +37,7 @@ from gearkit.compressors.probes import Probes, normalized_saliency, probe_attent
 from gearkit.kernels.decode import compressed_attention
 from gearkit.kernels.reference import attention_reference
 from gearkit.parts import CompressedTensor, cat_batch, select_batch, slice_batch
-from gearkit.recipes import Recipe
+from gearkit.recipe import Recipe
 
 
 class ChunkList:

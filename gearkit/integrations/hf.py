@@ -26,7 +26,7 @@ from gearkit.accounting import MemoryReport
 from gearkit.cache import ChunkStore, StepView
 from gearkit.integrations.attention import NAME as ATTENTION_NAME
 from gearkit.integrations.attention import mark_updated
-from gearkit.recipes import Recipe
+from gearkit.recipe import Recipe
 
 NEEDS_QUERIES = (
     "recipe {name!r} picks salient tokens from the model's queries, which reach the cache only "
