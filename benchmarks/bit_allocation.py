@@ -51,14 +51,15 @@ from gearkit import (
     Recipe,
     Stage,
 )
+from gearkit.allocations import allocation_file, allocation_stage
 from gearkit.eval.perplexity import cached_logits
 from gearkit.integrations.hf import make_cache
 from gearkit.models import DEFAULT_MODEL, load_default_model, load_text, token_windows
-from gearkit.recipes import DEFAULT_ROPE_THETA, allocation_stage
+from gearkit.recipes import DEFAULT_ROPE_THETA
 
 SINKS, BUFFER, TOKENS = 4, 64, 2048  # the frontier protocol's sink tokens and buffer; bits counted at 2048 tokens
 RESULTS = Path("benchmarks/results")
-ALLOCATION = Path("gearkit/allocations") / f"{DEFAULT_MODEL}.json"
+ALLOCATION = allocation_file(DEFAULT_MODEL)
 
 # each role's widths, from the stages frontier_sweep.py found best: keys per-channel groups of 64 tokens (`chB`,
 # post-RoPE) or Hadamard + Lloyd-Max with a norm per vector (`had-lmB`); values Hadamard + Lloyd-Max. `/32`:

@@ -35,10 +35,11 @@ from gearkit import (
     SignSketch,
     SparseOutlier,
 )
+from gearkit.allocations import allocated
 from gearkit.cli import progress_bar
 from gearkit.eval.perplexity import evaluate
 from gearkit.models import DEFAULT_MODEL, load_default_model, load_text
-from gearkit.recipes import DEFAULT_ROPE_THETA, allocated
+from gearkit.recipes import DEFAULT_ROPE_THETA
 
 THETA = DEFAULT_ROPE_THETA
 

@@ -9,7 +9,7 @@ from gearkit.accounting import MemoryReport
 from gearkit.compressors import *  # noqa: F403 (the stages)
 from gearkit.deprecation import moved
 from gearkit.parts import *  # noqa: F403 (the stored parts)
-from gearkit.recipes import Recipe
+from gearkit.recipe import Recipe
 
 __version__ = "0.1.0"
 

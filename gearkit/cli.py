@@ -70,7 +70,7 @@ def cmd_recipes(args) -> None:
         return
 
     for name in recipes.names():
-        print(f"{name:12s} {recipes.get(name).description}")
+        print(f"{name:12s} {recipes.describe(name)}")
     have = set(available_baselines())
     for name in HF_BASELINES:
         print(f"{name:12s} Hugging Face QuantizedCache baseline{'' if name in have else ' (backend not installed)'}")
@@ -78,22 +78,17 @@ def cmd_recipes(args) -> None:
 
 def check_names(names, dictionary=None) -> list[str]:
     """Check cache names before anything loads. With `dictionary`, `csr-8` and `csr-4` read that file; without,
-    the default dictionary is trained once if a CSR recipe needs it and it is not there yet."""
-    from gearkit import recipes
+    the default dictionary is trained once if one of them is named and it is not there yet."""
+    from gearkit.csr import DEFAULT_RECIPES, default_dictionary_path, register_default_recipes
     from gearkit.integrations.hf import check_cache_name
 
     if dictionary is not None:
         if not Path(dictionary).is_file():
             raise FileNotFoundError(f"no dictionary file {str(dictionary)!r} (train one with: gearkit dict train)")
-        for sparsity in (8, 4):
-            recipes.register(recipes.csr(sparsity, dictionary), replace=True)
+        register_default_recipes(dictionary, replace=True)
     names = [check_cache_name(n) for n in names]
-    if (
-        any(n in ("csr-8", "csr-4") for n in names)
-        and dictionary is None
-        and not recipes.default_dictionary_path().is_file()
-    ):
-        from gearkit.neuraldict import train_default_dictionary
+    if dictionary is None and not set(names).isdisjoint(DEFAULT_RECIPES) and not default_dictionary_path().is_file():
+        from gearkit.neuraldict import train_default_dictionary  # loads Lightning: only when there is training to do
 
         train_default_dictionary()
     return names
@@ -369,6 +364,8 @@ def add_text(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gearkit.csr import DEFAULT_DICTIONARY
+
     parser = argparse.ArgumentParser(prog="gearkit", description="Composable KV-cache compression.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -467,15 +464,25 @@ def build_parser() -> argparse.ArgumentParser:
     dct = sub.add_parser("dict", help="CSR dictionaries").add_subparsers(dest="what", required=True)
     train = dct.add_parser("train", help="train NeuralDict dictionaries on KV vectors of a text (Lightning)")
     add_text(train)
-    train.add_argument("--atoms", type=positive_int, default=1024, help="atoms per dictionary")
-    train.add_argument("--sparsity", type=positive_int, default=8, help="key atoms per vector (values: half per half)")
+    train.add_argument("--atoms", type=positive_int, default=DEFAULT_DICTIONARY["atoms"], help="atoms per dictionary")
+    train.add_argument(
+        "--sparsity",
+        type=positive_int,
+        default=DEFAULT_DICTIONARY["sparsity"],
+        help="key atoms per vector (values: half per half)",
+    )
     train.add_argument("--out", help="output .safetensors path")
     train.add_argument(
         "--default",
         action="store_true",
         help="train the default dictionary (read by csr-8 / csr-4) with the default settings",
     )
-    train.add_argument("--group-layers", type=positive_int, default=6, help="adjacent layers sharing a dictionary")
+    train.add_argument(
+        "--group-layers",
+        type=positive_int,
+        default=DEFAULT_DICTIONARY["group_layers"],
+        help="adjacent layers sharing a dictionary",
+    )
     train.add_argument("--vectors", type=positive_int, default=12288, help="training vectors per group and role")
     train.add_argument("--epochs", type=positive_int, default=4)
     train.add_argument("--tokens", type=positive_int, default=1024, help="tokens per calibration window")

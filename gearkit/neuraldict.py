@@ -8,7 +8,7 @@
    `diversity` times the MSE; the atoms are re-normalised to unit columns after every optimizer step
    (`on_train_batch_end`). `lightning.Trainer.fit` runs it: progress bar, checkpoints, validation loss.
 4. `train_dictionaries` ties it together into a `DictionarySet`; `train_default_dictionary` trains the default
-   (default model, default text) once and saves it where `gearkit.recipes.default_dictionary` reads it.
+   (default model, default text) once and saves it where `gearkit.csr.default_dictionary` reads it.
 
 Each group's vectors are divided by their RMS before training: Matching Pursuit is scale-equivariant, so this
 changes no optimum but weighs the groups equally (the MSE is then relative to each group's energy).
@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from gearkit.compressors.dictionary_set import DictionarySet, model_signature
 from gearkit.compressors.rope import RoPE
 from gearkit.compressors.solvers import SOLVERS, combine_atoms
+from gearkit.csr import DEFAULT_DICTIONARY, default_dictionary_path
 from gearkit.models import token_windows
-from gearkit.recipes import DEFAULT_DICTIONARY, default_dictionary_path
 
 DEFAULT_ATOMS = DEFAULT_DICTIONARY["atoms"]
 DEFAULT_SPARSITY = DEFAULT_DICTIONARY["sparsity"]
@@ -337,7 +337,7 @@ def train_dictionaries(
 
 def train_default_dictionary(force: bool = False) -> Path:
     """Train the default CSR dictionary (default model, default text, default sizes; a few minutes on a CPU,
-    progress on stderr) and save it where `gearkit.recipes.default_dictionary` reads it; nothing to do when it
+    progress on stderr) and save it where `gearkit.csr.default_dictionary` reads it; nothing to do when it
     is there already (unless `force`). Returns its path."""
     path = default_dictionary_path()
     if path.is_file() and not force:

@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -21,6 +22,7 @@ from gearkit import (
     Stage,
     recipes,
 )
+from gearkit.allocations import allocation_file, allocation_stage
 from gearkit.integrations.hf import make_cache
 from gearkit.models import DEFAULT_MODEL
 
@@ -107,7 +109,7 @@ def test_builtin_allocations_cost_what_they_state_within_budget_and_fit_only_the
     """All-in bits at 2048 tokens: the layers' mean stored bits (from the bytes of a 64-token chunk, head dim 64,
     3 KV heads, as the default model) plus 4 fp16 sink tokens."""
     recipe = recipes.get(name)
-    data = json.loads((recipes.ALLOCATIONS / f"{DEFAULT_MODEL}.json").read_text())["allocations"][str(budget)]
+    data = json.loads(allocation_file(DEFAULT_MODEL).read_text())["allocations"][str(budget)]
     x, layers = kv_like(5, (1, 3, 64, 64)), len(data["key"])
     start = torch.tensor([64])  # pre-RoPE widths store the chunk's first position
     bits = sum(
@@ -169,11 +171,33 @@ def test_per_head_slices_saliency_keeps_exact_entries_and_refuses_other_head_cou
 
 def test_allocations_name_widths_per_layer_or_per_head_and_round_trip():
     ladder = {"q2": Quantizer(2, 8, "channel").to_dict(), "q4": Quantizer(4, 8, "channel").to_dict()}
-    stage = recipes.allocation_stage(["q2", ["q4", "q2"]], ladder)
+    stage = allocation_stage(["q2", ["q4", "q2"]], ladder)
     assert isinstance(stage.stage_for(1), PerHead) and stage.stage_for(1).stages[0].bits == 4
     assert Stage.from_dict(stage.to_dict()).to_dict() == stage.to_dict()
     x = kv_like(4, (1, 2, 16, 8))
     split, low, high = (Pipeline([s]) for s in (stage, Quantizer(2, 8, "channel"), Quantizer(4, 8, "channel")))
     assert split.compress(x, layer=1).nbytes == (low.compress(x).nbytes + high.compress(x).nbytes) // 2
     with pytest.raises(KeyError, match="'q3'"):
-        recipes.allocation_stage([["q3", "q2"]], ladder)
+        allocation_stage([["q3", "q2"]], ladder)
+
+
+def test_an_allocation_holds_one_stage_per_width_and_round_trips_as_data():
+    """gk-3 names a width for each of 30 layers (or each of their 3 KV heads); every use of a width is one shared
+    stage, which `.to`, `state_dict` and a deep copy keep; `from_dict` of its data codes every layer alike."""
+    recipe = recipes.get("gk-3")
+    chosen = json.loads(allocation_file(DEFAULT_MODEL).read_text())["allocations"]["3.0"]
+    x, start = kv_like(6, (1, 3, 64, 64)), torch.tensor([64])
+    again = Recipe.from_dict(recipe.to_dict())
+    for role in ("key", "value"):
+        pipeline = getattr(recipe, role)
+        per_layer = pipeline.stages[0]
+        widths = [w for layer in chosen[role] for w in ([layer] if isinstance(layer, str) else layer)]
+        used = [s for layer in per_layer.stages for s in (layer.stages if isinstance(layer, PerHead) else [layer])]
+        assert len({(w, id(s)) for w, s in zip(widths, used)}) == len({id(s) for s in used}) == len(set(widths)) < 10
+        assert pipeline.to("cpu") is pipeline
+        pipeline.load_state_dict(pipeline.state_dict())
+        copied = copy.deepcopy(pipeline)
+        assert len({id(m) for m in copied.modules()}) == len({id(m) for m in pipeline.modules()})
+        for layer in range(len(chosen[role])):
+            a, b = (p.compress(x, layer=layer, positions=start) for p in (pipeline, getattr(again, role)))
+            assert a.nbytes == b.nbytes and torch.equal(pipeline.decompress(a), getattr(again, role).decompress(b))

@@ -3,6 +3,7 @@ import torch
 from conftest import kv_like, rel_error
 
 from gearkit import LowRankResidual, Pipeline, Quantizer, Recipe, recipes
+from gearkit import recipe as registry
 
 REQUIRED = ["fp16", "uniform-2", "uniform-4", "kivi-2", "kivi-4", "gear-2", "gear-4", "gear-l-2", "gear-l-4", "kcvt-4"]
 
@@ -33,7 +34,34 @@ def test_a_user_recipe_takes_a_few_lines():
         with pytest.raises(ValueError, match="already registered"):
             recipes.register(mine)
     finally:
-        recipes._REGISTRY.pop("test-mine-3", None)
+        registry._REGISTRY.pop("test-mine-3", None)
+
+
+def test_builtins_are_built_once_on_first_get_and_described_before():
+    """A built-in is a builder until its first `get`; its description is known before and is the built recipe's."""
+    entry = registry._REGISTRY["gear-l-3"]
+    assert recipes.describe("gear-l-3") == entry.description
+    first = recipes.get("gear-l-3")
+    assert recipes.get("gear-l-3") is first and first.description == entry.description
+    for name in recipes.names():
+        assert recipes.get(name).description == recipes.describe(name), name
+    with pytest.raises(ValueError, match="unknown recipe 'gear2'"):
+        recipes.describe("gear2")
+
+
+def test_a_builder_must_build_the_recipe_it_was_registered_as():
+    def build():
+        return Recipe("test-other", Pipeline([Quantizer(2)]), Pipeline([Quantizer(2)]), description="two bits")
+
+    try:
+        recipes.register_builder("test-lazy", "two bits", build)
+        assert recipes.names()[-1] == "test-lazy" and recipes.describe("test-lazy") == "two bits"
+        with pytest.raises(ValueError, match="registered as 'test-lazy' built 'test-other'"):
+            recipes.get("test-lazy")
+        with pytest.raises(ValueError, match="already registered"):
+            recipes.register_builder("test-lazy", "two bits", build)
+    finally:
+        registry._REGISTRY.pop("test-lazy", None)
 
 
 def test_recipe_fields_are_checked():
@@ -96,11 +124,11 @@ def test_frontier_recipes_cost_the_bits_they_state():
         "turboquant-2.5": (3.25, 2.25),
         "turboquant-3.5": (4.25, 3.25),  # gk-*: see test_per_layer.py
         # 1% outliers: one per side of each token's 192 entries across heads, fp16 value + uint8 index;
-        # keys: two pre-RoPE stages, each storing the chunk's int32 first position
-        "kvquant-2": (2.75 + 64 / (3 * 64 * 64), 2.5),
-        "kvquant-3": (3.75 + 64 / (3 * 64 * 64), 3.5),
+        # keys: outliers and codes inside one pre-RoPE stage, which stores the chunk's int32 first position
+        "kvquant-2": (2.75 + 32 / (3 * 64 * 64), 2.5),
+        "kvquant-3": (3.75 + 32 / (3 * 64 * 64), 3.5),
     }
     for name, (key_bits, value_bits) in expected.items():
-        recipe = recipes.get(name)
-        assert recipe.key.compress(x, positions=start).bits_per_element == pytest.approx(key_bits), name
-        assert recipe.value.compress(x).bits_per_element == pytest.approx(value_bits), name
+        built = recipes.get(name)
+        assert built.key.compress(x, positions=start).bits_per_element == pytest.approx(key_bits), name
+        assert built.value.compress(x).bits_per_element == pytest.approx(value_bits), name

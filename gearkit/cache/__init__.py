@@ -24,7 +24,7 @@ from gearkit.cache.saliency import SaliencyStore
 from gearkit.cache.sinks import SinkCopy
 from gearkit.cache.step import StepShared, StepView
 from gearkit.cache.store import ChunkStore
-from gearkit.recipes import Recipe
+from gearkit.recipe import Recipe
 
 __all__ = [
     "ChunkList",

@@ -13,7 +13,7 @@ from gearkit.cache.sinks import SinkCopy, padding
 from gearkit.cache.step import StepShared, StepView
 from gearkit.compressors.base import Context
 from gearkit.compressors.checks import check_kv, check_storable
-from gearkit.recipes import Recipe
+from gearkit.recipe import Recipe
 
 
 def to_buffer(states: Tensor, dtype: torch.dtype | None, name: str) -> Tensor:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from gearkit.integrations.hf import cache_name, check_cache_name, make_cache, memory_report
 from gearkit.models import pad_token_id
-from gearkit.recipes import Recipe
+from gearkit.recipe import Recipe
 
 BASELINE = "uncompressed"
 NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"

@@ -22,7 +22,7 @@ from torch import Tensor
 from gearkit.accounting import MemoryReport, bits_per_element
 from gearkit.integrations.hf import cache_name, cache_step, check_cache_name, make_cache, memory_report
 from gearkit.models import token_windows
-from gearkit.recipes import Recipe
+from gearkit.recipe import Recipe
 
 
 @dataclasses.dataclass

@@ -27,7 +27,7 @@ from gearkit.cache import StepShared, make_store
 from gearkit.decode_attention import reads_storage
 from gearkit.integrations.attention import NAME as ATTENTION_NAME
 from gearkit.integrations.attention import check_taken, offer, withdraw
-from gearkit.recipes import Recipe
+from gearkit.recipe import Recipe
 
 NEEDS_QUERIES = (
     "recipe {name!r} picks salient tokens from the model's queries, which reach the cache only "

@@ -50,7 +50,7 @@ from gearkit.compressors.checks import check_int
 from gearkit.eval.perplexity import PerplexityResult, baseline_nll, cached_nll, perplexity_result
 from gearkit.integrations.hf import cache_name, check_cache_name, make_cache, memory_report
 from gearkit.models import chat_ids, pad_token_id
-from gearkit.recipes import Recipe
+from gearkit.recipe import Recipe
 
 Item = str | Tensor  # a prompt / text, or token ids `[tokens]` (int64) for the ppl task
 

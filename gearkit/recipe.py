@@ -1,0 +1,190 @@
+"""The `Recipe` type (a key pipeline, a value pipeline and a streaming-buffer size) and the registry of named recipes.
+
+A recipe is data: `to_dict()` writes it as versioned JSON and `Recipe.from_dict` reads it back without importing or
+calling anything. The registry maps names to recipes. Built-in recipes are registered as builders (a zero-argument
+callable and a one-line description), so listing them costs nothing; `get` builds a recipe on first use and keeps it.
+The built-in catalog is `gearkit.recipes`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from gearkit.compressors import Pipeline, Probes, SparseDictionary
+from gearkit.compressors.checks import check_int
+
+FORMAT_VERSION = 1  # of `Recipe.to_dict()`
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How a KV cache is compressed.
+
+    Attributes:
+        name: registry name.
+        key: pipeline for keys `[batch, kv_heads, tokens, head_dim]`.
+        value: pipeline for values, same layout.
+        buffer_size: the newest tokens kept in full precision; when the buffer holds this many they are
+            compressed as one chunk. 1 compresses every token as it arrives.
+        sink_tokens: the first tokens of a sequence, kept in full precision for good (attention sinks).
+        description: one line for tables and `gearkit recipes`.
+        probes: which queries score token saliency, for pipelines with saliency-driven stages (ZipCache).
+    """
+
+    name: str
+    key: Pipeline
+    value: Pipeline
+    buffer_size: int = 64
+    sink_tokens: int = 0
+    description: str = ""
+    probes: Probes = dataclasses.field(default_factory=Probes)
+
+    @property
+    def needs_dictionary(self) -> bool:
+        """Whether a stage reads a trained dictionary (CSR), which must fit the model."""
+        return any(isinstance(s, SparseDictionary) for p in (self.key, self.value) for s in p.stages)
+
+    @property
+    def model_bound(self) -> bool:
+        """Whether the recipe was made for one model: a trained dictionary (CSR) or a per-layer bit allocation
+        (a stage that picks its coding by the model layer), so it serves only that model, in a cache that knows
+        each layer."""
+        return self.needs_dictionary or "layer" in self.key.requires | self.value.requires
+
+    @property
+    def needs_saliency(self) -> bool:
+        """Whether a stage needs token saliency (the cache then takes queries from gearkit's attention function)."""
+        return "saliency" in self.key.requires | self.value.requires
+
+    def __post_init__(self):
+        check_int(self.buffer_size, "buffer_size")
+        check_int(self.sink_tokens, "sink_tokens", 0)
+        for role in ("key", "value"):
+            if not isinstance(getattr(self, role), Pipeline):
+                raise TypeError(f"recipe {role} must be a gearkit Pipeline")
+            # e.g. a rank above the chunk size fails here, not in generate
+            getattr(self, role).check_chunk(self.buffer_size)
+        if not isinstance(self.probes, Probes):
+            raise TypeError(f"recipe probes must be a gearkit Probes, got {type(self.probes).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as JSON-ready data (stages by class name and constructor arguments), with a format version.
+
+        Raises:
+            TypeError: for a stage argument that is not data (a dictionary set held in memory, a lambda).
+        """
+        return {
+            "format": "gearkit.Recipe",
+            "version": FORMAT_VERSION,
+            "name": self.name,
+            "key": self.key.to_dict(),
+            "value": self.value.to_dict(),
+            "buffer_size": self.buffer_size,
+            "sink_tokens": self.sink_tokens,
+            "description": self.description,
+            "probes": dataclasses.asdict(self.probes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        """Rebuild a recipe from `to_dict()` data.
+
+        Raises:
+            ValueError: if the data is not a gearkit recipe of this format version.
+        """
+        if data.get("format") != "gearkit.Recipe" or data.get("version") != FORMAT_VERSION:
+            raise ValueError(
+                f"not a gearkit recipe of format version {FORMAT_VERSION}: "
+                f"format {data.get('format')!r}, version {data.get('version')!r}"
+            )
+        return cls(
+            data["name"],
+            Pipeline.from_dict(data["key"]),
+            Pipeline.from_dict(data["value"]),
+            data["buffer_size"],
+            data["sink_tokens"],
+            data["description"],
+            Probes(**data["probes"]),
+        )
+
+
+@dataclasses.dataclass
+class _Entry:
+    """A registered name: its description, how to build its recipe (None for a recipe given as is), the recipe
+    once built."""
+
+    description: str
+    build: Callable[[], Recipe] | None
+    recipe: Recipe | None = None
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def _add(name: str, entry: _Entry, replace: bool) -> None:
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"a recipe named {name!r} is already registered (pass replace=True)")
+    _REGISTRY[name] = entry
+
+
+def register(recipe: Recipe, *, replace: bool = False) -> Recipe:
+    """Add `recipe` under `recipe.name`; an existing name needs `replace=True`. Returns the recipe."""
+    _add(recipe.name, _Entry(recipe.description, None, recipe), replace)
+    return recipe
+
+
+def register_builder(name: str, description: str, build: Callable[[], Recipe], *, replace: bool = False) -> None:
+    """Add a recipe that is built on the first `get(name)` (then kept), so registering and listing build nothing.
+
+    Args:
+        name: registry name; the built recipe must carry it.
+        description: the built recipe's one-line description, shown by `describe` before it is built.
+        build: a zero-argument callable returning the recipe.
+        replace: replace an existing name.
+
+    Raises:
+        ValueError: for a name already registered without `replace`.
+    """
+    _add(name, _Entry(description, build), replace)
+
+
+def _entry(name: str) -> _Entry:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(names())}") from None
+
+
+def get(name: str) -> Recipe:
+    """The recipe registered under exactly `name`, built on first use.
+
+    Raises:
+        ValueError: for an unknown name (the message lists the known names), or a builder whose recipe does
+            not carry the registered name and description.
+    """
+    entry = _entry(name)
+    if entry.recipe is None:
+        recipe = entry.build()
+        if (recipe.name, recipe.description) != (name, entry.description):
+            raise ValueError(
+                f"the builder registered as {name!r} built {recipe.name!r} described as {recipe.description!r}; "
+                f"registered: {entry.description!r}"
+            )
+        entry.recipe = recipe
+    return entry.recipe
+
+
+def describe(name: str) -> str:
+    """The one-line description of the recipe registered under `name`, without building it.
+
+    Raises:
+        ValueError: for an unknown name; the message lists the known names.
+    """
+    return _entry(name).description
+
+
+def names() -> list[str]:
+    """Registered recipe names, in registration order."""
+    return list(_REGISTRY)
