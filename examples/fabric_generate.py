@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric import Fabric
 
-from gearkit.integrations.lightning import GearInference, PromptBatches, merge_rows
+from gearkit.eval.runner import GenerationTask, PromptBatches, merge_rows
 
 PROMPTS = [
     "In two sentences: the lighthouse keeper climbed the spiral stairs at dusk, trimmed the wick, polished the lens "
@@ -27,7 +27,7 @@ args = parser.parse_args()
 
 # Check everything before Fabric starts other processes (each process runs this script and loads the model).
 batches = PromptBatches(PROMPTS, batch_size=2)
-module = GearInference(args.recipe, max_new_tokens=16)  # unknown recipe: ValueError here
+module = GenerationTask(args.recipe, max_new_tokens=16)  # unknown recipe: ValueError here
 module.check(batches.items)  # loads the default model; refuses prompts longer than its context
 
 fabric = Fabric(accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto")

@@ -97,6 +97,7 @@ def check_names(names, dictionary=None) -> list[str]:
 def cmd_eval_ppl(args) -> None:
     from gearkit.eval import format_table
     from gearkit.eval.perplexity import evaluate
+    from gearkit.eval.threads import cpu_threads
     from gearkit.models import load_text, token_windows
 
     names = check_names(args.recipe, args.dictionary)  # fail before loading anything
@@ -104,27 +105,27 @@ def cmd_eval_ppl(args) -> None:
     token_windows(_tokenizer(), text, args.prefix, args.continuation, args.windows)  # a text too short fails here
     model, tokenizer, model_name = _load()
     if args.devices > 1:
-        from gearkit.integrations.lightning import perplexity_results, predict
+        from gearkit.eval.runner import PerplexityTask, perplexity_results, predict
 
         spans = token_windows(tokenizer, text, args.prefix, args.continuation, args.windows)
-        rows = predict(
-            spans, names, task="ppl", devices=args.devices, prefix=args.prefix, model=model, tokenizer=tokenizer
-        )
+        task = PerplexityTask(names, prefix=args.prefix, model=model, tokenizer=tokenizer)
+        rows = predict(task, spans, devices=args.devices, threads=args.threads)
         if rows is None:  # a DDP rank other than 0: rank 0 prints
             return
         results = perplexity_results(rows, model_name, args.prefix)
     else:
-        results = evaluate(
-            model,
-            tokenizer,
-            names,
-            text,
-            args.prefix,
-            args.continuation,
-            args.windows,
-            progress=progress_bar(),
-            model_name=model_name,
-        )
+        with cpu_threads(args.threads):
+            results = evaluate(
+                model,
+                tokenizer,
+                names,
+                text,
+                args.prefix,
+                args.continuation,
+                args.windows,
+                progress=progress_bar(),
+                model_name=model_name,
+            )
     if args.json:
         for r in results:
             print(json.dumps(r.summary()))
@@ -247,42 +248,43 @@ GENERATION_PROMPTS = [
 
 def cmd_generate(args) -> None:
     from gearkit.eval.generation import greedy
+    from gearkit.eval.threads import cpu_threads
     from gearkit.integrations.hf import make_cache, memory_report
 
     check_names([args.recipe])
     model, tokenizer, _ = _load()
     if args.devices > 1 or args.batch_size > 1:
-        from gearkit.integrations.lightning import predict
+        from gearkit.eval.runner import GenerationTask, predict
 
-        rows = predict(
-            args.prompt,
-            args.recipe,
-            devices=args.devices,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            model=model,
-            tokenizer=tokenizer,
-        )
+        task = GenerationTask(args.recipe, max_new_tokens=args.max_new_tokens, model=model, tokenizer=tokenizer)
+        rows = predict(task, args.prompt, devices=args.devices, batch_size=args.batch_size, threads=args.threads)
         for row in rows or []:  # None on DDP ranks other than 0
             print(json.dumps(row) if args.json else row["text"])
         return
-    for index, prompt in enumerate(args.prompt):
-        cache = make_cache(args.recipe, model)
-        tokens, seconds = greedy(model, tokenizer, prompt, args.max_new_tokens, cache)
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        print(
-            json.dumps(
-                {"index": index, "recipe": args.recipe, "prompt": prompt, "token_ids": tokens.tolist(), "text": text}
+    with cpu_threads(args.threads):
+        for index, prompt in enumerate(args.prompt):
+            cache = make_cache(args.recipe, model)
+            tokens, seconds = greedy(model, tokenizer, prompt, args.max_new_tokens, cache)
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            print(
+                json.dumps(
+                    {
+                        "index": index,
+                        "recipe": args.recipe,
+                        "prompt": prompt,
+                        "token_ids": tokens.tolist(),
+                        "text": text,
+                    }
+                )
+                if args.json
+                else text
             )
-            if args.json
-            else text
-        )
-        report = memory_report(cache, model.config)
-        print(
-            f"[{args.recipe}: {len(tokens)} tokens in {seconds:.1f} s, cache {report.nbytes} bytes, "
-            f"{report.bits_per_element:.2f} bits/element, {versus_fp16(report.compression_ratio)}]",
-            file=sys.stderr,
-        )
+            report = memory_report(cache, model.config)
+            print(
+                f"[{args.recipe}: {len(tokens)} tokens in {seconds:.1f} s, cache {report.nbytes} bytes, "
+                f"{report.bits_per_element:.2f} bits/element, {versus_fp16(report.compression_ratio)}]",
+                file=sys.stderr,
+            )
 
 
 def cmd_demo(args) -> None:
@@ -363,6 +365,17 @@ def add_text(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", default=DEFAULT_TEXT, help=f"a text file, or a built-in text: {', '.join(TEXTS)}")
 
 
+def add_threads(parser: argparse.ArgumentParser) -> None:
+    """The `--threads` option of the commands that can run on several devices."""
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads per process. Float results on CPU depend on it: pin it to compare --devices counts "
+        "exactly (default: torch's choice on one device, cores // N per process on N)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gearkit.csr import DEFAULT_DICTIONARY
 
@@ -396,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=1,
         help="N > 1: Lightning Trainer.predict with DDP over N processes/devices (gloo on CPU); "
-        "1: a plain loop. Greedy tokens are the same either way",
+        "1: a plain loop. Greedy tokens are the same either way at the same --threads",
     )
     gen.add_argument(
         "--batch-size",
@@ -405,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompts per left-padded batch (Lightning path); a prompt's output can depend on its "
         "batch, never on --devices",
     )
+    add_threads(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     gen.set_defaults(func=cmd_generate)
 
@@ -424,8 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=1,
         help="N > 1: windows sharded over N processes/devices with Lightning DDP (gloo on CPU); 1: the "
-        "plain loop. Perplexities and bytes are the same either way (only speeds differ)",
+        "plain loop. Bytes are the same either way; perplexities too at the same --threads (only speeds differ)",
     )
+    add_threads(ppl)
     ppl.set_defaults(func=cmd_eval_ppl)
     pk = ev.add_parser("passkey", help="passkey retrieval: a number hidden in filler text, asked for at the end")
     pk.add_argument(

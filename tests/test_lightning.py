@@ -1,4 +1,4 @@
-"""Lightning inference: the module, the stats callback, the JSON-lines writer and DDP over two CPU processes."""
+"""The Lightning runner: its tasks, the stats callback, the JSON-lines writer and DDP over two CPU processes."""
 
 import json
 import os
@@ -12,8 +12,17 @@ from lightning.pytorch.loggers import Logger
 
 from gearkit.eval.generation import greedy
 from gearkit.eval.perplexity import evaluate
+from gearkit.eval.runner import (
+    CacheTask,
+    CompressionStatsLogger,
+    GenerationTask,
+    PerplexityTask,
+    PromptBatches,
+    merge_rows,
+    predict,
+)
+from gearkit.eval.threads import cpu_threads
 from gearkit.integrations.hf import GearCache
-from gearkit.integrations.lightning import CompressionStatsLogger, GearInference, PromptBatches, merge_rows, predict
 from gearkit.models import load_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,18 +69,38 @@ class Captured(Logger):
 def test_bad_input_is_refused_before_anything_runs(smol):
     model, tok = smol
     with pytest.raises(ValueError, match="prompt list is empty"):
-        predict([], "kivi-2", devices=2)
+        predict(GenerationTask("kivi-2"), [], devices=2)  # nothing loaded yet
     with pytest.raises(ValueError, match="unknown recipe 'gear-9'; known recipes: fp16"):
-        predict(["Hi"], "gear-9", devices=2)
+        GenerationTask("gear-9")
     with pytest.raises(
         ValueError, match=r"prompt 1 has \d+ tokens \+ 8 new tokens, longer than the model's context of 8192"
     ):
-        predict(["Hi", "word " * 8200], "kivi-2", devices=2, max_new_tokens=8, model=model, tokenizer=tok)
+        predict(
+            GenerationTask("kivi-2", max_new_tokens=8, model=model, tokenizer=tok), ["Hi", "word " * 8200], devices=2
+        )
     with pytest.raises(ValueError, match="scoring after a prefix of 64 needs at least 65"):
-        predict([torch.arange(10)], "kivi-2", task="ppl", prefix=64, devices=2, model=model, tokenizer=tok)
+        predict(PerplexityTask("kivi-2", prefix=64, model=model, tokenizer=tok), [torch.arange(10)], devices=2)
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         PromptBatches(["Hi"], 0)
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        predict(GenerationTask("kivi-2"), ["Hi"], devices=2, threads=0)
+    with pytest.raises(NotImplementedError, match="CacheTask does not implement predict_step"):
+        CacheTask("kivi-2").predict_step(PromptBatches(["Hi"])[0])
     assert not torch.distributed.is_initialized()
+
+
+def test_cpu_threads_pins_this_process_and_the_ones_it_launches(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    with cpu_threads(1):
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+        child = subprocess.run(
+            [sys.executable, "-c", "import torch; print(torch.get_num_threads())"], capture_output=True, text=True
+        )
+        assert child.stdout.strip() == "1"
+    assert torch.get_num_threads() == before and "OMP_NUM_THREADS" not in os.environ
+    with cpu_threads(None):
+        assert torch.get_num_threads() == before
 
 
 def test_cli_bad_input_fails_before_spawning():
@@ -88,13 +117,10 @@ def test_callback_logs_the_bytes_the_cache_reports(smol, tmp_path):
     model, tok = smol
     stats, logger = CompressionStatsLogger(), Captured()
     rows = predict(
+        GenerationTask("sink-3", max_new_tokens=6, model=model, tokenizer=tok),
         PROMPTS[:2],
-        "sink-3",
         tmp_path / "rows.jsonl",
         batch_size=2,
-        max_new_tokens=6,
-        model=model,
-        tokenizer=tok,
         accelerator="cpu",
         callbacks=[stats],
         logger=logger,
@@ -129,9 +155,8 @@ def _until_eos(tokens, tok):
 
 def test_batch_of_one_equals_the_prompt_alone(smol, tmp_path):
     model, tok = smol
-    rows = predict(
-        PROMPTS[1:2], "sink-3", tmp_path / "r.jsonl", max_new_tokens=8, model=model, tokenizer=tok, accelerator="cpu"
-    )
+    task = GenerationTask("sink-3", max_new_tokens=8, model=model, tokenizer=tok)
+    rows = predict(task, PROMPTS[1:2], tmp_path / "r.jsonl", accelerator="cpu")
     alone, _ = greedy(model, tok, PROMPTS[1], 8, GearCache("sink-3", model.config))
     assert rows[0]["token_ids"] == alone.tolist()
 
@@ -155,12 +180,15 @@ def test_merge_drops_repeated_rows_and_restores_prompt_order():
 
 
 # -- two processes (DDP, gloo) against one ----------------------------------------------------------------
+# Both sides run at 2 threads per process. Without --threads Lightning would give each of the 2 ranks
+# cores // 2 threads (1 here), float32 sums would be ordered differently, and the numbers would differ in
+# their last digits: pinning the count is what makes the equality exact.
 
 
 def test_two_processes_generate_what_one_does(smol, tmp_path):
     model, tok = smol
-    module = GearInference("sink-3", model=model, tokenizer=tok)
-    assert all(module.encode(p).numel() > 64 for p in (PROMPTS[0], PROMPTS[2]))  # a chunk gets compressed
+    task = GenerationTask("sink-3", max_new_tokens=12, model=model, tokenizer=tok)
+    assert all(task.encode(p).numel() > 64 for p in (PROMPTS[0], PROMPTS[2]))  # a chunk gets compressed
     args = [a for p in PROMPTS for a in ("--prompt", p)]
     run = gearkit(
         "generate",
@@ -173,21 +201,14 @@ def test_two_processes_generate_what_one_does(smol, tmp_path):
         "2",
         "--devices",
         "2",
+        "--threads",
+        "2",
         "--json",
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Starting with 2 processes" in run.stderr
     two = json_lines(run.stdout)
-    one = predict(
-        PROMPTS,
-        "sink-3",
-        tmp_path / "one.jsonl",
-        batch_size=2,
-        max_new_tokens=12,
-        model=model,
-        tokenizer=tok,
-        accelerator="cpu",
-    )
+    one = predict(task, PROMPTS, tmp_path / "one.jsonl", batch_size=2, threads=2, accelerator="cpu")
     assert [r["index"] for r in two] == [0, 1, 2]
     assert two == one  # token ids and texts, exactly
 
@@ -213,9 +234,12 @@ def test_eval_ppl_on_two_processes_equals_one(smol):
         "--json",
         "--devices",
         "2",
+        "--threads",
+        "2",
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    one = evaluate(model, tok, names, load_text("idle-help"), 64, 16, 3, model_name="SmolLM2-135M-Instruct")
+    with cpu_threads(2):
+        one = evaluate(model, tok, names, load_text("idle-help"), 64, 16, 3, model_name="SmolLM2-135M-Instruct")
     # the same windows (two on rank 0, one on rank 1), the same per-window NLLs summed in the same order: exact
     assert json_lines(run.stdout) == [r.summary() for r in one]
     assert one[0].kv_bytes < one[0].kv_bytes_fp16  # sink-3 compressed chunks

@@ -19,7 +19,8 @@ from gearkit import FullPrecision, Pipeline, Quantizer, Recipe, SparseOutlier, r
 from gearkit.cache import ChunkStore
 from gearkit.compressors.base import NO_CONTEXT
 from gearkit.integrations.attention import register
-from gearkit.integrations.hf import HF_BASELINES, GearCache, check_build_lock, compressed_tokens, make_cache
+from gearkit.integrations.baselines import check_build_lock
+from gearkit.integrations.hf import HF_BASELINES, GearCache, compressed_tokens, make_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 EXACT = Recipe(
@@ -316,3 +317,12 @@ def test_a_stale_build_lock_is_named(tmp_path):
     (tmp_path / "quanto_cpp.so").touch()  # built, yet locked: stale however young
     with pytest.raises(FileExistsError, match="stale build lock"):
         check_build_lock(tmp_path, "quanto_cpp")
+
+
+def test_the_baselines_old_home_names_the_new_one():
+    import gearkit.integrations.hf as hf
+
+    with pytest.warns(
+        DeprecationWarning, match=r"goes in gearkit 0\.2: use gearkit\.integrations\.baselines\.check_build"
+    ):
+        assert hf.check_build_lock is check_build_lock

@@ -7,15 +7,11 @@ compressed chunks as stored (`StepView.attend`) instead of receiving the decompr
 
 `make_cache` builds every cache gearkit evaluates: a recipe (name or `Recipe` object) as a `GearCache`, or one of
 Hugging Face's own `QuantizedCache` baselines (`hf-quanto-2`, ...); `memory_report` reports the bytes of either.
+This module is where users import every cache name from: the baselines themselves live in
+`gearkit.integrations.baselines`, and `HF_BASELINES` and `available_baselines` are served here too.
 """
 
 from __future__ import annotations
-
-import importlib.util
-import math
-import os
-import time
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -25,8 +21,12 @@ from gearkit import recipes
 from gearkit.accounting import MemoryReport
 from gearkit.cache import StepShared, make_store
 from gearkit.decode_attention import reads_storage
+from gearkit.deprecation import moved
+from gearkit.integrations import baselines
 from gearkit.integrations.attention import NAME as ATTENTION_NAME
 from gearkit.integrations.attention import check_taken, offer, withdraw
+from gearkit.integrations.baselines import HF_BASELINES as HF_BASELINES
+from gearkit.integrations.baselines import available_baselines as available_baselines
 from gearkit.recipe import Recipe
 
 NEEDS_QUERIES = (
@@ -314,45 +314,6 @@ def check_full_attention(config) -> None:
 
 
 # -- the one cache factory ------------------------------------------------------------------------------------
-HF_BASELINES = {
-    "hf-quanto-2": ("quanto", 2),
-    "hf-quanto-4": ("quanto", 4),
-    "hf-hqq-2": ("hqq", 2),
-    "hf-hqq-4": ("hqq", 4),
-}
-
-
-def available_baselines() -> list[str]:
-    """The Hugging Face `QuantizedCache` baselines whose backend package is installed."""
-    have = {
-        "quanto": importlib.util.find_spec("optimum") is not None
-        and importlib.util.find_spec("optimum.quanto") is not None,
-        "hqq": importlib.util.find_spec("hqq") is not None,
-    }
-    return [name for name, (backend, _) in HF_BASELINES.items() if have[backend]]
-
-
-STALE_LOCK_S = 600  # a build lock this old, with no library beside it, belongs to an interrupted build
-
-
-def check_build_lock(directory: str | os.PathLike, library: str, stale_after: float = STALE_LOCK_S) -> None:
-    """Raise `FileExistsError` naming the file to delete if a PyTorch C++ extension build in `directory` is blocked
-    by a stale lock (PyTorch waits on such a lock forever, silently).
-
-    The lock is stale if the built library (`library*.so`) lies beside it, or if it is older than `stale_after`
-    seconds; a younger lock without a library may be a build in progress and is left alone.
-    """
-    lock = Path(directory) / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if any(Path(directory).glob(f"{library}*.so")) or age > stale_after:
-        raise FileExistsError(
-            f"a stale build lock (from an interrupted build) blocks {library}: delete {lock} and run again"
-        )
-
-
 def check_cache_name(name: str) -> str:
     """Return `name` if it is a recipe or an installed HF baseline, else raise `ValueError` listing both.
 
@@ -361,16 +322,7 @@ def check_cache_name(name: str) -> str:
         FileExistsError: for a quanto baseline whose C++ extension build is blocked by a stale lock.
     """
     if name in HF_BASELINES:
-        if name not in available_baselines():
-            raise ValueError(
-                f"{name} needs its backend package: pip install {'optimum-quanto' if 'quanto' in name else 'hqq'}"
-            )
-        if HF_BASELINES[name][0] == "quanto":  # its C++ extension is compiled on first use, under a lock file
-            from optimum.quanto.library.extensions import get_extension
-
-            extension = get_extension("quanto_cpp")
-            check_build_lock(extension.build_directory, extension.name)
-        return name
+        return baselines.check_baseline(name)
     try:
         recipes.get(name)
     except ValueError as e:
@@ -406,10 +358,7 @@ def make_cache(spec: str | Recipe, model, attention: str = "gearkit") -> Cache:
     if attention not in ("gearkit", "sdpa"):
         raise ValueError(f"attention must be 'gearkit' or 'sdpa', got {attention!r}")
     if isinstance(spec, str) and spec in HF_BASELINES:
-        from transformers import QuantizedCache
-
-        backend, bits = HF_BASELINES[check_cache_name(spec)]
-        return QuantizedCache(backend=backend, config=model.config, nbits=bits)
+        return baselines.make_baseline(spec, model)
     recipe = spec if isinstance(spec, Recipe) else recipes.get(check_cache_name(spec))
     if attention == "gearkit" or recipe.needs_saliency:
         if attention == "sdpa":
@@ -424,61 +373,39 @@ def make_cache(spec: str | Recipe, model, attention: str = "gearkit") -> Cache:
     return GearCache(recipe, model.config)
 
 
-def head_dim(config) -> int:
-    """Head dimension of a (text) model config."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 def memory_report(cache: Cache, config, batch: int = 1) -> MemoryReport:
-    """Bytes held by a cache of a model with `config`, holding `batch` sequences.
-
-    For an HF `QuantizedCache` the quantized part is nominal (codes at `nbits`, an fp16 scale and zero per
-    group) and its full-precision residual is counted at fp16, as for an fp16 model. Any other cache (a
-    `DynamicCache`) is counted as the bytes of the keys and values it holds (`dense`).
-    """
+    """Bytes held by a cache of a model with `config`, holding `batch` sequences: a `GearCache`'s own report, or
+    `gearkit.integrations.baselines.memory_report` for Hugging Face's caches (`QuantizedCache` nominal, any other
+    as the dense keys and values it holds)."""
     if isinstance(cache, GearCache):
         return cache.memory_report()
-    text = config.get_text_config(decoder=True)
-    row = batch * text.num_key_value_heads * head_dim(text) * 2  # key + value elements per token
-    reports = []
-    for layer in cache.layers:
-        length = layer.get_seq_length()
-        if not hasattr(layer, "nbits"):
-            held = sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
-            reports.append(MemoryReport({"dense": held}, length, row * length))
-            continue
-        residual = layer.keys.shape[-2] if layer.keys is not None and layer.keys.dim() == 4 else 0
-        quantized = row * (length - residual)
-        reports.append(
-            MemoryReport(
-                {
-                    "codes": quantized * layer.nbits // 8,
-                    "scales": math.ceil(quantized / layer.q_group_size) * 2 * 2,
-                    "buffer": row * residual * 2,
-                },
-                length,
-                row * length,
-            )
-        )
-    return MemoryReport.total(reports)
+    return baselines.memory_report(cache, config, batch)
 
 
 def compressed_tokens(cache: Cache) -> tuple[int, int]:
     """How many of the tokens `cache` holds per sequence are held compressed: `(compressed, held)` (the rest is
     the full-precision buffer; an HF `QuantizedCache`'s residual)."""
+    if not isinstance(cache, GearCache):
+        return baselines.compressed_tokens(cache)
     if not cache.layers:
         return 0, 0
     layer = cache.layers[0]
-    held = layer.get_seq_length()
-    if isinstance(cache, GearCache):
-        return layer.store.chunks * layer.store.buffer_size, held
-    residual = layer.keys.shape[-2] if layer.keys is not None and layer.keys.dim() == 4 else 0
-    return held - residual, held
+    return layer.store.chunks * layer.store.buffer_size, layer.get_seq_length()
 
 
-def cache_step(cache: Cache, hf_step: int = 64) -> int:
+def cache_step(cache: Cache, hf_step: int = baselines.STEP) -> int:
     """Tokens to feed next: up to where `cache` compresses its next chunk, so compression happens between steps
     (`hf_step` for an HF `QuantizedCache`: within its 128-token full-precision residual)."""
     if isinstance(cache, GearCache):
         return cache.layers[0].store.tokens_to_next_chunk() if cache.layers else cache.recipe.buffer_size
     return hf_step
+
+
+__getattr__ = moved(
+    __name__,
+    {
+        "STALE_LOCK_S": "gearkit.integrations.baselines:STALE_LOCK_S",
+        "check_build_lock": "gearkit.integrations.baselines:check_build_lock",
+        "head_dim": "gearkit.integrations.baselines:head_dim",
+    },
+)
