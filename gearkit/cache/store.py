@@ -39,7 +39,13 @@ class ChunkStore:
 
     BLOCK_TOKENS = 4096  # tokens of compressed chunks decode attention reads at once: its working set
 
-    def __init__(self, recipe: Recipe, buffer_dtype=torch.float16, layer: int | None = None, shared=None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        buffer_dtype: torch.dtype | None = torch.float16,
+        layer: int | None = None,
+        shared: StepShared | None = None,
+    ):
         self.recipe, self.buffer_dtype, self.layer = recipe, buffer_dtype, layer
         self.shared = StepShared() if shared is None else shared
         self.reset()

@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import contextvars
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from gearkit.cache import StepView
+    from gearkit.integrations.hf import GearLayer
 
 NAME = "gearkit"
 
@@ -27,7 +32,7 @@ _pending: contextvars.ContextVar[tuple[object, weakref.ref, object] | None] = co
 )
 
 
-def offer(layer, keys: Tensor, step=None) -> None:
+def offer(layer: GearLayer, keys: Tensor, step: StepView | None = None) -> None:
     """Hand the step `layer.update` just prepared to the attention call that follows (called by `GearLayer.update`).
 
     Args:
@@ -59,7 +64,7 @@ def withdraw() -> None:
     _pending.set(None)
 
 
-def take(keys: Tensor) -> tuple[object, object] | None:
+def take(keys: Tensor) -> tuple[GearLayer, StepView | None] | None:
     """`(layer, step)` of the offer made with exactly `keys`, consumed, or None."""
     entry = _pending.get()
     if entry is None or entry[1]() is not keys:
