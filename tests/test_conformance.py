@@ -1,5 +1,7 @@
 """The conformance matrix, keyed on stages: every stage (alone, in a pipeline) keeps the same contract."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import kv_like
@@ -25,6 +27,7 @@ from gearkit import (
     SparseDictionary,
     SparseOutlier,
     Stage,
+    Wrapper,
 )
 from gearkit.parts import cat_batch, select_batch
 
@@ -173,3 +176,107 @@ def test_every_stage_the_docs_name_is_exported():
     )
     for name in gearkit.__all__:
         assert getattr(gearkit, name) is not None
+
+
+# -- wrappers around every leaf ------------------------------------------------------------------------------------
+LEAVES = {name: s for name, s in STAGES.items() if not isinstance(s, Wrapper)}
+WRAPPERS = {
+    "rotation": lambda leaf: Rotation(leaf, seed=1),
+    "hadamard": lambda leaf: HadamardRotation(leaf, seed=1),
+    "pre-rope": lambda leaf: PreRoPE(leaf, 10000.0),
+    "per-layer": lambda leaf: PerLayer([FullPrecision(), leaf]),  # the context's layer 1 takes the leaf
+    "per-head": lambda leaf: PerHead([leaf, leaf]),
+    "chain": lambda leaf: Chain([leaf]),
+    "mixed": lambda leaf: MixedPrecision(leaf, leaf, 0.5),
+}
+HOOKS = ("requires", "check_chunk", "check_model", "shared_nbytes", "exact_mask", "scores", "weighted", "decode")
+READS_STORED = ("quantizer-channel", "quantizer-token-3bit", "codebook-vector", "codebook-channel-centered")
+
+
+def wrapped(wrapper: str, leaf: str) -> Stage:
+    if wrapper == "mixed" and LEAVES[leaf].requires - {"layer"}:
+        pytest.skip("MixedPrecision's children see a token subset: no saliency or positions")
+    return WRAPPERS[wrapper](LEAVES[leaf])
+
+
+def block_reads(stage: Stage, c, chunks: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scores` and `weighted` of a block of `chunks` chunks (the batch of SHAPE stacked chunk-major)."""
+    b, h, t, d = c.shape
+    q = torch.randn(1, b // chunks, h, 3, d, generator=torch.Generator().manual_seed(5))
+    p = torch.rand(chunks, b // chunks, h, 3, t, generator=torch.Generator().manual_seed(6))
+    pipeline = Pipeline([stage])
+    return pipeline.scores(c, q, chunks), pipeline.weighted(c, p)
+
+
+@pytest.mark.parametrize("leaf", list(LEAVES))
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_wrappers_forward_every_hook_to_every_leaf(wrapper, leaf, monkeypatch):
+    stage = wrapped(wrapper, leaf)
+    x, ctx = kv_like(7, SHAPE), context(stage)
+    c = Pipeline([stage]).compress(x, ctx=ctx)
+    assert c.nbytes == storage_bytes(c) and torch.isfinite(Pipeline([stage]).decompress(c)).all()
+    # shared artifacts (a dictionary) are counted through the wrapper, once however many slots hold the leaf
+    assert stage.shared_nbytes(1) == LEAVES[leaf].shared_nbytes(1)
+    # the stored-form reads equal decoding the block and multiplying
+    scores, weighted = block_reads(stage, c)
+    decoded = Pipeline([stage]).decompress(c).float()
+    b, h, t, d = SHAPE
+    q = torch.randn(1, b // 2, h, 3, d, generator=torch.Generator().manual_seed(5))
+    p = torch.rand(2, b // 2, h, 3, t, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(scores, q @ decoded.reshape(2, -1, h, t, d).mT, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(weighted, (p @ decoded.reshape(2, -1, h, t, d)).sum(0), atol=1e-4, rtol=1e-4)
+
+    # a child's refusal of the model reaches the caller
+    def refuse(config):
+        raise ValueError("the leaf refuses this model")
+
+    monkeypatch.setattr(LEAVES[leaf], "check_model", refuse)
+    with pytest.raises(ValueError, match="the leaf refuses"):
+        stage.check_model(SimpleNamespace(num_hidden_layers=2, num_key_value_heads=2, rope_theta=10000.0))
+
+
+@pytest.mark.parametrize("leaf", READS_STORED)
+@pytest.mark.parametrize("wrapper", ["rotation", "hadamard", "per-layer", "per-head", "chain", "mixed"])
+def test_wrappers_read_the_stored_form_where_the_child_has_one(wrapper, leaf, monkeypatch):
+    stage = wrapped(wrapper, leaf)
+    c = Pipeline([stage]).compress(kv_like(8, SHAPE), ctx=context(stage))
+    expected = block_reads(stage, c)
+
+    def no_decoding(part):
+        raise AssertionError("the block was decoded")
+
+    monkeypatch.setattr(LEAVES[leaf], "decode", no_decoding)
+    for got, want in zip(block_reads(stage, c), expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("wrapper", ["per-layer", "per-head", "chain"])
+def test_exact_entries_behind_a_wrapper_are_excluded_and_restored(wrapper):
+    x = kv_like(9, SHAPE) * 5
+    pipeline = Pipeline([WRAPPERS[wrapper](SparseOutlier(0.25, "token")), Quantizer(2, 8, "token")])
+    c = pipeline.compress(x, ctx=Context(layer=1))
+    exact = pipeline.stages[0].exact_mask(c.parts[0])
+    assert exact is not None and exact.float().mean() == 0.25
+    y = pipeline.decompress(c)
+    assert torch.equal(y[exact], x.half().float()[exact])  # restored exactly, whatever the 2-bit codes say
+
+
+@pytest.mark.parametrize("wrapper", ["rotation", "hadamard", "pre-rope"])
+def test_rotations_keep_what_stays_exact_across_them(wrapper):
+    stage = WRAPPERS[wrapper](SparseOutlier(1.0, "token"))  # every channel of every vector stored
+    part = stage.encode(kv_like(10, SHAPE), ctx=context(stage))
+    mask = stage.exact_mask(part)
+    assert mask is not None and bool(mask.all())  # whole vectors (rotation), whole RoPE pairs (pre-RoPE)
+
+
+def test_every_wrapper_states_each_hook_deliberately():
+    """A wrapper's hooks come from `Wrapper` (reaching its children) or from the wrapper itself; a hook that falls
+    through to `Stage`'s leaf default would silently skip the children."""
+    deliberate = {("PreRoPE", "scores"), ("PreRoPE", "weighted")}  # reads its own part decompressed, on purpose
+    kinds = {Rotation, HadamardRotation, PreRoPE, PerLayer, PerHead, Chain, MixedPrecision}
+    assert kinds <= {cls for cls in Stage.known().values() if issubclass(cls, Wrapper)}
+    for cls in kinds:
+        for hook in HOOKS:
+            resolved = getattr(cls, hook)
+            if getattr(Stage, hook, None) is resolved and (cls.__name__, hook) not in deliberate:
+                raise AssertionError(f"{cls.__name__}.{hook} falls through to the leaf default")

@@ -1,6 +1,6 @@
 """Compression stages (`nn.Module`s with `encode`/`decode`) and the `Pipeline` that chains them."""
 
-from gearkit.compressors.base import Context, FullPrecision, Stage
+from gearkit.compressors.base import Context, FullPrecision, Stage, Wrapper
 from gearkit.compressors.channel_separable import ChannelSeparableQuantizer
 from gearkit.compressors.codebook import CodebookQuantizer
 from gearkit.compressors.dictionary_set import DictionarySet
@@ -21,6 +21,7 @@ from gearkit.deprecation import moved
 __all__ = [
     # stages and their composition
     "Stage",
+    "Wrapper",
     "Context",
     "Pipeline",
     "Chain",

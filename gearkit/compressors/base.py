@@ -209,6 +209,63 @@ def make_context(ctx: Context | None, fields: dict[str, Any], requires: frozense
     return ctx
 
 
+class Wrapper(Stage):
+    """A stage that holds stages. Every hook reaches the children by default, so a wrapper states only what differs.
+
+    By default a wrapper has one child, `self.inner`, whose part is the wrapper's part (`route`): decoding, exact
+    entries and the stored-form reads (`scores`, `weighted`) are the child's. `requires`, `check_chunk`,
+    `check_model` and `shared_nbytes` always reach every child (a child held in several slots counts once). A
+    wrapper whose part holds another form (a tagged part, several children's parts) overrides `route` or the hooks
+    that combine its children, and `held` when it holds more than `inner`.
+    """
+
+    inner: Stage
+
+    def held(self) -> list[Stage]:
+        """The child stages (each once)."""
+        return [self.inner]
+
+    def route(self, part: Part) -> tuple[Stage, Part]:
+        """The child that reads `part`, and its own part of it."""
+        return self.inner, part
+
+    @property
+    def requires(self) -> frozenset[str]:
+        return self.REQUIRES.union(*(s.requires for s in self.held()))
+
+    def check_chunk(self, tokens: int, head_dim: int | None = None) -> None:
+        for stage in self.held():
+            stage.check_chunk(tokens, head_dim)
+
+    def check_model(self, config) -> None:
+        for stage in self.held():
+            stage.check_model(config)
+
+    def shared_nbytes(self, layer: int | None) -> int:
+        return sum(s.shared_nbytes(layer) for s in self.held())
+
+    def decode(self, part: Part) -> Tensor:
+        stage, inner = self.route(part)
+        return stage.decode(inner)
+
+    def exact_mask(self, part: Part) -> Tensor | None:
+        stage, inner = self.route(part)
+        return stage.exact_mask(inner)
+
+    def scores(self, part: Part, q: Tensor, chunks: int) -> Tensor:
+        stage, inner = self.route(part)
+        return stage.scores(inner, q, chunks)
+
+    def weighted(self, part: Part, p: Tensor) -> Tensor:
+        stage, inner = self.route(part)
+        return stage.weighted(inner, p)
+
+
+def distinct(stages) -> list[Stage]:
+    """`stages` without repeats of the same object (None entries dropped), in order."""
+    return list({id(s): s for s in stages if s is not None}.values())
+
+
 class FullPrecision(Stage):
     """Store the tensor as it is in `dtype` (the fp16/bf16 baseline).
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gearkit.compressors.base import NO_CONTEXT, Context, Stage
+from gearkit.compressors.base import NO_CONTEXT, Context, Stage, Wrapper
 from gearkit.compressors.checks import check_fraction
 from gearkit.kernels.reference import pack_bits, unpack_bits
 from gearkit.parts import MixedPart
@@ -42,7 +42,7 @@ def salient_mask(saliency: Tensor, ratio: float) -> Tensor:
     return torch.zeros(saliency.shape, dtype=torch.bool, device=saliency.device).scatter(-1, order, True)
 
 
-class MixedPrecision(Stage):
+class MixedPrecision(Wrapper):
     """Salient tokens through one stage (more bits), the others through another (fewer bits).
 
     Per (batch, KV head) the `round(ratio * tokens)` tokens with the highest saliency go to `high`, the rest to
@@ -70,9 +70,8 @@ class MixedPrecision(Stage):
                 )
         self.high, self.low, self.ratio = high, low, check_fraction(ratio, "ratio")
 
-    @property
-    def requires(self) -> frozenset[str]:
-        return self.REQUIRES | self.high.requires | self.low.requires
+    def held(self) -> list[Stage]:
+        return [self.high] if self.high is self.low else [self.high, self.low]
 
     def config(self) -> dict:
         return {"high": self.high, "low": self.low, "ratio": self.ratio}
@@ -150,6 +149,38 @@ class MixedPrecision(Stage):
         hs = torch.zeros(b, h, k, d, dtype=torch.bool, device=mask.device) if hs is None else hs
         ls = torch.zeros(b, h, t - k, d, dtype=torch.bool, device=mask.device) if ls is None else ls
         return self._merge(hs, ls.to(hs.device), mask.to(hs.device))
+
+    def _order(self, part: MixedPart) -> tuple[Tensor, int]:
+        """Each (entry, KV head)'s tokens, salient ones first, each group in sequence order: long
+        `[batch, kv_heads, tokens]`, and how many are salient."""
+        mask = self.salient(part)
+        salient = int(mask[0, 0].sum()) if mask.numel() else 0
+        return torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices, salient
+
+    # Stored-form reads: each child reads its own tokens' part; the salient map puts the tokens back in place.
+    def scores(self, part: MixedPart, q: Tensor, chunks: int) -> Tensor:
+        """`q @ x^T` from the two children's stored forms (see `Stage.scores`): `[chunks, batch, kv_heads, rows, T]`."""
+        order, salient = self._order(part)
+        sides = [
+            (s, p) for s, p, n in ((self.high, part.high, salient), (self.low, part.low, part.shape[2] - salient)) if n
+        ]
+        by_order = torch.cat([s.scores(p, q, chunks) for s, p in sides], -1)  # [chunks, batch, heads, rows, T]
+        where = order.reshape(chunks, -1, *order.shape[1:])[:, :, :, None].expand_as(by_order)
+        return torch.empty_like(by_order).scatter_(-1, where, by_order)
+
+    def weighted(self, part: MixedPart, p: Tensor) -> Tensor:
+        """`p @ x` from the two children's stored forms, summed over chunks (see `Stage.weighted`)."""
+        order, salient = self._order(part)
+        by_order = p.gather(-1, order.reshape(p.shape[0], -1, *order.shape[1:])[:, :, :, None].expand_as(p))
+        out = [
+            s.weighted(x, w)
+            for s, x, w in (
+                (self.high, part.high, by_order[..., :salient]),
+                (self.low, part.low, by_order[..., salient:]),
+            )
+            if w.shape[-1]
+        ]
+        return sum(out)
 
     def exact_mask(self, part: MixedPart) -> Tensor | None:
         """Entries the inner stages store exactly, bool `[batch, kv_heads, tokens, head_dim]`, or None."""

@@ -8,11 +8,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from gearkit.compressors.base import NO_CONTEXT, Context, Stage, text_config
-from gearkit.parts import HeadsPart, LayerPart
+from gearkit.compressors.base import NO_CONTEXT, Context, Stage, Wrapper, distinct, text_config
+from gearkit.parts import HeadsPart, LayerPart, Part
 
 
-class PerLayer(Stage):
+class PerLayer(Wrapper):
     """Pick the inner stage by the model layer (`Context.layer`): per-layer bit widths, KVTuner style.
 
     Layers differ in how much a coding error costs downstream, so a global bits budget is best spent unevenly
@@ -70,19 +70,11 @@ class PerLayer(Stage):
             raise ValueError(f"PerLayer has no stage for layer {layer} and no default (layers with a stage: {named})")
         return stage
 
-    def _children(self) -> list[Stage]:
-        return [s for s in [*self.stages, self.default] if s is not None]
-
-    @property
-    def requires(self) -> frozenset[str]:
-        return self.REQUIRES.union(*(s.requires for s in self._children()))
+    def held(self) -> list[Stage]:
+        return distinct([*self.stages, self.default])
 
     def config(self) -> dict:
         return {"stages": list(self.stages), "default": self.default}
-
-    def check_chunk(self, tokens: int, head_dim: int | None = None) -> None:
-        for s in self._children():
-            s.check_chunk(tokens, head_dim)
 
     def check_model(self, config) -> None:
         """Raise `ValueError` if some layer of the model has no stage, or a layer's stage cannot serve it."""
@@ -92,8 +84,7 @@ class PerLayer(Stage):
                 self.stage_for(layer)
             if len(self.stages) > layers:
                 raise ValueError(f"PerLayer names stages for {len(self.stages)} layers; the model has {layers}")
-        for s in self._children():
-            s.check_model(config)
+        super().check_model(config)
 
     def shared_nbytes(self, layer: int | None) -> int:
         return 0 if layer is None else self.stage_for(layer).shared_nbytes(layer)
@@ -102,27 +93,15 @@ class PerLayer(Stage):
         """Encode `x` `[batch, kv_heads, tokens, head_dim]` with the stage of `ctx.layer`."""
         return LayerPart(self.stage_for(ctx.layer).encode(x, exclude, ctx), ctx.layer)
 
-    def decode(self, part: LayerPart) -> Tensor:
-        """The layer's stage's reconstruction: float32 `[batch, kv_heads, tokens, head_dim]`."""
-        return self.stage_for(part.layer).decode(part.inner)
-
-    def exact_mask(self, part: LayerPart) -> Tensor | None:
-        """Entries the layer's stage stores exactly, bool `[batch, kv_heads, tokens, head_dim]`, or None."""
-        return self.stage_for(part.layer).exact_mask(part.inner)
-
-    def scores(self, part: LayerPart, q: Tensor, chunks: int) -> Tensor:
-        """The layer's stage's `scores` (see `Stage.scores`): `[chunks, batch, kv_heads, rows, T]`."""
-        return self.stage_for(part.layer).scores(part.inner, q, chunks)
-
-    def weighted(self, part: LayerPart, p: Tensor) -> Tensor:
-        """The layer's stage's `weighted` (see `Stage.weighted`): `[batch, kv_heads, rows, head_dim]`."""
-        return self.stage_for(part.layer).weighted(part.inner, p)
+    def route(self, part: LayerPart) -> tuple[Stage, Part]:
+        """The layer's stage, and its part."""
+        return self.stage_for(part.layer), part.inner
 
     def extra_repr(self) -> str:
         return f"layers={len(self.stages)}, default={self.default is not None}"
 
 
-class PerHead(Stage):
+class PerHead(Wrapper):
     """A stage per KV head: bit allocation finer than `PerLayer` (KVTuner's per-head widths).
 
     Within a layer the heads are not equally fragile either, so an allocation can give one head of a layer more
@@ -150,16 +129,8 @@ class PerHead(Stage):
         for i, s in enumerate(stages):  # submodules, so .to(device) and state_dict see them
             self.add_module(f"head{i}", s)
 
-    @property
-    def requires(self) -> frozenset[str]:
-        return frozenset().union(*(s.requires for s in self.stages))
-
     def config(self) -> dict:
         return {"stages": list(self.stages)}
-
-    def check_chunk(self, tokens: int, head_dim: int | None = None) -> None:
-        for s in self.stages:
-            s.check_chunk(tokens, head_dim)
 
     def check_model(self, config) -> None:
         """Raise `ValueError` if the model has another number of KV heads, or a head's stage cannot serve it."""
@@ -167,11 +138,10 @@ class PerHead(Stage):
         heads = getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", None)
         if heads is not None and heads != len(self.stages):
             raise ValueError(f"PerHead has stages for {len(self.stages)} KV heads; the model has {heads}")
-        for s in self.stages:
-            s.check_model(config)
+        super().check_model(config)
 
-    def shared_nbytes(self, layer: int | None) -> int:
-        return sum({id(s): s.shared_nbytes(layer) for s in self.stages}.values())  # a stage shared by heads once
+    def held(self) -> list[Stage]:
+        return distinct(self.stages)
 
     def _check_heads(self, heads: int) -> None:
         if heads != len(self.stages):

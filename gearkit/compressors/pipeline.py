@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from gearkit.compressors import fused
-from gearkit.compressors.base import NO_CONTEXT, Context, Stage, make_context
+from gearkit.compressors.base import NO_CONTEXT, Context, Stage, Wrapper, distinct, make_context
 from gearkit.compressors.checks import check_kv
 from gearkit.kernels import ops
 from gearkit.kernels.backend import may_use_triton, use_triton
@@ -196,7 +196,7 @@ class Pipeline(nn.Module):
         return len(self.stages) == 1 or all(s.exact_mask(part) is None for s, part in zip(self.stages, c.parts))
 
 
-class Chain(Stage):
+class Chain(Wrapper):
     """A pipeline of stages as one stage: its part is the pipeline's `CompressedTensor`, so it can sit wherever one
     stage goes (a `PerLayer` or `PerHead` entry of several stages, such as a low-rank term and a code of its rest).
 
@@ -208,21 +208,11 @@ class Chain(Stage):
         super().__init__()
         self.pipeline = Pipeline(stages)
 
-    @property
-    def requires(self) -> frozenset[str]:
-        return self.pipeline.requires
+    def held(self) -> list[Stage]:
+        return distinct(self.pipeline.stages)
 
     def config(self) -> dict[str, Any]:
         return {"stages": list(self.pipeline.stages)}
-
-    def check_chunk(self, tokens: int, head_dim: int | None = None) -> None:
-        self.pipeline.check_chunk(tokens, head_dim)
-
-    def check_model(self, config) -> None:
-        self.pipeline.check_model(config)
-
-    def shared_nbytes(self, layer: int | None) -> int:
-        return self.pipeline.shared_nbytes(layer)
 
     def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> CompressedTensor:
         """Encode `x` `[batch, kv_heads, tokens, head_dim]` with the stages in turn."""

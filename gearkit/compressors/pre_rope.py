@@ -5,12 +5,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gearkit.compressors.base import NO_CONTEXT, Context, Stage
+from gearkit.compressors.base import NO_CONTEXT, Context, Stage, Wrapper
 from gearkit.compressors.rope import RoPE, inverse_frequencies, rope_parameters
-from gearkit.parts import PositionedPart
+from gearkit.parts import Part, PositionedPart
 
 
-class PreRoPE(Stage):
+def whole_pairs(mask: Tensor | None) -> Tensor | None:
+    """The entries of bool `mask` `KV` whose RoPE pair (channels `i` and `i + head_dim / 2`) is set on both sides, or
+    None when there are none: what stays exact across RoPE's turn of each pair."""
+    if mask is None:
+        return None
+    half = mask.shape[-1] // 2
+    both = mask[..., :half] & mask[..., half:]
+    return torch.cat([both, both], -1) if both.any() else None
+
+
+class PreRoPE(Wrapper):
     """Encode keys as they were before the model's rotary embedding, with any inner stage (KVQuant's pre-RoPE keys).
 
     RoPE turns each pair of channels `(i, i + d/2)` by a position-dependent angle, which smears the strong
@@ -35,17 +45,13 @@ class PreRoPE(Stage):
             raise ValueError(f"rope_theta must be a number > 1, got {rope_theta!r}")
         self.inner, self.rope_theta = inner, float(rope_theta)
 
-    @property
-    def requires(self) -> frozenset[str]:
-        return self.REQUIRES | self.inner.requires
-
     def config(self) -> dict:
         return {"inner": self.inner, "rope_theta": self.rope_theta}
 
     def check_chunk(self, tokens: int, head_dim: int | None = None) -> None:
         if head_dim is not None and head_dim % 2:
             raise ValueError(f"RoPE turns pairs of channels, so it needs an even head dim, got {head_dim}")
-        self.inner.check_chunk(tokens, head_dim)
+        super().check_chunk(tokens, head_dim)
 
     def check_model(self, config) -> None:
         """Raise `ValueError` unless the model uses plain RoPE with this stage's `rope_theta`."""
@@ -55,7 +61,7 @@ class PreRoPE(Stage):
                 f"PreRoPE codes keys for plain RoPE with theta {self.rope_theta:g}; the model has "
                 f"{kind!r} RoPE with theta {theta}"
             )
-        self.inner.check_model(config)
+        super().check_model(config)
 
     def _rope(self, head_dim: int, device) -> RoPE:
         if head_dim % 2:
@@ -77,12 +83,21 @@ class PreRoPE(Stage):
         start = start.to(x.device, torch.int32)
         if start.shape != (b,):
             raise ValueError(f"positions must be [batch] = [{b}], got {tuple(start.shape)}")
-        if exclude is not None:
-            half = d // 2
-            both = exclude[..., :half] & exclude[..., half:]
-            exclude = torch.cat([both, both], -1) if both.any() else None
         pre = self._rope(d, x.device).undo(x.float(), self._positions(start, t))
-        return PositionedPart(self.inner.encode(pre, exclude, ctx), start)
+        return PositionedPart(self.inner.encode(pre, whole_pairs(exclude), ctx), start)
+
+    def route(self, part: PositionedPart) -> tuple[Stage, Part]:
+        return self.inner, part.inner
+
+    def exact_mask(self, part: PositionedPart) -> Tensor | None:
+        """Pairs of channels the inner stage stores exactly before RoPE (RoPE turns each pair, as in `encode`),
+        bool `KV`, or None."""
+        return whole_pairs(self.inner.exact_mask(part.inner))
+
+    # Before RoPE the inner stage codes other vectors than the ones attention reads: the stored-form reads of the
+    # inner part do not apply, so decode reads this part decompressed (the Stage defaults).
+    scores = Stage.scores
+    weighted = Stage.weighted
 
     def decode(self, part: PositionedPart) -> Tensor:
         """The inner reconstruction turned back to its positions: float32 `[batch, kv_heads, tokens, head_dim]`."""

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from gearkit.compressors.base import NO_CONTEXT, Context, Stage
+from gearkit.compressors.base import NO_CONTEXT, Context, Stage, Wrapper
 from gearkit.compressors.checks import check_int
 from gearkit.parts import Part
 
@@ -23,7 +23,16 @@ def random_orthogonal(dim: int, seed: int = 0) -> Tensor:
 _orthogonal = functools.cache(random_orthogonal)  # a QR per call is slower than the rotation itself
 
 
-class Rotation(Stage):
+def whole_vectors(mask: Tensor | None) -> Tensor | None:
+    """The entries of bool `mask` `KV` that make up whole vectors (every channel set), or None when there are none:
+    what stays exact across a rotation of each vector."""
+    if mask is None:
+        return None
+    whole = mask.all(-1, keepdim=True).expand_as(mask)
+    return whole if whole.any() else None
+
+
+class Rotation(Wrapper):
     """Encode `x @ Q` with `inner` and decode back with `Q^T`, for a fixed seeded orthogonal `Q` per head dim.
 
     A rotation spreads a few large channels over all channels, so per-token quantization of rotated vectors
@@ -41,15 +50,8 @@ class Rotation(Stage):
             raise TypeError(f"Rotation wraps a gearkit Stage, got {type(inner).__name__}")
         self.inner, self.seed = inner, check_int(seed, "seed", 0)
 
-    @property
-    def requires(self) -> frozenset[str]:
-        return self.inner.requires
-
     def config(self) -> dict:
         return {"inner": self.inner, "seed": self.seed}
-
-    def check_chunk(self, tokens: int, head_dim: int | None = None) -> None:
-        self.inner.check_chunk(tokens, head_dim)
 
     def _matrix(self, dim: int, device) -> Tensor:
         return _orthogonal(dim, self.seed).to(device)
@@ -65,14 +67,16 @@ class Rotation(Stage):
     def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> Part:
         """Encode the rotated `x` `[batch, kv_heads, tokens, head_dim]`. A rotation mixes every channel of a vector,
         so only exclusions of whole vectors (sink tokens) survive it."""
-        if exclude is not None:
-            exclude = exclude.all(-1, keepdim=True).expand_as(exclude)
-            exclude = exclude if exclude.any() else None
-        return self.inner.encode(self.rotate(x.float()), exclude, ctx)
+        return self.inner.encode(self.rotate(x.float()), whole_vectors(exclude), ctx)
 
     def decode(self, part: Part) -> Tensor:
         """The inner stage's reconstruction rotated back: float32 `[batch, kv_heads, tokens, head_dim]`."""
         return self.unrotate(self.inner.decode(part))
+
+    def exact_mask(self, part: Part) -> Tensor | None:
+        """Whole vectors the inner stage stores exactly (a rotation mixes every channel of a vector, as in `encode`),
+        bool `KV`, or None."""
+        return whole_vectors(self.inner.exact_mask(part))
 
     # An orthogonal rotation keeps dot products: the queries turn (and the output turns back), not the stored vectors.
     def scores(self, part: Part, q: Tensor, chunks: int) -> Tensor:
