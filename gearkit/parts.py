@@ -106,7 +106,7 @@ class DensePart(Part):
     """A tensor stored as it is, in a storage dtype (fp16 for the `fp16` baseline).
 
     Attributes:
-        data: `[batch, kv_heads, tokens, head_dim]`.
+        data: `KV`.
     """
 
     data: Tensor
@@ -253,7 +253,7 @@ class MixedPart(Part):
             entry, packed on its own (1 = salient); counted as the `saliency_map` component.
         high: the salient tokens' part, of a tensor `[batch, kv_heads, salient, head_dim]` (sequence order).
         low: the other tokens' part, of a tensor `[batch, kv_heads, tokens - salient, head_dim]`.
-        shape: shape of the whole tensor, `[batch, kv_heads, tokens, head_dim]`.
+        shape: shape of the whole tensor, `KV`.
     """
 
     salient: Tensor
@@ -302,7 +302,7 @@ class CompressedTensor(Part):
 
     Attributes:
         parts: the stages' parts, in pipeline order.
-        shape: original shape `[batch, kv_heads, tokens, head_dim]`.
+        shape: original shape `KV`.
         dtype: original dtype, restored on decompression.
     """
 
@@ -369,7 +369,7 @@ def select_batch(item: CompressedTensor, index: Tensor) -> CompressedTensor:
     """Pick batch entries (reorder, repeat or drop) without touching their bytes.
 
     Args:
-        item: compressed tensor `[batch, kv_heads, tokens, head_dim]`.
+        item: compressed tensor `KV`.
         index: int64 `[n]` of batch positions.
 
     Returns:
@@ -382,7 +382,7 @@ def slice_batch(item: CompressedTensor, start: int, stop: int) -> CompressedTens
     """Batch entries `start:stop` as views of the same bytes (nothing is copied).
 
     Args:
-        item: compressed tensor `[batch, kv_heads, tokens, head_dim]`.
+        item: compressed tensor `KV`.
         start: first entry.
         stop: one past the last entry.
 

@@ -24,7 +24,7 @@ class Recipe:
 
     Attributes:
         name: registry name.
-        key: pipeline for keys `[batch, kv_heads, tokens, head_dim]`.
+        key: pipeline for keys `KV`.
         value: pipeline for values, same layout.
         buffer_size: the newest tokens kept in full precision; when the buffer holds this many they are
             compressed as one chunk. 1 compresses every token as it arrives.

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 
 def test_import_is_light():
@@ -18,3 +19,11 @@ def test_import_builds_no_recipe():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     stages, registered = map(int, out.split())
     assert stages == 0 and registered >= 30
+
+
+def test_the_tree_passes_ruff():
+    """CI's style check: `ruff check` and `ruff format --check`, configured in pyproject.toml."""
+    root = Path(__file__).resolve().parent.parent
+    for args in (["check", "."], ["format", "--check", "."]):
+        run = subprocess.run([sys.executable, "-m", "ruff", *args], cwd=root, capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

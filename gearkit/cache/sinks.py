@@ -91,7 +91,7 @@ class SinkCopy:
         return slot.clamp(0, max(self.slots - 1, 0)).expand(batch, tokens), covered
 
     def overlay(self, held: Tensor, copy: Tensor) -> Tensor:
-        """`held` `[batch, kv_heads, tokens, head_dim]` (positions `0:tokens`) with the sink positions taken from
+        """`held` `KV` (positions `0:tokens`) with the sink positions taken from
         `copy` (`self.keys` or `self.values`)."""
         if not self.slots:
             return held

@@ -107,7 +107,7 @@ class Stage(nn.Module, abc.ABC):
         """Compress `x`.
 
         Args:
-            x: float tensor `[batch, kv_heads, tokens, head_dim]`, finite.
+            x: float tensor `KV`, finite.
             exclude: optional bool tensor shaped like `x`; True entries are stored exactly elsewhere.
             ctx: what the request supplies (see `Context`).
 
@@ -117,7 +117,7 @@ class Stage(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def decode(self, part: Part) -> Tensor:
-        """Reconstruct from a part: float32 `[batch, kv_heads, tokens, head_dim]`."""
+        """Reconstruct from a part: float32 `KV`."""
 
     @abc.abstractmethod
     def config(self) -> dict[str, Any]:
@@ -141,7 +141,7 @@ class Stage(nn.Module, abc.ABC):
         return known[name](**{k: from_data(v) for k, v in data.items()})
 
     def exact_mask(self, part: Part) -> Tensor | None:
-        """Bool `[batch, kv_heads, tokens, head_dim]` of entries this part stores exactly, or None."""
+        """Bool `KV` of entries this part stores exactly, or None."""
         return None
 
     # Decode attention reads a block of stored chunks through these two products (`Pipeline.scores`). The defaults
@@ -182,7 +182,7 @@ class Stage(nn.Module, abc.ABC):
         return 0
 
     def forward(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT, **context: Any) -> Tensor:
-        """Round trip `x` `[batch, kv_heads, tokens, head_dim]` through this stage alone; returns `x`'s shape and
+        """Round trip `x` `KV` through this stage alone; returns `x`'s shape and
         dtype. Context fields may be given as a `Context` or as keywords (`saliency=...`)."""
         check_kv(x)
         return self.decode(self.encode(x.float(), exclude, make_context(ctx, context, self.requires))).to(x.dtype)

@@ -41,16 +41,16 @@ class ChannelSeparableQuantizer(Stage):
         return check_storable(torch.where(c > 0, c, torch.ones_like(c)), "channel scales", "param_dtype")
 
     def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> ChannelScaledPart:
-        """Quantize `x` `[batch, kv_heads, tokens, head_dim]` token by token after channel normalisation."""
+        """Quantize `x` `KV` token by token after channel normalisation."""
         c = self.channel_scale(x, exclude)
         return ChannelScaledPart(self.tokenwise.encode(x.float() / c.float(), exclude), c)
 
     def decode(self, part: ChannelScaledPart) -> Tensor:
-        """float32 `[batch, kv_heads, tokens, head_dim]`."""
+        """float32 `KV`."""
         return self.tokenwise.decode(part.quantized) * part.channel_scale.float()
 
     def error_bound(self, part: ChannelScaledPart) -> Tensor:
-        """Per-element error bound `c * scale / 2`: float32 `[batch, kv_heads, tokens, head_dim]`."""
+        """Per-element error bound `c * scale / 2`: float32 `KV`."""
         return self.tokenwise.error_bound(part.quantized) * part.channel_scale.float()
 
     def extra_repr(self) -> str:

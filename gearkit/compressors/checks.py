@@ -27,7 +27,7 @@ def check_fraction(value, name: str) -> float:
 
 
 def check_kv(x: Tensor, name: str = "x", finite: bool = True) -> None:
-    """Raise `ValueError` unless `x` is a floating tensor `[batch, kv_heads, tokens, head_dim]`, finite unless
+    """Raise `ValueError` unless `x` is a floating tensor `KV`, finite unless
     `finite=False` (the caller checks a cast of it)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

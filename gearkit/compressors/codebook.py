@@ -153,7 +153,7 @@ class CodebookQuantizer(Quantizer):
         return "the fused kernels read uniform codes, not codebook indices"
 
     def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> QuantizedPart:
-        """Quantize `x` `[batch, kv_heads, tokens, head_dim]`; `exclude`d entries do not count in any statistic."""
+        """Quantize `x` `KV`; `exclude`d entries do not count in any statistic."""
         rows = self._to_rows(x.float())
         length = rows.shape[-1]
         size, n = self._groups(length)
@@ -186,7 +186,7 @@ class CodebookQuantizer(Quantizer):
         )
 
     def decode(self, part: QuantizedPart) -> Tensor:
-        """Dequantize: float32 `[batch, kv_heads, tokens, head_dim]`."""
+        """Dequantize: float32 `KV`."""
         if part.bits != self.bits:
             raise ValueError(f"part holds {part.bits}-bit codes but this quantizer is {self.bits}-bit")
         codes = self._grouped_codes(part, unpack_bits).long()

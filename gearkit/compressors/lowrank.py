@@ -69,7 +69,7 @@ class LowRankResidual(Stage):
             )
 
     def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> LowRankPart:
-        """Factor `x` `[batch, kv_heads, tokens, head_dim]` (excluded entries count as zero)."""
+        """Factor `x` `KV` (excluded entries count as zero)."""
         r = x.float() if exclude is None else x.float().masked_fill(exclude, 0.0)
         b, h, t, d = r.shape
         if r.numel() == 0:
@@ -94,7 +94,7 @@ class LowRankResidual(Stage):
         )
 
     def decode(self, part: LowRankPart) -> Tensor:
-        """`left @ right.mT`: float32 `[batch, kv_heads, tokens, head_dim]`."""
+        """`left @ right.mT`: float32 `KV`."""
         return part.left.float() @ part.right.float().mT
 
     # Decode reads the term in factored form: (q right) left^T and (p left) right^T never build the block.

@@ -103,7 +103,7 @@ class MixedPrecision(Wrapper):
         return unpack_bits(part.salient, 1, h * t).reshape(b, h, t).bool()
 
     def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> MixedPart:
-        """Split `x` `[batch, kv_heads, tokens, head_dim]` by saliency and encode both halves.
+        """Split `x` `KV` by saliency and encode both halves.
 
         Args:
             x: the tensor.
@@ -133,7 +133,7 @@ class MixedPrecision(Wrapper):
         return MixedPart(packed, self.high.encode(xs, es, inner), self.low.encode(xl, el, inner), tuple(x.shape))
 
     def decode(self, part: MixedPart) -> Tensor:
-        """float32 `[batch, kv_heads, tokens, head_dim]`."""
+        """float32 `KV`."""
         return self._merge(self.high.decode(part.high), self.low.decode(part.low), self.salient(part))
 
     def _both(self, fn_name: str, part: MixedPart) -> Tensor | None:
@@ -183,7 +183,7 @@ class MixedPrecision(Wrapper):
         return sum(out)
 
     def exact_mask(self, part: MixedPart) -> Tensor | None:
-        """Entries the inner stages store exactly, bool `[batch, kv_heads, tokens, head_dim]`, or None."""
+        """Entries the inner stages store exactly, bool `KV`, or None."""
         return self._both("exact_mask", part)
 
     def error_bound(self, part: MixedPart) -> Tensor:

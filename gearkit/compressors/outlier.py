@@ -23,7 +23,7 @@ def index_dtype(length: int) -> torch.dtype:
 class SparseOutlier(Stage):
     """Take the top and bottom `ratio / 2` of each row out and store them exactly (value + position).
 
-    Rows run along `axis` of `[batch, kv_heads, tokens, head_dim]`: with `axis="token"` a row is one token's
+    Rows run along `axis` of `KV`: with `axis="token"` a row is one token's
     vector (values in GEAR), with `axis="channel"` a row is one channel's run over the tokens (keys in GEAR).
     With `across_heads=True` (token axis only) a row is a token's vectors of all heads, which allows finer
     fractions (one entry per side of 3 heads x 64 channels is 1%).
@@ -70,7 +70,7 @@ class SparseOutlier(Stage):
         return rows.transpose(-1, -2) if self.axis == "channel" else rows
 
     def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> OutlierPart:
-        """Store the extremes of each row of `x` `[batch, kv_heads, tokens, head_dim]`."""
+        """Store the extremes of each row of `x` `KV`."""
         rows = self._to_rows(x.float())
         length = rows.shape[-1]
         k = self.count_per_side(length)
@@ -93,11 +93,11 @@ class SparseOutlier(Stage):
         return self._from_rows(rows, part.heads)
 
     def decode(self, part: OutlierPart) -> Tensor:
-        """The stored entries in place, zeros elsewhere: float32 `[batch, kv_heads, tokens, head_dim]`."""
+        """The stored entries in place, zeros elsewhere: float32 `KV`."""
         return self._scatter(part, part.values.float())
 
     def exact_mask(self, part: OutlierPart) -> Tensor:
-        """Bool `[batch, kv_heads, tokens, head_dim]`, True where an entry is stored."""
+        """Bool `KV`, True where an entry is stored."""
         return self._scatter(part, torch.ones_like(part.values, dtype=torch.bool))
 
     def extra_repr(self) -> str:

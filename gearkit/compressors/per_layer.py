@@ -90,7 +90,7 @@ class PerLayer(Wrapper):
         return 0 if layer is None else self.stage_for(layer).shared_nbytes(layer)
 
     def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> LayerPart:
-        """Encode `x` `[batch, kv_heads, tokens, head_dim]` with the stage of `ctx.layer`."""
+        """Encode `x` `KV` with the stage of `ctx.layer`."""
         return LayerPart(self.stage_for(ctx.layer).encode(x, exclude, ctx), ctx.layer)
 
     def route(self, part: LayerPart) -> tuple[Stage, Part]:
@@ -148,7 +148,7 @@ class PerHead(Wrapper):
             raise ValueError(f"PerHead has stages for {len(self.stages)} KV heads, got a tensor with {heads}")
 
     def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> HeadsPart:
-        """Encode `x` `[batch, kv_heads, tokens, head_dim]`, head `h` with `stages[h]`.
+        """Encode `x` `KV`, head `h` with `stages[h]`.
 
         Raises:
             ValueError: when `x` has another number of KV heads than there are stages.
@@ -162,7 +162,7 @@ class PerHead(Wrapper):
         return HeadsPart(tuple(parts))
 
     def decode(self, part: HeadsPart) -> Tensor:
-        """The heads' reconstructions side by side: float32 `[batch, kv_heads, tokens, head_dim]`."""
+        """The heads' reconstructions side by side: float32 `KV`."""
         self._check_heads(len(part.heads))
         return torch.cat([s.decode(p) for s, p in zip(self.stages, part.heads)], dim=1)
 
@@ -181,7 +181,7 @@ class PerHead(Wrapper):
         )
 
     def exact_mask(self, part: HeadsPart) -> Tensor | None:
-        """Entries the heads' stages store exactly, bool `[batch, kv_heads, tokens, head_dim]`, or None."""
+        """Entries the heads' stages store exactly, bool `KV`, or None."""
         masks = [s.exact_mask(p) for s, p in zip(self.stages, part.heads)]
         some = next((m for m in masks if m is not None), None)
         if some is None:

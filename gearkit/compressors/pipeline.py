@@ -91,7 +91,7 @@ class Pipeline(nn.Module):
     def compress(
         self, x: Tensor, exclude: Tensor | None = None, ctx: Context | None = None, **context: Any
     ) -> CompressedTensor:
-        """Compress `x` `[batch, kv_heads, tokens, head_dim]` (fp32, fp16 or bf16, finite).
+        """Compress `x` `KV` (fp32, fp16 or bf16, finite).
 
         Args:
             x: the tensor.
@@ -121,7 +121,7 @@ class Pipeline(nn.Module):
         return CompressedTensor(tuple(parts), tuple(x.shape), x.dtype)
 
     def decompress(self, c: CompressedTensor) -> Tensor:
-        """Reconstruct: tensor of `c.shape` `[batch, kv_heads, tokens, head_dim]` and `c.dtype`."""
+        """Reconstruct: tensor of `c.shape` `KV` and `c.dtype`."""
         if len(c.parts) != len(self.stages):
             raise ValueError(
                 f"compressed tensor has {len(c.parts)} parts but the pipeline has {len(self.stages)} stages"
@@ -215,11 +215,11 @@ class Chain(Wrapper):
         return {"stages": list(self.pipeline.stages)}
 
     def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> CompressedTensor:
-        """Encode `x` `[batch, kv_heads, tokens, head_dim]` with the stages in turn."""
+        """Encode `x` `KV` with the stages in turn."""
         return self.pipeline.compress(x, exclude, ctx)
 
     def decode(self, part: CompressedTensor) -> Tensor:
-        """The stages' summed reconstruction: float32 `[batch, kv_heads, tokens, head_dim]`."""
+        """The stages' summed reconstruction: float32 `KV`."""
         return self.pipeline.decompress(part).float()
 
     def scores(self, part: CompressedTensor, q: Tensor, chunks: int) -> Tensor:
@@ -231,7 +231,7 @@ class Chain(Wrapper):
         return self.pipeline.weighted(part, p)
 
     def exact_mask(self, part: CompressedTensor) -> Tensor | None:
-        """Entries some stage stores exactly, bool `[batch, kv_heads, tokens, head_dim]`, or None."""
+        """Entries some stage stores exactly, bool `KV`, or None."""
         masks = [m for stage, p in zip(self.pipeline.stages, part.parts) if (m := stage.exact_mask(p)) is not None]
         return functools.reduce(torch.logical_or, masks) if masks else None
 

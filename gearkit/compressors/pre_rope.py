@@ -73,7 +73,7 @@ class PreRoPE(Wrapper):
         return start[:, None].long() + torch.arange(tokens, device=start.device)
 
     def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> PositionedPart:
-        """Encode keys `x` `[batch, kv_heads, tokens, head_dim]` at positions `ctx.positions` int `[batch]` (entry
+        """Encode keys `x` `KV` at positions `ctx.positions` int `[batch]` (entry
         `i`'s token `t` is at `positions[i] + t`). Exclusions survive where both channels of a turned pair are
         excluded (whole sink tokens)."""
         b, _, t, d = x.shape
@@ -100,7 +100,7 @@ class PreRoPE(Wrapper):
     weighted = Stage.weighted
 
     def decode(self, part: PositionedPart) -> Tensor:
-        """The inner reconstruction turned back to its positions: float32 `[batch, kv_heads, tokens, head_dim]`."""
+        """The inner reconstruction turned back to its positions: float32 `KV`."""
         y = self.inner.decode(part.inner)
         return self._rope(y.shape[-1], y.device).apply(y, self._positions(part.start, y.shape[-2]))
 

@@ -21,7 +21,7 @@ from gearkit.parts import QuantizedPart
 class Quantizer(Stage):
     """Uniform asymmetric quantizer: `scale = (max - min) / (2**bits - 1)`, `code = round((x - min) / scale)`.
 
-    Groups run along one axis of `[batch, kv_heads, tokens, head_dim]`:
+    Groups run along one axis of `KV`:
 
     - `axis="channel"` (per-channel, KIVI keys): a group is `group_size` consecutive tokens of one channel;
     - `axis="token"` (per-token, KIVI values): a group is `group_size` consecutive channels of one token;
@@ -93,7 +93,7 @@ class Quantizer(Stage):
         return size, math.ceil(length / size)
 
     def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> QuantizedPart:
-        """Quantize `x` `[batch, kv_heads, tokens, head_dim]`; `exclude`d entries do not widen any range."""
+        """Quantize `x` `KV`; `exclude`d entries do not widen any range."""
         rows = self._to_rows(x.float())
         length = rows.shape[-1]
         size, n = self._groups(length)
@@ -154,7 +154,7 @@ class Quantizer(Stage):
         return codes.reshape(*rows_shape[:-1], n, size)
 
     def decode(self, part: QuantizedPart) -> Tensor:
-        """Dequantize: float32 `[batch, kv_heads, tokens, head_dim]`."""
+        """Dequantize: float32 `KV`."""
         if part.bits != self.bits:
             raise ValueError(f"part holds {part.bits}-bit codes but this quantizer is {self.bits}-bit")
         return self._ungroup(dequantize_groups(self._grouped_codes(part), part.scale, part.zero), part.shape)
@@ -190,11 +190,11 @@ class Quantizer(Stage):
         return stored_product(p, part.codes, part.scale, part.zero, layout, p.shape[0], layout.q_channel, levels).sum(0)
 
     def codes(self, part: QuantizedPart) -> Tensor:
-        """The integer codes of a part, uint8 `[batch, kv_heads, tokens, head_dim]`."""
+        """The integer codes of a part, uint8 `KV`."""
         return self._ungroup(self._grouped_codes(part, unpack_bits), part.shape)
 
     def error_bound(self, part: QuantizedPart) -> Tensor:
-        """Per-element bound on the quantization error, `scale / 2`: float32 `[batch, kv_heads, tokens, head_dim]`."""
+        """Per-element bound on the quantization error, `scale / 2`: float32 `KV`."""
         size, _ = self._groups(self._rows_shape(part.shape)[-1])
         half = (part.scale.float() / 2)[..., None].expand(*part.scale.shape, size)
         return self._ungroup(half, part.shape)

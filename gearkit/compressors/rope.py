@@ -84,11 +84,11 @@ class RoPE(nn.Module):
         return torch.cat([first * cos + second * sin, second * cos - first * sin], -1) / scale
 
     def apply(self, x: Tensor, positions: Tensor) -> Tensor:
-        """Rotate `x` `[batch, kv_heads, tokens, head_dim]` to `positions` `[batch, tokens]`; float32 out."""
+        """Rotate `x` `KV` to `positions` `[batch, tokens]`; float32 out."""
         return self._turn(x, positions, 1.0)
 
     def undo(self, x: Tensor, positions: Tensor) -> Tensor:
-        """Inverse of `apply`: `x` `[batch, kv_heads, tokens, head_dim]` as it was before the rotation to
+        """Inverse of `apply`: `x` `KV` as it was before the rotation to
         `positions` `[batch, tokens]`; float32 out."""
         return self._turn(x, positions, -1.0)
 

@@ -65,12 +65,12 @@ class Rotation(Wrapper):
         return y @ self._matrix(y.shape[-1], y.device).T
 
     def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> Part:
-        """Encode the rotated `x` `[batch, kv_heads, tokens, head_dim]`. A rotation mixes every channel of a vector,
+        """Encode the rotated `x` `KV`. A rotation mixes every channel of a vector,
         so only exclusions of whole vectors (sink tokens) survive it."""
         return self.inner.encode(self.rotate(x.float()), whole_vectors(exclude), ctx)
 
     def decode(self, part: Part) -> Tensor:
-        """The inner stage's reconstruction rotated back: float32 `[batch, kv_heads, tokens, head_dim]`."""
+        """The inner stage's reconstruction rotated back: float32 `KV`."""
         return self.unrotate(self.inner.decode(part))
 
     def exact_mask(self, part: Part) -> Tensor | None:

@@ -49,7 +49,7 @@ class SignSketch(Stage):
         return _gaussian(self.size or dim, dim, self.seed).to(device)
 
     def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> SketchPart:
-        """Sketch `x` `[batch, kv_heads, tokens, head_dim]`; `exclude`d entries count as 0."""
+        """Sketch `x` `KV`; `exclude`d entries count as 0."""
         x = x.float() if exclude is None else x.float().masked_fill(exclude, 0.0)
         s = self._matrix(x.shape[-1], x.device)
         signs = (x @ s.T >= 0).to(torch.uint8)  # [batch, kv_heads, tokens, m]
@@ -59,7 +59,7 @@ class SignSketch(Stage):
         return SketchPart(packed, scale, s.shape[0], tuple(x.shape))
 
     def decode(self, part: SketchPart) -> Tensor:
-        """The unbiased estimate `scale * S^T sign`: float32 `[batch, kv_heads, tokens, head_dim]`."""
+        """The unbiased estimate `scale * S^T sign`: float32 `KV`."""
         b, h, t, d = part.shape
         s = self._matrix(d, part.signs.device)
         signs = unpack_bits(part.signs, 1, h * t * part.size).reshape(b, h, t, part.size).float() * 2 - 1

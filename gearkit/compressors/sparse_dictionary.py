@@ -162,7 +162,7 @@ class SparseDictionary(Stage):
 
     # -- Stage API -------------------------------------------------------------------------------------------
     def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> DictionaryPart:
-        """Code `x` `[batch, kv_heads, tokens, head_dim]`.
+        """Code `x` `KV`.
 
         Args:
             x: the vectors.

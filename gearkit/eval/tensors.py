@@ -13,7 +13,7 @@ from gearkit.cache import ChunkStore
 
 
 def synthetic_kv(shape: tuple[int, int, int, int], heavy_channels: int = 2, seed: int = 0) -> Tensor:
-    """Gaussian `[batch, kv_heads, tokens, head_dim]` with a few large-magnitude, offset channels.
+    """Gaussian `KV` with a few large-magnitude, offset channels.
 
     Real keys look like this: a handful of channels carry most of the magnitude, which is what per-channel
     quantization and outlier extraction are for.
@@ -49,7 +49,7 @@ def compare_recipes(keys: Tensor, values: Tensor, names: Sequence[str] | None = 
     bytes are exactly what the recipe's cache would hold.
 
     Args:
-        keys: `[batch, kv_heads, tokens, head_dim]`.
+        keys: `KV`.
         values: same shape as `keys`.
         names: recipe names (default: every registered recipe that needs neither token saliency, which comes
             from a model's queries, nor a model's layers (a trained dictionary, a per-layer allocation): plain

@@ -105,7 +105,7 @@ def head_dim(config) -> int:
 
 def residual_tokens(layer) -> int:
     """Tokens a Hugging Face cache layer holds as plain keys/values: a `QuantizedCache` layer's full-precision
-    residual, or all of a `DynamicCache` layer's tokens (its `keys` are `[batch, kv_heads, tokens, head_dim]`)."""
+    residual, or all of a `DynamicCache` layer's tokens (its `keys` are `KV`)."""
     return layer.keys.shape[-2] if layer.keys is not None and layer.keys.dim() == 4 else 0
 
 
