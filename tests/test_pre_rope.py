@@ -1,10 +1,21 @@
 import pytest
 import torch
-from conftest import kv_tensors, rel_error, tiny_llama
+from conftest import kv_like, kv_tensors, rel_error, tiny_llama
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gearkit import CodebookQuantizer, Context, FullPrecision, Pipeline, PreRoPE, Quantizer, Recipe
+from gearkit import (
+    Chain,
+    CodebookQuantizer,
+    Context,
+    FullPrecision,
+    Pipeline,
+    PreRoPE,
+    Quantizer,
+    Recipe,
+    SparseOutlier,
+)
+from gearkit.compressors.pre_rope import whole_pairs
 from gearkit.compressors.rope import RoPE, inverse_frequencies
 from gearkit.integrations.hf import make_cache
 
@@ -92,3 +103,43 @@ def test_a_model_with_another_rotary_embedding_is_refused_and_the_cache_supplies
     other = Recipe("pre-rope-other", Pipeline([PreRoPE(FullPrecision(), 500000.0)]), Pipeline([FullPrecision()]))
     with pytest.raises(ValueError, match="theta"):
         make_cache(other, model)
+
+
+def kvquant_keys(bits: int = 3) -> PreRoPE:
+    """KVQuant's keys: 1% outliers per token across heads and a centered per-channel codebook, both before RoPE."""
+    return PreRoPE(
+        Chain([SparseOutlier(0.01, "token", across_heads=True), CodebookQuantizer(bits, 64, "channel", centered=True)]),
+        THETA,
+    )
+
+
+def test_outliers_around_a_code_before_rope_come_back_exactly_before_rope_is_redone():
+    """One PreRoPE around a Chain: the code excludes the outliers and they are restored in pre-RoPE space."""
+    stage, start = kvquant_keys(), torch.tensor([0, 500])
+    b, h, t, d = 2, 3, 64, 64
+    x = kv_like(0, (b, h, t, d), magnitude=3)
+    part = stage.encode(x, ctx=Context(positions=start))
+    pre = rope(d).undo(x, positions(start, t))
+    mask = stage.inner.exact_mask(part.inner)
+    assert mask is not None and (mask.sum((1, 3)) == 2).all()  # one entry per side of each token's 3 x 64
+    assert torch.equal(stage.inner.decode(part.inner)[mask], pre[mask].half().float())
+    exact, pairs = stage.exact_mask(part), whole_pairs(mask)  # once RoPE is redone: where both of a pair were
+    assert (exact is None and pairs is None) or torch.equal(exact, pairs)
+    pipeline = Pipeline([stage])
+    c = pipeline.compress(x, positions=start)
+    assert torch.equal(pipeline.decompress(c), stage.decode(part)) and rel_error(x, stage.decode(part)) < 0.2
+
+
+def test_kvquant_keys_serve_a_cache_end_to_end():
+    model = tiny_llama("head-dim-128", rope_theta=THETA)  # one KV head of 128: one outlier per side of each token
+    recipe = Recipe("kvquant-keys-test", Pipeline([kvquant_keys()]), Pipeline([FullPrecision()]), 8, 1)
+    plain = Recipe("fp-test", Pipeline([FullPrecision()]), Pipeline([FullPrecision()]), 8, 1)
+    ids = torch.randint(2, 97, (2, 30), generator=torch.Generator().manual_seed(1))
+
+    def logits(r: Recipe) -> torch.Tensor:
+        cache = make_cache(r, model)
+        with torch.no_grad():
+            return torch.cat([model(ids[:, :25], cache=cache).logits, model(ids[:, 25:], cache=cache).logits], 1)
+
+    out, reference = logits(recipe), logits(plain)
+    assert torch.isfinite(out).all() and 0 < rel_error(reference, out) < 0.01  # the keys are coded, and closely

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from gearkit import ChannelSeparableQuantizer, Context, MixedPrecision, Pipeline, Probes, Quantizer, SparseOutlier
 from gearkit.compressors.mixed import salient_mask
 from gearkit.compressors.probes import normalized_saliency, probe_attention
+from gearkit.kernels.products import dense_scores, dense_weighted
 from gearkit.kernels.reference import packed_nbytes
 from gearkit.parts import MixedPart, cat_batch, select_batch
 
@@ -168,6 +169,20 @@ def test_parts_concatenate_and_reorder_along_the_batch_and_compose_with_outliers
     assert torch.equal(pipeline.decompress(select_batch(joined, torch.tensor([2]))), whole[2:])
     outliers = pipeline.stages[0].exact_mask(joined.parts[0])
     assert torch.equal(whole[outliers], torch.cat([a, b]).half().float()[outliers])  # outliers still come back exactly
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 1.0])
+def test_reads_of_a_block_put_each_stages_tokens_back_in_place_even_when_one_side_is_empty(ratio):
+    """`scores`/`weighted` read each stage's stored form by the salient map, and equal decoding then multiplying;
+    a side with no tokens is not asked (a quantizer cannot lay out zero tokens)."""
+    stage = MixedPrecision(Quantizer(4, 8, "channel"), Quantizer(2, 4, "channel"), ratio)
+    x = kv_like(3, (4, 2, 16, 8))  # two chunks of a batch of two, chunk-major
+    part = stage.encode(x, ctx=Context(saliency=scores_for(x, 3)))
+    gen = torch.Generator().manual_seed(0)
+    q, p = torch.randn(1, 2, 2, 3, 8, generator=gen), torch.randn(2, 2, 2, 3, 16, generator=gen)
+    y = stage.decode(part)
+    torch.testing.assert_close(stage.scores(part, q, 2), dense_scores(q, y, 2), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stage.weighted(part, p), dense_weighted(p, y), rtol=1e-4, atol=1e-4)
 
 
 def test_bad_input_gets_clear_errors():
