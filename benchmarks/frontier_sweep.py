@@ -3,10 +3,9 @@
 Each candidate is a recipe built from gearkit stages (rotation + Lloyd-Max codebooks, pre-RoPE keys, GEAR's
 outliers and low-rank term, KIVI-style groups); all keep 4 fp16 sink tokens and a 64-token buffer unless named
 otherwise. Perplexity with a compressed past (prefix 1024 + 1024 scored tokens per window), SmolLM2-135M fp32,
-bits all-in from the cache's own byte report. The stages behind the built-in `gk-*` recipes come from this
-run on `idle-help` (the tuning text), their per-layer widths from `bit_allocation.py` (`--only alloc-3.0` runs a
-stored allocation, `--allocations FILE` one not stored yet); the held-out figures come from `frontier_heldout.sh`,
-never from here.
+bits all-in from the cache's own byte report. The widths on the ladder of `gearkit calibrate` (the `gk-*`
+recipes) come from this run on `idle-help` (the tuning text); `--only` also takes registered recipes and recipe files
+(`--only DIR/gk-3.json`). Held-out figures come from `gearkit eval ppl` on another text, never from here.
 
 Run: OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/frontier_sweep.py --text idle-help --windows 1 \
          --out benchmarks/results/frontier_sweep_idle-help.md [--only NAME ...]
@@ -35,7 +34,6 @@ from gearkit import (
     SignSketch,
     SparseOutlier,
 )
-from gearkit.allocations import allocated
 from gearkit.cli import progress_bar
 from gearkit.eval.perplexity import evaluate
 from gearkit.models import DEFAULT_MODEL, load_default_model, load_text
@@ -127,14 +125,10 @@ def main() -> None:
         "--only", nargs="*", default=None, help="candidate or registered recipe names (default: every candidate)"
     )
     ap.add_argument("--out", default=None, help="markdown file for the table")
-    ap.add_argument("--allocations", default=None, help="allocation file for `alloc-*` (default: the stored one)")
     args = ap.parse_args()
     by_name = {r.name: r for r in CANDIDATES + SECOND + THIRD + QJL}
-    # `alloc-<budget>`: the stored bit allocation for that budget (bit_allocation.py); other names: registered recipes
-    pick = lambda n: (
-        by_name.get(n) or (allocated(n.removeprefix("alloc-"), path=args.allocations) if n.startswith("alloc-") else n)
-    )
-    chosen = [pick(n) for n in args.only] if args.only else CANDIDATES + SECOND + THIRD
+    # a candidate by name, else a registered recipe or a recipe file (`gearkit calibrate` writes them)
+    chosen = [by_name.get(n, n) for n in args.only] if args.only else CANDIDATES + SECOND + THIRD
     model, tokenizer = load_default_model()
     start = time.time()
     results = evaluate(

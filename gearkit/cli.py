@@ -7,7 +7,19 @@ import json
 import sys
 from pathlib import Path
 
-DEMO_RECIPES = ["fp16", "kivi-4", "gear-4", "sink-4", "kivi-3", "gear-3", "sink-3", "kivi-2", "gear-2", "sink-gear-2"]
+# the anchors (KIVI, GEAR as published), the calibration-free family, and the calibrated allocations where the model has
+# them (`demo_recipes`)
+DEMO_RECIPES = ["fp16", "kivi-4", "kivi-3", "sink-3", "kivi-2", "gear-2", "sinkrot-3.5", "sinkrot-3", "sinkrot-2.5"]
+
+
+def demo_recipes(config=None, name: str = "") -> list[str]:
+    """The demo's recipes: `DEMO_RECIPES`, then each `gk-*` calibrated for the model of `config` (None: the default
+    model, which ships them)."""
+    from gearkit import recipes
+    from gearkit.models import model_identity
+
+    identity = None if config is None else model_identity(config, name)
+    return DEMO_RECIPES + [n for n in reversed(recipes.CALIBRATED) if not recipes.needs_calibration(n, identity)]
 
 
 def progress_bar():
@@ -61,12 +73,14 @@ def cmd_recipes(args) -> None:
     from gearkit import recipes
     from gearkit.integrations.hf import HF_BASELINES, available_baselines
 
-    if args.json:
+    if args.json:  # whether a recipe serves any model, and whether the model in use needs a calibration step first
         for name in recipes.names():
+            recipe = recipes.get(name)
+            flags = {"model_bound": recipe.model_bound, "needs_calibration": recipes.needs_calibration(name)}
             try:
-                print(json.dumps(recipes.get(name).to_dict()))
+                print(json.dumps({**recipe.to_dict(), **flags}))
             except TypeError as e:  # a user recipe holding a dictionary set in memory, say
-                print(json.dumps({"name": name, "error": str(e)}))
+                print(json.dumps({"name": name, "error": str(e), **flags}))
         return
 
     for name in recipes.names():
@@ -287,6 +301,45 @@ def cmd_generate(args) -> None:
             )
 
 
+def cmd_calibrate(args) -> None:
+    import time
+
+    from gearkit.calibrate import ROLES, compressed_layers, measure, sensitivity, write
+    from gearkit.models import load_text, token_windows
+
+    if any(not 1 < b <= 16 for b in args.budget):
+        raise ValueError(f"budgets are all-in bits per element in (1, 16], got {args.budget}")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; give a folder for the recipe files")
+    text = load_text(args.text)
+    token_windows(_tokenizer(), text, args.prefix, args.continuation, args.windows)  # too short a text fails here
+    model, tokenizer, model_name = _load()
+    start = time.perf_counter()
+    protocol = {"prefix": args.prefix, "continuation": args.continuation, "windows": args.windows}
+    if args.devices > 1:
+        from gearkit.calibrate.task import SensitivityTask
+        from gearkit.eval.runner import predict
+
+        layers = compressed_layers(model.config)
+        task = SensitivityTask(text, **protocol, model=model, tokenizer=tokenizer)
+        rows = predict(task, task.items(layers), devices=args.devices, threads=args.threads)
+        if rows is None:  # a DDP rank other than 0: rank 0 writes
+            return
+        by_layer = {row["layer"]: row["kl"] for row in rows}
+        kls = {r: {n: [by_layer[i][r][n] for i in layers] for n in by_layer[layers[0]][r]} for r in ROLES}
+        result = sensitivity(model, model_name, layers, kls, {**protocol, "devices": args.devices})
+    else:
+        result = measure(model, tokenizer, model_name, text, progress=progress_bar(), **protocol)
+    result.protocol.update(text=args.text, seconds=round(time.perf_counter() - start, 1))
+    for path in write(result, args.budget, None if args.out is None else Path(args.out)):
+        recipe = json.loads(path.read_text())
+        print(
+            json.dumps(
+                {"recipe": recipe["name"], "model": model_name, "file": str(path), "description": recipe["description"]}
+            )
+        )
+
+
 def cmd_demo(args) -> None:
     from gearkit.eval import format_table
     from gearkit.eval.generation import agreement
@@ -294,8 +347,8 @@ def cmd_demo(args) -> None:
     from gearkit.integrations.hf import available_baselines
     from gearkit.models import DEFAULT_TEXT, first_tokens, load_text
 
-    names = DEMO_RECIPES + available_baselines()
     model, tokenizer, model_name = _load()
+    names = demo_recipes() + available_baselines()
     text = load_text(DEFAULT_TEXT)
     results = evaluate(
         model,
@@ -358,11 +411,13 @@ def positive_int(value: str) -> int:
     return n
 
 
-def add_text(parser: argparse.ArgumentParser) -> None:
-    """The `--text` option, the same for every command that reads text."""
+def add_text(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """The `--text` option, the same for every command that reads text (default: the default text)."""
     from gearkit.models import DEFAULT_TEXT, TEXTS
 
-    parser.add_argument("--text", default=DEFAULT_TEXT, help=f"a text file, or a built-in text: {', '.join(TEXTS)}")
+    parser.add_argument(
+        "--text", default=default or DEFAULT_TEXT, help=f"a text file, or a built-in text: {', '.join(TEXTS)}"
+    )
 
 
 def add_threads(parser: argparse.ArgumentParser) -> None:
@@ -475,6 +530,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_text(layers)
     layers.add_argument("--tokens", type=positive_int, default=1024)
     layers.set_defaults(func=cmd_eval_layers)
+
+    cal = sub.add_parser("calibrate", help="per-layer bit allocations for a model, written as recipe files")
+    add_text(cal, default="idle-help")
+    cal.add_argument(
+        "--budget",
+        type=float,
+        nargs="+",
+        default=[2.5, 3.0, 3.5, 4.5],
+        help="all-in bits per element; one recipe (gk-<budget>) each",
+    )
+    cal.add_argument(
+        "--out",
+        default=None,
+        help="folder for the recipe files (always also kept in gearkit's cache "
+        "dir, where gk-* names find them for this model)",
+    )
+    cal.add_argument("--prefix", type=positive_int, default=1024, help="prefilled tokens per tuning window")
+    cal.add_argument("--continuation", type=positive_int, default=256, help="scored tokens per tuning window")
+    cal.add_argument("--windows", type=positive_int, default=2, help="tuning windows")
+    cal.add_argument(
+        "--devices",
+        type=positive_int,
+        default=1,
+        help="N > 1: layers measured by N processes/devices with Lightning DDP; the same numbers",
+    )
+    cal.add_argument("--threads", type=positive_int, default=None, help="CPU threads of every process")
+    cal.set_defaults(func=cmd_calibrate)
 
     dct = sub.add_parser("dict", help="CSR dictionaries").add_subparsers(dest="what", required=True)
     train = dct.add_parser("train", help="train NeuralDict dictionaries on KV vectors of a text (Lightning)")

@@ -9,7 +9,10 @@ The built-in catalog is `gearkit.recipes`.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from gearkit.compressors import Pipeline, Probes, SparseDictionary
@@ -31,6 +34,8 @@ class Recipe:
         sink_tokens: the first tokens of a sequence, kept in full precision for good (attention sinks).
         description: one line for tables and `gearkit recipes`.
         probes: which queries score token saliency, for pipelines with saliency-driven stages (ZipCache).
+        model: the identity of the model the recipe was calibrated for (`gearkit.models.model_identity`: name,
+            layers, KV heads, head dim, architecture hash), or None for a recipe that serves any model.
     """
 
     name: str
@@ -40,6 +45,7 @@ class Recipe:
     sink_tokens: int = 0
     description: str = ""
     probes: Probes = dataclasses.field(default_factory=Probes)
+    model: dict | None = None
 
     @property
     def needs_dictionary(self) -> bool:
@@ -51,7 +57,27 @@ class Recipe:
         """Whether the recipe was made for one model: a trained dictionary (CSR) or a per-layer bit allocation
         (a stage that picks its coding by the model layer), so it serves only that model, in a cache that knows
         each layer."""
-        return self.needs_dictionary or "layer" in self.key.requires | self.value.requires
+        return self.needs_dictionary or self.model is not None or "layer" in self.key.requires | self.value.requires
+
+    def serves(self, identity: dict) -> bool:
+        """Whether this recipe serves the model of `identity` (`gearkit.models.model_identity`): any model, unless it
+        was calibrated for one (then the same layers, KV heads, head dim and architecture)."""
+        fields = ("layers", "kv_heads", "head_dim", "config_hash")
+        return self.model is None or all(self.model.get(f) == identity.get(f) for f in fields)
+
+    def check_identity(self, identity: dict) -> None:
+        """Raise `ValueError` unless this recipe serves the model of `identity` (see `serves`), naming both models and
+        the command that calibrates one."""
+        if not self.serves(identity):
+            mine, theirs = (
+                f"{i.get('name')} ({i.get('layers')} layers, {i.get('kv_heads')} KV heads, "
+                f"head dim {i.get('head_dim')}, config {i.get('config_hash')})"
+                for i in (self.model, identity)
+            )
+            raise ValueError(
+                f"recipe {self.name!r} was calibrated for {mine}; this model is {theirs}: calibrate one for it with "
+                f"`gearkit calibrate --model <your model> --out DIR`"
+            )
 
     @property
     def needs_saliency(self) -> bool:
@@ -85,6 +111,7 @@ class Recipe:
             "sink_tokens": self.sink_tokens,
             "description": self.description,
             "probes": dataclasses.asdict(self.probes),
+            "model": self.model,
         }
 
     @classmethod
@@ -107,7 +134,33 @@ class Recipe:
             data["sink_tokens"],
             data["description"],
             Probes(**data["probes"]),
+            data.get("model"),
         )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write `to_dict()` as a JSON file; returns its path."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Recipe:
+        """Read a recipe file written by `save` (data only: nothing in it is imported or called).
+
+        Raises:
+            FileNotFoundError: if there is no such file.
+            ValueError: if it is not JSON or not a gearkit recipe.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no recipe file {str(path)!r}")
+        try:
+            data = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"recipe file {str(path)!r} is not JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"recipe file {str(path)!r} holds a {type(data).__name__}, not a recipe")
+        return cls.from_dict(data)
 
 
 @dataclasses.dataclass
@@ -158,12 +211,16 @@ def _entry(name: str) -> _Entry:
 
 
 def get(name: str) -> Recipe:
-    """The recipe registered under exactly `name`, built on first use.
+    """The recipe registered under exactly `name`, built on first use; a name ending in `.json` is a recipe file
+    (`Recipe.load`).
 
     Raises:
         ValueError: for an unknown name (the message lists the known names), or a builder whose recipe does
             not carry the registered name and description.
+        FileNotFoundError: for a recipe file that does not exist.
     """
+    if name.endswith(".json"):
+        return Recipe.load(name)
     entry = _entry(name)
     if entry.recipe is None:
         recipe = entry.build()

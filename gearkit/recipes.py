@@ -9,17 +9,18 @@ Look one up by exact name with `get`, list them with `names`, add your own with 
     >>> recipes.register(mine)
 
 The registry itself (`get`, `names`, `register`, `register_builder`, `describe`) lives in `gearkit.recipe` with the
-`Recipe` type; CSR recipes (`csr`) in `gearkit.csr`; recipes from stored bit allocations (`allocated`) in
-`gearkit.allocations`. How the frontier recipes (TurboQuant, KVQuant, `gk-*`) were measured and chosen:
-docs/concepts/frontier.md.
+`Recipe` type; CSR recipes (`csr`) in `gearkit.csr`; calibrated recipes (`gk-*`, shipped for the default model or
+made by `gearkit calibrate` for another) in `gearkit.allocations`, found for the model in use by `for_model`. How the
+frontier recipes (TurboQuant, KVQuant, `gk-*`) were measured and chosen: docs/concepts/frontier.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
-from gearkit.allocations import allocated
+from gearkit.allocations import calibrated, shipped
 from gearkit.compressors import (
     Chain,
     ChannelSeparableQuantizer,
@@ -31,11 +32,12 @@ from gearkit.compressors import (
     Pipeline,
     PreRoPE,
     Quantizer,
+    Rotation,
     SparseOutlier,
     Stage,
 )
-from gearkit.csr import csr, register_default_recipes
-from gearkit.models import DEFAULT_MODEL
+from gearkit.csr import csr, default_dictionary_path, register_default_recipes
+from gearkit.models import DEFAULT_MODEL, model_identity
 from gearkit.recipe import Recipe, describe, get, names, register, register_builder
 
 DEFAULT_ROPE_THETA = 100000.0  # the default model's RoPE base, for recipes that code keys before RoPE
@@ -98,6 +100,16 @@ def _sink(name: str, description: str, bits: int) -> Recipe:
     """KIVI's axes in groups of 64, with the first 4 tokens (attention sinks) kept in fp16."""
     key, value = _pipeline(Quantizer(bits, 64, "channel")), _pipeline(Quantizer(bits, 64, "token"))
     return Recipe(name, key, value, 64, sink_tokens=4, description=description)
+
+
+def _sinkrot(name: str, description: str, key_bits: int, value_bits: int) -> Recipe:
+    # a dense seeded rotation serves every head dim (the Hadamard transform needs a power of two)
+    key, value = Quantizer(key_bits, 64, "channel"), Rotation(CodebookQuantizer(value_bits))
+    return Recipe(name, _pipeline(key), _pipeline(value), 64, sink_tokens=4, description=description)
+
+
+def _calibrated(name: str, description: str) -> Recipe:
+    return dataclasses.replace(shipped(name), description=description)
 
 
 def _sink_gear(name: str, description: str) -> Recipe:
@@ -188,6 +200,16 @@ def _register_catalog() -> None:
             _sink,
             b,
         )
+    # calibration-free: what a new model gets without any data
+    for budget, (kb, vb) in {"2.5": (2, 2), "3": (3, 2), "3.5": (3, 3), "4": (4, 3)}.items():
+        _builtin(
+            f"sinkrot-{budget}",
+            f"calibration-free, any model: {kb}-bit per-channel keys in groups of 64, {vb}-bit Lloyd-Max codes of "
+            "rotated values (one norm per vector), 4 fp16 sink tokens",
+            _sinkrot,
+            kb,
+            vb,
+        )
     _builtin(
         "sink-gear-2",
         "sink-2 + GEAR outliers (2% per key channel, 1% per token across heads), no low-rank term",
@@ -223,20 +245,62 @@ def _register_catalog() -> None:
             _kvquant,
             b,
         )
-    # gearkit's own: each layer's (or KV head's) width under a budget of all-in bits, from the stored allocation
-    for budget, name in (("2.5", "gk-2.5"), ("3.0", "gk-3"), ("3.5", "gk-3.5"), ("4.5", "gk-4.5")):
-        about = (
-            f"gearkit's bit allocation for {DEFAULT_MODEL} at {budget} all-in bits: each layer's or KV head's width "
-            "from per-channel codes and rotated Lloyd-Max codes (gearkit/allocations)"
-        )
-        register_builder(name, about, functools.partial(allocated, budget, name, description=about))
+    # gearkit's own: each layer's width under a budget of all-in bits, calibrated for the default model; another
+    # model finds its own calibration (`for_model`)
+    for name in CALIBRATED:
+        _builtin(name, describe_calibrated(name), _calibrated)
+
+
+CALIBRATED = ("gk-2.5", "gk-3", "gk-3.5", "gk-4.5")  # the names `gearkit calibrate` writes by default
+
+
+def describe_calibrated(name: str) -> str:
+    """The one line of a `gk-*` recipe."""
+    budget = name.removeprefix("gk-")
+    return (
+        f"gearkit's calibrated bit allocation at {budget} all-in bits: each layer's keys and values at the width "
+        f"its sensitivity earns (shipped for {DEFAULT_MODEL}; `gearkit calibrate` makes it for another model)"
+    )
+
+
+def for_model(name: str, config, model_name: str = "") -> Recipe:
+    """The recipe `name` for the model of `config`: the registered recipe, unless it was calibrated for another
+    model and a calibration of this one exists (shipped, or written by `gearkit calibrate` into gearkit's cache
+    dir). A recipe file path (`.json`) is read as it is.
+
+    Args:
+        name: a registered name or a recipe file.
+        config (transformers.PretrainedConfig): the model's config.
+        model_name: the model's name (used in messages).
+    """
+    recipe = get(name)
+    if recipe.model is None or name.endswith(".json"):
+        return recipe
+    identity = model_identity(config, model_name or getattr(config, "_name_or_path", "") or "this model")
+    if recipe.serves(identity):
+        return recipe
+    return calibrated(recipe.name, identity) or recipe  # the cache then refuses it, naming `gearkit calibrate`
+
+
+def needs_calibration(name: str, identity: dict | None = None) -> bool:
+    """Whether recipe `name` needs a calibration step before it serves the model of `identity`
+    (`gearkit.models.model_identity`; None: the default model): `gearkit calibrate` for a recipe calibrated for
+    another model, `gearkit dict train` for a CSR recipe without a dictionary for it."""
+    recipe = get(name)
+    if recipe.needs_dictionary:
+        return identity is not None or not default_dictionary_path().is_file()
+    if recipe.model is None or identity is None:
+        return False
+    return not recipe.serves(identity) and calibrated(recipe.name, identity) is None
 
 
 _register_catalog()
 
 __all__ = [
+    "CALIBRATED",
     "DEFAULT_ROPE_THETA",
-    "allocated",
+    "for_model",
+    "needs_calibration",
     "csr",
     "describe",
     "get",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -12,11 +13,25 @@ from gearkit.compressors.base import NO_CONTEXT, Context, Stage, Wrapper, distin
 from gearkit.parts import HeadsPart, LayerPart, Part
 
 
+def shared(stages: Sequence[Stage | None]) -> list[Stage | None]:
+    """`stages` with stages that are equal as data replaced by one object (stages hold configuration only, so equal
+    ones are interchangeable): an allocation read from a file holds one stage per width, not one per layer."""
+    seen: dict[str, Stage] = {}
+    out = []
+    for s in stages:
+        try:
+            key = None if s is None else json.dumps(s.to_dict(), sort_keys=True)
+        except TypeError:  # not data (a dictionary held in memory): kept as it is
+            key = None
+        out.append(s if key is None else seen.setdefault(key, s))
+    return out
+
+
 class PerLayer(Wrapper):
     """Pick the inner stage by the model layer (`Context.layer`): per-layer bit widths, KVTuner style.
 
     Layers differ in how much a coding error costs downstream, so a global bits budget is best spent unevenly
-    (`benchmarks/bit_allocation.py` chooses the widths on calibration text). The allocation is data: `config()`
+    (`gearkit calibrate` chooses the widths on calibration text). The allocation is data: `config()`
     lists every layer's stage, so a recipe that uses it round-trips through `to_dict`/`from_dict`. The part is
     the chosen stage's, tagged with the layer (static metadata, no bytes), so the stored bytes are exactly the
     child's and `decode` needs no context.
@@ -48,9 +63,9 @@ class PerLayer(Wrapper):
                 )
         if default is None and not any(s is not None for s in stages):
             raise ValueError("PerLayer needs a stage for some layer (or a default)")
-        self.stages, self.default = stages, default
+        *self.stages, self.default = shared([*stages, default])
         # registered as submodules, so .to(device) and state_dict see them
-        for i, s in enumerate(stages):
+        for i, s in enumerate(self.stages):
             if s is not None:
                 self.add_module(f"layer{i}", s)
 
@@ -125,8 +140,8 @@ class PerHead(Wrapper):
         for i, s in enumerate(stages):
             if not isinstance(s, Stage):
                 raise TypeError(f"PerHead stages must be gearkit Stages, got {type(s).__name__} (head {i})")
-        self.stages = stages
-        for i, s in enumerate(stages):  # submodules, so .to(device) and state_dict see them
+        self.stages = shared(stages)
+        for i, s in enumerate(self.stages):  # submodules, so .to(device) and state_dict see them
             self.add_module(f"head{i}", s)
 
     def config(self) -> dict:

@@ -27,6 +27,7 @@ from gearkit.integrations.attention import NAME as ATTENTION_NAME
 from gearkit.integrations.attention import check_taken, offer, withdraw
 from gearkit.integrations.baselines import HF_BASELINES as HF_BASELINES
 from gearkit.integrations.baselines import available_baselines as available_baselines
+from gearkit.models import model_identity
 from gearkit.recipe import Recipe
 
 NEEDS_QUERIES = (
@@ -197,15 +198,23 @@ class GearCache(Cache):
     """
 
     def __init__(self, recipe: Recipe | str, config=None, buffer_dtype: torch.dtype | None = torch.float16):
-        self.recipe = recipes.get(recipe) if isinstance(recipe, str) else recipe
+        if isinstance(recipe, str):
+            recipe = recipes.get(recipe) if config is None else recipes.for_model(recipe, config)
+        self.recipe = recipe
         self.buffer_dtype = buffer_dtype
         self.shared = StepShared()  # what every layer of a step computes alike, computed by the first
         self._before: list[dict] = []  # the layers' states before the current step (see `update`)
         self._layers_known = config is not None  # whether the last layer's update ends a step
         if config is None:  # layers are created by `update`, as the model reaches them
+            if self.recipe.model_bound:
+                raise ValueError(
+                    f"recipe {self.recipe.name!r} was made for one model: pass that model's config "
+                    "(GearCache(recipe, model.config), or make_cache(recipe, model)) so the cache can check it"
+                )
             super().__init__(layers=[])
             return
         check_full_attention(config)
+        self.recipe.check_identity(model_identity(config, getattr(config, "_name_or_path", "") or "this model"))
         implementation = getattr(config, "_attn_implementation", None)
         if self.recipe.needs_saliency and implementation not in (None, ATTENTION_NAME):
             raise ValueError(
@@ -359,7 +368,7 @@ def make_cache(spec: str | Recipe, model, attention: str = "gearkit") -> Cache:
         raise ValueError(f"attention must be 'gearkit' or 'sdpa', got {attention!r}")
     if isinstance(spec, str) and spec in HF_BASELINES:
         return baselines.make_baseline(spec, model)
-    recipe = spec if isinstance(spec, Recipe) else recipes.get(check_cache_name(spec))
+    recipe = spec if isinstance(spec, Recipe) else recipes.for_model(check_cache_name(spec), model.config)
     if attention == "gearkit" or recipe.needs_saliency:
         if attention == "sdpa":
             raise ValueError(
