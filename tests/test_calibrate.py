@@ -3,6 +3,9 @@ that carry the model's identity. A tiny random model, seconds."""
 
 import itertools
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -23,6 +26,7 @@ from gearkit.calibrate import (
     tuning_window,
     write,
 )
+from gearkit.cli import main
 from gearkit.integrations.hf import GearCache, make_cache
 from gearkit.models import model_identity
 
@@ -92,3 +96,29 @@ def test_calibrated_recipes_are_files_for_their_model_only(measured, tmp_path, m
     with pytest.raises(ValueError, match="calibrated for tiny .*gearkit calibrate"):
         GearCache(recipe, other.config)
     assert allocated_recipe(sens, 3.0).to_dict() == recipe.to_dict()
+
+
+def test_the_command_writes_recipes_that_every_command_takes_by_file_and_by_name(tiny_checkpoint, tmp_path):
+    env = {**os.environ, "GEARKIT_CACHE_DIR": str(tmp_path / "cache")}
+
+    def gearkit(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "gearkit.cli", *args], capture_output=True, text=True, timeout=600, env=env
+        )
+
+    out, model = tmp_path / "out", str(tiny_checkpoint)
+    protocol = ("--prefix", "64", "--continuation", "16", "--windows", "1")
+    run = gearkit(
+        "calibrate", "--model", model, "--text", "idle-help", "--budget", "3", "4.5", *protocol, "--out", str(out)
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [r["recipe"] for r in rows] == ["gk-3", "gk-4.5"] and all(r["model"] == "tiny-llama" for r in rows)
+    assert sorted(p.name for p in out.iterdir()) == ["gk-3.json", "gk-4.5.json", "measurements"]
+    # `gk-3` on this model is the calibrated file, found in the cache dir by the model's identity
+    by_name = gearkit("eval", "ppl", "--model", model, "--recipe", "gk-3", *protocol, "--json")
+    assert by_name.returncode == 0, by_name.stderr[-3000:]
+    assert json.loads(by_name.stdout)["bits_per_element"] < 16
+    with pytest.raises(ValueError, match="calibrated for tiny-llama .*gearkit calibrate"):
+        GearCache(Recipe.load(out / "gk-3.json"), tiny_llama("gqa", 2).config)
+    assert main(["calibrate", "--budget", "0.5"]) == 2  # refused before anything loads

@@ -17,9 +17,9 @@ SHIPPED = Path(__file__).parent  # one folder of recipe files per model
 
 def calibrated_dir(identity: dict) -> Path:
     """Where `gearkit calibrate` keeps the recipes of the model of `identity` (`gearkit.models.model_identity`), so
-    that `gk-*` names find them: `<gearkit cache dir>/calibrated/<model name>-<config hash>/`."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(identity["name"]))
-    return cache_dir() / "calibrated" / f"{safe}-{identity['config_hash']}"
+    that `gk-*` names find them: `<gearkit cache dir>/calibrated/<config hash>/` (one model, however it is named or
+    loaded)."""
+    return cache_dir() / "calibrated" / identity["config_hash"]
 
 
 def shipped(name: str, model: str = DEFAULT_MODEL) -> Recipe:
