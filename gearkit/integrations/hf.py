@@ -194,12 +194,15 @@ class GearCache(Cache):
             None keeps the model's dtype.
 
     Raises:
+        TypeError: if `recipe` is neither a `Recipe` nor a name.
         ValueError: if the recipe cannot serve this model (e.g. a CSR dictionary trained for another model).
     """
 
     def __init__(self, recipe: Recipe | str, config=None, buffer_dtype: torch.dtype | None = torch.float16):
         if isinstance(recipe, str):
             recipe = recipes.get(recipe) if config is None else recipes.for_model(recipe, config)
+        if not isinstance(recipe, Recipe):
+            raise TypeError(f"GearCache takes a Recipe or a registered recipe name, got {type(recipe).__name__}")
         self.recipe = recipe
         self.buffer_dtype = buffer_dtype
         self.shared = StepShared()  # what every layer of a step computes alike, computed by the first
