@@ -313,7 +313,7 @@ def test_readme_docs_and_registry_agree_on_recipe_names():
         listed |= {head + x + tail.split("}")[1] for x in tail.split("}")[0].split(",")} if tail else {name}
     assert listed == known
     family = re.compile(
-        r"\b(?:uniform|kivi|gear-l|gear|kcvt|sink-gear|sink|csr|hf-quanto|hf-hqq|turboquant|kvquant|gk)"
+        r"\b(?:uniform|kivi|gear-l|gear|kcvt|sink-gear|sinkrot|sink|csr|hf-quanto|hf-hqq|turboquant|kvquant|gk)"
         r"-\d+(?:\.\d+)?\b"
     )
     for page in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]:
