@@ -381,7 +381,7 @@ def calibrate(
     budgets: Sequence[float],
     out: Path | None = None,
     progress: Callable | None = None,
-    **protocol,
+    **protocol: int,
 ) -> list[Path]:
     """Measure, allocate and write the calibrated recipes of one model (see the module docstring).
 

@@ -22,10 +22,10 @@ class SensitivityTask(CacheTask):
         prefix: prefilled tokens per window.
         continuation: scored tokens per window.
         windows: tuning windows.
-        **kwargs: `model`, `tokenizer`, `loader` (see `CacheTask`).
+        **kwargs: `model`, `tokenizer`, `dtype` (see `CacheTask`).
     """
 
-    def __init__(self, text: str, prefix: int, continuation: int, windows: int, **kwargs):
+    def __init__(self, text: str, prefix: int, continuation: int, windows: int, **kwargs: object):
         super().__init__(Recipe("exact", Pipeline([EXACT]), Pipeline([EXACT])), **kwargs)
         self.text, self.prefix, self.continuation, self.windows = text, prefix, continuation, windows
         self._recorded: list[Window] | None = None
