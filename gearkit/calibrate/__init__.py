@@ -127,13 +127,13 @@ def candidate(layer: int, role: str, stage: Stage) -> Recipe:
 
 
 @torch.inference_mode()
-def continuation_logprobs(model, window: Window, layer: int | None = None, recipes: Sequence[Recipe] = ()) -> Tensor:
-    """The continuation's log-probabilities after the window's prefill, once per recipe in `recipes`, each coding
-    only layer `layer`'s past (what a `ChunkStore` of the recipe holds of the prefill, decompressed); with no recipe,
-    every layer exact. The candidates run as one batch.
+def continuation_logits(model, window: Window, layer: int | None = None, recipes: Sequence[Recipe] = ()) -> Tensor:
+    """The continuation's logits after the window's prefill, once per recipe in `recipes`, each coding only layer
+    `layer`'s past (what a `ChunkStore` of the recipe holds of the prefill, decompressed); with no recipe, every layer
+    exact. The candidates run as one batch.
 
     Returns:
-        float32 `[max(len(recipes), 1), continuation, vocab]`.
+        `[max(len(recipes), 1), continuation, vocab]` in the model's dtype.
     """
     batch = max(len(recipes), 1)
     cache = DynamicCache(config=model.config)  # the model's own layer kinds (sliding windows included)
@@ -142,8 +142,7 @@ def continuation_logprobs(model, window: Window, layer: int | None = None, recip
             held = [_held(recipe, keys, values, layer) for recipe in recipes]
             keys, values = (torch.cat(t) for t in zip(*held))
         cache.update(keys.expand(batch, *keys.shape[1:]), values.expand(batch, *values.shape[1:]), i)
-    logits = model(window.continuation.expand(batch, -1), cache=cache, use_cache=True).logits
-    return logits.float().log_softmax(-1)
+    return model(window.continuation.expand(batch, -1), cache=cache, use_cache=True).logits
 
 
 def _held(recipe: Recipe, keys: Tensor, values: Tensor, layer: int) -> tuple[Tensor, Tensor]:
@@ -167,17 +166,17 @@ def tuning_window(model, ids: Tensor, prefix: int) -> Window:
     recorder = _Recorder(model.config)
     model(ids[None, :prefix], cache=recorder, use_cache=True)
     window = Window(recorder.states, ids[None, prefix:], torch.empty(0))
-    window.reference = continuation_logprobs(model, window)[0]
+    window.reference = continuation_logits(model, window)[0].float().log_softmax(-1)
     return window
 
 
 def kls(model, windows: Sequence[Window], layer: int, recipes: Sequence[Recipe]) -> list[float]:
     """Mean KL(exact || each recipe on layer `layer`) per scored token over `windows`."""
-    total = torch.zeros(len(recipes), dtype=torch.float64)
+    total = [0.0] * len(recipes)
     for w in windows:
-        got = continuation_logprobs(model, w, layer, recipes)
-        total += F.kl_div(got, w.reference.expand_as(got), log_target=True, reduction="none").sum((1, 2)).double()
-    return (total / sum(w.reference.shape[0] for w in windows)).tolist()
+        for i, logits in enumerate(continuation_logits(model, w, layer, recipes)):  # one candidate's vocab at a time
+            total[i] += F.kl_div(logits.float().log_softmax(-1), w.reference, log_target=True, reduction="sum").item()
+    return [t / sum(w.reference.shape[0] for w in windows) for t in total]
 
 
 @dataclasses.dataclass
