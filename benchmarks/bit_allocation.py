@@ -52,10 +52,10 @@ from gearkit import (
     Stage,
 )
 from gearkit.allocations import allocation_file, allocation_stage
+from gearkit.compressors.rope import RoPE
 from gearkit.eval.perplexity import cached_logits
 from gearkit.integrations.hf import make_cache
 from gearkit.models import DEFAULT_MODEL, load_default_model, load_text, token_windows
-from gearkit.recipes import DEFAULT_ROPE_THETA
 
 SINKS, BUFFER, TOKENS = 4, 64, 2048  # the frontier protocol's sink tokens and buffer; bits counted at 2048 tokens
 RESULTS = Path("benchmarks/results")
@@ -78,9 +78,7 @@ LADDER = {
         "ch3/32": Quantizer(3, 32, "channel"),
         # GEAR's low-rank term first (rank 1 per 64-token chunk on pre-RoPE keys, fp16 factors), then 2-bit
         # rotated codes of the rest: per layer (`lowrank`) it beat `ch2` and `had-lm3` on some layers
-        "pre-lr1+had-lm2": Chain(
-            [PreRoPE(LowRankResidual(1), DEFAULT_ROPE_THETA), HadamardRotation(CodebookQuantizer(2))]
-        ),
+        "pre-lr1+had-lm2": Chain([PreRoPE(LowRankResidual(1)), HadamardRotation(CodebookQuantizer(2))]),
     },
     "value": {
         **{f"had-lm{b}": HadamardRotation(CodebookQuantizer(b)) for b in (1, 2, 3, 4)},
@@ -94,26 +92,27 @@ LADDER = {
 # GEAR's low-rank term *first* on pre-RoPE keys (rank r per 64-token chunk, fp16 factors), the rest quantized with
 # fewer bits, against the ladder's keys at about the same bytes (`lowrank` subcommand)
 LOWRANK = {
-    "pre-ch2": [PreRoPE(Quantizer(2, 64, "channel"), DEFAULT_ROPE_THETA)],
+    "pre-ch2": [PreRoPE(Quantizer(2, 64, "channel"))],
     "pre-lr1+pre-ch2": [
-        PreRoPE(LowRankResidual(1), DEFAULT_ROPE_THETA),
-        PreRoPE(Quantizer(2, 64, "channel"), DEFAULT_ROPE_THETA),
+        PreRoPE(LowRankResidual(1)),
+        PreRoPE(Quantizer(2, 64, "channel")),
     ],
     "pre-lr2+pre-ch2": [
-        PreRoPE(LowRankResidual(2), DEFAULT_ROPE_THETA),
-        PreRoPE(Quantizer(2, 64, "channel"), DEFAULT_ROPE_THETA),
+        PreRoPE(LowRankResidual(2)),
+        PreRoPE(Quantizer(2, 64, "channel")),
     ],
-    "pre-lr1+had-lm2": [PreRoPE(LowRankResidual(1), DEFAULT_ROPE_THETA), HadamardRotation(CodebookQuantizer(2))],
+    "pre-lr1+had-lm2": [PreRoPE(LowRankResidual(1)), HadamardRotation(CodebookQuantizer(2))],
     "ch3": [Quantizer(3, 64, "channel")],
 }
 
 
 def stage_bits(stages: Stage | list[Stage], heads: int, head_dim: int) -> float:
-    """Stored bits per element of `stages` on one 64-token chunk (their own byte count, not a formula)."""
+    """Stored bits per element of `stages` on one 64-token chunk (their own byte count, not a formula; the bytes do
+    not depend on the rotation a pre-RoPE stage undoes)."""
     x = torch.randn(1, heads, BUFFER, head_dim)
     return (
         Pipeline(stages if isinstance(stages, list) else [stages])
-        .compress(x, layer=0, positions=torch.zeros(1, dtype=torch.long))
+        .compress(x, layer=0, positions=torch.zeros(1, dtype=torch.long), rope=RoPE([], head_dim=head_dim))
         .bits_per_element
     )
 

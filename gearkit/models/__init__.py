@@ -1,8 +1,9 @@
 """Models and texts: loading the models gearkit runs (the embedded default, and more), what a model family needs
-read from its config, and the built-in texts with the text utilities every evaluation shares.
+read from its config (`model_family`: each layer's attention kind, window, heads and rotary embedding), and the
+built-in texts with the text utilities every evaluation shares.
 """
 
-from gearkit.models.family import head_dim, model_identity
+from gearkit.models.family import Family, Layer, head_dim, model_family, model_identity
 from gearkit.models.loading import (
     DEFAULT_MODEL,
     INSTALL_HINT,
@@ -23,7 +24,9 @@ from gearkit.models.texts import (
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_TEXT",
+    "Family",
     "INSTALL_HINT",
+    "Layer",
     "TEXTS",
     "chat_ids",
     "first_tokens",
@@ -32,6 +35,7 @@ __all__ = [
     "load_default_model",
     "load_default_tokenizer",
     "load_text",
+    "model_family",
     "model_identity",
     "pad_token_id",
     "token_windows",
