@@ -187,6 +187,34 @@ def test_uncompressed_windows_are_reported_as_held():
     assert report.elements == 2 * (2 * 2 * (WINDOW - 1) * 32) and report.bits_per_element == 16  # fp16 windows
 
 
+@pytest.mark.parametrize("sliding", [None, EXACT], ids=["uncompressed-windows", "compressed-windows"])
+def test_assisted_decoding_on_windowed_layers_equals_plain_greedy(sliding):
+    layers = dict(layer_types=["full_attention", "sliding_attention"])  # a full layer first: crop it, then refuse
+    m = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**{**BASE, **FAMILIES["gemma2"][1], **layers}))
+    torch.manual_seed(1)
+    assistant = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**BASE, "num_hidden_layers": 1})).eval()
+    ids = torch.randint(2, 97, (1, PROMPT), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=3 * WINDOW, min_new_tokens=3 * WINDOW, do_sample=False, pad_token_id=0)
+    plain = m.eval().generate(ids, cache=DynamicCache(config=m.config), **kw)
+    make_cache(EXACT, m)
+    cache = GearCache(EXACT, m.config, buffer_dtype=None, sliding=sliding)
+    assert torch.equal(m.generate(ids, cache=cache, assistant_model=assistant, **kw), plain)
+    with pytest.raises(ValueError, match="window"):  # a window cannot be cropped past what it holds
+        cache.crop(-2 * WINDOW)
+    assert {layer.get_seq_length() for layer in cache.layers} == {PROMPT + 3 * WINDOW - 1}  # every layer as it was
+
+
+def test_a_window_store_crops_what_it_holds():
+    store = GearCache(EXACT, config("mistral-window"), buffer_dtype=None, sliding=EXACT).layers[0].store
+    keys = torch.randn(1, 2, 30, 16)
+    store.append(keys, keys)
+    assert (store.offset, store.chunks, store.buffered) == (16, 1, 6)  # 30 - 11 = 19 visible: chunks 0-1 dropped
+    store.crop(5)
+    assert store.length == 25 and torch.equal(store.dequantized()[0], keys[:, :, 16:25])
+    with pytest.raises(ValueError, match="no longer holds the tokens before 16"):
+        store.crop(10)
+
+
 # -- the storage read equals the decompressed past ----------------------------------------------------------------
 
 

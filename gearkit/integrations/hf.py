@@ -242,7 +242,19 @@ class SlidingLayer(DynamicSlidingWindowLayer):
         return keys.to(dtype), values.to(dtype)
 
     def crop(self, tokens_to_remove: int) -> None:
-        """`DynamicSlidingWindowLayer.crop`, then the window holds its own bytes."""
+        """`DynamicSlidingWindowLayer.crop` (a negative count), then the window holds its own bytes.
+
+        Raises:
+            ValueError: when the layer would no longer hold the window the next step needs (the tokens before the
+                ones removed have left it).
+        """
+        if self.is_initialized and tokens_to_remove < 0:
+            keep = self.cumulative_length + tokens_to_remove
+            if self.keys.shape[-2] + tokens_to_remove < min(keep, self.sliding_window - 1):
+                raise ValueError(
+                    f"cannot remove {-tokens_to_remove} tokens: this sliding-window layer holds only its last "
+                    f"{self.keys.shape[-2]}, and the window before them has left it"
+                )
         super().crop(tokens_to_remove)
         self._own()
 
@@ -410,10 +422,16 @@ class GearCache(Cache):
         super().reset()
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Remove the last `-tokens_to_remove` tokens (see `GearLayer.crop`), after undoing a step abandoned
-        part-way."""
+        """Remove the last `-tokens_to_remove` tokens from every layer (see `GearLayer.crop`, `SlidingLayer.crop`),
+        after undoing a step abandoned part-way; if a layer refuses, every layer is left as it was."""
         self._settle()
-        super().crop(tokens_to_remove)
+        states = [layer.snapshot() for layer in self.layers]
+        try:
+            super().crop(tokens_to_remove)
+        except BaseException:
+            for layer, state in zip(self.layers, states):
+                layer.restore(state)
+            raise
 
     def _roll_back(self) -> None:
         """Put every layer the current step has updated back as it was before the step."""
