@@ -98,28 +98,26 @@ def head_dim(config) -> int:
     return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
 
-def _rope_parameters(text, layer_type: str) -> tuple[dict | None, bool]:
-    """The RoPE parameters that apply to layers of `layer_type` (None: no RoPE), and whether they are nested by
-    layer type (Gemma 3's local and global bases)."""
-    params = getattr(text, "rope_parameters", None)
-    if not params:
-        theta = getattr(text, "rope_theta", None)
-        return (None if theta is None else {"rope_type": "default", "rope_theta": theta}), False
-    if any(key in (getattr(text, "layer_types", None) or ()) for key in params):
-        return params.get(layer_type), True
-    return params, False
-
-
 def _rope(text, layer: int, layer_type: str, dim: int) -> tuple[RoPE | None, str | None]:
     """The rotary embedding of `layer`, or None and why it cannot serve pre-RoPE coding."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     no_rope = getattr(text, "no_rope_layers", None)  # SmolLM3, Llama 4: 0 marks a layer without RoPE
-    params, nested = _rope_parameters(text, layer_type)
-    if (no_rope is not None and not no_rope[layer]) or (nested and params is None):
+    if no_rope is not None and not no_rope[layer]:
         return RoPE([], head_dim=dim), None
-    if params is None:
-        return None, "the config names no rotary embedding (rope_parameters)"
+    params = getattr(text, "rope_parameters", None)
+    if not params:
+        theta = getattr(text, "rope_theta", None)
+        if theta is None:
+            return None, "the config names no rotary embedding (rope_parameters)"
+        params = {"rope_type": "default", "rope_theta": theta}
+    nested = text.nested_rope_parameter_keys(params) if hasattr(text, "nested_rope_parameter_keys") else []
+    if nested:  # one set per layer type (Gemma 3's local and global bases)
+        if layer_type not in nested:
+            return None, f"its RoPE parameters are given for {sorted(nested)}, not for its layer type {layer_type!r}"
+        params = params[layer_type]
+        if params is None:  # a layer type without RoPE
+            return RoPE([], head_dim=dim), None
     kind = params.get("rope_type", params.get("type", "default"))
     if kind in POSITION_DEPENDENT:
         return None, f"its {kind!r} RoPE changes its frequencies with the sequence length seen"
