@@ -20,9 +20,8 @@ from report import publish  # benchmarks/report.py (run as `python benchmarks/<s
 
 from gearkit import CodebookQuantizer, HadamardRotation, Pipeline
 from gearkit.compressors.codebook import kmeans_levels
-from gearkit.compressors.rope import RoPE, inverse_frequencies
-from gearkit.models import DEFAULT_MODEL, load_default_model, load_text, token_windows
-from gearkit.recipes import DEFAULT_ROPE_THETA
+from gearkit.compressors.rope import RoPE
+from gearkit.models import DEFAULT_MODEL, load_default_model, load_text, model_family, token_windows
 
 CHUNK = 64
 
@@ -45,8 +44,7 @@ def per_channel(x: torch.Tensor) -> torch.Tensor:
     return g / g.square().mean(2, keepdim=True).sqrt().clamp(min=1e-30)
 
 
-def pre_rope(x: torch.Tensor) -> torch.Tensor:
-    rope = RoPE(inverse_frequencies(x.shape[-1], DEFAULT_ROPE_THETA))
+def pre_rope(x: torch.Tensor, rope: RoPE) -> torch.Tensor:
     return rope.undo(x, torch.arange(x.shape[2])[None])
 
 
@@ -55,13 +53,13 @@ ROTATE = HadamardRotation(CodebookQuantizer(2))
 SCHEMES = {
     "values, Hadamard, per vector (gk, TurboQuant)": (
         "value",
-        lambda x: x,
+        lambda x, rope: x,
         lambda x: per_vector(ROTATE.rotate(x)),
         lambda b, lv: HadamardRotation(CodebookQuantizer(b, levels=lv)),
     ),
     "keys, Hadamard, per vector (gk-2.5)": (
         "key",
-        lambda x: x,
+        lambda x, rope: x,
         lambda x: per_vector(ROTATE.rotate(x)),
         lambda b, lv: HadamardRotation(CodebookQuantizer(b, levels=lv)),
     ),
@@ -73,7 +71,7 @@ SCHEMES = {
     ),
     "values, per vector, no rotation (KVQuant)": (
         "value",
-        lambda x: x,
+        lambda x, rope: x,
         per_vector,
         lambda b, lv: CodebookQuantizer(b, levels=lv),
     ),
@@ -92,6 +90,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     model, tokenizer = load_default_model()
+    rope = model_family(model.config).layers[0].rope  # every layer of the default model turns keys alike
     train, test = token_windows(tokenizer, load_text(args.text), 1024, 1024, 2)
     with torch.inference_mode():
         kv = [
@@ -112,7 +111,8 @@ def main() -> None:
         for bits in args.bits:
             errors = torch.zeros(2)
             for (k_tr, v_tr), (k_te, v_te) in zip(*kv):
-                x_tr, x_te = (transform(k_tr), transform(k_te)) if role == "key" else (transform(v_tr), transform(v_te))
+                x_tr, x_te = (k_tr, k_te) if role == "key" else (v_tr, v_te)
+                x_tr, x_te = transform(x_tr, rope), transform(x_te, rope)
                 levels = kmeans_levels(normalise(x_tr), bits).tolist()
                 errors += torch.tensor([rel_error(make(bits, None), x_te), rel_error(make(bits, levels), x_te)])
             lm, cal = (errors / len(kv[0])).tolist()

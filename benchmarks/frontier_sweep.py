@@ -37,9 +37,6 @@ from gearkit import (
 from gearkit.cli import progress_bar
 from gearkit.eval.perplexity import evaluate
 from gearkit.models import DEFAULT_MODEL, load_default_model, load_text
-from gearkit.recipes import DEFAULT_ROPE_THETA
-
-THETA = DEFAULT_ROPE_THETA
 
 
 def keys(kind: str, bits: int):
@@ -47,20 +44,20 @@ def keys(kind: str, bits: int):
     return {
         "ch": [Quantizer(bits, 64, "channel")],  # KIVI-style per-channel, post-RoPE
         "ch128-": [Quantizer(bits, 128, "channel")],  # the same over 128-token chunks (buffer 128)
-        "pre-ch": [PreRoPE(Quantizer(bits, 64, "channel"), THETA)],  # per-channel, before RoPE
-        "pre-lm-ch": [PreRoPE(CodebookQuantizer(bits, 64, "channel", centered=True), THETA)],
+        "pre-ch": [PreRoPE(Quantizer(bits, 64, "channel"))],  # per-channel, before RoPE
+        "pre-lm-ch": [PreRoPE(CodebookQuantizer(bits, 64, "channel", centered=True))],
         "had-lm": [HadamardRotation(CodebookQuantizer(bits))],  # TurboQuant-style
-        "pre-had-lm": [PreRoPE(HadamardRotation(CodebookQuantizer(bits)), THETA)],
+        "pre-had-lm": [PreRoPE(HadamardRotation(CodebookQuantizer(bits)))],
         # TurboQuant's inner-product variant: the MSE code, then QJL's 1-bit sketch of its residual (1.25 bits more)
         "had-lm-qjl": [HadamardRotation(CodebookQuantizer(bits)), SignSketch()],
         # GEAR's low-rank term first, on pre-RoPE keys (rank 1 per 64-token chunk: 0.5 bit), the rest quantized
-        "pre-lr1-ch": [PreRoPE(LowRankResidual(1), THETA), PreRoPE(Quantizer(bits, 64, "channel"), THETA)],
+        "pre-lr1-ch": [PreRoPE(LowRankResidual(1)), PreRoPE(Quantizer(bits, 64, "channel"))],
         # GEAR's order: quantize, then rank 1 of the residual
-        "pre-ch-lr1": [PreRoPE(Quantizer(bits, 64, "channel"), THETA), LowRankResidual(1)],
+        "pre-ch-lr1": [PreRoPE(Quantizer(bits, 64, "channel")), LowRankResidual(1)],
         # KVQuant: 1% dense-and-sparse outliers per token (across heads), then a non-uniform per-channel code
         "pre-out-lm-ch": [
-            PreRoPE(SparseOutlier(0.01, "token", across_heads=True), THETA),
-            PreRoPE(CodebookQuantizer(bits, 64, "channel", centered=True), THETA),
+            PreRoPE(SparseOutlier(0.01, "token", across_heads=True)),
+            PreRoPE(CodebookQuantizer(bits, 64, "channel", centered=True)),
         ],
     }[kind]
 

@@ -14,6 +14,7 @@ import torch
 
 import gearkit
 from gearkit.eval import compare_recipes, format_table, synthetic_kv
+from gearkit.eval.tensors import needs_a_model
 
 
 def main() -> None:
@@ -33,8 +34,7 @@ def main() -> None:
     )
     results, millis = [], []
     for name in gearkit.recipes.names():
-        recipe = gearkit.recipes.get(name)
-        if recipe.needs_saliency or recipe.model_bound:  # need a model's queries / its layers
+        if needs_a_model(gearkit.recipes.get(name)):  # its queries, layers or RoPE
             continue
         start = time.perf_counter()
         results += compare_recipes(keys, values, [name])

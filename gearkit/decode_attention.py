@@ -4,13 +4,15 @@ The route only goes down: a cache step (`gearkit.cache.StepView.attend`) calls `
 path once per call and then calls the pipelines directly:
 
 - `"triton"`: the fused Triton kernel (`gearkit.kernels.attention`) where both pipelines are in GEAR's fused layout
-  and the kernel covers it (a GPU, or the `"triton"` backend);
+  and the kernel covers it (a GPU, or the `"triton"` backend; not for soft-capped scores);
 - `"stored"`: torch, reading each block through `key_pipeline.scores` and `value_pipeline.weighted` (stages multiply
   by their packed codes, factors and rotations; `gearkit.kernels.products` runs the compiled CPU kernel where it
   can), with an online softmax over the exact tokens and then block by block;
 - `"reference"`: under the `"torch"` backend, each block decompressed and attended to densely (the oracle).
 
 No sequence-major copy of the past is made on the first two paths: what a call creates is bounded by one block.
+Attention soft-capping (Gemma 2: scores become `cap * tanh(scores / cap)` before the mask) applies on every path
+that runs it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import Tensor
 from gearkit.compressors.pipeline import Pipeline
 from gearkit.kernels.attention import triton_block_attention
 from gearkit.kernels.backend import get_backend, may_use_triton, use_triton
-from gearkit.kernels.reference import attention_reference, merge_attention
+from gearkit.kernels.reference import attention_reference, merge_attention, soft_cap
 from gearkit.parts import CompressedTensor
 
 STORAGE_QUERIES = 16  # on CUDA, steps with at most this many new tokens read the storage (the kernel's query rows)
@@ -54,19 +56,25 @@ def path(
     value_pipeline: Pipeline,
     keys: CompressedTensor,
     values: CompressedTensor,
+    softcap: float | None = None,
 ) -> str:
     """Which path reads blocks like `keys`/`values` on `device`: `"triton"`, `"stored"` or `"reference"`.
 
     Raises:
-        RuntimeError: under the `"triton"` backend when the kernel cannot read these pipelines.
+        RuntimeError: under the `"triton"` backend when the kernel cannot read these pipelines or soft-cap scores.
     """
     if may_use_triton(device):
         (key_layout, key_reason), (value_layout, value_reason) = (
             key_pipeline.storage_layout(keys.shape),
             value_pipeline.storage_layout(values.shape),
         )
+        capped = None if softcap is None else "the Triton attention kernel does not soft-cap scores"
         reason = (
-            key_reason or value_reason or key_layout.triton_unsupported(keys) or value_layout.triton_unsupported(values)
+            capped
+            or key_reason
+            or value_reason
+            or key_layout.triton_unsupported(keys)
+            or value_layout.triton_unsupported(values)
         )
         if use_triton(device, reason):
             return "triton"
@@ -81,6 +89,7 @@ def attend(
     bias: Tensor,
     scaling: float,
     exact: Exact | None = None,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of a few queries over stored chunks (and optional exact tokens, in the same softmax).
 
@@ -94,18 +103,19 @@ def attend(
         scaling: softmax scale.
         exact: optional full-precision keys and values `[batch, kv_heads, F, head_dim]` and their bias
             `[batch, queries, F]`.
+        softcap: the scores' soft cap (`cap * tanh(scores / cap)`, before the bias), or None.
 
     Returns:
         `(out, lse)`: float32 `[batch, heads, queries, head_dim]` (zeros for a query that sees nothing) and
         `[batch, heads, queries]` (`-inf` then).
     """
     keys, values = blocks[0]
-    chosen = path(query.device, key_pipeline, value_pipeline, keys, values)
+    chosen = path(query.device, key_pipeline, value_pipeline, keys, values, softcap)
     if chosen == "stored":
-        return _online(query, key_pipeline, value_pipeline, blocks, bias, scaling, exact)
+        return _online(query, key_pipeline, value_pipeline, blocks, bias, scaling, exact, softcap)
     segments, first, t = [], 0, keys.shape[2]
     if exact is not None:
-        segments.append(attention_reference(query, *exact, scaling))
+        segments.append(attention_reference(query, *exact, scaling, softcap))
     for keys, values in blocks:
         n = keys.shape[0] // query.shape[0]
         part = block_bias(bias, first * t, (first + n) * t)
@@ -120,7 +130,7 @@ def attend(
                 rearrange(pipeline.decompress(c).float(), "(n b) h c d -> b h (n c) d", n=n)
                 for pipeline, c in ((key_pipeline, keys), (value_pipeline, values))
             )
-            segments.append(attention_reference(query, k, v, part[:, None], scaling))
+            segments.append(attention_reference(query, k, v, part[:, None], scaling, softcap))
         first += n
     if len(segments) == 1:
         return segments[0]
@@ -135,6 +145,7 @@ def _online(
     bias: Tensor,
     scaling: float,
     exact: Exact | None,
+    softcap: float | None,
 ) -> tuple[Tensor, Tensor]:
     """The `"stored"` path: an online softmax over the exact tokens, then block by block (arguments as `attend`)."""
     b, hq, nq, d = query.shape
@@ -148,7 +159,7 @@ def _online(
     else:
         keys, values, exact_bias = exact
         exact_bias = exact_bias.float()[:, None, None].expand(b, 1, hq // heads, nq, -1).reshape(b, 1, rows, -1)
-        scores = q[0] @ keys.float().mT + exact_bias  # [batch, heads, rows, F]
+        scores = soft_cap(q[0] @ keys.float().mT, softcap) + exact_bias  # [batch, heads, rows, F]
         top = scores.amax(-1)
         top = torch.where(torch.isfinite(top), top, 0.0)
         p = torch.exp(scores - top[..., None])
@@ -157,7 +168,7 @@ def _online(
     for keys, values in blocks:
         n = keys.shape[0] // b
         part = block_bias(bias, first * t, (first + n) * t).reshape(b, n, t).transpose(0, 1)[:, :, None, None]
-        scores = key_pipeline.scores(keys, q, n) + part  # [chunks, batch, heads, rows, T]
+        scores = soft_cap(key_pipeline.scores(keys, q, n), softcap) + part  # [chunks, batch, heads, rows, T]
         first += n
         seen = scores.amax((0, -1))
         new = torch.where(total > 0, torch.maximum(top, seen), torch.where(torch.isfinite(seen), seen, 0.0))

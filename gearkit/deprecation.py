@@ -29,3 +29,13 @@ def moved(module: str, names: dict[str, str]) -> Callable[[str], object]:
         return getattr(importlib.import_module(target), attribute)
 
     return __getattr__
+
+
+def ignored_argument(owner: str, name: str, reason: str) -> None:
+    """Warn (`DeprecationWarning`, at the caller's caller) that `owner`'s argument `name` is still accepted, ignored,
+    and goes in `REMOVAL`; `reason` says what replaces it."""
+    warnings.warn(
+        f"{owner}'s argument {name!r} is ignored and goes in gearkit {REMOVAL}: {reason}",
+        DeprecationWarning,
+        stacklevel=3,
+    )

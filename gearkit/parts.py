@@ -167,10 +167,13 @@ class PositionedPart(Part):
     Attributes:
         inner: the part of the tensor as it was coded (before the rotary embedding).
         start: int32 `[batch]` sequence position of each entry's first token.
+        rope: the rotary embedding undone before coding and redone after decoding (a `gearkit.compressors.RoPE`,
+            a value: static metadata, no bytes).
     """
 
     inner: Part
     start: Tensor
+    rope: object
     component: ClassVar[str] = "positions"
 
 

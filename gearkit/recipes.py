@@ -40,8 +40,6 @@ from gearkit.csr import csr, default_dictionary_path, register_default_recipes
 from gearkit.models import DEFAULT_MODEL, model_identity
 from gearkit.recipe import Recipe, describe, get, names, register, register_builder
 
-DEFAULT_ROPE_THETA = 100000.0  # the default model's RoPE base, for recipes that code keys before RoPE
-
 
 def _pipeline(*stages: Stage) -> Pipeline:
     return Pipeline(list(stages))
@@ -161,9 +159,10 @@ def _turboquant(name: str, description: str, key_bits: int, value_bits: int) -> 
 
 def _kvquant(name: str, description: str, bits: int) -> Recipe:
     """KVQuant: 1% dense-and-sparse outliers per token (across heads), then a non-uniform code; keys per channel
-    and before RoPE (outliers and codes both in the pre-RoPE space), values per token."""
+    and before RoPE (outliers and codes both in the pre-RoPE space, under the model's own rotary embedding, which
+    the cache reads from its config), values per token."""
     outliers = SparseOutlier(0.01, "token", across_heads=True)
-    key = PreRoPE(Chain([outliers, CodebookQuantizer(bits, 64, "channel", centered=True)]), DEFAULT_ROPE_THETA)
+    key = PreRoPE(Chain([outliers, CodebookQuantizer(bits, 64, "channel", centered=True)]))
     value = _pipeline(SparseOutlier(0.01, "token", across_heads=True), CodebookQuantizer(bits))
     return Recipe(name, _pipeline(key), value, 64, sink_tokens=1, description=description)
 
@@ -298,7 +297,6 @@ _register_catalog()
 
 __all__ = [
     "CALIBRATED",
-    "DEFAULT_ROPE_THETA",
     "for_model",
     "needs_calibration",
     "csr",

@@ -30,6 +30,7 @@ from gearkit import (
     Stage,
     Wrapper,
 )
+from gearkit.compressors.rope import RoPE, inverse_frequencies
 from gearkit.parts import cat_batch, select_batch
 
 DICTIONARY = tiny_set()  # head dim 16, layers 0 and 1, pre-RoPE keys
@@ -51,25 +52,25 @@ STAGES = {
     "codebook-calibrated": CodebookQuantizer(2, levels=[-2.0, -0.5, 0.25, 1.5]),
     "hadamard-codebook": HadamardRotation(CodebookQuantizer(2, 8), seed=1),
     "sign-sketch": SignSketch(64, seed=1),  # 4 bits per element: the round-trip check wants error below the norm
-    "pre-rope-codebook": PreRoPE(CodebookQuantizer(3, None, "channel", centered=True), 10000.0),
+    "pre-rope-codebook": PreRoPE(CodebookQuantizer(3, None, "channel", centered=True)),
     "channel-separable": ChannelSeparableQuantizer(3),
     "mixed-precision": MixedPrecision(Quantizer(4, None, "channel"), ChannelSeparableQuantizer(2), 0.25),
     "dictionary-key": SparseDictionary(DICTIONARY, "key", 2),
     "dictionary-value-int8": SparseDictionary(DICTIONARY, "value", 2, coef_bits=8),
     "per-layer": PerLayer([Quantizer(2, 8, "channel"), HadamardRotation(CodebookQuantizer(3), seed=2)]),  # layer 1's
-    "chain": Chain([PreRoPE(LowRankResidual(1), 10000.0), HadamardRotation(CodebookQuantizer(2), seed=1)]),
+    "chain": Chain([PreRoPE(LowRankResidual(1)), HadamardRotation(CodebookQuantizer(2), seed=1)]),
     "per-head": PerHead([Quantizer(2, 8, "channel"), MixedPrecision(Quantizer(4, None, "channel"), Quantizer(2), 0.5)]),
 }
 SHAPE = (2, 2, 16, 16)  # [batch, kv_heads, tokens, head_dim]
 
 
 def context(stage: Stage, shape=SHAPE) -> Context:
-    """What a cache would supply: saliency where required, positions and layer always."""
-    b, h, t, _ = shape
+    """What a cache would supply: saliency where required, positions, layer and the rotary embedding always."""
+    b, h, t, d = shape
     saliency = (
         torch.randn(b, h, t, generator=torch.Generator().manual_seed(t)) if "saliency" in stage.requires else None
     )
-    return Context(saliency, torch.arange(b) * 100, 1)
+    return Context(saliency, torch.arange(b) * 100, 1, RoPE(inverse_frequencies(d, 10000.0)))
 
 
 def storage_bytes(c) -> int:
@@ -143,7 +144,7 @@ def test_requirements_are_declared_and_checked_once():
     mixed = STAGES["mixed-precision"]
     assert mixed.requires == {"saliency"} and Rotation(mixed).requires == {"saliency"}
     assert Pipeline([SparseOutlier(0.1), mixed]).requires == {"saliency"}
-    assert PreRoPE(HadamardRotation(mixed)).requires == {"saliency", "positions"}
+    assert PreRoPE(HadamardRotation(mixed)).requires == {"saliency", "positions", "rope"}
     with pytest.raises(ValueError, match="saliency"):
         Pipeline([mixed]).compress(kv_like(0, SHAPE))
     with pytest.raises(ValueError, match="unknown context"):
@@ -196,7 +197,7 @@ LEAVES = {name: s for name, s in STAGES.items() if not isinstance(s, Wrapper)}
 WRAPPERS = {
     "rotation": lambda leaf: Rotation(leaf, seed=1),
     "hadamard": lambda leaf: HadamardRotation(leaf, seed=1),
-    "pre-rope": lambda leaf: PreRoPE(leaf, 10000.0),
+    "pre-rope": lambda leaf: PreRoPE(leaf),
     "per-layer": lambda leaf: PerLayer([FullPrecision(), leaf]),  # the context's layer 1 takes the leaf
     "per-head": lambda leaf: PerHead([leaf, leaf]),
     "chain": lambda leaf: Chain([leaf]),

@@ -22,8 +22,11 @@ from gearkit import (
     Stage,
     recipes,
 )
+from gearkit.compressors.rope import RoPE, inverse_frequencies
 from gearkit.integrations.hf import make_cache
 from gearkit.models import DEFAULT_MODEL
+
+ROPE = RoPE(inverse_frequencies(64, 100000.0))  # the default model's rotary embedding (head dim 64)
 
 WIDTHS = [Quantizer(b, None, "token") for b in (2, 3, 4)]
 
@@ -111,7 +114,7 @@ def test_builtin_allocations_cost_their_budget_and_fit_only_their_model(name, bu
     x, layers = kv_like(5, (1, 3, 64, 64)), recipe.model["layers"]
     start = torch.tensor([64])  # pre-RoPE widths store the chunk's first position
     bits = sum(
-        p.compress(x, layer=i, positions=start).bits_per_element
+        p.compress(x, layer=i, positions=start, rope=ROPE).bits_per_element
         for i in range(layers)
         for p in (recipe.key, recipe.value)
     )
@@ -184,5 +187,5 @@ def test_an_allocation_holds_one_stage_per_width_and_round_trips_as_data():
         copied = copy.deepcopy(pipeline)
         assert len({id(m) for m in copied.modules()}) == len({id(m) for m in pipeline.modules()})
         for layer in range(recipe.model["layers"]):
-            a, b = (p.compress(x, layer=layer, positions=start) for p in (pipeline, getattr(again, role)))
+            a, b = (p.compress(x, layer=layer, positions=start, rope=ROPE) for p in (pipeline, getattr(again, role)))
             assert a.nbytes == b.nbytes and torch.equal(pipeline.decompress(a), getattr(again, role).decompress(b))

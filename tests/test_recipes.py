@@ -4,6 +4,7 @@ from conftest import kv_like, rel_error
 
 from gearkit import LowRankResidual, Pipeline, Quantizer, Recipe, recipes
 from gearkit import recipe as registry
+from gearkit.compressors.rope import RoPE, inverse_frequencies
 
 REQUIRED = ["fp16", "uniform-2", "uniform-4", "kivi-2", "kivi-4", "gear-2", "gear-4", "gear-l-2", "gear-l-4", "kcvt-4"]
 
@@ -97,6 +98,7 @@ def test_every_builtin_recipe_round_trips_as_data(name):
         k = kv_like(2, (1, 3, recipe.buffer_size, 64))
         ctx = dict(saliency=torch.randn(1, 3, recipe.buffer_size)) if recipe.needs_saliency else {}
         ctx |= dict(positions=torch.tensor([64])) if "positions" in recipe.key.requires else {}
+        ctx |= dict(rope=RoPE(inverse_frequencies(64, 1e4))) if "rope" in recipe.key.requires else {}
         ctx |= dict(layer=1) if "layer" in recipe.key.requires else {}
         a, b = recipe.key.compress(k, **ctx), again.key.compress(k, **ctx)
         assert all(torch.equal(t, b.tensors()[n]) for n, t in a.tensors().items())
@@ -130,5 +132,6 @@ def test_frontier_recipes_cost_the_bits_they_state():
     }
     for name, (key_bits, value_bits) in expected.items():
         built = recipes.get(name)
-        assert built.key.compress(x, positions=start).bits_per_element == pytest.approx(key_bits), name
+        coded = built.key.compress(x, positions=start, rope=RoPE(inverse_frequencies(64, 1e4)))
+        assert coded.bits_per_element == pytest.approx(key_bits), name
         assert built.value.compress(x).bits_per_element == pytest.approx(value_bits), name

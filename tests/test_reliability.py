@@ -13,11 +13,19 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
 from conftest import kv_like, tiny_llama
-from transformers import DynamicCache, Gemma2Config, MistralConfig, Qwen2Config
+from transformers import (
+    DynamicCache,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
 
 import gearkit
 from gearkit import (
@@ -37,7 +45,14 @@ from gearkit.cache import ChunkStore
 from gearkit.compressors.base import NO_CONTEXT
 from gearkit.integrations.attention import register
 from gearkit.integrations.baselines import check_build_lock
-from gearkit.integrations.hf import HF_BASELINES, GearCache, compressed_tokens, make_cache
+from gearkit.integrations.hf import (
+    HF_BASELINES,
+    GearCache,
+    GearLayer,
+    SlidingLayer,
+    compressed_tokens,
+    make_cache,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXACT = Recipe(
@@ -45,13 +60,13 @@ EXACT = Recipe(
 )
 NO_DICTIONARY = [n for n in recipes.names() if not recipes.get(n).model_bound]  # CSR, allocations: one model's
 GREEDY = dict(do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+GREEDY_TOKENS = dict(do_sample=False, pad_token_id=0)
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.set_grad_enabled(False)
-    # the default model's RoPE base, which the pre-RoPE recipes (kvquant-*) name
-    yield tiny_llama("gqa", 2, max_position_embeddings=1100, rope_theta=100000.0)
+    yield tiny_llama("gqa", 2, max_position_embeddings=1100)
     torch.set_grad_enabled(True)
 
 
@@ -205,22 +220,106 @@ def test_crop_into_a_chunk_then_continue_equals_dynamic_cache(model):
     assert torch.allclose(out, model(ids[:, 37:60], cache=reference, use_cache=True).logits, atol=1e-5)
 
 
-def test_sliding_window_and_hybrid_models_are_refused():
-    heads = dict(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-    )
-    with pytest.raises(ValueError, match="sliding_window"):
-        GearCache("kivi-2", MistralConfig(sliding_window=8, **heads))
-    with pytest.raises(ValueError, match="sliding_attention"):
-        GearCache("kivi-2", Gemma2Config(sliding_window=8, **heads))
-    GearCache("kivi-2", MistralConfig(sliding_window=None, **heads))  # full attention: accepted
-    GearCache("kivi-2", Qwen2Config(use_sliding_window=False, sliding_window=8, **heads))  # window switched off
+HEADS = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
+
+
+def test_sliding_window_and_hybrid_models_keep_each_layers_window():
+    mistral = GearCache("kivi-2", MistralConfig(sliding_window=8, **HEADS))
+    assert all(isinstance(layer, SlidingLayer) and layer.sliding_window == 8 for layer in mistral.layers)
+    gemma = GearCache("kivi-2", Gemma2Config(sliding_window=8, **HEADS))
+    assert [type(layer) for layer in gemma.layers] == [SlidingLayer, GearLayer]  # alternating, as layer_types says
+    full = GearCache("kivi-2", MistralConfig(sliding_window=None, **HEADS))
+    assert all(isinstance(layer, GearLayer) and not layer.is_sliding for layer in full.layers)
+    qwen = GearCache("kivi-2", Qwen2Config(use_sliding_window=False, sliding_window=8, **HEADS))  # window off
+    assert all(isinstance(layer, GearLayer) for layer in qwen.layers)
+
+
+@pytest.mark.parametrize("head_dim", [80, 96])
+def test_stage_shape_limits_are_checked_when_the_cache_is_built(head_dim):
+    config = LlamaConfig(**{**HEADS, "head_dim": head_dim})
+    for name in ("turboquant-2.5", "turboquant-3.5"):
+        with pytest.raises(ValueError, match=f"{name}.*layer 0 \\(head dim {head_dim}\\).*power-of-two"):
+            GearCache(name, config)
+    GearCache("kivi-2", config)  # per-channel and per-token codes serve any head dim
+
+
+def test_soft_capped_attention_runs_under_gearkit_attention():
+    """Gemma 2 caps its attention scores (`cap * tanh(scores / cap)`), which SDPA cannot: gearkit's attention applies
+    the cap on the storage read and on the dense path, and the SDPA compatibility mode says why it cannot."""
+    torch.manual_seed(0)
+    gemma = Gemma2ForCausalLM(Gemma2Config(sliding_window=8, attn_logit_softcapping=5.0, **HEADS)).eval()
+    ids = torch.randint(2, 97, (1, 30), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=20, min_new_tokens=20, output_logits=True, return_dict_in_generate=True, **GREEDY_TOKENS)
+    reference = gemma.generate(ids, cache=DynamicCache(config=gemma.config), **kw)  # eager attention
+    make_cache(EXACT, gemma)  # gearkit's attention
+    cache = GearCache(EXACT, gemma.config, buffer_dtype=None)
+    out = gemma.generate(ids, cache=cache, **kw)
+    assert torch.equal(out.sequences, reference.sequences) and cache.layers[1].reads_storage
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(reference.logits), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="soft-caps its attention scores, which SDPA cannot: use attention='gearkit'"):
+        make_cache(EXACT, gemma, attention="sdpa")
+
+
+def test_the_triton_path_refuses_soft_capping_and_auto_falls_back():
+    from gearkit import decode_attention
+    from gearkit.kernels.backend import use_backend
+
+    gear = recipes.get("gear-2")
+    keys, values = (p.compress(kv_like(i, (1, 2, 64, 64))) for i, p in enumerate((gear.key, gear.value)))
+    chosen = lambda softcap: decode_attention.path(torch.device("cpu"), gear.key, gear.value, keys, values, softcap)
+    with use_backend("triton"):
+        assert chosen(None) == "triton"
+        with pytest.raises(RuntimeError, match="does not soft-cap scores"):
+            chosen(30.0)
+    with use_backend("auto"):
+        assert chosen(30.0) == "stored"
+
+
+def test_a_copied_cache_follows_the_models_later_attention_setting(model):
+    ids = torch.randint(2, 97, (1, 45), generator=torch.Generator().manual_seed(11))
+    cache = make_cache(EXACT, model)  # gearkit's attention: decode reads the storage
+    model(ids[:, :40], cache=cache, use_cache=True)
+    twin = copy.deepcopy(cache)
+    assert twin.config is model.config and twin.layers[0].store is not cache.layers[0].store
+    model.set_attn_implementation("sdpa")
+    got = model(ids[:, 40:41], cache=twin, use_cache=True).logits
+    assert not twin.layers[0].reads_storage  # the copy saw the model's new setting
+    torch.testing.assert_close(got, model(ids[:, 40:41], cache=cache, use_cache=True).logits)
+
+
+class Counting(Quantizer):
+    """A quantizer that records how many tokens each encode receives (chunks arrive stacked along the batch)."""
+
+    calls: ClassVar[list[int]] = []
+
+    def encode(self, x, exclude=None, ctx=NO_CONTEXT):
+        Counting.calls.append(x.shape[0] * x.shape[2])
+        return super().encode(x, exclude, ctx)
+
+
+@pytest.mark.parametrize("name", ["exact", "counting-kivi-2"])
+def test_assisted_decoding_rolls_back_the_rejected_drafts_exactly(model, name):
+    torch.manual_seed(1)
+    assistant = tiny_llama("gqa", 1)  # a one-layer draft model with the same vocabulary
+    kivi = Recipe(name, Pipeline([Counting(2, 16, "channel")]), recipes.get("kivi-2").value, 16)
+    recipe = EXACT if name == "exact" else kivi
+    ids = torch.randint(2, 97, (1, 21), generator=torch.Generator().manual_seed(12))
+    kw = dict(max_new_tokens=40, min_new_tokens=40, **GREEDY_TOKENS)
+    plain = model.generate(ids, cache=make_cache(recipe, model), **kw)
+    cache, Counting.calls = make_cache(recipe, model), []
+    assisted = model.generate(ids, cache=cache, assistant_model=assistant, **kw)
+    assert torch.equal(assisted, plain) and cache.is_croppable
+    chunks = (21 + 39) // 16
+    assert all(layer.store.chunks == chunks for layer in cache.layers)
+    assert sum(Counting.calls) == (0 if recipe is EXACT else 2 * chunks * 16)  # each token compressed once
 
 
 def test_late_and_unclear_errors_come_early_and_name_the_fix(tmp_path):

@@ -79,7 +79,7 @@ def decode_logits(model, recipe, attention: str, ids, mask, steps: int = 3):
 
 @pytest.mark.parametrize("name", READS_STORAGE)
 def test_every_recipe_decodes_from_storage_as_from_the_dequantized_past(name):
-    model = tiny_llama("gqa", rope_theta=100000.0)  # the default model's RoPE base, which pre-RoPE recipes name
+    model = tiny_llama("gqa")
     size = recipes.get(name).buffer_size
     ids = torch.randint(2, 97, (2, 2 * size + 7), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
@@ -111,7 +111,6 @@ def test_per_layer_per_head_rotated_and_codebook_stages_decode_from_their_codes(
     )
     from gearkit.compressors.rotation import Rotation
 
-    theta = 100000.0
     keys = Pipeline(
         [
             PerLayer(
@@ -120,7 +119,7 @@ def test_per_layer_per_head_rotated_and_codebook_stages_decode_from_their_codes(
                         [
                             Quantizer(3, 16, "channel"),
                             HadamardRotation(CodebookQuantizer(2)),
-                            Chain([PreRoPE(LowRankResidual(1), theta), HadamardRotation(CodebookQuantizer(2))]),
+                            Chain([PreRoPE(LowRankResidual(1)), HadamardRotation(CodebookQuantizer(2))]),
                         ]
                     ),
                     CodebookQuantizer(3, 16, "channel", centered=True),
@@ -145,7 +144,7 @@ def test_per_layer_per_head_rotated_and_codebook_stages_decode_from_their_codes(
         ]
     )
     recipe = Recipe("tiny-gk", keys, values, buffer_size=16, sink_tokens=2)
-    model = tiny_llama(dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=192), rope_theta=theta)
+    model = tiny_llama(dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=192))
     ids = torch.randint(2, 97, (2, 3 * 16 + 5), generator=torch.Generator().manual_seed(8))
     mask = torch.ones_like(ids)
     mask[0, :7] = 0

@@ -9,7 +9,8 @@ after the step, so a token never sees a compressed copy of the step it belongs t
 A recipe may keep the first `sink_tokens` tokens of each sequence (attention sinks) as an exact copy (`SinkCopy`):
 the chunk that holds them is compressed with those positions excluded (they do not widen any quantization range),
 and reads take them from the copy. The chunk grid is unchanged. Recipes whose stages need token saliency (ZipCache)
-get a `SaliencyStore`, whose chunks are compressed once the step's queries have scored them.
+get a `SaliencyStore`, whose chunks are compressed once the step's queries have scored them. A sliding-window layer
+given a recipe gets a `WindowStore`, which drops the chunks its window has left.
 
 Held tensors are never written in place, so a `StepView` (what one step attends to) stays valid after the store
 moves on. `gearkit.integrations.hf.GearLayer` adapts a store to `transformers`.
@@ -24,6 +25,8 @@ from gearkit.cache.saliency import SaliencyStore
 from gearkit.cache.sinks import SinkCopy
 from gearkit.cache.step import StepShared, StepView
 from gearkit.cache.store import ChunkStore
+from gearkit.cache.window import WindowStore
+from gearkit.compressors.rope import RoPE
 from gearkit.recipe import Recipe
 
 __all__ = [
@@ -35,6 +38,7 @@ __all__ = [
     "SinkCopy",
     "StepShared",
     "StepView",
+    "WindowStore",
     "make_store",
 ]
 
@@ -44,8 +48,13 @@ def make_store(
     buffer_dtype: torch.dtype | None = torch.float16,
     layer: int | None = None,
     shared: StepShared | None = None,
+    rope: RoPE | None = None,
+    window: int | None = None,
 ) -> ChunkStore:
-    """The store a recipe needs: a `SaliencyStore` when a stage needs token saliency, else a `ChunkStore`
-    (arguments as `ChunkStore`)."""
+    """The store a layer needs: a `WindowStore` for a sliding `window`, a `SaliencyStore` when a stage needs token
+    saliency, else a `ChunkStore` (arguments as `ChunkStore`; `window`: the layer's sliding window, None for full
+    attention)."""
+    if window is not None:
+        return WindowStore(recipe, window, buffer_dtype, layer, shared, rope)
     kind = SaliencyStore if recipe.needs_saliency else ChunkStore
-    return kind(recipe, buffer_dtype, layer, shared)
+    return kind(recipe, buffer_dtype, layer, shared, rope)

@@ -93,6 +93,19 @@ class ChunkList:
             covered += n
         return ChunkList(self.per_block, tuple(kept), self.batch)
 
+    def drop(self, chunks: int) -> ChunkList:
+        """Without the first `chunks` chunks (a group holding the boundary keeps a copy of its later chunks, so the
+        dropped chunks' bytes are let go)."""
+        kept, covered = [], 0
+        for group in self.groups:
+            n = group.shape[0] // self.batch
+            if covered >= chunks:
+                kept.append(group)
+            elif covered + n > chunks:
+                kept.append(select_batch(group, torch.arange((chunks - covered) * self.batch, n * self.batch)))
+            covered += n
+        return ChunkList(self.per_block, tuple(kept), self.batch)
+
     def tensors(self) -> list[Tensor]:
         """Every tensor held."""
         return [t for group in self.groups for t in group.tensors().values()]
@@ -153,6 +166,10 @@ class Lane:
     def truncated(self, chunks: int, buffer: Tensor) -> Lane:
         """The first `chunks` chunks, followed by `buffer` `[batch, kv_heads, buffered, head_dim]`."""
         return Lane(self.pipeline, buffer, self.chunks.truncate(chunks))
+
+    def dropped(self, chunks: int) -> Lane:
+        """Without the first `chunks` chunks (see `ChunkList.drop`)."""
+        return Lane(self.pipeline, self.buffer, self.chunks.drop(chunks))
 
     def tensors(self) -> list[Tensor]:
         """Every tensor held (buffer first)."""

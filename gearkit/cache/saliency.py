@@ -19,6 +19,7 @@ class SaliencyStore(ChunkStore):
     The buffered tokens' running evidence is held as `received` `[batch, kv_heads, buffered]` (the attention the
     probes gave each token) and `seen` `[batch, buffered]` (how many probes saw it); a chunk is compressed with
     saliency `received / seen` (see `gearkit.compressors.probes`). Both are bytes held (`probe_scores`).
+    With `record_past`, the chunks are compressed at the next `crop` instead.
     """
 
     def reset(self) -> None:
@@ -53,14 +54,21 @@ class SaliencyStore(ChunkStore):
         """
         if not self.buffered:
             return
-        buffered, size = self.buffered, self.buffer_size
+        buffered = self.buffered
         step_received, step_seen = probe_attention(query, keys, attention_mask, scaling, self.recipe.probes)
-        received, seen = self.received + step_received[..., -buffered:], self.seen + step_seen[..., -buffered:]
-        full = buffered // size * size
+        self.received = self.received + step_received[..., -buffered:]
+        self.seen = self.seen + step_seen[..., -buffered:]
+        if not self.record_past:
+            self._compress_buffer()
+
+    def _compress_buffer(self) -> None:
+        """Compress the buffer's whole chunks with the saliency their tokens gathered; their evidence goes."""
+        size = self.buffer_size
+        full = self.buffered // size * size
         if full:
-            saliency = rearrange(normalized_saliency(received, seen)[..., :full], "b h (n c) -> (n b) h c", c=size)
-            self._commit(self._compressed(self.lanes, self.sink, saliency))
-        self.received, self.seen = received[..., full:].clone(), seen[..., full:].clone()
+            saliency = normalized_saliency(self.received, self.seen)[..., :full]
+            self._commit(self._compressed(self.lanes, self.sink, rearrange(saliency, "b h (n c) -> (n b) h c", c=size)))
+            self.received, self.seen = self.received[..., full:].clone(), self.seen[..., full:].clone()
 
     def select(self, index: Tensor) -> None:
         super().select(index)
@@ -68,12 +76,10 @@ class SaliencyStore(ChunkStore):
             index = index.to(self.received.device)
             self.received, self.seen = self.received.index_select(0, index), self.seen.index_select(0, index)
 
-    def crop(self, remove: int) -> None:
-        """`ChunkStore.crop`; tokens back from a compressed chunk start with no saliency."""
-        from_buffer = min(remove, self.length) <= self.buffered
-        super().crop(remove)
-        if self.received is None:
-            return
+    def _truncate(self, keep: int) -> None:
+        """`ChunkStore._truncate`; tokens back from a compressed chunk start with no saliency."""
+        from_buffer = self.length - keep <= self.buffered
+        super()._truncate(keep)
         kept = self.buffered
         if from_buffer:
             self.received, self.seen = self.received[..., :kept].clone(), self.seen[..., :kept].clone()

@@ -73,7 +73,13 @@ class StepView:
         return self.keys.buffer.to(self.dtype), self.values.buffer.to(self.dtype)
 
     def attend(
-        self, query: Tensor, keys: Tensor, values: Tensor, attention_mask: Tensor | None, scaling: float | None
+        self,
+        query: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        attention_mask: Tensor | None,
+        scaling: float | None,
+        softcap: float | None = None,
     ) -> Tensor:
         """The step's attention read from the storage: the compressed chunks block by block
         (`gearkit.decode_attention.attend`), with the exact tokens (the sink copy and `keys`/`values`) in the same
@@ -85,6 +91,7 @@ class StepView:
             values: like `keys`.
             attention_mask: boolean `[batch, 1, queries, held + queries]` (True = attend) or None (causal).
             scaling: softmax scale (default `head_dim ** -0.5`).
+            softcap: the model's attention soft-capping (scores become `cap * tanh(scores / cap)`), or None.
 
         Returns:
             `[batch, queries, heads, head_dim]` in the query's dtype.
@@ -104,10 +111,10 @@ class StepView:
         if self.chunks:
             blocks = [(k, v) for (_, k), (_, v) in zip(self.keys.chunks.blocks(), self.values.chunks.blocks())]
             out, _ = decode_attention.attend(
-                query, self.keys.pipeline, self.values.pipeline, blocks, bias, scaling, exact
+                query, self.keys.pipeline, self.values.pipeline, blocks, bias, scaling, exact, softcap
             )
         else:
-            out, _ = attention_reference(query, *exact, scaling)
+            out, _ = attention_reference(query, *exact, scaling, softcap)
         return out.to(query.dtype).transpose(1, 2)
 
     def _biases(

@@ -13,6 +13,7 @@ from gearkit.cache.sinks import SinkCopy, padding
 from gearkit.cache.step import StepShared, StepView
 from gearkit.compressors.base import Context
 from gearkit.compressors.checks import check_finite, check_kv
+from gearkit.compressors.rope import RoPE
 from gearkit.recipe import Recipe
 
 
@@ -35,11 +36,16 @@ def to_buffer(states: Tensor, dtype: torch.dtype | None, name: str) -> Tensor:
 class ChunkStore:
     """One layer's compressed chunks, sink copy and full-precision buffer (see the package docstring).
 
+    While `record_past` is set (transformers' `activate_past_recording`, for assisted decoding), the buffer is
+    compressed only when `crop` is called: tokens a step added stay exact until the caller has kept or removed them,
+    so removing them leaves no trace.
+
     Args:
         recipe: the key/value pipelines, the buffer size (= chunk size) and the sink tokens.
         buffer_dtype: storage dtype of the buffer and the sink copy; None keeps the incoming dtype.
         layer: the model layer this store serves (stages with per-layer artifacts need it).
         shared: the memo the layers of one cache share for a step's biases (default: this store's own).
+        rope: the layer's rotary embedding, for stages that code keys before RoPE (`Context.rope`).
     """
 
     BLOCK_TOKENS = 4096  # tokens of compressed chunks decode attention reads at once: its working set
@@ -50,9 +56,11 @@ class ChunkStore:
         buffer_dtype: torch.dtype | None = torch.float16,
         layer: int | None = None,
         shared: StepShared | None = None,
+        rope: RoPE | None = None,
     ):
-        self.recipe, self.buffer_dtype, self.layer = recipe, buffer_dtype, layer
+        self.recipe, self.buffer_dtype, self.layer, self.rope = recipe, buffer_dtype, layer, rope
         self.shared = StepShared() if shared is None else shared
+        self.record_past = False
         self.reset()
 
     def reset(self) -> None:
@@ -60,6 +68,7 @@ class ChunkStore:
         self.lanes: Lanes | None = None
         self.sink: SinkCopy | None = None
         self.length = 0
+        self.offset = 0  # cache index of the first token held (a window store drops its oldest chunks)
         self.dtype: torch.dtype | None = None  # the compute dtype: that of the incoming states
 
     buffer_size = property(lambda self: self.recipe.buffer_size, doc="Tokens per compressed chunk.")
@@ -71,7 +80,12 @@ class ChunkStore:
 
     def tokens_to_next_chunk(self) -> int:
         """How many more tokens fill the buffer, so that the next chunk is compressed."""
-        return self.buffer_size - self.buffered
+        return self.buffer_size - self.buffered % self.buffer_size
+
+    def mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """`(tokens attention sees, cache index of the first)` for a step of `query_length` new tokens: what the
+        model's attention mask is built over (transformers' `get_mask_sizes`)."""
+        return self.length - self.offset + query_length, self.offset
 
     def view(self) -> StepView:
         """Everything held, as a `StepView` with no new tokens."""
@@ -108,7 +122,7 @@ class ChunkStore:
         lanes = Lanes(*(lane.extended(t) for lane, t in zip(lanes, new)))
         sink = sink.added(*new, self.length)
         step = StepView(*lanes, sink, self.buffer_size, dtype, self.shared)
-        compressed = self._compressed(lanes, sink)
+        compressed = lanes if self.record_past else self._compressed(lanes, sink)
         self.sink, self.dtype = sink, dtype
         self._commit(compressed)
         self.length += key_states.shape[-2]
@@ -120,12 +134,17 @@ class ChunkStore:
     def _compressed(self, lanes: Lanes, sink: SinkCopy, saliency: Tensor | None = None) -> Lanes:
         """`lanes` with the buffer's whole chunks compressed (nothing changes yet); `saliency`, per token of those
         chunks `[(chunks batch), kv_heads, chunk]`, where the pipelines need it."""
-        size, first = self.buffer_size, self.chunks * self.buffer_size  # first: the buffer's first cache index
+        size = self.buffer_size
+        first = self.offset + self.chunks * size  # the buffer's first cache index
         n = lanes.keys.buffer.shape[-2] // size
         if not n:
             return lanes
-        ctx = Context(saliency, sink.chunk_starts(first, n, size), self.layer)
+        ctx = Context(saliency, sink.chunk_starts(first, n, size), self.layer, self.rope)
         return Lanes(*(lane.compressed(size, sink.excluded(first, n, size), ctx) for lane in lanes))
+
+    def _compress_buffer(self) -> None:
+        """Compress the buffer's whole chunks now (what `append` does unless `record_past` defers it to `crop`)."""
+        self._commit(self._compressed(self.lanes, self.sink))
 
     def _commit(self, lanes: Lanes) -> None:
         """Take over `lanes`; on the first chunk, warn if the recipe enlarges the cache instead of compressing it."""
@@ -144,16 +163,32 @@ class ChunkStore:
     def crop(self, remove: int) -> None:
         """Remove the last `remove` tokens. Tokens of a partly removed chunk that survive go back to the buffer as
         their decompressed values (and are compressed again when the buffer fills): the one case where compressed
-        tokens are re-encoded."""
+        tokens are re-encoded, which `record_past` avoids for the tokens added since the last crop. With
+        `record_past`, the buffer's whole chunks are compressed once the tokens are removed.
+
+        Raises:
+            ValueError: when fewer tokens are held than the crop would leave (a window store dropped them).
+        """
         remove = min(remove, self.length)
-        if not remove or self.lanes is None:
-            return
-        keep, size = self.length - remove, self.buffer_size
-        if remove <= self.buffered:  # buffered tokens only
-            whole, held, start = self.chunks, [lane.buffer for lane in self.lanes], self.chunks * size
+        if self.lanes is not None and remove:
+            self._truncate(self.length - remove)
+        if self.lanes is not None and self.record_past:
+            self._compress_buffer()
+
+    def _truncate(self, keep: int) -> None:
+        """Keep the first `keep` tokens (see `crop`)."""
+        size, offset = self.buffer_size, self.offset
+        if keep < offset:
+            raise ValueError(
+                f"cannot crop the cache to {keep} tokens: this sliding-window layer no longer holds the tokens "
+                f"before {offset} (they left its window)"
+            )
+        if self.length - keep <= self.buffered:  # buffered tokens only
+            whole, held = self.chunks, [lane.buffer for lane in self.lanes]
+            start = offset + self.chunks * size
         else:
-            whole, held, start = keep // size, self.dequantized(), 0
-        tail = slice(whole * size - start, keep - start)
+            whole, held, start = (keep - offset) // size, self.dequantized(), offset
+        tail = slice(offset + whole * size - start, keep - start)
         self.lanes = Lanes(
             *(lane.truncated(whole, h[:, :, tail].to(lane.buffer.dtype).clone()) for lane, h in zip(self.lanes, held))
         )
@@ -170,5 +205,5 @@ class ChunkStore:
         shared = sum(lane.pipeline.shared_nbytes(self.layer) for lane in self.lanes)  # this layer's dictionary share
         counts = add_counts(self.sink.components(), *(lane.components() for lane in self.lanes))
         batch, heads = self.keys.shape[:2]
-        elements = batch * heads * self.length * (self.keys.shape[-1] + self.values.shape[-1])
+        elements = batch * heads * (self.length - self.offset) * (self.keys.shape[-1] + self.values.shape[-1])
         return MemoryReport({**counts, "dictionary": shared} if shared else counts, self.length, elements)

@@ -20,10 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from gearkit.compressors.checks import check_float_dtype, check_kv, check_storable
+from gearkit.compressors.rope import RoPE
 from gearkit.kernels.products import dense_scores, dense_weighted
 from gearkit.parts import DensePart, Part
 
-CONTEXT_FIELDS = ("saliency", "positions", "layer")
+CONTEXT_FIELDS = ("saliency", "positions", "layer", "rope")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,11 +35,13 @@ class Context:
         saliency: float `[batch, kv_heads, tokens]` per-token saliency (ZipCache's `MixedPrecision`).
         positions: int `[batch]`: the sequence position of each batch entry's first token (pre-RoPE coding).
         layer: the model layer (stages with per-layer artifacts, such as CSR dictionaries).
+        rope: the layer's rotary embedding, read from the model's config (pre-RoPE coding).
     """
 
     saliency: Tensor | None = None
     positions: Tensor | None = None
     layer: int | None = None
+    rope: RoPE | None = None
 
     def given(self) -> set[str]:
         """Names of the fields that are set."""
@@ -171,8 +174,8 @@ class Stage(nn.Module, abc.ABC):
     Stages hold configuration only, never per-request state. Inside a `Pipeline` a stage encodes the
     residual the earlier stages left; `exclude` marks entries an earlier stage already stores exactly, which
     the stage should not spend precision on (the pipeline discards its output there). What a request supplies
-    (saliency, positions, layer) comes in one `Context`; `requires` names the fields a stage cannot do without,
-    and a `Pipeline` checks them once before any stage runs.
+    (saliency, positions, layer, the rotary embedding) comes in one `Context`; `requires` names the fields a stage
+    cannot do without, and a `Pipeline` checks them once before any stage runs.
 
     `config()` returns a stage's constructor arguments, so `Stage.from_dict(stage.to_dict())` rebuilds an equal
     stage (its class found by name among the registered ones, see `register_stage`).
@@ -324,6 +327,11 @@ def make_context(ctx: Context | None, fields: dict[str, Any], requires: frozense
         raise ValueError(
             "this pipeline needs per-token saliency scores [batch, kv_heads, tokens] (a ZipCache cache "
             "computes them from probe queries; pass saliency=...)"
+        )
+    if "rope" in missing:
+        raise ValueError(
+            "this pipeline codes keys before RoPE and needs the layer's rotary embedding (a GearCache built with "
+            "the model's config supplies it; pass rope=gearkit.models.model_family(config).layers[i].rope)"
         )
     if missing:
         raise ValueError(f"this pipeline needs context field(s) {sorted(missing)}")

@@ -16,11 +16,21 @@ from typing import Literal
 from torch import Tensor
 
 from gearkit.compressors.base import text_config
-from gearkit.compressors.rope import RoPE, rope_parameters
+from gearkit.compressors.rope import RoPE
 
 FORMAT_VERSION = 1
 MAX_ATOMS = 2**15  # indices are stored as int16
 Role = Literal["key", "value"]
+
+
+def rope_parameters(config) -> tuple[float | None, str]:
+    """`(rope_theta, rope_type)` of a `transformers` config (older configs: `rope_theta` and `rope_scaling`)."""
+    text = text_config(config)
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    rope = rope if isinstance(rope, dict) else {}
+    theta = rope.get("rope_theta", getattr(text, "rope_theta", None))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    return (None if theta is None else float(theta)), kind
 
 
 def model_signature(config) -> dict:

@@ -98,13 +98,12 @@ class PerLayer(Wrapper):
         return {"stages": list(self.stages), "default": self.default}
 
     def check_model(self, config) -> None:
-        """Raise `ValueError` if some layer of the model has no stage, or a layer's stage cannot serve it."""
+        """Raise `ValueError` if this names stages for more layers than the model has, or a stage cannot serve it.
+        Whether each layer the recipe codes has a stage is checked per layer by the cache (a hybrid model's sliding
+        layers may have none)."""
         layers = getattr(text_config(config), "num_hidden_layers", None)
-        if layers is not None:
-            for layer in range(layers):
-                self.stage_for(layer)
-            if len(self.stages) > layers:
-                raise ValueError(f"PerLayer names stages for {len(self.stages)} layers; the model has {layers}")
+        if layers is not None and len(self.stages) > layers:
+            raise ValueError(f"PerLayer names stages for {len(self.stages)} layers; the model has {layers}")
         super().check_model(config)
 
     def shared_nbytes(self, layer: int | None) -> int:

@@ -124,7 +124,8 @@ class Pipeline(nn.Module):
                 stage spends precision on them and their reconstruction is unspecified (but finite).
             ctx: what the request supplies (`Context`), passed to every stage.
             **context: context fields as keywords, e.g. `saliency=` float `[batch, kv_heads, tokens]`,
-                `positions=` int `[batch]` (each entry's first sequence position), `layer=` (the model layer).
+                `positions=` int `[batch]` (each entry's first sequence position), `layer=` (the model layer),
+                `rope=` (the layer's `RoPE`, for pre-RoPE coding).
 
         Returns:
             A `CompressedTensor` holding one part per stage.

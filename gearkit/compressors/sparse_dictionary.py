@@ -216,7 +216,7 @@ class SparseDictionary(Stage):
             )
             if start.shape != (b,):
                 raise ValueError(f"positions must be [batch] = [{b}], got {tuple(start.shape)}")
-            x = self.dictionaries.rope.to(x.device).undo(x, start[:, None].long() + torch.arange(t, device=x.device))
+            x = self.dictionaries.rope.undo(x, start[:, None].long() + torch.arange(t, device=x.device))
         x = x.float()
         if exclude is not None:
             x = x.masked_fill(exclude, 0.0)
@@ -249,7 +249,7 @@ class SparseDictionary(Stage):
         ).reshape(b, h, t, d)
         if part.start is not None:
             positions = part.start[:, None].long() + torch.arange(t, device=out.device)
-            out = self.dictionaries.rope.to(out.device).apply(out, positions)
+            out = self.dictionaries.rope.apply(out, positions)
         return out
 
     def extra_repr(self) -> str:

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from gearkit import recipes
 from gearkit.cache import ChunkStore
+from gearkit.recipe import Recipe
 
 
 def synthetic_kv(shape: tuple[int, int, int, int], heavy_channels: int = 2, seed: int = 0) -> Tensor:
@@ -37,6 +38,11 @@ class RecipeResult:
     components: dict[str, int]
 
 
+def needs_a_model(recipe: Recipe) -> bool:
+    """Whether `recipe` needs what only a model gives: its queries (saliency), its layers, or its RoPE."""
+    return recipe.needs_saliency or recipe.model_bound or "rope" in recipe.key.requires | recipe.value.requires
+
+
 def _rel(x: Tensor, y: Tensor) -> float:
     return ((x.float() - y.float()).norm() / x.float().norm().clamp_min(1e-30)).item()
 
@@ -52,8 +58,8 @@ def compare_recipes(keys: Tensor, values: Tensor, names: Sequence[str] | None = 
         keys: `KV`.
         values: same shape as `keys`.
         names: recipe names (default: every registered recipe that needs neither token saliency, which comes
-            from a model's queries, nor a model's layers (a trained dictionary, a per-layer allocation): plain
-            tensors have neither).
+            from a model's queries, nor a model's layers (a trained dictionary, a per-layer allocation), nor its
+            rotary embedding (pre-RoPE keys): plain tensors have none of them).
 
     Returns:
         One `RecipeResult` per recipe, in the given order.
@@ -61,7 +67,7 @@ def compare_recipes(keys: Tensor, values: Tensor, names: Sequence[str] | None = 
     if keys.shape != values.shape:
         raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} must have the same shape")
     results = []
-    default = [n for n in recipes.names() if not (recipes.get(n).needs_saliency or recipes.get(n).model_bound)]
+    default = [n for n in recipes.names() if not needs_a_model(recipes.get(n))]
     for name in names or default:
         recipe = recipes.get(name)
         if recipe.needs_saliency:

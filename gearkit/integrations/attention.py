@@ -6,7 +6,9 @@ calls `gearkit_attention` in every attention layer. When the keys and values it 
 (`GearLayer.observe_queries`, used by saliency-driven recipes) and, when the update offered a step that reads the
 storage, that step computes the attention itself (`gearkit.cache.StepView.attend`: decode attention read straight
 from the compressed storage). Everything else — prefill, other caches, layers that decline —
-goes to `transformers`' own SDPA attention, so the model's output comes from its normal path.
+goes to `transformers`' own SDPA attention, so the model's output comes from its normal path; a model that
+soft-caps its attention scores (Gemma 2), which SDPA cannot, gets the same attention computed densely with the cap
+(`capped_attention`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from gearkit.kernels.reference import attention_reference
 
 if TYPE_CHECKING:
     from gearkit.cache import StepView
@@ -100,6 +104,7 @@ def gearkit_attention(
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    softcap = kwargs.get("softcap")
     offered = take(key)
     if offered is not None:
         layer, step = offered
@@ -107,8 +112,48 @@ def gearkit_attention(
         if step is not None:
             if dropout:
                 raise ValueError("attention over the compressed storage does not apply dropout; call model.eval()")
-            return step.attend(query, key, value, attention_mask, scaling), None
+            return step.attend(query, key, value, attention_mask, scaling, softcap), None
+    if softcap is not None:
+        if dropout:
+            raise ValueError("gearkit's soft-capped attention does not apply dropout; call model.eval()")
+        return capped_attention(query, key, value, attention_mask, scaling, softcap), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def capped_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None,
+    softcap: float,
+) -> Tensor:
+    """Dense attention with soft-capped scores (`cap * tanh(scores / cap)`, then the mask), as Gemma 2's eager
+    attention computes it, for the calls SDPA cannot serve.
+
+    Args:
+        query: `[batch, heads, queries, head_dim]`.
+        key: `[batch, kv_heads, kv_len, head_dim]`.
+        value: like `key`.
+        attention_mask: boolean (True = attend) or additive float `[batch, 1, queries, kv_len]`, or None for
+            causal attention of the queries as the last `queries` positions.
+        scaling: softmax scale, default `head_dim ** -0.5`.
+        softcap: the cap.
+
+    Returns:
+        `[batch, queries, heads, head_dim]` in the query's dtype (zeros for a query that sees nothing).
+    """
+    nq, kv = query.shape[-2], key.shape[-2]
+    if attention_mask is None:
+        visible = torch.ones(nq, kv, dtype=torch.bool, device=query.device).tril(kv - nq)[None]
+        bias = torch.where(visible, 0.0, float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        bias = torch.where(attention_mask[:, 0], 0.0, float("-inf"))
+    else:
+        bias = attention_mask[:, 0].float()
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    out, _ = attention_reference(query, key, value, bias, scaling, softcap)
+    return out.to(query.dtype).transpose(1, 2)
 
 
 def register() -> str:

@@ -167,8 +167,13 @@ def dequantize_groups(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     return torch.addcmul(zero.float()[..., None], scale.float()[..., None], codes.float())
 
 
+def soft_cap(scores: Tensor, softcap: float | None) -> Tensor:
+    """Attention scores soft-capped as Gemma 2 does, `cap * tanh(scores / cap)` (unchanged for `softcap=None`)."""
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
 def attention_reference(
-    query: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scaling: float
+    query: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scaling: float, softcap: float | None = None
 ) -> tuple[Tensor, Tensor]:
     """Softmax attention of grouped queries over one segment of keys, in float32, with its log-sum-exp.
 
@@ -180,6 +185,7 @@ def attention_reference(
         values: `[batch, kv_heads, length, head_dim]`.
         bias: additive float `[batch, queries or 1, length]` (`-inf` masks a position).
         scaling: softmax scale.
+        softcap: the scores' soft cap (`soft_cap`), applied before the bias; None: none.
 
     Returns:
         `(out, lse)`: float32 `[batch, heads, queries, head_dim]` (zeros for a query that sees nothing here)
@@ -188,7 +194,9 @@ def attention_reference(
     b, hq, nq, d = query.shape
     h = keys.shape[1]
     q = query.float().reshape(b, h, hq // h, nq, d)
-    scores = torch.einsum("bhgqd,bhld->bhgql", q, keys.float()) * scaling + bias.float()[:, None, None]
+    scores = (
+        soft_cap(torch.einsum("bhgqd,bhld->bhgql", q, keys.float()) * scaling, softcap) + bias.float()[:, None, None]
+    )
     lse = scores.logsumexp(-1)
     p = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
     out = torch.einsum("bhgql,bhld->bhgqd", p, values.float())

@@ -1,8 +1,9 @@
 """Models and texts: loading the models gearkit runs (the embedded default, and more), what a model family needs
-read from its config, and the built-in texts with the text utilities every evaluation shares.
+read from its config (`model_family`: each layer's attention kind, window, heads and rotary embedding), and the
+built-in texts with the text utilities every evaluation shares.
 """
 
-from gearkit.models.family import head_dim, model_identity
+from gearkit.models.family import Family, Layer, head_dim, model_family, model_identity
 from gearkit.models.loading import (
     DEFAULT_MODEL,
     DTYPES,
@@ -32,7 +33,9 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_TEXT",
     "DTYPES",
+    "Family",
     "INSTALL_HINT",
+    "Layer",
     "LoadedModel",
     "ModelSource",
     "TEXTS",
@@ -47,6 +50,7 @@ __all__ = [
     "load_text",
     "load_tokenizer",
     "model_dtype",
+    "model_family",
     "model_identity",
     "pad_token_id",
     "resolve_model",
