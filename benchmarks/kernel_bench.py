@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import os
 import platform
 import statistics
@@ -29,6 +30,7 @@ from einops import rearrange
 
 import gearkit
 from gearkit import decode_attention, recipes
+from gearkit.compressors.rope import RoPE
 from gearkit.eval import synthetic_kv
 from gearkit.kernels.backend import use_backend
 
@@ -61,7 +63,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", default=None, help="comma-separated context lengths")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes")
-    parser.add_argument("--recipes", default="kivi-2,gear-2,sink-3")
+    parser.add_argument(
+        "--recipes",
+        default=None,
+        help="comma-separated; default kivi-2,gear-2,sink-3 (GPU: also the codebook, rotated and per-layer reads "
+        "turboquant-2.5,turboquant-3.5,sinkrot-3,gk-3)",
+    )
+    parser.add_argument(
+        "--layer",
+        type=int,
+        default=3,
+        help="the model layer a per-layer recipe (gk-*) is read at; gk-3's layer 3 has per-channel keys and "
+        "Hadamard-rotated codebook values, both read by the Triton kernels (its PerHead layers are not)",
+    )
     parser.add_argument(
         "--skip-compiled", action="store_true", help="CPU: only decode attention, no torch.compile runs"
     )
@@ -71,7 +85,10 @@ def main() -> None:
     gpu = device.type == "cuda"
     contexts = [int(c) for c in (args.contexts or ("1024,4096,16384,32768,65536" if gpu else "1024,4096")).split(",")]
     batches = [int(b) for b in (args.batches or ("1,4,16" if gpu else "1,4")).split(",")]
-    for recipe in (recipes.get(r) for r in args.recipes.split(",")):
+    names = (
+        args.recipes or ("kivi-2,gear-2,sink-3" + (",turboquant-2.5,turboquant-3.5,sinkrot-3,gk-3" if gpu else ""))
+    ).split(",")
+    for recipe in map(recipes.get, names):
         if uneven := [c for c in contexts if c % recipe.buffer_size]:
             parser.error(
                 f"contexts must be multiples of {recipe.name}'s {recipe.buffer_size}-token chunks, got {uneven}"
@@ -89,8 +106,17 @@ def main() -> None:
 
     for batch in batches:
         for context in contexts:
-            for recipe in (recipes.get(r) for r in args.recipes.split(",")):
+            for recipe in map(recipes.get, names):
                 chunk = recipe.buffer_size
+                # a per-layer recipe codes (and is read at) one layer; where another of its layers codes keys before
+                # RoPE, the context also carries Llama-3's rotary embedding and the chunks' positions
+                layer = {"layer": args.layer} if "layer" in recipe.key.requires | recipe.value.requires else {}
+                rope = {}
+                if "rope" in recipe.key.requires:
+                    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, head_dim, 2) / head_dim)
+                    positions = torch.arange(context // chunk).repeat_interleave(batch) * chunk
+                    rope = dict(rope=RoPE(inv_freq), positions=positions.to(device))
+                compress_keys = functools.partial(recipe.key.compress, **layer, **rope)
                 shape = (batch, kv_heads, context, head_dim)
                 k = synthetic_kv(shape, 4, 0).to(device, torch.float16)
                 v = synthetic_kv(shape, 0, 1).to(device, torch.float16)
@@ -98,17 +124,18 @@ def main() -> None:
                 key = dict(recipe=recipe.name, batch=batch, context=context, kv_heads=kv_heads, head_dim=head_dim)
                 if gpu:
                     # quantize + pack: the key quantizer alone (reads fp16, writes codes and parameters)
-                    quant = next(s for s in recipe.key.stages if type(s).__name__ == "Quantizer")
-                    part = quant.encode(ck)
-                    moved = ck.numel() * 2 + part.nbytes
-                    for backend in ("triton", "torch"):
+                    # (uniform codes only: codebooks are coded by torch)
+                    quant = next((s for s in recipe.key.stages if type(s).__name__ == "Quantizer"), None)
+                    part = None if quant is None else quant.encode(ck)
+                    for backend in ("triton", "torch") if quant else ():
                         with use_backend(backend):
                             ms = bench_ms(lambda: quant.encode(ck), device)
+                        moved = ck.numel() * 2 + part.nbytes
                         record(
                             op="quantize_pack", backend=backend, ms=round(ms, 4), gbps=round(moved / ms / 1e6, 1), **key
                         )
                     # reconstruction of the whole key pipeline (codes + outliers + low rank -> fp16)
-                    stored = recipe.key.compress(ck)
+                    stored = compress_keys(ck)
                     moved = stored.nbytes + ck.numel() * 2
                     for backend in ("triton", "torch"):
                         with use_backend(backend):
@@ -117,7 +144,7 @@ def main() -> None:
                             op="reconstruct", backend=backend, ms=round(ms, 4), gbps=round(moved / ms / 1e6, 1), **key
                         )
                     # decode attention, one query token
-                    sk, sv = recipe.key.compress(ck), recipe.value.compress(cv)
+                    sk, sv = compress_keys(ck), recipe.value.compress(cv, **layer)
                     q = torch.randn(batch, heads, 1, head_dim, device=device, dtype=torch.float16)
                     bias = torch.zeros(batch, context, device=device)
                     scale = head_dim**-0.5
@@ -150,7 +177,7 @@ def main() -> None:
                 else:
                     # decode attention, one query token: SDPA over the uncompressed fp32 cache against the stored
                     # path (compiled kernel, or the same products in torch) and the block-wise reference
-                    sk, sv = recipe.key.compress(ck), recipe.value.compress(cv)
+                    sk, sv = compress_keys(ck), recipe.value.compress(cv, **layer)
                     q = torch.randn(batch, heads, 1, head_dim)
                     bias = torch.zeros(batch, context)
                     kf, vf, scale = k.float(), v.float(), head_dim**-0.5
@@ -181,7 +208,9 @@ def main() -> None:
                         )
                     os.environ.pop("GEARKIT_CPU_KERNEL")
                     for op, fn in (
-                        () if args.skip_compiled else (("compress", recipe.key.compress), ("round_trip", recipe.key))
+                        ()
+                        if args.skip_compiled or layer
+                        else (("compress", recipe.key.compress), ("round_trip", recipe.key))
                     ):
                         eager = bench_ms(lambda: fn(ck), device)
                         compiled_fn = torch.compile(fn, fullgraph=True)

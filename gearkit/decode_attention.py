@@ -4,7 +4,9 @@ The route only goes down: a cache step (`gearkit.cache.StepView.attend`) calls `
 path once per call and then calls the pipelines directly:
 
 - `"triton"`: the fused Triton kernel (`gearkit.kernels.attention`) where both pipelines are in GEAR's fused layout
-  and the kernel covers it (a GPU, or the `"triton"` backend; not for soft-capped scores);
+  (uniform or codebook codes; also a layer's stage of a `PerLayer`, and inside a rotation: the query is turned
+  before the kernel and the output back after it, `Pipeline.kernel_read`) and the kernel covers it (a GPU, or the
+  `"triton"` backend; not for soft-capped scores);
 - `"stored"`: torch, reading each block through `key_pipeline.scores` and `value_pipeline.weighted` (stages multiply
   by their packed codes, factors and rotations; `gearkit.kernels.products` runs the compiled CPU kernel where it
   can), with an online softmax over the exact tokens and then block by block;
@@ -64,18 +66,12 @@ def path(
         RuntimeError: under the `"triton"` backend when the kernel cannot read these pipelines or soft-cap scores.
     """
     if may_use_triton(device):
-        (key_layout, key_reason), (value_layout, value_reason) = (
-            key_pipeline.storage_layout(keys.shape),
-            value_pipeline.storage_layout(values.shape),
+        (key_read, key_reason), (value_read, value_reason) = (
+            key_pipeline.kernel_read(keys),
+            value_pipeline.kernel_read(values),
         )
         capped = None if softcap is None else "the Triton attention kernel does not soft-cap scores"
-        reason = (
-            capped
-            or key_reason
-            or value_reason
-            or key_layout.triton_unsupported(keys)
-            or value_layout.triton_unsupported(values)
-        )
+        reason = capped or key_reason or value_reason or key_read.unsupported(keys) or value_read.unsupported(values)
         if use_triton(device, reason):
             return "triton"
     return "reference" if get_backend() == "torch" else "stored"
@@ -116,15 +112,24 @@ def attend(
     segments, first, t = [], 0, keys.shape[2]
     if exact is not None:
         segments.append(attention_reference(query, *exact, scaling, softcap))
+    if chosen == "triton":  # the same reads for every block: one layer's chunks of one shape
+        key_read, value_read = key_pipeline.kernel_read(keys)[0], value_pipeline.kernel_read(values)[0]
+        turned = key_read.turn_query(query)
     for keys, values in blocks:
         n = keys.shape[0] // query.shape[0]
         part = block_bias(bias, first * t, (first + n) * t)
         if chosen == "triton":
-            key_layout, value_layout = (
-                key_pipeline.storage_layout(keys.shape)[0],
-                value_pipeline.storage_layout(values.shape)[0],
+            out, lse = triton_block_attention(
+                turned,
+                key_read.tensors(keys),
+                key_read.layout,
+                value_read.tensors(values),
+                value_read.layout,
+                n,
+                part,
+                scaling,
             )
-            segments.append(triton_block_attention(query, keys, key_layout, values, value_layout, n, part, scaling))
+            segments.append((value_read.turn_back(out), lse))
         else:
             k, v = (
                 rearrange(pipeline.decompress(c).float(), "(n b) h c d -> b h (n c) d", n=n)

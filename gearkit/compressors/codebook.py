@@ -7,6 +7,7 @@ is calibrated and nothing but the codes and one scale per group is stored.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -18,6 +19,7 @@ from torch import Tensor
 from gearkit.compressors.base import NO_CONTEXT, Context, register_stage
 from gearkit.compressors.checks import Axis, check_bool, check_storable
 from gearkit.compressors.quantizer import Quantizer
+from gearkit.kernels.layout import StorageLayout
 from gearkit.kernels.reference import check_bits, pack_bits, unpack_bits
 from gearkit.parts import QuantizedPart
 
@@ -153,7 +155,13 @@ class CodebookQuantizer(Quantizer):
         return _level_table(self.bits, self.levels, torch.device(device or "cpu"))
 
     def kernel_unsupported(self, length: int) -> str | None:
-        return "the fused kernels read uniform codes, not codebook indices"
+        return "the fused quantize-and-pack kernel codes uniform groups, not codebook indices"
+
+    def read_layout(self, shape: tuple[int, ...]) -> StorageLayout | None:
+        """As `Quantizer.read_layout`, with the codes indexing this codebook's `2**bits` levels, and a zero per group
+        only when `centered`."""
+        layout = super().read_layout(shape)
+        return None if layout is None else dataclasses.replace(layout, levels=2**self.bits, zero=self.centered)
 
     def encode(self, x: Tensor, exclude: Tensor | None = None, ctx: Context = NO_CONTEXT) -> QuantizedPart:
         """Quantize `x` `KV`; `exclude`d entries do not count in any statistic."""

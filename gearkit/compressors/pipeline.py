@@ -23,7 +23,7 @@ from gearkit.compressors.base import (
 from gearkit.compressors.checks import check_kv
 from gearkit.kernels import ops
 from gearkit.kernels.backend import may_use_triton, use_triton
-from gearkit.kernels.layout import StorageLayout, layout_ints, layout_tensors
+from gearkit.kernels.layout import StorageLayout, layout_ints
 from gearkit.kernels.products import dense_scores, dense_weighted
 from gearkit.parts import CompressedTensor, Part
 
@@ -56,6 +56,7 @@ class Pipeline(nn.Module):
                 raise TypeError(f"pipeline stages must be gearkit Stage modules, got {type(s).__name__}")
         self.stages = nn.ModuleList(stages)
         self._layouts: dict[tuple, tuple[StorageLayout | None, str | None]] = {}  # storage_layout's answers
+        self._reads: dict[tuple, tuple[fused.KernelRead | None, str | None]] = {}  # kernel_read's answers
 
     @property
     def requires(self) -> frozenset[str]:
@@ -154,9 +155,11 @@ class Pipeline(nn.Module):
             )
         device = next(iter(c.tensors().values())).device
         if c.numel and may_use_triton(device):
-            layout, unsupported = self.storage_layout(c.shape)
-            if use_triton(device, unsupported or layout.triton_unsupported(c)):  # one fused pass over the stored bytes
-                return ops.reconstruct(list(layout_tensors(c)), layout_ints(layout), c.shape[0], c.shape[1], c.dtype)
+            read, unsupported = self.kernel_read(c)
+            if use_triton(device, unsupported or read.unsupported(c)):  # one fused pass over the stored bytes
+                dtype = c.dtype if read.rotation is None else torch.float32  # turned back in float32
+                out = ops.reconstruct(read.tensors(c), layout_ints(read.layout), c.shape[0], c.shape[1], dtype)
+                return read.turn_back(out).to(c.dtype)
         total, exact = None, None
         for stage, part in zip(self.stages, c.parts):
             contribution, exact = self._contribution(stage, part, exact)
@@ -179,6 +182,20 @@ class Pipeline(nn.Module):
         if key not in self._layouts:
             self._layouts[key] = fused.layout_of(self.stages, shape)
         return self._layouts[key]
+
+    def kernel_read(self, c: CompressedTensor) -> tuple[fused.KernelRead | None, str | None]:
+        """How the Triton kernels read chunks `c` `[entries, kv_heads, T, head_dim]` (see `fused.read_of`): the fused
+        layout, also inside a `PerLayer` (the layer's stage: a layer per call, so one launch per layer for keys and
+        one for values), a `Chain` or a rotation.
+
+        Returns:
+            `(read, None)` when the kernels can read the pipeline's layout, else `(None, reason)`.
+        """
+        # Asked at every decode step: worked out once per shape, stage list and layer (stages are configured once).
+        key = (tuple(c.shape[1:]), tuple(map(id, self.stages)), fused.layer_of(c))
+        if key not in self._reads:
+            self._reads[key] = fused.read_of(self.stages, c)
+        return self._reads[key]
 
     def scores(self, c: CompressedTensor, q: Tensor, chunks: int) -> Tensor:
         """Queries times the stored keys of a block of chunks, `q @ k^T`, read in their stored form: in the fused

@@ -3,13 +3,14 @@ merged into one output and log-sum-exp per query row."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from gearkit.kernels import ops
-from gearkit.kernels.layout import StorageLayout, layout_ints, layout_tensors
+from gearkit.kernels.layout import StorageLayout, layout_ints
 from gearkit.kernels.reference import merge_attention
-from gearkit.parts import CompressedTensor
 
 
 def _splits(programs: int, chunks: int, device: torch.device) -> int:
@@ -22,9 +23,9 @@ def _splits(programs: int, chunks: int, device: torch.device) -> int:
 
 def triton_block_attention(
     query: Tensor,
-    keys: CompressedTensor,
+    keys: Sequence[Tensor],
     key_layout: StorageLayout,
-    values: CompressedTensor,
+    values: Sequence[Tensor],
     value_layout: StorageLayout,
     chunks: int,
     bias: Tensor,
@@ -32,11 +33,15 @@ def triton_block_attention(
 ) -> tuple[Tensor, Tensor]:
     """Attention of a few queries over one block of stored chunks, by the fused Triton kernel.
 
+    A query group smaller than the kernel's tile (16 rows: GQA groups times queries) is padded with zero rows,
+    whose results are dropped; a single row (multi-head attention, one query) is read like any other group.
+
     Args:
         query: `[batch, heads, queries, head_dim]`; query head `j` reads KV head `j // (heads / kv_heads)`.
-        keys: the block's keys, `[(chunks batch), kv_heads, T, head_dim]`, stored in `key_layout`.
+        keys: the tensors the kernels read of the block's keys `[(chunks batch), kv_heads, T, head_dim]` stored in
+            `key_layout` (`layout_tensors`: codes, scale `[(chunks batch), kv_heads, rows, groups]`, ...).
         key_layout: how the keys are stored (`StorageLayout`).
-        values: the block's values, like `keys`, stored in `value_layout`.
+        values: the tensors of the block's values, like `keys`, stored in `value_layout`.
         value_layout: how the values are stored.
         chunks: chunks per sequence in the block.
         bias: additive float `[batch, chunks * T]`, the same for every query (`-inf` masks a position).
@@ -46,7 +51,7 @@ def triton_block_attention(
         `(out, lse)`: float32 `[batch, heads, queries, head_dim]` and `[batch, heads, queries]`.
     """
     b, hq, nq, d = query.shape
-    heads = keys.shape[1]
+    heads = keys[1].shape[1]  # the scales
     group = hq // heads
     rows = group * nq
     block = max(16, 1 << (rows - 1).bit_length())
@@ -55,9 +60,9 @@ def triton_block_attention(
     m, total, acc = ops.decode_attention(
         q,
         bias,
-        list(layout_tensors(keys)),
+        list(keys),
         layout_ints(key_layout),
-        list(layout_tensors(values)),
+        list(values),
         layout_ints(value_layout),
         chunks,
         splits,

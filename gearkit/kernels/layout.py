@@ -9,7 +9,8 @@ from torch import Tensor
 
 from gearkit.parts import CompressedTensor, LowRankPart, OutlierPart, QuantizedPart
 
-KERNEL_BITS = (2, 3, 4, 8)  # what the Triton kernels read; the torch path reads every supported width
+KERNEL_BITS = (2, 3, 4, 8)  # what the Triton kernels code; the torch path codes every supported width
+READ_BITS = (1, *KERNEL_BITS)  # what the Triton kernels read (a 1-bit code is a bit field like the others)
 
 
 def is_pow2(n: int) -> bool:
@@ -19,7 +20,8 @@ def is_pow2(n: int) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class StorageLayout:
-    """Static description of a chunk stored by `[SparseOutlier?, Quantizer, LowRankResidual?]`.
+    """Static description of a chunk stored by `[SparseOutlier?, Quantizer, LowRankResidual?]` (the quantizer uniform
+    or a codebook's).
 
     Attributes:
         tokens: tokens per chunk `T`.
@@ -32,6 +34,9 @@ class StorageLayout:
         rank: rank of the low-rank term, 0 without one.
         o_heads: outlier rows are a token's channels of all heads (`across_heads`; indices are `head * D +
             channel`), stored `[entries, T, k2]`.
+        levels: entries of the level table the codes index (`2**bits`, a codebook), 0 for uniform codes (a code
+            is its own level).
+        zero: groups store a zero (an offset added to `scale * level`); codebooks centered at 0 store none.
     """
 
     tokens: int
@@ -43,6 +48,8 @@ class StorageLayout:
     o_channel: bool = False
     rank: int = 0
     o_heads: bool = False
+    levels: int = 0
+    zero: bool = True
 
     @property
     def rows(self) -> tuple[int, int]:
@@ -54,9 +61,9 @@ class StorageLayout:
         """Why the Triton kernels cannot read chunks `c` stored in this layout, or None if they can."""
         length = self.rows[1]
         q = next(p for p in c.parts if isinstance(p, QuantizedPart))
-        if self.bits not in KERNEL_BITS or q.scale.dtype not in (torch.float16, torch.float32):
+        if self.bits not in READ_BITS or q.scale.dtype not in (torch.float16, torch.float32):
             return (
-                f"the kernels cover {KERNEL_BITS}-bit codes with fp16/fp32 parameters, not {self.bits}-bit "
+                f"the kernels read {READ_BITS}-bit codes with fp16/fp32 parameters, not {self.bits}-bit "
                 f"codes with {q.scale.dtype} parameters"
             )
         if not (is_pow2(self.tokens) and is_pow2(self.head_dim) and self.tokens >= 16 and self.head_dim >= 16):
@@ -82,6 +89,8 @@ class StorageLayout:
             O_CHANNEL=self.o_channel,
             RANK=self.rank,
             O_HEADS=self.o_heads,
+            LEVELS=self.levels,
+            HAS_ZERO=self.zero,
         )
 
 
@@ -90,9 +99,10 @@ def layout_ints(layout: StorageLayout) -> list[int]:
     return [int(v) for v in dataclasses.astuple(layout)]
 
 
-def layout_tensors(c: CompressedTensor) -> tuple[Tensor, ...]:
-    """The seven tensors the kernels read: codes, scale, zero, outlier values, outlier indices, left, right
-    (absent parts are stood in for by the codes, which the kernels then never read)."""
+def layout_tensors(c: CompressedTensor, levels: Tensor | None = None) -> tuple[Tensor, ...]:
+    """The eight tensors the kernels read: codes, scale, zero, outlier values, outlier indices, left, right and the
+    level table (float32 `[2**bits]`, `levels`, for codebook codes). Absent ones are stood in for by the codes,
+    which the kernels then never read."""
     q = next(p for p in c.parts if isinstance(p, QuantizedPart))
     o = next((p for p in c.parts if isinstance(p, OutlierPart)), None)
     lr = next((p for p in c.parts if isinstance(p, LowRankPart)), None)
@@ -102,10 +112,11 @@ def layout_tensors(c: CompressedTensor) -> tuple[Tensor, ...]:
         for t in (
             q.codes,
             q.scale,
-            q.zero,
+            none if q.zero is None else q.zero,
             o.values if o else none,
             o.indices if o else none,
             lr.left if lr else none,
             lr.right if lr else none,
+            none if levels is None else levels.float(),
         )
     )

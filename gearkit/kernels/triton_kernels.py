@@ -7,7 +7,8 @@ reference that is the CPU path and the test oracle: `reference.quantize_groups` 
 Stored layouts (see `gearkit.kernels.layout.StorageLayout`): a chunk entry `e` holds `[heads, T, D]`; codes are
 packed per entry in the quantizer's row order (`[h, d, t]` for per-channel groups, `[h, t, d]` per token; 3-bit
 codes as 8 codes per 3 bytes, straddling byte boundaries, like `reference.pack_bits`);
-scales and zeros are `[E, h, rows, n_groups]`; outliers `[E, h, rows, k2]` (rows along their own axis);
+scales and zeros are `[E, h, rows, n_groups]` (no zeros for a codebook centered at 0; a codebook's codes index a
+float32 level table `[2**bits]`); outliers `[E, h, rows, k2]` (rows along their own axis);
 low-rank factors `left [E, h, T, r]`, `right [E, h, D, r]`. `T`, `D`, group sizes are powers of two.
 """
 
@@ -136,6 +137,7 @@ def _tile(
     out_idx,
     left,
     right,
+    levels,
     T: tl.constexpr,
     D: tl.constexpr,
     BITS: tl.constexpr,
@@ -146,9 +148,12 @@ def _tile(
     O_CHANNEL: tl.constexpr,
     RANK: tl.constexpr,
     O_HEADS: tl.constexpr,
+    LEVELS: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
 ):
-    """Reconstruct entry `e`, head `h` of a stored chunk as float32 `[T, D]`: codes dequantized, plus the
-    low-rank term, with the sparse outliers in place (they replace the other terms where stored)."""
+    """Reconstruct entry `e`, head `h` of a stored chunk as float32 `[T, D]`: codes dequantized (`zero + scale *
+    code`, or `zero? + scale * levels[code]` for a codebook), plus the low-rank term, with the sparse outliers in
+    place (they replace the other terms where stored)."""
     PB: tl.constexpr = 8 // BITS
     t = tl.arange(0, T)[:, None]
     d = tl.arange(0, D)[None, :]
@@ -172,8 +177,7 @@ def _tile(
             byte = tl.load(entry + (h * D + dd) * (T // PB) + tb).to(tl.int32)
             code = tl.reshape((byte >> (tl.arange(0, PB)[None, :, None] * BITS)) & ((1 << BITS) - 1), (T, D))
         p = (eh * D + dd) * NG + tl.arange(0, NG)[:, None, None]
-        zs = tl.reshape(tl.broadcast_to(tl.load(zero + p).to(tl.float32), (NG, GROUP, D)), (T, D))
-        ss = tl.reshape(tl.broadcast_to(tl.load(scale + p).to(tl.float32), (NG, GROUP, D)), (T, D))
+        spread = (NG, GROUP, D)
     else:  # codes run along channels: byte (h, t, d // PB)
         tt = tl.arange(0, T)[:, None, None]
         if BITS == 3:
@@ -183,9 +187,14 @@ def _tile(
             byte = tl.load(entry + (h * T + tt) * (D // PB) + db).to(tl.int32)
             code = tl.reshape((byte >> (tl.arange(0, PB)[None, None, :] * BITS)) & ((1 << BITS) - 1), (T, D))
         p = (eh * T + tt) * NG + tl.arange(0, NG)[None, :, None]
-        zs = tl.reshape(tl.broadcast_to(tl.load(zero + p).to(tl.float32), (T, NG, GROUP)), (T, D))
-        ss = tl.reshape(tl.broadcast_to(tl.load(scale + p).to(tl.float32), (T, NG, GROUP)), (T, D))
-    val = zs + ss * code.to(tl.float32)
+        spread = (T, NG, GROUP)
+    ss = tl.reshape(tl.broadcast_to(tl.load(scale + p).to(tl.float32), spread), (T, D))
+    if LEVELS > 0:  # noqa: SIM108 (constexpr) a codebook: a table of a few floats, read by index (stays in cache)
+        val = ss * tl.load(levels + code)
+    else:
+        val = ss * code.to(tl.float32)
+    if HAS_ZERO:
+        val += tl.reshape(tl.broadcast_to(tl.load(zero + p).to(tl.float32), spread), (T, D))
     for r in tl.static_range(RANK):
         a = tl.load(left + (eh * T + t) * RANK + r).to(tl.float32)
         b = tl.load(right + (eh * D + d) * RANK + r).to(tl.float32)
@@ -215,6 +224,7 @@ def _reconstruct_kernel(
     out_idx,
     left,
     right,
+    levels,
     T: tl.constexpr,
     D: tl.constexpr,
     BITS: tl.constexpr,
@@ -225,6 +235,8 @@ def _reconstruct_kernel(
     O_CHANNEL: tl.constexpr,
     RANK: tl.constexpr,
     O_HEADS: tl.constexpr,
+    LEVELS: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
 ):
     pid = tl.program_id(0)
     val = _tile(
@@ -238,6 +250,7 @@ def _reconstruct_kernel(
         out_idx,
         left,
         right,
+        levels,
         T,
         D,
         BITS,
@@ -248,6 +261,8 @@ def _reconstruct_kernel(
         O_CHANNEL,
         RANK,
         O_HEADS,
+        LEVELS,
+        HAS_ZERO,
     )
     tl.store(out + pid * T * D + tl.arange(0, T)[:, None] * D + tl.arange(0, D)[None, :], val.to(out.dtype.element_ty))
 
@@ -278,6 +293,7 @@ def _decode_attention_kernel(
     koi,
     kl,
     kr,
+    klv,
     vc,
     vs,
     vz,
@@ -285,6 +301,7 @@ def _decode_attention_kernel(
     voi,
     vl,
     vr,
+    vlv,
     T: tl.constexpr,
     D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -297,6 +314,8 @@ def _decode_attention_kernel(
     K_OCH: tl.constexpr,
     K_RANK: tl.constexpr,
     K_OHD: tl.constexpr,
+    K_LEVELS: tl.constexpr,
+    K_ZERO: tl.constexpr,
     V_BITS: tl.constexpr,
     V_GROUP: tl.constexpr,
     V_NG: tl.constexpr,
@@ -305,6 +324,8 @@ def _decode_attention_kernel(
     V_OCH: tl.constexpr,
     V_RANK: tl.constexpr,
     V_OHD: tl.constexpr,
+    V_LEVELS: tl.constexpr,
+    V_ZERO: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -322,7 +343,10 @@ def _decode_attention_kernel(
     last = tl.minimum(first + per_split, N)
     for n in range(first, last):
         e = n * B + b
-        k = _tile(e, h, H, kc, ks, kz, kov, koi, kl, kr, T, D, K_BITS, K_GROUP, K_NG, K_QCH, K_K2, K_OCH, K_RANK, K_OHD)
+        k = _tile(
+            e, h, H, kc, ks, kz, kov, koi, kl, kr, klv, T, D,
+            K_BITS, K_GROUP, K_NG, K_QCH, K_K2, K_OCH, K_RANK, K_OHD, K_LEVELS, K_ZERO,
+        )  # fmt: skip
         if DOT_F16:  # noqa: SIM108 (a constexpr branch: Triton compiles only one side)
             scores = tl.dot(qt, tl.trans(k.to(tl.float16)))
         else:
@@ -333,7 +357,10 @@ def _decode_attention_kernel(
         p = tl.exp(scores - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _tile(e, h, H, vc, vs, vz, vov, voi, vl, vr, T, D, V_BITS, V_GROUP, V_NG, V_QCH, V_K2, V_OCH, V_RANK, V_OHD)
+        v = _tile(
+            e, h, H, vc, vs, vz, vov, voi, vl, vr, vlv, T, D,
+            V_BITS, V_GROUP, V_NG, V_QCH, V_K2, V_OCH, V_RANK, V_OHD, V_LEVELS, V_ZERO,
+        )  # fmt: skip
         if DOT_F16:
             acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v.to(tl.float16))
         else:
@@ -385,4 +412,6 @@ _PREFIXED = (
     ("OCH", "O_CHANNEL"),
     ("RANK", "RANK"),
     ("OHD", "O_HEADS"),
+    ("LEVELS", "LEVELS"),
+    ("ZERO", "HAS_ZERO"),
 )
