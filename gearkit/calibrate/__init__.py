@@ -4,8 +4,9 @@
    (`ladder`), the model runs with only that layer's role coded by that width (every other layer and the other role
    exact) and the KL divergence of its next-token distributions from the exact cache's is measured, per scored token.
    One prefill of each tuning window is recorded once and replayed into each candidate's cache (only the coded
-   layer's chunks are compressed anew), and the continuation is scored teacher-forced in one pass over that
-   compressed past: one short forward per candidate instead of a streamed evaluation.
+   layer's chunks are compressed anew), and the continuation is scored teacher-forced a chunk at a time over that
+   compressed past, the chunk itself exact as a cache's newest tokens are: a few short forwards per candidate
+   instead of a streamed evaluation.
 2. **Allocation** (`allocate`): the widths that minimise the summed KL (an additive model of the layers' losses) with
    the mean stored bits within the budget: an exact multiple-choice knapsack over quarter bits. Bits are all-in:
    each width's own byte count (codes, scales, norms) plus the fp16 sink tokens' copy at `TOKENS` tokens.
@@ -111,12 +112,20 @@ class _Recorder(DynamicCache):
 
 @dataclasses.dataclass
 class Window:
-    """One tuning window: every layer's prefill keys and values `KV` (batch 1), the continuation's token ids
-    `[1, continuation]`, and the exact continuation's log-probabilities `[continuation, vocab]`."""
+    """One tuning window of `prefix + continuation` tokens: every layer's keys and values `KV` (batch 1) of a prefill
+    of all but its last piece, the token ids `[1, prefix + continuation]`, and the exact model's log-probabilities of
+    the continuation `[continuation, vocab]`."""
 
     states: list[tuple[Tensor, Tensor]]
-    continuation: Tensor
+    ids: Tensor
+    prefix: int
     reference: Tensor
+
+    def pieces(self) -> list[tuple[int, int]]:
+        """The continuation's scored pieces `(start, end)`: up to `CHUNK` tokens each, the newest tokens a cache
+        holds exactly while everything before them is coded."""
+        end = self.ids.shape[-1]
+        return [(start, min(start + CHUNK, end)) for start in range(self.prefix, end, CHUNK)]
 
 
 def candidate(layer: int, role: str, stage: Stage) -> Recipe:
@@ -127,22 +136,26 @@ def candidate(layer: int, role: str, stage: Stage) -> Recipe:
 
 
 @torch.inference_mode()
-def continuation_logits(model, window: Window, layer: int | None = None, recipes: Sequence[Recipe] = ()) -> Tensor:
-    """The continuation's logits after the window's prefill, once per recipe in `recipes`, each coding only layer
-    `layer`'s past (what a `ChunkStore` of the recipe holds of the prefill, decompressed); with no recipe, every layer
-    exact. The candidates run as one batch.
+def continuation_logits(model, window: Window, layer: int, recipes: Sequence[Recipe]) -> Tensor:
+    """The continuation's logits with layer `layer`'s past coded by each recipe in `recipes` (what a `ChunkStore` of
+    the recipe holds of the recorded prefill, decompressed), every other layer exact. Each piece of the continuation
+    (`Window.pieces`) is scored teacher-forced over the coded past before it, itself exact, as a cache holds it
+    while it streams; the candidates run as one batch.
 
     Returns:
-        `[max(len(recipes), 1), continuation, vocab]` in the model's dtype.
+        `[len(recipes), continuation, vocab]` in the model's dtype.
     """
-    batch = max(len(recipes), 1)
-    cache = DynamicCache(config=model.config)  # the model's own layer kinds (sliding windows included)
-    for i, (keys, values) in enumerate(window.states):
-        if i == layer:
-            held = [_held(recipe, keys, values, layer) for recipe in recipes]
-            keys, values = (torch.cat(t) for t in zip(*held))
-        cache.update(keys.expand(batch, *keys.shape[1:]), values.expand(batch, *values.shape[1:]), i)
-    return model(window.continuation.expand(batch, -1), cache=cache, use_cache=True).logits
+    batch = len(recipes)
+    held = [_held(recipe, *window.states[layer], layer) for recipe in recipes]
+    coded = tuple(torch.cat(t) for t in zip(*held))
+    logits = []
+    for start, end in window.pieces():
+        cache = DynamicCache(config=model.config)  # the model's own layer kinds (sliding windows included)
+        for i, (keys, values) in enumerate(window.states):
+            keys, values = coded if i == layer else (k.expand(batch, *k.shape[1:]) for k in (keys, values))
+            cache.update(keys[:, :, :start], values[:, :, :start], i)
+        logits.append(model(window.ids[:, start:end].expand(batch, -1), cache=cache, use_cache=True).logits)
+    return torch.cat(logits, dim=1)
 
 
 def _held(recipe: Recipe, keys: Tensor, values: Tensor, layer: int) -> tuple[Tensor, Tensor]:
@@ -156,17 +169,19 @@ def _held(recipe: Recipe, keys: Tensor, values: Tensor, layer: int) -> tuple[Ten
 
 @torch.inference_mode()
 def tuning_window(model, ids: Tensor, prefix: int) -> Window:
-    """Record the prefill of `ids[:prefix]` and the exact continuation's log-probabilities, for one window.
+    """Record the prefill of `ids` but its last piece and the exact continuation's log-probabilities, for one window.
 
     Args:
         model (transformers.PreTrainedModel): the model.
         ids: int64 `[prefix + continuation]` token ids.
-        prefix: prefilled tokens (a multiple of the chunk, so the prefill fills whole chunks).
+        prefix: tokens before the first scored one (a multiple of the chunk, so the pieces start on chunk bounds).
     """
+    window = Window([], ids[None], prefix, torch.empty(0))
     recorder = _Recorder(model.config)
-    model(ids[None, :prefix], cache=recorder, use_cache=True)
-    window = Window(recorder.states, ids[None, prefix:], torch.empty(0))
-    window.reference = continuation_logits(model, window)[0].float().log_softmax(-1)
+    model(window.ids[:, : window.pieces()[-1][0]], cache=recorder, use_cache=True)
+    window.states = recorder.states
+    exact = model(window.ids, use_cache=False).logits[0, prefix:]
+    window.reference = exact.float().log_softmax(-1)
     return window
 
 
@@ -282,7 +297,7 @@ def measure(
     kls = {role: {n: [m[role][n] for m in measured] for n in stages[role]} for role in ROLES}
     protocol = {
         "windows": len(recorded),
-        "prefix": recorded[0].states[0][0].shape[-2],
+        "prefix": recorded[0].prefix,
         "continuation": continuation,
         "seconds": round(time.perf_counter() - start, 1),
     }
