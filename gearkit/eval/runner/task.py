@@ -68,10 +68,12 @@ class CacheTask(pl.LightningModule):
         loader: called as `loader()` to get `(model, tokenizer)`; default `gearkit.models.load_default_model`.
 
     Raises:
-        ValueError: for an unknown recipe, repeated cache names, or a model without its tokenizer.
+        ValueError: for no recipe (unless the task scores a baseline of its own), an unknown recipe, repeated cache
+            names, or a model without its tokenizer.
     """
 
     new_tokens = 0  # tokens each prompt grows by during the task; `check_item` counts them against the context
+    needs_recipe = True  # False for a task that scores a baseline of its own, so that no recipe is fine
 
     def __init__(
         self,
@@ -83,7 +85,7 @@ class CacheTask(pl.LightningModule):
     ):
         super().__init__()
         specs = [recipes] if isinstance(recipes, (str, Recipe)) else list(recipes)
-        if not specs:
+        if not specs and self.needs_recipe:
             raise ValueError("no recipe given")
         for spec in specs:
             if not isinstance(spec, Recipe):
