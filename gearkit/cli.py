@@ -1,4 +1,9 @@
-"""The `gearkit` command: demo, evaluation, generation and the recipe list."""
+"""The `gearkit` command: demo, evaluation, generation, dictionary training and the recipe list.
+
+Every command that runs a model takes `--model` and `--dtype` (`add_model`) and checks all its arguments before any
+model loads: argparse types for single values, then the command's own checks (the model spec with `check_model`,
+recipe names with `check_names`, texts against the model's tokenizer with `_tokenizer`), and only then `_load`.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+BUFFER_DTYPES = ("float16", "bfloat16", "float32", "model")
 DEMO_RECIPES = ["fp16", "kivi-4", "gear-4", "sink-4", "kivi-3", "gear-3", "sink-3", "kivi-2", "gear-2", "sink-gear-2"]
 
 
@@ -17,19 +23,38 @@ def progress_bar():
     return lambda it, total=None, desc=None: tqdm(it, total=total, desc=desc, file=sys.stderr, leave=False)
 
 
-def _load():
-    from gearkit.models import DEFAULT_MODEL, load_default_model
+def check_model(args):
+    """Check `--model` before anything loads: a path that exists and holds a checkpoint or a GGUF file, or a model
+    id in the local Hugging Face cache (`gearkit.models.resolve_model`).
 
-    print(f"loading {DEFAULT_MODEL} ...", file=sys.stderr)
-    model, tokenizer = load_default_model()
-    return model, tokenizer, DEFAULT_MODEL
+    Returns:
+        gearkit.models.ModelSource: where the model is, and its name.
+    """
+    from gearkit.models import resolve_model
+
+    return resolve_model(args.model)
 
 
-def _tokenizer():
-    """The default tokenizer alone, for the checks that need only the text (before the model loads)."""
-    from gearkit.models import load_default_tokenizer
+def _tokenizer(args):
+    """The `--model`'s tokenizer alone, for the checks that need only the text (before the model loads)."""
+    from gearkit.models import load_tokenizer
 
-    return load_default_tokenizer()
+    return load_tokenizer(args.model)
+
+
+def _load(args):
+    """Load `--model` in `--dtype`, once every argument has been checked: `(model, tokenizer, name)`."""
+    from gearkit.models import load_model
+
+    print(f"loading {check_model(args).name} ...", file=sys.stderr)
+    return load_model(args.model, args.dtype)
+
+
+def buffer_dtype(args):
+    """`--buffer-dtype` as `make_cache` takes it: a torch dtype, or None (`model`) for the model's own dtype."""
+    import torch
+
+    return None if args.buffer_dtype == "model" else getattr(torch, args.buffer_dtype)
 
 
 def _ppl_rows(results) -> list[dict]:
@@ -76,9 +101,10 @@ def cmd_recipes(args) -> None:
         print(f"{name:12s} Hugging Face QuantizedCache baseline{'' if name in have else ' (backend not installed)'}")
 
 
-def check_names(names, dictionary=None) -> list[str]:
+def check_names(names, dictionary=None, model=None) -> list[str]:
     """Check cache names before anything loads. With `dictionary`, `csr-8` and `csr-4` read that file; without,
-    the default dictionary is trained once if one of them is named and it is not there yet."""
+    they read the default dictionary, trained once for the default model if it is not there yet, and refused for
+    another `model` (a `gearkit.models.ModelSource`; None: the default)."""
     from gearkit.csr import DEFAULT_RECIPES, default_dictionary_path, register_default_recipes
     from gearkit.integrations.hf import check_cache_name
 
@@ -87,7 +113,13 @@ def check_names(names, dictionary=None) -> list[str]:
             raise FileNotFoundError(f"no dictionary file {str(dictionary)!r} (train one with: gearkit dict train)")
         register_default_recipes(dictionary, replace=True)
     names = [check_cache_name(n) for n in names]
-    if dictionary is None and not set(names).isdisjoint(DEFAULT_RECIPES) and not default_dictionary_path().is_file():
+    csr = sorted(set(names) & set(DEFAULT_RECIPES))
+    if dictionary is None and csr and model is not None and model.kind != "default":
+        raise ValueError(
+            f"{csr[0]} reads the default dictionary, trained for the default model, not {model.name}; train one "
+            f"with `gearkit dict train --model ... --out FILE` and pass --dictionary FILE"
+        )
+    if dictionary is None and csr and not default_dictionary_path().is_file():
         from gearkit.neuraldict import train_default_dictionary  # loads Lightning: only when there is training to do
 
         train_default_dictionary()
@@ -100,20 +132,24 @@ def cmd_eval_ppl(args) -> None:
     from gearkit.eval.threads import cpu_threads
     from gearkit.models import load_text, token_windows
 
-    names = check_names(args.recipe, args.dictionary)  # fail before loading anything
+    source = check_model(args)  # every argument is checked before any model loads
+    names = check_names(args.recipe, args.dictionary, source)
     text = load_text(args.text)
-    token_windows(_tokenizer(), text, args.prefix, args.continuation, args.windows)  # a text too short fails here
-    model, tokenizer, model_name = _load()
+    spans = token_windows(_tokenizer(args), text, args.prefix, args.continuation, args.windows)  # too short fails
+    model_name = source.name
     if args.devices > 1:
         from gearkit.eval.runner import PerplexityTask, perplexity_results, predict
 
-        spans = token_windows(tokenizer, text, args.prefix, args.continuation, args.windows)
-        task = PerplexityTask(names, prefix=args.prefix, model=model, tokenizer=tokenizer)
+        # every DDP rank re-runs this command and loads the same --model and --dtype (in configure_model)
+        task = PerplexityTask(
+            names, prefix=args.prefix, model=args.model, dtype=args.dtype, buffer_dtype=buffer_dtype(args)
+        )
         rows = predict(task, spans, devices=args.devices, threads=args.threads)
         if rows is None:  # a DDP rank other than 0: rank 0 prints
             return
         results = perplexity_results(rows, model_name, args.prefix)
     else:
+        model, tokenizer, model_name = _load(args)
         with cpu_threads(args.threads):
             results = evaluate(
                 model,
@@ -125,6 +161,7 @@ def cmd_eval_ppl(args) -> None:
                 args.windows,
                 progress=progress_bar(),
                 model_name=model_name,
+                buffer_dtype=buffer_dtype(args),
             )
     if args.json:
         for r in results:
@@ -143,14 +180,19 @@ def cmd_dict_train(args) -> None:
     from gearkit.models import load_text, token_windows
     from gearkit.neuraldict import dictionary_mib, train_default_dictionary, train_dictionaries
 
+    source = check_model(args)
     if args.default:
-        print(json.dumps({"out": str(train_default_dictionary(force=True))}))
+        if source.kind != "default":
+            raise ValueError("--default trains the default model's dictionary; for --model, pass --out FILE instead")
+        print(json.dumps({"out": str(train_default_dictionary(force=True)), "model": source.name}))
         return
     if args.out is None:
         raise ValueError("dict train needs --out (or --default, to train the default dictionary of csr-8 / csr-4)")
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a directory; name the .safetensors file to write")
     text = load_text(args.text)
-    token_windows(_tokenizer(), text, args.tokens, 1, args.windows)  # a text too short fails before the model loads
-    model, tokenizer, model_name = _load()
+    token_windows(_tokenizer(args), text, args.tokens, 1, args.windows)  # a text too short fails here
+    model, tokenizer, model_name = _load(args)
     start = time.perf_counter()
     dictionaries, stats = train_dictionaries(
         model,
@@ -173,6 +215,7 @@ def cmd_dict_train(args) -> None:
         json.dumps(
             {
                 "out": str(path),
+                "model": model_name,
                 "atoms": args.atoms,
                 "sparsity": args.sparsity,
                 "groups": len(dictionaries.groups),
@@ -189,25 +232,44 @@ def cmd_dict_train(args) -> None:
 def cmd_eval_layers(args) -> None:
     from gearkit.eval import format_table
     from gearkit.eval.generation import layer_errors
+    from gearkit.integrations.hf import HF_BASELINES
     from gearkit.models import first_tokens, load_text
 
-    check_names([args.recipe])
+    source = check_model(args)
+    (name,) = check_names([args.recipe], model=source)
+    if name in HF_BASELINES:
+        raise ValueError(f"eval layers reads the keys and values a gearkit recipe stores; {name} is not a recipe")
     text = load_text(args.text)
-    first_tokens(_tokenizer(), text, args.tokens)  # a text too short fails before the model loads
-    model, tokenizer, _ = _load()
-    print(format_table(layer_errors(model, tokenizer, args.recipe, text, args.tokens)))
+    first_tokens(_tokenizer(args), text, args.tokens)  # a text too short fails before the model loads
+    model, tokenizer, model_name = _load(args)
+    rows = layer_errors(model, tokenizer, name, text, args.tokens, buffer_dtype(args))
+    print(f"{model_name}, text {args.text}, {args.tokens} tokens prefilled into {name}")
+    print(format_table(rows))
 
 
 def cmd_eval_passkey(args) -> None:
     from gearkit.eval import format_table
-    from gearkit.eval.passkey import passkey
+    from gearkit.eval.passkey import passkey, passkey_prompts
     from gearkit.models import load_text
 
-    names = check_names(args.recipe or [], args.dictionary)
+    source = check_model(args)
+    names = check_names(args.recipe or [], args.dictionary, source)
     filler = load_text(args.text)
-    model, tokenizer, model_name = _load()
     lengths, depths = args.length or [1024, 2048], args.depth or [0.1, 0.5, 0.9]
-    results = passkey(model, tokenizer, names, filler, lengths, depths, args.keys, progress=progress_bar())
+    passkey_prompts(_tokenizer(args), filler, lengths, depths, args.keys)  # lengths the filler cannot fill fail here
+    model, tokenizer, model_name = _load(args)
+    results = passkey(
+        model,
+        tokenizer,
+        names,
+        filler,
+        lengths,
+        depths,
+        args.keys,
+        progress=progress_bar(),
+        model_name=model_name,
+        buffer_dtype=buffer_dtype(args),
+    )
     if args.json:
         for r in results:
             print(json.dumps(r.summary()))
@@ -222,7 +284,8 @@ def cmd_eval_retrieval(args) -> None:
     from gearkit.eval.threads import cpu_threads
     from gearkit.models import load_text
 
-    names = check_names(args.recipe or [], args.dictionary)  # fail before loading anything
+    source = check_model(args)  # every argument is checked before any model loads
+    names = check_names(args.recipe or [], args.dictionary, source)
     sizes = Sizes(
         trials=args.trials,
         keys=args.keys,
@@ -233,20 +296,29 @@ def cmd_eval_retrieval(args) -> None:
     )
     tasks, lengths = args.task or list(TASKS), args.length or [1024, 2048]
     filler = load_text(args.text)
-    build_trials(_tokenizer(), filler, tasks, lengths, sizes, args.depth, args.seed)  # bad sizes fail here
-    model, tokenizer, model_name = _load()
-    trials = build_trials(tokenizer, filler, tasks, lengths, sizes, args.depth, args.seed)
+    trials = build_trials(_tokenizer(args), filler, tasks, lengths, sizes, args.depth, args.seed)  # bad sizes fail
+    model_name = source.name
     if args.devices > 1:
         from gearkit.eval.runner import RetrievalTask, predict
 
-        task = RetrievalTask(names, trials, model=model, tokenizer=tokenizer)
+        # every DDP rank re-runs this command and loads the same --model and --dtype (in configure_model)
+        task = RetrievalTask(names, trials, model=args.model, dtype=args.dtype, buffer_dtype=buffer_dtype(args))
         rows = predict(task, [t.context for t in trials], devices=args.devices, threads=args.threads)
         if rows is None:  # a DDP rank other than 0: rank 0 prints
             return
         results = retrieval_results(rows, model_name)
     else:
+        model, tokenizer, model_name = _load(args)
         with cpu_threads(args.threads):
-            results = retrieval(model, tokenizer, names, trials, model_name, progress=progress_bar())
+            results = retrieval(
+                model,
+                tokenizer,
+                names,
+                trials,
+                model_name,
+                progress=progress_bar(),
+                buffer_dtype=buffer_dtype(args),
+            )
     if args.json:
         for r in results:
             print(json.dumps(r.summary()))
@@ -258,23 +330,31 @@ def cmd_eval_retrieval(args) -> None:
 def cmd_eval_generation(args) -> None:
     from gearkit.eval.generation import agreement
 
-    names = check_names(args.recipe, args.dictionary)
-    model, tokenizer, _ = _load()
+    source = check_model(args)
+    names = check_names(args.recipe, args.dictionary, source)
+    model, tokenizer, model_name = _load(args)
     prompts = args.prompt or GENERATION_PROMPTS
     for index, prompt in enumerate(progress_bar()(prompts, total=len(prompts), desc="prompts")):
-        for g in agreement(model, tokenizer, names, prompt, args.max_new_tokens):
+        for g in agreement(model, tokenizer, names, prompt, args.max_new_tokens, buffer_dtype(args)):
             row = {
                 "prompt": index,
                 "recipe": g.recipe,
+                "model": model_name,
                 "match_rate": round(g.match_rate, 4),
                 "first_divergence": g.first_divergence,
+                "compressed": g.compressed,
+                "held": g.held,
                 "tokens_per_s": round(g.tokens_per_s, 2),
             }
+            if args.json:
+                print(json.dumps(row))
+                continue
+            held = f"{g.compressed}/{g.held} tokens compressed"
+            if not g.compressed:  # then the cache cannot differ from the uncompressed one: say so, not just "100%"
+                held = f"nothing compressed (all {g.held} tokens in the full-precision buffer: use longer prompts)"
             print(
-                json.dumps(row)
-                if args.json
-                else f"prompt {index} [{g.recipe}] match {100 * g.match_rate:.1f}%, first divergence at new token "
-                f"{g.first_divergence}, {g.tokens_per_s:.1f} tok/s"
+                f"prompt {index} [{g.recipe}] match {100 * g.match_rate:.1f}%, first divergence at new token "
+                f"{g.first_divergence}, {held}, {g.tokens_per_s:.1f} tok/s"
             )
 
 
@@ -290,26 +370,35 @@ def cmd_generate(args) -> None:
     from gearkit.eval.threads import cpu_threads
     from gearkit.integrations.hf import make_cache, memory_report
 
-    check_names([args.recipe])
-    model, tokenizer, _ = _load()
+    source = check_model(args)
+    (name,) = check_names([args.recipe], model=source)
     if args.devices > 1 or args.batch_size > 1:
         from gearkit.eval.runner import GenerationTask, predict
 
-        task = GenerationTask(args.recipe, max_new_tokens=args.max_new_tokens, model=model, tokenizer=tokenizer)
+        # every DDP rank re-runs this command and loads the same --model and --dtype (in configure_model)
+        task = GenerationTask(
+            name,
+            max_new_tokens=args.max_new_tokens,
+            model=args.model,
+            dtype=args.dtype,
+            buffer_dtype=buffer_dtype(args),
+        )
         rows = predict(task, args.prompt, devices=args.devices, batch_size=args.batch_size, threads=args.threads)
         for row in rows or []:  # None on DDP ranks other than 0
-            print(json.dumps(row) if args.json else row["text"])
+            print(json.dumps({**row, "model": source.name}) if args.json else row["text"])
         return
+    model, tokenizer, model_name = _load(args)
     with cpu_threads(args.threads):
         for index, prompt in enumerate(args.prompt):
-            cache = make_cache(args.recipe, model)
+            cache = make_cache(name, model, buffer_dtype=buffer_dtype(args))
             tokens, seconds = greedy(model, tokenizer, prompt, args.max_new_tokens, cache)
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             print(
                 json.dumps(
                     {
                         "index": index,
-                        "recipe": args.recipe,
+                        "recipe": name,
+                        "model": model_name,
                         "prompt": prompt,
                         "token_ids": tokens.tolist(),
                         "text": text,
@@ -320,7 +409,7 @@ def cmd_generate(args) -> None:
             )
             report = memory_report(cache, model.config)
             print(
-                f"[{args.recipe}: {len(tokens)} tokens in {seconds:.1f} s, cache {report.nbytes} bytes, "
+                f"[{name}: {len(tokens)} tokens in {seconds:.1f} s, cache {report.nbytes} bytes, "
                 f"{report.bits_per_element:.2f} bits/element, {versus_fp16(report.compression_ratio)}]",
                 file=sys.stderr,
             )
@@ -331,11 +420,13 @@ def cmd_demo(args) -> None:
     from gearkit.eval.generation import agreement
     from gearkit.eval.perplexity import evaluate
     from gearkit.integrations.hf import available_baselines
-    from gearkit.models import DEFAULT_TEXT, first_tokens, load_text
+    from gearkit.models import DEFAULT_TEXT, first_tokens, load_text, token_windows
 
     names = DEMO_RECIPES + available_baselines()
-    model, tokenizer, model_name = _load()
-    text = load_text(DEFAULT_TEXT)
+    text, tokenizer = load_text(DEFAULT_TEXT), _tokenizer(args)  # a bad --model fails here
+    token_windows(tokenizer, text, args.prefix, args.continuation, args.windows)  # a text too short fails here
+    first_tokens(tokenizer, text, args.context)
+    model, tokenizer, model_name = _load(args)
     results = evaluate(
         model,
         tokenizer,
@@ -346,6 +437,7 @@ def cmd_demo(args) -> None:
         args.windows,
         progress=progress_bar(),
         model_name=model_name,
+        buffer_dtype=buffer_dtype(args),
     )
     print(
         f"\nPerplexity with a compressed past: {model_name}, {DEFAULT_TEXT} text, {results[0].windows} window(s) of "
@@ -360,7 +452,8 @@ def cmd_demo(args) -> None:
         f"tokens equal to the uncompressed cache's, compressed = tokens held compressed at the end (the rest "
         f"in the full-precision buffer)."
     )
-    generations = agreement(model, tokenizer, names, f"{passage}\n\n{args.prompt}", args.max_new_tokens)
+    prompt = f"{passage}\n\n{args.prompt}"
+    generations = agreement(model, tokenizer, names, prompt, args.max_new_tokens, buffer_dtype(args))
     print(
         format_table(
             [
@@ -397,6 +490,39 @@ def positive_int(value: str) -> int:
     return n
 
 
+def fraction(value: str) -> float:
+    """argparse type: a number within [0, 1] (not NaN)."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number within [0, 1], got {value!r}") from None
+    if not 0 <= x <= 1:  # False for NaN too
+        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {value!r}")
+    return x
+
+
+def add_model(parser: argparse.ArgumentParser, caches: bool = True) -> None:
+    """The model options, the same for every command that runs a model: `--model` and `--dtype` (read by `_load`),
+    and where the command builds caches, `--buffer-dtype` (read by `buffer_dtype`)."""
+    from gearkit.models import DEFAULT_MODEL, DTYPES
+
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a Hugging Face checkpoint directory, a .gguf file, or a model id already in the local Hugging Face "
+        f"cache (nothing is downloaded); default: the embedded {DEFAULT_MODEL}",
+    )
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="the model's parameter dtype")
+    if caches:
+        parser.add_argument(
+            "--buffer-dtype",
+            choices=BUFFER_DTYPES,
+            default="float16",
+            help="storage dtype of the recipes' full-precision buffers and sink tokens; 'model' keeps the model's "
+            "dtype (for a bfloat16 model whose keys exceed float16's range: bfloat16, float32 or model)",
+        )
+
+
 def add_text(parser: argparse.ArgumentParser) -> None:
     """The `--text` option, the same for every command that reads text."""
     from gearkit.models import DEFAULT_TEXT, TEXTS
@@ -421,7 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gearkit", description="Composable KV-cache compression.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="compare recipes on the default model and text")
+    demo = sub.add_parser("demo", help="compare recipes on a model (default: the embedded one) and the default text")
+    add_model(demo)
     demo.add_argument("--prefix", type=positive_int, default=512)
     demo.add_argument("--continuation", type=positive_int, default=512)
     demo.add_argument("--windows", type=positive_int, default=1)
@@ -440,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(func=cmd_recipes)
 
     gen = sub.add_parser("generate", help="generate with a compressed cache")
+    add_model(gen)
     gen.add_argument("--recipe", required=True)
     gen.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     gen.add_argument("--max-new-tokens", type=positive_int, default=128)
@@ -461,8 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     gen.set_defaults(func=cmd_generate)
 
-    ev = sub.add_parser("eval", help="evaluate recipes on the default model").add_subparsers(dest="what", required=True)
+    ev = sub.add_parser("eval", help="evaluate recipes on a model").add_subparsers(dest="what", required=True)
     ppl = ev.add_parser("ppl", help="perplexity with a compressed past")
+    add_model(ppl)
     ppl.add_argument("--recipe", action="append", required=True, help="recipe or HF baseline; repeat for several")
     add_text(ppl)
     ppl.add_argument("--prefix", type=positive_int, default=1024)
@@ -482,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads(ppl)
     ppl.set_defaults(func=cmd_eval_ppl)
     pk = ev.add_parser("passkey", help="passkey retrieval: a number hidden in filler text, asked for at the end")
+    add_model(pk)
     pk.add_argument(
         "--recipe",
         action="append",
@@ -492,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--length", type=positive_int, action="extend", nargs="+", help="prompt lengths in tokens (default 1024 2048)"
     )
     pk.add_argument(
-        "--depth", type=float, action="extend", nargs="+", help="needle depths in [0, 1] (default 0.1 0.5 0.9)"
+        "--depth", type=fraction, action="extend", nargs="+", help="needle depths in [0, 1] (default 0.1 0.5 0.9)"
     )
     pk.add_argument("--keys", type=positive_int, default=2, help="keys tried per depth")
     pk.add_argument("--json", action="store_true", help="print one JSON object per (cache, length)")
@@ -503,6 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     rt = ev.add_parser(
         "retrieval", help="RULER-style retrieval: multi-key needles, multi-value needles, variable tracking"
     )
+    add_model(rt)
     rt.add_argument(
         "--recipe",
         action="append",
@@ -520,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rt.add_argument(
         "--depth",
-        type=float,
+        type=fraction,
         action="extend",
         nargs="+",
         help="needle depths in [0, 1], used in a seeded order (default: uniform random depths)",
@@ -548,6 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads(rt)
     rt.set_defaults(func=cmd_eval_retrieval)
     gen_eval = ev.add_parser("generation", help="long greedy continuations: agreement with the uncompressed cache")
+    add_model(gen_eval)
     gen_eval.add_argument("--recipe", action="append", required=True, help="recipe or HF baseline; repeat for several")
     gen_eval.add_argument("--prompt", action="append", help="repeat for several (default: three built-in prompts)")
     gen_eval.add_argument("--max-new-tokens", type=positive_int, default=256)
@@ -557,6 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen_eval.set_defaults(func=cmd_eval_generation)
     layers = ev.add_parser("layers", help="per-layer reconstruction error of keys and values")
+    add_model(layers)
     layers.add_argument("--recipe", required=True)
     add_text(layers)
     layers.add_argument("--tokens", type=positive_int, default=1024)
@@ -564,6 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dct = sub.add_parser("dict", help="CSR dictionaries").add_subparsers(dest="what", required=True)
     train = dct.add_parser("train", help="train NeuralDict dictionaries on KV vectors of a text (Lightning)")
+    add_model(train, caches=False)
     add_text(train)
     train.add_argument("--atoms", type=positive_int, default=DEFAULT_DICTIONARY["atoms"], help="atoms per dictionary")
     train.add_argument(

@@ -3,7 +3,8 @@
 The default dictionary is trained once on the default model and text (`gearkit dict train --default`, or the CLI
 by itself the first time a command needs it; training is `gearkit.neuraldict.train_default_dictionary`, which
 reads the settings here) and kept under `gearkit.paths.cache_dir()`. The built-in CSR recipes name the lookup
-`default_dictionary`, which reads the file only when a stage first codes a tensor.
+`default_dictionary` as the source `"gearkit:default"` (data, not code: a recipe file that names it loads without
+trust), which reads the file only when a stage first codes a tensor.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from gearkit.compressors import Pipeline, SparseDictionary
 from gearkit.compressors.checks import check_int
 from gearkit.compressors.solvers import Solver
-from gearkit.compressors.sparse_dictionary import Source
+from gearkit.compressors.sparse_dictionary import Source, register_dictionary_source
 from gearkit.models import DEFAULT_MODEL, DEFAULT_TEXT
 from gearkit.paths import cache_dir
 from gearkit.recipe import Recipe, register_builder
@@ -47,8 +48,16 @@ def default_dictionary() -> Path:
     return path
 
 
+DEFAULT_SOURCE = register_dictionary_source("default", default_dictionary)  # "gearkit:default"
+
+
 def _description(sparsity: int, dictionary: Source, solver: str | Solver, coef_bits: int, pre_rope: bool | None) -> str:
-    where = dictionary if isinstance(dictionary, (str, os.PathLike)) else "the default dictionary"
+    if dictionary in (DEFAULT_SOURCE, default_dictionary):
+        where = "the default dictionary"
+    elif isinstance(dictionary, (str, os.PathLike)):
+        where = str(dictionary)
+    else:
+        where = getattr(dictionary, "__name__", type(dictionary).__name__)
     bits = (sparsity * (16 + coef_bits) + (16 if coef_bits == 8 else 0)) / 64  # per element at head dim 64
     space = "" if pre_rope is False else " (pre-RoPE)"
     label = solver.upper() if isinstance(solver, str) else "custom solver"
@@ -60,7 +69,7 @@ def _description(sparsity: int, dictionary: Source, solver: str | Solver, coef_b
 
 def csr(
     sparsity: int,
-    dictionary: Source = default_dictionary,
+    dictionary: Source = DEFAULT_SOURCE,
     *,
     name: str | None = None,
     solver: str | Solver = "mp",
@@ -78,7 +87,7 @@ def csr(
     Args:
         sparsity: key atoms per vector `s` (even: values take `s / 2` per half).
         dictionary: a `DictionarySet`, a path to one, or a callable returning either (read on first use);
-            the default is the default dictionary (`default_dictionary`).
+            the default is the default dictionary (`"gearkit:default"`, which `default_dictionary` finds).
         name: registry name (default `csr-{sparsity}`).
         solver: `"mp"`, `"omp"` or a callable (see `SparseDictionary`).
         coef_bits: 16 or 8.
@@ -102,7 +111,7 @@ def csr(
     )
 
 
-def register_default_recipes(dictionary: Source = default_dictionary, *, replace: bool = False) -> None:
+def register_default_recipes(dictionary: Source = DEFAULT_SOURCE, *, replace: bool = False) -> None:
     """Register `csr-8` and `csr-4` on `dictionary` (built on first `get`).
 
     Args:
@@ -119,6 +128,7 @@ def register_default_recipes(dictionary: Source = default_dictionary, *, replace
 
 __all__ = [
     "DEFAULT_DICTIONARY",
+    "DEFAULT_SOURCE",
     "DEFAULT_RECIPES",
     "csr",
     "default_dictionary",

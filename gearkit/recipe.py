@@ -1,7 +1,16 @@
 """The `Recipe` type (a key pipeline, a value pipeline and a streaming-buffer size) and the registry of named recipes.
 
-A recipe is data: `to_dict()` writes it as versioned JSON and `Recipe.from_dict` reads it back without importing or
-calling anything. The registry maps names to recipes. Built-in recipes are registered as builders (a zero-argument
+A recipe is data: `to_dict()` writes it as versioned JSON and `Recipe.from_dict` reads it back.
+
+**Trust model.** Recipe files travel between people, so reading one is safe by default: `from_dict` builds only
+registered stage classes (gearkit's, and user stages given to `gearkit.register_stage`), checks every setting
+against bounds a KV cache can need (a group size, rank or sketch that would allocate gigabytes is refused), and
+never imports or calls code. The one way recipe data can name code is a `"python:module.name"` reference (a custom
+CSR solver or dictionary source, written by `to_dict` for a module-level function); reading such a reference
+imports that module, which runs its code, so it is refused unless the caller passes `trusted=True` for data from a
+source it trusts. gearkit's default CSR dictionary is named `"gearkit:default"` and needs no trust.
+
+The registry maps names to recipes. Built-in recipes are registered as builders (a zero-argument
 callable and a one-line description), so listing them costs nothing; `get` builds a recipe on first use and keeps it.
 The built-in catalog is `gearkit.recipes`.
 """
@@ -13,22 +22,29 @@ from collections.abc import Callable
 from typing import Any
 
 from gearkit.compressors import Pipeline, Probes, SparseDictionary
-from gearkit.compressors.checks import check_int
+from gearkit.compressors.base import data_kind
+from gearkit.compressors.checks import MAX_TOKENS, check_int
 
 FORMAT_VERSION = 1  # of `Recipe.to_dict()`
+# the keys of `to_dict()` besides its format and version
+FIELDS = ("name", "key", "value", "buffer_size", "sink_tokens", "description", "probes")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Recipe:
     """How a KV cache is compressed.
 
+    Recipes compare as data: two recipes are equal when their `to_dict()` data is (so a recipe equals itself read
+    back from its data); a recipe that is not data (a dictionary set held in memory) equals only itself.
+
     Attributes:
-        name: registry name.
+        name: registry name, a non-empty string.
         key: pipeline for keys `KV`.
         value: pipeline for values, same layout.
         buffer_size: the newest tokens kept in full precision; when the buffer holds this many they are
-            compressed as one chunk. 1 compresses every token as it arrives.
-        sink_tokens: the first tokens of a sequence, kept in full precision for good (attention sinks).
+            compressed as one chunk. 1 compresses every token as it arrives. At most `MAX_TOKENS`.
+        sink_tokens: the first tokens of a sequence, kept in full precision for good (attention sinks); at most
+            `MAX_TOKENS`.
         description: one line for tables and `gearkit recipes`.
         probes: which queries score token saliency, for pipelines with saliency-driven stages (ZipCache).
     """
@@ -59,8 +75,12 @@ class Recipe:
         return "saliency" in self.key.requires | self.value.requires
 
     def __post_init__(self):
-        check_int(self.buffer_size, "buffer_size")
-        check_int(self.sink_tokens, "sink_tokens", 0)
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"recipe name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.description, str):
+            raise ValueError(f"recipe description must be a string, got {self.description!r}")
+        check_int(self.buffer_size, "buffer_size", 1, MAX_TOKENS)
+        check_int(self.sink_tokens, "sink_tokens", 0, MAX_TOKENS)
         for role in ("key", "value"):
             if not isinstance(getattr(self, role), Pipeline):
                 raise TypeError(f"recipe {role} must be a gearkit Pipeline")
@@ -87,26 +107,58 @@ class Recipe:
             "probes": dataclasses.asdict(self.probes),
         }
 
+    def __eq__(self, other: object) -> bool:
+        """Whether `other` is the same recipe as data (see the class docstring)."""
+        if not isinstance(other, Recipe):
+            return NotImplemented
+        if self is other:
+            return True
+        try:
+            return self.to_dict() == other.to_dict()
+        except TypeError:  # not data: equal only to itself
+            return False
+
+    def __hash__(self) -> int:
+        """A hash that equal recipes share."""
+        return hash((self.name, self.buffer_size, self.sink_tokens))  # equal recipes agree on these
+
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Recipe:
-        """Rebuild a recipe from `to_dict()` data.
+    def from_dict(cls, data: dict[str, Any], *, trusted: bool = False) -> Recipe:
+        """Rebuild a recipe from `to_dict()` data (see the trust model in this module's docstring).
+
+        Args:
+            data: the recipe's data, e.g. read from a JSON file.
+            trusted: resolve `"python:module.name"` references (custom CSR solvers or dictionary sources) by
+                importing their modules; only for data from a source you trust. Without it they are refused.
 
         Raises:
-            ValueError: if the data is not a gearkit recipe of this format version.
+            ValueError: if the data is not a gearkit recipe of this format version, lacks a key or holds an unknown
+                one, names code without `trusted`, or holds a setting out of bounds; the message names the key.
+            TypeError: for a stage argument of the wrong kind, naming where it is.
         """
+        if not isinstance(data, dict):
+            raise ValueError(f"recipe data must be an object (a dict), got {data_kind(data)}")
         if data.get("format") != "gearkit.Recipe" or data.get("version") != FORMAT_VERSION:
             raise ValueError(
                 f"not a gearkit recipe of format version {FORMAT_VERSION}: "
                 f"format {data.get('format')!r}, version {data.get('version')!r}"
             )
+        missing, unknown = [k for k in FIELDS if k not in data], sorted(set(data) - {*FIELDS, "format", "version"})
+        problems = [f"lacks {k!r}" for k in missing] + [f"has an unknown key {k!r}" for k in unknown]
+        if problems:
+            raise ValueError(f"recipe data {' and '.join(problems)} (a recipe holds {', '.join(FIELDS)})")
+        probes = data["probes"]
+        fields = {f.name for f in dataclasses.fields(Probes)}
+        if not isinstance(probes, dict) or not set(probes) <= fields:
+            raise ValueError(f"recipe data probes must be an object with keys among {sorted(fields)}, got {probes!r}")
         return cls(
             data["name"],
-            Pipeline.from_dict(data["key"]),
-            Pipeline.from_dict(data["value"]),
+            Pipeline.from_dict(data["key"], trusted=trusted, where="key"),
+            Pipeline.from_dict(data["value"], trusted=trusted, where="value"),
             data["buffer_size"],
             data["sink_tokens"],
             data["description"],
-            Probes(**data["probes"]),
+            Probes(**probes),
         )
 
 

@@ -89,3 +89,31 @@ class Chars:
 
     def decode(self, ids, skip_special_tokens=True):
         return "".join(chr(32 + (i - 2 - 32) % 95) for i in ids if i > 1)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny seeded Llama checkpoint directory (config, safetensors, the default model's tokenizer) named
+    `tiny-llama`, whose vocabulary matches that tokenizer: what `gearkit.models.load_model` reads by path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gearkit.models import load_default_tokenizer
+
+    tokenizer = load_default_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,5 +1,6 @@
 """The conformance matrix, keyed on stages: every stage (alone, in a pipeline) keeps the same contract."""
 
+import inspect
 from types import SimpleNamespace
 
 import pytest
@@ -176,6 +177,18 @@ def test_every_stage_the_docs_name_is_exported():
     )
     for name in gearkit.__all__:
         assert getattr(gearkit, name) is not None
+
+
+def test_every_gearkit_stage_is_registered():
+    """Recipe data names registered stages only (`register_stage`), so a gearkit stage class left unregistered could
+    not be read back from a recipe file."""
+    classes, todo = set(), list(Stage.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        classes.add(cls)
+        todo += cls.__subclasses__()
+    ours = {cls for cls in classes if cls.__module__.startswith("gearkit.") and not inspect.isabstract(cls)}
+    assert ours and ours <= set(Stage.known().values())
 
 
 # -- wrappers around every leaf ------------------------------------------------------------------------------------

@@ -262,7 +262,7 @@ def test_csr_recipes_are_lazy_and_count_the_paper_levels():
         assert r.needs_dictionary and not recipes.get("kivi-2").needs_dictionary
         key, value = r.key.stages[0], r.value.stages[0]
         assert (key.sparsity, key._chunks, value.sparsity, value._chunks) == (s, 1, s // 2, 2)
-        assert callable(key.source)  # nothing trained or read until first use
+        assert key.source == "gearkit:default" and key._produced is None  # nothing trained or read until first use
 
 
 def test_cache_amortises_the_dictionary_and_reads_positions(smol):

@@ -101,3 +101,63 @@ def test_cli_errors_are_clear():
     assert run.returncode == 2 and "no text file" in run.stderr
     run = gearkit("recipes")
     assert run.returncode == 0 and "gear-2" in run.stdout and "hf-quanto-2" in run.stdout
+
+
+def test_every_command_checks_its_arguments_before_any_model_loads(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    from gearkit import cli
+    from gearkit.models import loading
+
+    def load(*args, **kwargs):
+        raise AssertionError("a model loaded before the arguments were checked")
+
+    monkeypatch.setattr(loading, "load_default_model", load)
+    monkeypatch.setattr(loading, "_weights", load)
+    tiny = str(tiny_checkpoint)
+    refused = [
+        (["eval", "passkey", "--length", "8"], "a passkey prompt needs more than"),
+        (["eval", "passkey", "--length", "500000"], "the filler text has"),
+        (["eval", "passkey", "--recipe", "gear-9"], "unknown recipe 'gear-9'"),
+        (["eval", "passkey", "--model", "/no/such/model"], "no model at /no/such/model"),
+        (["eval", "ppl", "--recipe", "kivi-2", "--prefix", "200000"], "needs at least"),
+        (["eval", "ppl", "--recipe", "kivi-2", "--model", "no-such-org/no-such-model"], "gearkit never downloads"),
+        (["eval", "ppl", "--recipe", "csr-8", "--dictionary", "/no/such.safetensors"], "no dictionary file"),
+        (["eval", "ppl", "--recipe", "csr-8", "--model", tiny], "trained for the default model, not tiny-llama"),
+        (["eval", "ppl", "--recipe", "kivi-2", "--devices", "2", "--model", "/no/such"], "no model at /no/such"),
+        (["eval", "layers", "--recipe", "hf-quanto-2"], "hf-quanto-2 is not a recipe"),
+        (["eval", "layers", "--recipe", "kivi-2", "--tokens", "500000"], "500000 are needed"),
+        (["eval", "generation", "--recipe", "kivi-2", "--model", str(tmp_path)], "it has no config.json"),
+        (["generate", "--recipe", "gear-9", "--prompt", "Hi"], "unknown recipe 'gear-9'"),
+        (["generate", "--recipe", "kivi-2", "--prompt", "Hi", "--batch-size", "2", "--model", "/no/such"], "no model"),
+        (["demo", "--prefix", "200000"], "needs at least"),
+        (["demo", "--model", "/no/such"], "no model at /no/such"),
+        (["dict", "train", "--out", str(tmp_path)], "is a directory"),
+        (["dict", "train", "--out", str(tmp_path / "d.safetensors"), "--tokens", "500000"], "needs at least"),
+        (["dict", "train", "--default", "--model", tiny], "--default trains the default model's dictionary"),
+    ]
+    for argv, message in refused:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("gearkit: error: ") and message in err and len(err.splitlines()) == 1, (argv, err)
+    for argv, message in [
+        (["eval", "passkey", "--depth", "1.5"], "--depth: must be within [0, 1], got '1.5'"),
+        (["eval", "passkey", "--depth", "nan"], "--depth: must be within [0, 1], got 'nan'"),
+        (["eval", "ppl", "--recipe", "kivi-2", "--dtype", "int8"], "--dtype: invalid choice: 'int8'"),
+        (["generate", "--recipe", "kivi-2", "--prompt", "Hi", "--buffer-dtype", "fp8"], "invalid choice: 'fp8'"),
+    ]:
+        with pytest.raises(SystemExit) as exit:
+            cli.main(argv)
+        assert exit.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+def test_eval_generation_says_how_many_tokens_were_compressed(tiny_checkpoint, capsys):
+    from gearkit import cli
+
+    long = "Tell me about the lighthouse keeper who climbed the stairs every evening. " * 6  # past sink-3's buffer
+    base = ["eval", "generation", "--model", str(tiny_checkpoint), "--recipe", "sink-3", "--max-new-tokens", "3"]
+    assert cli.main([*base, "--prompt", "Hi", "--prompt", long]) == 0
+    short, longer = capsys.readouterr().out.splitlines()
+    assert "nothing compressed (all" in short and "tokens in the full-precision buffer" in short
+    assert "64/" in longer and "tokens compressed" in longer
+    assert cli.main([*base, "--prompt", "Hi", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["compressed"] == 0 and row["held"] > 0 and row["model"] == "tiny-llama"

@@ -84,6 +84,14 @@ def test_bad_input_is_refused_before_anything_runs(smol):
         PromptBatches(["Hi"], 0)
     with pytest.raises(ValueError, match="threads must be a positive int"):
         predict(GenerationTask("kivi-2"), ["Hi"], devices=2, threads=0)
+    with pytest.raises(ValueError, match="a loaded model with its tokenizer, or a model spec"):
+        GenerationTask("kivi-2", model="default", tokenizer=tok)
+    with pytest.raises(ValueError, match="a loaded model with its tokenizer, or a model spec"):
+        GenerationTask("kivi-2", model=model)
+    with pytest.raises(FileNotFoundError, match="no model at /no/such/model"):
+        GenerationTask("kivi-2", model="/no/such/model")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        GenerationTask("kivi-2", dtype="int8")
     with pytest.raises(NotImplementedError, match="CacheTask does not implement predict_step"):
         CacheTask("kivi-2").predict_step(PromptBatches(["Hi"])[0])
     assert not torch.distributed.is_initialized()
@@ -210,7 +218,7 @@ def test_two_processes_generate_what_one_does(smol, tmp_path):
     two = json_lines(run.stdout)
     one = predict(task, PROMPTS, tmp_path / "one.jsonl", batch_size=2, threads=2, accelerator="cpu")
     assert [r["index"] for r in two] == [0, 1, 2]
-    assert two == one  # token ids and texts, exactly
+    assert two == [{**r, "model": "SmolLM2-135M-Instruct"} for r in one]  # token ids and texts, exactly
 
 
 def test_eval_ppl_on_two_processes_equals_one(smol):
@@ -243,3 +251,30 @@ def test_eval_ppl_on_two_processes_equals_one(smol):
     # the same windows (two on rank 0, one on rank 1), the same per-window NLLs summed in the same order: exact
     assert json_lines(run.stdout) == [r.summary() for r in one]
     assert one[0].kv_bytes < one[0].kv_bytes_fp16  # sink-3 compressed chunks
+
+
+def test_every_rank_loads_the_model_spec_and_dtype_named(tiny_checkpoint, tmp_path):
+    task = GenerationTask("sink-3", max_new_tokens=4, model=tiny_checkpoint, dtype="bfloat16", buffer_dtype=None)
+    task.configure_model()
+    assert task.model.dtype == torch.bfloat16 and task.model.config.vocab_size == len(task.tokenizer)
+    one = predict(task, PROMPTS, tmp_path / "one.jsonl", threads=1, accelerator="cpu")
+    assert task.make_cache("sink-3").buffer_dtype is None
+    model = ["--model", str(tiny_checkpoint), "--dtype", "bfloat16", "--buffer-dtype", "model"]
+    args = [a for p in PROMPTS for a in ("--prompt", p)]
+    run = gearkit(
+        "generate",
+        "--recipe",
+        "sink-3",
+        *args,
+        *model,
+        "--max-new-tokens",
+        "4",
+        "--devices",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Starting with 2 processes" in run.stderr
+    assert json_lines(run.stdout) == [{**r, "model": "tiny-llama"} for r in one]

@@ -1,11 +1,15 @@
 """Probes a new user would run (issue 13): exact recipes against `DynamicCache`, padded batches, streaming,
-failed steps, pickling, crop, refused models, bad input, the CLI's counts and honest reports. Tiny random
-models (`tiny_llama`), seconds each."""
+failed steps, pickling, crop, refused models, bad input, the CLI's counts and honest reports; recipe files as
+untrusted input and the compiled kernel's build (issue 23). Tiny random models (`tiny_llama`), seconds each."""
 
 import copy
+import json
 import os
 import pickle
 import re
+import shutil
+import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -15,7 +19,20 @@ import torch
 from conftest import kv_like, tiny_llama
 from transformers import DynamicCache, Gemma2Config, MistralConfig, Qwen2Config
 
-from gearkit import FullPrecision, Pipeline, Quantizer, Recipe, SparseOutlier, recipes
+import gearkit
+from gearkit import (
+    FullPrecision,
+    LowRankResidual,
+    Pipeline,
+    PreRoPE,
+    Quantizer,
+    Recipe,
+    SignSketch,
+    SparseOutlier,
+    Stage,
+    recipes,
+    register_stage,
+)
 from gearkit.cache import ChunkStore
 from gearkit.compressors.base import NO_CONTEXT
 from gearkit.integrations.attention import register
@@ -326,3 +343,172 @@ def test_the_baselines_old_home_names_the_new_one():
         DeprecationWarning, match=r"goes in gearkit 0\.2: use gearkit\.integrations\.baselines\.check_build"
     ):
         assert hf.check_build_lock is check_build_lock
+
+
+# -- recipe files are untrusted input (issue 23) --------------------------------------------------------------------
+def custom_solver(x, atoms, sparsity):
+    """A module-level CSR solver (Matching Pursuit under another name), as a user would write one."""
+    from gearkit.compressors.solvers import matching_pursuit
+
+    return matching_pursuit(x, atoms, sparsity)
+
+
+def test_reading_recipe_data_never_imports_or_calls_code_unless_trusted(tmp_path, monkeypatch):
+    (tmp_path / "gk_planted.py").write_text(
+        "import os\nos.environ['GK_PLANTED'] = 'ran'\ndef source():\n    return 'x'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("GK_PLANTED", raising=False)
+    data = recipes.csr(8, "/nowhere/d.safetensors", name="csr-probe").to_dict()
+    for reference in ("python:gk_planted.source", "python:os.getcwd"):
+        data["key"]["stages"][0]["dictionary"] = reference
+        with pytest.raises(ValueError, match=r"key\.stages\[0\]\.dictionary names code .*trusted=True"):
+            Recipe.from_dict(json.loads(json.dumps(data)))
+    assert "gk_planted" not in sys.modules and "GK_PLANTED" not in os.environ  # nothing imported, nothing ran
+    data["key"]["stages"][0]["dictionary"] = "python:gk_planted.source"
+    trusted = Recipe.from_dict(data, trusted=True)  # the caller's explicit choice
+    assert trusted.key.stages[0].source is sys.modules["gk_planted"].source and os.environ["GK_PLANTED"] == "ran"
+    with pytest.raises(ValueError, match="trusted recipe data"):
+        gearkit.SparseDictionary("python:os.getcwd", "key", 8)  # a constructor never resolves code either
+    # the default CSR dictionary is a name gearkit resolves itself: a csr-8 file loads without trust
+    default = recipes.get("csr-8").to_dict()
+    assert default["key"]["stages"][0]["dictionary"] == "gearkit:default"
+    assert Recipe.from_dict(json.loads(json.dumps(default))) == recipes.get("csr-8")
+
+
+def test_a_csr_recipe_with_a_custom_solver_round_trips_when_trusted():
+    recipe = recipes.csr(4, solver=custom_solver, name="csr-custom")
+    data = json.loads(json.dumps(recipe.to_dict()))
+    assert data["value"]["stages"][0]["solver"] == "python:test_reliability.custom_solver"
+    again = Recipe.from_dict(data, trusted=True)
+    assert again == recipe and again.key.stages[0].solver is custom_solver
+    with pytest.raises(ValueError, match=r"key\.stages\[0\]\.solver names code .*trusted=True"):
+        Recipe.from_dict(data)
+
+
+def test_a_user_class_named_like_a_stage_never_changes_what_data_builds():
+    class Quantizer(FullPrecision):  # a user's class that happens to share a built-in's name
+        pass
+
+    again = Recipe.from_dict(recipes.get("kivi-2").to_dict())
+    assert type(again.key.stages[0]) is gearkit.Quantizer and type(again.value.stages[0]) is gearkit.Quantizer
+    with pytest.raises(ValueError, match="a stage named 'Quantizer' is already registered"):
+        register_stage(Quantizer)
+    with pytest.raises(TypeError, match="not a registered stage"):
+        Quantizer().to_dict()  # it would be read back as gearkit's
+    assert Stage.known()["Quantizer"] is gearkit.Quantizer
+
+    @register_stage
+    class ReliabilityHalfPrecision(FullPrecision):  # a user stage, registered under its own name
+        pass
+
+    stage = ReliabilityHalfPrecision(torch.bfloat16)
+    assert type(Stage.from_dict(stage.to_dict())) is ReliabilityHalfPrecision
+    with pytest.raises(ValueError, match="unknown stage 'Unregistered'.*register_stage"):
+        Stage.from_dict({"stage": "Unregistered"})
+
+
+PROBE = Recipe(
+    "probe",
+    Pipeline([PreRoPE(Quantizer(2, 32, "channel"), 10000.0), LowRankResidual(2)]),
+    Pipeline([Quantizer(2, 32, "token"), SignSketch(64)]),
+    buffer_size=64,
+)
+
+
+@pytest.mark.parametrize(
+    "path, value, error",
+    [
+        (("value", "stages", 0, "group_size"), 10**9, r"value\.stages\[0\] \(Quantizer\): group_size must be at most"),
+        (("value", "stages", 1, "size"), 10**7, "SignSketch size must be at most 65536"),
+        (("key", "stages", 1, "rank"), 10**6, "rank must be at most 4096"),
+        (("key", "stages", 0, "rope_theta"), float("inf"), "rope_theta must be a finite number > 1"),
+        (
+            ("key", "stages", 0, "inner", "bits"),
+            3.0,
+            r"key\.stages\[0\]\.inner \(Quantizer\): unsupported bit width 3\.0",
+        ),
+        (("value", "stages", 1, "seed"), 2**70, "seed must be at most"),
+        (("buffer_size",), 10**9, "buffer_size must be at most"),
+        (("sink_tokens",), 10**9, "sink_tokens must be at most"),
+        (("name",), 5, "name must be a non-empty string"),
+        (("name",), "", "name must be a non-empty string"),
+        (("description",), None, "description must be a string"),
+        (("key",), [], r"key must be an object holding only a list of 'stages', got list"),
+        (("key", "stages", 0), ["PreRoPE"], r"key\.stages\[0\] must be a stage"),
+        (("value", "stages", 0, "bogus"), 1, r"value\.stages\[0\] \(Quantizer\): got an unexpected keyword"),
+        (("probes",), [0.1], "probes must be an object"),
+    ],
+)
+def test_recipe_data_out_of_bounds_or_misshapen_is_refused_in_one_sentence(path, value, error):
+    data = json.loads(json.dumps(PROBE.to_dict()))
+    *parents, last = path
+    target = data
+    for key in parents:
+        target = target[key]
+    target[last] = value
+    with pytest.raises((ValueError, TypeError), match=error):
+        Recipe.from_dict(data)
+
+
+def test_missing_keys_and_wrong_containers_name_the_key():
+    data = PROBE.to_dict()
+    del data["buffer_size"]
+    with pytest.raises(ValueError, match="recipe data lacks 'buffer_size'"):
+        Recipe.from_dict(data)
+    with pytest.raises(ValueError, match="recipe data must be an object"):
+        Recipe.from_dict([PROBE.to_dict()])
+    missing = PROBE.to_dict()
+    del missing["value"]["stages"][0]["bits"]
+    with pytest.raises(ValueError, match=r"value\.stages\[0\] \(Quantizer\): missing a required argument: 'bits'"):
+        Recipe.from_dict(missing)
+    with pytest.raises(TypeError, match="GearCache takes a Recipe or a registered recipe name, got NoneType"):
+        GearCache(None)
+    with pytest.raises(ValueError, match="unsupported bit width 3.0"):
+        Quantizer(3.0)  # the same bounds hold in Python
+
+
+@pytest.mark.parametrize("name", recipes.names())
+def test_recipes_equal_themselves_read_back_from_data(name):
+    recipe = recipes.get(name)
+    again = Recipe.from_dict(json.loads(json.dumps(recipe.to_dict())))
+    assert again == recipe and hash(again) == hash(recipe) and again is not recipe
+    other = dict(recipe.to_dict(), buffer_size=recipe.buffer_size + 1)
+    assert Recipe.from_dict(other) != recipe
+
+
+def test_the_cpu_kernel_build_fails_loudly_takes_a_cc_command_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    from gearkit.kernels import cpu
+
+    def fresh():
+        cpu._library.cache_clear()
+        cpu._warn_once.cache_clear()
+
+    monkeypatch.setenv("GEARKIT_CACHE_DIR", str(tmp_path / "cache"))
+    try:
+        if Path("/bin/false").exists():
+            monkeypatch.setenv("CC", "/bin/false")  # exits 1 and writes nothing: a failed build
+            fresh()
+            with pytest.warns(RuntimeWarning, match="could not build"):
+                assert "could not build cpu_kernels.c" in cpu.unavailable()
+        if shutil.which("gcc") and shutil.which("sh"):
+            # a command with arguments, split like a shell would: gcc with gearkit's flags, then -O0 for a quick build
+            monkeypatch.setenv("CC", """sh -c 'exec gcc "$@" -O0' sh""")
+            fresh()
+            assert cpu.unavailable() is None and len(list((tmp_path / "cache" / "kernels").glob("*.so"))) == 1
+            (tmp_path / "a-file").touch()  # a cache "directory" that cannot hold anything
+            monkeypatch.setenv("GEARKIT_CACHE_DIR", str(tmp_path / "a-file"))
+            (tmp_path / "tmp").mkdir()
+            monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+            fresh()
+            with pytest.warns(RuntimeWarning, match="temporary folder, removed once loaded"):
+                assert cpu.unavailable() is None
+            assert not list((tmp_path / "tmp").iterdir())  # built, loaded, and removed
+        for off in ("0", "false", "No", "OFF"):
+            monkeypatch.setenv("GEARKIT_CPU_KERNEL", off)
+            assert cpu.unavailable() == f"turned off by GEARKIT_CPU_KERNEL={off}"
+        monkeypatch.setenv("GEARKIT_CPU_KERNEL", "maybe")
+        with pytest.raises(ValueError, match="GEARKIT_CPU_KERNEL='maybe' is not a switch"):
+            cpu.unavailable()
+    finally:
+        fresh()

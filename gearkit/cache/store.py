@@ -12,7 +12,7 @@ from gearkit.cache.chunks import ChunkList, Lane, Lanes
 from gearkit.cache.sinks import SinkCopy, padding
 from gearkit.cache.step import StepShared, StepView
 from gearkit.compressors.base import Context
-from gearkit.compressors.checks import check_kv, check_storable
+from gearkit.compressors.checks import check_finite, check_kv
 from gearkit.recipe import Recipe
 
 
@@ -23,7 +23,12 @@ def to_buffer(states: Tensor, dtype: torch.dtype | None, name: str) -> Tensor:
     stored = states.to(dtype or states.dtype)
     if stored.numel() and not torch.isfinite(stored).all():
         check_kv(states, name)
-        check_storable(stored, name, "buffer_dtype of the cache (buffer_dtype=None keeps the model's dtype)")
+        check_finite(
+            stored,
+            f"{name} overflow {stored.dtype}, the cache's buffer dtype; keep a wider one: --buffer-dtype float32 "
+            "(or model) on the command line, buffer_dtype=torch.float32 (or None, the model's dtype) in make_cache "
+            "or GearCache",
+        )
     return stored
 
 

@@ -1,6 +1,6 @@
 """Compression stages (`nn.Module`s with `encode`/`decode`) and the `Pipeline` that chains them."""
 
-from gearkit.compressors.base import Context, FullPrecision, Stage, Wrapper
+from gearkit.compressors.base import Context, FullPrecision, Stage, Wrapper, register_stage
 from gearkit.compressors.channel_separable import ChannelSeparableQuantizer
 from gearkit.compressors.codebook import CodebookQuantizer
 from gearkit.compressors.dictionary_set import DictionarySet
@@ -22,6 +22,7 @@ __all__ = [
     # stages and their composition
     "Stage",
     "Wrapper",
+    "register_stage",
     "Context",
     "Pipeline",
     "Chain",

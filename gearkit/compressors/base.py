@@ -1,16 +1,25 @@
 """The stage interface: `encode(x, exclude, ctx) -> part`, `decode(part) -> tensor`, a declared `requires` set,
-and `config()` / `Stage.from_config()` so stages (and so recipes) can be written down as plain data."""
+and `config()` / `to_dict()` / `Stage.from_dict()` so stages (and so recipes) can be written down as plain data.
+
+Reading data builds only registered stage classes (`register_stage`: gearkit's own, and user stages registered
+by name) and never imports or calls code: a `"python:module.name"` reference in the data (a custom CSR solver or
+dictionary source) is refused unless the caller passes `trusted=True`.
+"""
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, ClassVar
+import importlib
+import inspect
+import os
+import sys
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from gearkit.compressors.checks import check_kv, check_storable
+from gearkit.compressors.checks import check_float_dtype, check_kv, check_storable
 from gearkit.kernels.products import dense_scores, dense_weighted
 from gearkit.parts import DensePart, Part
 
@@ -45,8 +54,16 @@ def text_config(config):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
+CODE = "python:"  # recipe data that names code by its import path (resolved only from trusted data)
+
+
 def to_data(value: Any) -> Any:
-    """A stage argument as JSON-ready data: dtypes as `"torch.float16"`, stages as their `to_dict()`."""
+    """A stage argument as JSON-ready data: dtypes as `"torch.float16"`, stages as their `to_dict()`, paths as
+    strings, a module-level function as `"python:module.name"`.
+
+    Raises:
+        TypeError: for a value that is none of these (a lambda, a dictionary set held in memory).
+    """
     if isinstance(value, torch.dtype):
         return str(value)
     if isinstance(value, Stage):
@@ -55,21 +72,97 @@ def to_data(value: Any) -> Any:
         return [to_data(v) for v in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    raise TypeError(f"cannot write {type(value).__name__} {value!r} as recipe data")
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    module, name = getattr(value, "__module__", None), getattr(value, "__qualname__", "")
+    if callable(value) and name.isidentifier() and getattr(sys.modules.get(module), name, None) is value:
+        return f"{CODE}{module}.{name}"
+    raise TypeError(
+        f"cannot write {type(value).__name__} {value!r} as recipe data: give a path, a module-level function or "
+        "another JSON value"
+    )
 
 
-def from_data(value: Any) -> Any:
-    """Inverse of `to_data`."""
+def from_data(value: Any, *, trusted: bool = False, where: str = "recipe data") -> Any:
+    """Inverse of `to_data`: never imports or calls anything unless `trusted`.
+
+    Args:
+        value: JSON-ready data.
+        trusted: resolve `"python:module.name"` references by importing the module (only for data from a source
+            you trust: importing runs the module's code).
+        where: the value's place in the data, named in errors (e.g. `"key.stages[0].solver"`).
+
+    Raises:
+        ValueError: for a code reference without `trusted`, an unknown dtype or stage, or a value that is not
+            recipe data; the message names `where`.
+    """
+    if isinstance(value, str) and value.startswith(CODE):
+        return _resolve_code(value, trusted, where)
     if isinstance(value, str) and value.startswith("torch."):
         dtype = getattr(torch, value.removeprefix("torch."), None)
         if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"unknown dtype {value!r}")
+            raise ValueError(f"{where}: unknown dtype {value!r}")
         return dtype
-    if isinstance(value, dict) and "stage" in value:
-        return Stage.from_dict(value)
-    if isinstance(value, list):
-        return [from_data(v) for v in value]
-    return value
+    if isinstance(value, dict):
+        return Stage.from_dict(value, trusted=trusted, where=where)
+    if isinstance(value, (list, tuple)):
+        return [from_data(v, trusted=trusted, where=f"{where}[{i}]") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ValueError(f"{where} is a {type(value).__name__}, which recipe data cannot hold")
+
+
+def data_kind(value: Any) -> str:
+    """What a piece of recipe data is, for error messages: an object's keys, or its type's name."""
+    return f"an object with keys {sorted(map(str, value))}" if isinstance(value, dict) else type(value).__name__
+
+
+def _resolve_code(reference: str, trusted: bool, where: str) -> Any:
+    """The object a `"python:module.name"` reference names, imported only when the data is `trusted`."""
+    if not trusted:
+        raise ValueError(
+            f"{where} names code ({reference!r}), and reading recipe data never imports or runs code; if you trust "
+            "this data, load it with trusted=True (e.g. Recipe.from_dict(data, trusted=True))"
+        )
+    module, _, name = reference.removeprefix(CODE).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"{where}: cannot import {reference!r} ({e})") from None
+
+
+_STAGES: dict[str, type[Stage]] = {}  # the stage classes recipe data may name, by name
+T = TypeVar("T", bound="Stage")
+
+
+def register_stage(cls: type[T]) -> type[T]:
+    """Let recipe data name the stage class `cls` (use as a class decorator): `Stage.from_dict` builds registered
+    classes only, looked up by class name.
+
+    gearkit registers its own stages. A name belongs to one class, so a class that merely shares a registered
+    stage's name (a user's `Quantizer`) never changes what recipe data builds; defining the same class again (the
+    same module and qualified name: a re-run notebook cell, a reloaded module) replaces it.
+
+    Args:
+        cls: a concrete `Stage` subclass.
+
+    Returns:
+        `cls`.
+
+    Raises:
+        TypeError: if `cls` is not a concrete `Stage` subclass.
+        ValueError: if another class is registered under its name.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Stage)) or inspect.isabstract(cls):
+        raise TypeError(f"register_stage takes a concrete gearkit Stage subclass, got {cls!r}")
+    held = _STAGES.get(cls.__name__)
+    if held is not None and (held.__module__, held.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(
+            f"a stage named {cls.__name__!r} is already registered ({held.__module__}.{held.__qualname__}); recipe "
+            f"data names stages by class name, so give {cls.__module__}.{cls.__qualname__} another name"
+        )
+    _STAGES[cls.__name__] = cls
+    return cls
 
 
 class Stage(nn.Module, abc.ABC):
@@ -82,20 +175,15 @@ class Stage(nn.Module, abc.ABC):
     and a `Pipeline` checks them once before any stage runs.
 
     `config()` returns a stage's constructor arguments, so `Stage.from_dict(stage.to_dict())` rebuilds an equal
-    stage (found by class name among the subclasses defined so far).
+    stage (its class found by name among the registered ones, see `register_stage`).
     """
 
     REQUIRES: ClassVar[frozenset[str]] = frozenset()
 
     @staticmethod
     def known() -> dict[str, type[Stage]]:
-        """Every stage class defined so far (gearkit's and users'), by class name."""
-        out, todo = {}, list(Stage.__subclasses__())
-        while todo:
-            cls = todo.pop()
-            out[cls.__name__] = cls
-            todo += cls.__subclasses__()
-        return out
+        """The stage classes recipe data may name (gearkit's and those given to `register_stage`), by name."""
+        return dict(_STAGES)
 
     @property
     def requires(self) -> frozenset[str]:
@@ -124,21 +212,54 @@ class Stage(nn.Module, abc.ABC):
         """The constructor arguments that rebuild this stage (`type(self)(**config())`)."""
 
     def to_dict(self) -> dict[str, Any]:
-        """The stage as JSON-ready data: `{"stage": class name, **config()}`."""
-        return {"stage": type(self).__name__, **{k: to_data(v) for k, v in self.config().items()}}
-
-    @staticmethod
-    def from_dict(data: dict[str, Any]) -> Stage:
-        """Rebuild a stage from `to_dict()` data.
+        """The stage as JSON-ready data: `{"stage": class name, **config()}`.
 
         Raises:
-            ValueError: for an unknown stage name.
+            TypeError: for a stage class that is not registered (`register_stage`), or an argument that is not data.
         """
+        name = type(self).__name__
+        if _STAGES.get(name) is not type(self):
+            raise TypeError(
+                f"{type(self).__module__}.{type(self).__qualname__} is not a registered stage, so recipe data cannot "
+                "name it; register it with gearkit.register_stage"
+            )
+        return {"stage": name, **{k: to_data(v) for k, v in self.config().items()}}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any], *, trusted: bool = False, where: str = "stage data") -> Stage:
+        """Rebuild a stage from `to_dict()` data, building only registered stage classes.
+
+        Args:
+            data: `{"stage": name, **constructor arguments}`.
+            trusted: resolve `"python:module.name"` references (see `from_data`); without it they are refused.
+            where: the data's place, named in errors.
+
+        Raises:
+            ValueError: for an unknown stage name, missing or unknown arguments, a code reference without
+                `trusted`, or settings the stage refuses; the message names `where`.
+            TypeError: for an argument of the wrong kind (as the stage's constructor raises it), naming `where`.
+        """
+        if not isinstance(data, dict) or "stage" not in data:
+            raise ValueError(
+                f"{where} must be a stage: an object with a 'stage' name and its arguments, got {data_kind(data)}"
+            )
         data = dict(data)
-        name, known = data.pop("stage", None), Stage.known()
-        if name not in known:
-            raise ValueError(f"unknown stage {name!r}; known stages: {', '.join(sorted(known))}")
-        return known[name](**{k: from_data(v) for k, v in data.items()})
+        name = data.pop("stage")
+        cls = _STAGES.get(name) if isinstance(name, str) else None
+        if cls is None:
+            raise ValueError(
+                f"unknown stage {name!r} ({where}); known stages: {', '.join(sorted(_STAGES))} (a stage of your "
+                "own must be registered with gearkit.register_stage)"
+            )
+        args = {k: from_data(v, trusted=trusted, where=f"{where}.{k}") for k, v in data.items()}
+        try:
+            inspect.signature(cls).bind(**args)
+        except TypeError as e:
+            raise ValueError(f"{where} ({name}): {e}") from None
+        try:
+            return cls(**args)
+        except (TypeError, ValueError) as e:
+            raise (TypeError if isinstance(e, TypeError) else ValueError)(f"{where} ({name}): {e}") from None
 
     def exact_mask(self, part: Part) -> Tensor | None:
         """Bool `KV` of entries this part stores exactly, or None."""
@@ -266,6 +387,7 @@ def distinct(stages) -> list[Stage]:
     return list({id(s): s for s in stages if s is not None}.values())
 
 
+@register_stage
 class FullPrecision(Stage):
     """Store the tensor as it is in `dtype` (the fp16/bf16 baseline).
 
@@ -275,9 +397,7 @@ class FullPrecision(Stage):
 
     def __init__(self, dtype: torch.dtype = torch.float16):
         super().__init__()
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"FullPrecision needs a floating dtype, got {dtype}")
-        self.dtype = dtype
+        self.dtype = check_float_dtype(dtype, "FullPrecision dtype")
 
     def config(self) -> dict[str, Any]:
         return {"dtype": self.dtype}

@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gearkit.compressors.base import NO_CONTEXT, Context, Stage
+from gearkit.compressors.base import NO_CONTEXT, Context, Stage, register_stage
 from gearkit.compressors.checks import check_storable
 from gearkit.compressors.quantizer import Quantizer
 from gearkit.parts import ChannelScaledPart
 
 
+@register_stage
 class ChannelSeparableQuantizer(Stage):
     """Divide each channel by `c = sqrt(max_t |x[t, channel]|)`, quantize each token with one scale and zero,
     and multiply back on decode (ZipCache's CSTQuant).

@@ -10,12 +10,43 @@ from torch import Tensor
 Axis = Literal["token", "channel"]
 AXES = ("token", "channel")
 
+# Bounds on stage and recipe settings, checked when they are built: recipe files are untrusted input, and a setting
+# far beyond what a KV cache needs would make gearkit allocate gigabytes or loop for hours instead of failing.
+MAX_GROUP = 1 << 16  # entries of one quantization group (a run of tokens or of channels)
+MAX_DIM = 4096  # a head dim: bounds low-rank ranks, CSR atoms per slice and slices per vector
+MAX_SKETCH = 16 * MAX_DIM  # SignSketch projections per vector
+MAX_TOKENS = 1 << 20  # buffer and sink tokens
+MAX_ITERS = 64  # power-iteration steps
+MAX_LAYER = 4096  # a model layer's index
+MAX_SEED = 2**64 - 1  # what a torch.Generator takes
 
-def check_int(value, name: str, minimum: int = 1) -> int:
-    """Return `value` if it is an int (not a bool) of at least `minimum`, else raise `ValueError` naming `name`."""
+
+def check_int(value, name: str, minimum: int = 1, maximum: int | None = None) -> int:
+    """Return `value` if it is an int (not a bool) in `[minimum, maximum]`, else raise `ValueError` naming `name`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         want = "a positive int" if minimum == 1 else f"an int >= {minimum}"
         raise ValueError(f"{name} must be {want}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {value!r}")
+    return value
+
+
+def check_seed(value, name: str = "seed") -> int:
+    """Return `value` if it is an int a `torch.Generator` takes as a seed, else raise `ValueError`."""
+    return check_int(value, name, 0, MAX_SEED)
+
+
+def check_bool(value, name: str) -> bool:
+    """Return `value` if it is a bool, else raise `TypeError` naming `name`."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_float_dtype(value, name: str) -> torch.dtype:
+    """Return `value` if it is a floating torch dtype, else raise `ValueError` naming `name`."""
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"{name} must be a floating dtype (e.g. torch.float16), got {value!r}")
     return value
 
 

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from gearkit.compressors.base import NO_CONTEXT, Context
-from gearkit.compressors.checks import Axis, check_storable
+from gearkit.compressors.base import NO_CONTEXT, Context, register_stage
+from gearkit.compressors.checks import Axis, check_bool, check_storable
 from gearkit.compressors.quantizer import Quantizer
 from gearkit.kernels.reference import check_bits, pack_bits, unpack_bits
 from gearkit.parts import QuantizedPart
@@ -89,6 +89,7 @@ def kmeans_levels(samples: Tensor, bits: int, weights: Tensor | None = None, ite
     return levels.sort().values.float()
 
 
+@register_stage
 class CodebookQuantizer(Quantizer):
     """Non-uniform scalar quantizer: each group divided by its RMS, each entry coded as the nearest Lloyd-Max level
     for N(0, 1) (`lloyd_max_levels`), codes bit-packed.
@@ -123,16 +124,18 @@ class CodebookQuantizer(Quantizer):
         levels: Sequence[float] | None = None,
     ):
         super().__init__(bits, group_size, axis, False, param_dtype)
-        if not isinstance(centered, bool):
-            raise TypeError(f"centered must be a bool, got {centered!r}")
+        check_bool(centered, "centered")
         if levels is not None:
-            levels = tuple(float(v) for v in levels)
+            numbers = not isinstance(levels, (str, bytes)) and isinstance(levels, Sequence)
+            numbers = numbers and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in levels)
             if (
-                len(levels) != 2**bits
+                not numbers
+                or len(levels) != 2**bits
                 or not all(map(math.isfinite, levels))
                 or any(a >= b for a, b in itertools.pairwise(levels))
             ):
-                raise ValueError(f"a {bits}-bit codebook needs {2**bits} ascending finite levels, got {levels}")
+                raise ValueError(f"a {bits}-bit codebook needs {2**bits} ascending finite levels, got {levels!r}")
+            levels = tuple(map(float, levels))
         self.centered, self.levels = centered, levels
 
     def config(self) -> dict:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gearkit.compressors.base import NO_CONTEXT, Context, Stage
-from gearkit.compressors.checks import check_int, check_storable
+from gearkit.compressors.base import NO_CONTEXT, Context, Stage, register_stage
+from gearkit.compressors.checks import MAX_DIM, MAX_ITERS, check_float_dtype, check_int, check_seed, check_storable
 from gearkit.parts import LowRankPart
 
 METHODS = ("power", "svd")
@@ -24,6 +24,7 @@ def hash_sketch(rows: int, cols: int, seed: int, device: torch.device | str = "c
     return (i.float() / 2**30 - 1.0).reshape(rows, cols)
 
 
+@register_stage
 class LowRankResidual(Stage):
     """Rank-`rank` approximation `left @ right.mT` of each (batch, head) matrix `[tokens, head_dim]`.
 
@@ -33,9 +34,9 @@ class LowRankResidual(Stage):
     are stored, in `factor_dtype`.
 
     Args:
-        rank: rank of the approximation, at least 1 and at most `min(tokens, head_dim)`.
+        rank: rank of the approximation, at least 1 and at most `min(tokens, head_dim)` (and `MAX_DIM`).
         method: "power" or "svd".
-        iters: power-iteration steps after the initial sketch.
+        iters: power-iteration steps after the initial sketch (at most `MAX_ITERS`).
         seed: seed of the Gaussian sketch.
         factor_dtype: storage dtype of the factors.
     """
@@ -46,9 +47,10 @@ class LowRankResidual(Stage):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        check_int(rank, "rank")
-        check_int(iters, "iters", 0)
-        check_int(seed, "seed", 0)
+        check_int(rank, "rank", 1, MAX_DIM)
+        check_int(iters, "iters", 0, MAX_ITERS)
+        check_seed(seed)
+        check_float_dtype(factor_dtype, "factor_dtype")
         self.rank, self.method, self.iters, self.seed, self.factor_dtype = rank, method, iters, seed, factor_dtype
 
     def config(self) -> dict:

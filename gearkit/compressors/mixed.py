@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gearkit.compressors.base import NO_CONTEXT, Context, Stage, Wrapper
+from gearkit.compressors.base import NO_CONTEXT, Context, Stage, Wrapper, register_stage
 from gearkit.compressors.checks import check_fraction
 from gearkit.kernels.reference import pack_bits, unpack_bits
 from gearkit.parts import MixedPart
@@ -42,6 +42,7 @@ def salient_mask(saliency: Tensor, ratio: float) -> Tensor:
     return torch.zeros(saliency.shape, dtype=torch.bool, device=saliency.device).scatter(-1, order, True)
 
 
+@register_stage
 class MixedPrecision(Wrapper):
     """Salient tokens through one stage (more bits), the others through another (fewer bits).
 

@@ -6,8 +6,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from gearkit.compressors.base import NO_CONTEXT, Context, Stage
-from gearkit.compressors.checks import Axis, check_axis, check_fraction, check_storable
+from gearkit.compressors.base import NO_CONTEXT, Context, Stage, register_stage
+from gearkit.compressors.checks import Axis, check_axis, check_bool, check_float_dtype, check_fraction, check_storable
 from gearkit.parts import OutlierPart
 
 
@@ -20,6 +20,7 @@ def index_dtype(length: int) -> torch.dtype:
     return torch.int32
 
 
+@register_stage
 class SparseOutlier(Stage):
     """Take the top and bottom `ratio / 2` of each row out and store them exactly (value + position).
 
@@ -43,9 +44,9 @@ class SparseOutlier(Stage):
         super().__init__()
         self.ratio = check_fraction(ratio, "outlier ratio")
         self.axis = check_axis(axis)
-        if across_heads and axis != "token":
+        if check_bool(across_heads, "across_heads") and axis != "token":
             raise ValueError("across_heads takes a token's vectors of all heads, so it needs axis='token'")
-        self.value_dtype, self.across_heads = value_dtype, across_heads
+        self.value_dtype, self.across_heads = check_float_dtype(value_dtype, "value_dtype"), across_heads
 
     def config(self) -> dict:
         return {

@@ -8,10 +8,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from gearkit.compressors.base import NO_CONTEXT, Context, Stage, Wrapper, distinct, text_config
+from gearkit.compressors.base import NO_CONTEXT, Context, Stage, Wrapper, distinct, register_stage, text_config
+from gearkit.compressors.checks import MAX_LAYER
 from gearkit.parts import HeadsPart, LayerPart, Part
 
 
+@register_stage
 class PerLayer(Wrapper):
     """Pick the inner stage by the model layer (`Context.layer`): per-layer bit widths, KVTuner style.
 
@@ -36,9 +38,13 @@ class PerLayer(Wrapper):
     def __init__(self, stages: Sequence[Stage | None] | Mapping[int, Stage], default: Stage | None = None):
         super().__init__()
         if isinstance(stages, Mapping):
-            if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in stages):
-                raise ValueError(f"PerLayer layers must be ints >= 0, got {sorted(map(repr, stages))}")
+            if any(isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LAYER for k in stages):
+                raise ValueError(
+                    f"PerLayer layers must be ints >= 0 and <= {MAX_LAYER}, got {sorted(map(repr, stages))}"
+                )
             stages = [stages.get(i) for i in range(max(stages, default=-1) + 1)]
+        if isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence):
+            raise TypeError(f"PerLayer stages must be a list of stages or a mapping, got {type(stages).__name__}")
         stages = list(stages)
         for i, s in enumerate([*stages, default]):
             if s is not None and not isinstance(s, Stage):
@@ -101,6 +107,7 @@ class PerLayer(Wrapper):
         return f"layers={len(self.stages)}, default={self.default is not None}"
 
 
+@register_stage
 class PerHead(Wrapper):
     """A stage per KV head: bit allocation finer than `PerLayer` (KVTuner's per-head widths).
 
@@ -119,6 +126,8 @@ class PerHead(Wrapper):
 
     def __init__(self, stages: Sequence[Stage]):
         super().__init__()
+        if isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence):
+            raise TypeError(f"PerHead stages must be a list of stages, got {type(stages).__name__}")
         stages = list(stages)
         if not stages:
             raise ValueError("PerHead needs one stage per KV head, got none")

@@ -10,7 +10,16 @@ import torch
 from torch import Tensor, nn
 
 from gearkit.compressors import fused
-from gearkit.compressors.base import NO_CONTEXT, Context, Stage, Wrapper, distinct, make_context
+from gearkit.compressors.base import (
+    NO_CONTEXT,
+    Context,
+    Stage,
+    Wrapper,
+    data_kind,
+    distinct,
+    make_context,
+    register_stage,
+)
 from gearkit.compressors.checks import check_kv
 from gearkit.kernels import ops
 from gearkit.kernels.backend import may_use_triton, use_triton
@@ -58,9 +67,25 @@ class Pipeline(nn.Module):
         return {"stages": [s.to_dict() for s in self.stages]}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Pipeline:
-        """Inverse of `to_dict`."""
-        return cls([Stage.from_dict(s) for s in data["stages"]])
+    def from_dict(cls, data: dict[str, Any], *, trusted: bool = False, where: str = "pipeline data") -> Pipeline:
+        """Inverse of `to_dict`.
+
+        Args:
+            data: `{"stages": [stage data, ...]}`.
+            trusted: resolve `"python:module.name"` references (see `Stage.from_dict`); without it they are refused.
+            where: the data's place, named in errors.
+
+        Raises:
+            ValueError: for data that is not a pipeline's (the message names `where`), or as `Stage.from_dict`.
+        """
+        if not isinstance(data, dict) or set(data) != {"stages"} or not isinstance(data["stages"], list):
+            raise ValueError(f"{where} must be an object holding only a list of 'stages', got {data_kind(data)}")
+        stages = [
+            Stage.from_dict(s, trusted=trusted, where=f"{where}.stages[{i}]") for i, s in enumerate(data["stages"])
+        ]
+        if not stages:
+            raise ValueError(f"{where} has no stages; a pipeline needs at least one")
+        return cls(stages)
 
     @staticmethod
     def _contribution(stage: Stage, part: Part, exact: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -196,6 +221,7 @@ class Pipeline(nn.Module):
         return len(self.stages) == 1 or all(s.exact_mask(part) is None for s, part in zip(self.stages, c.parts))
 
 
+@register_stage
 class Chain(Wrapper):
     """A pipeline of stages as one stage: its part is the pipeline's `CompressedTensor`, so it can sit wherever one
     stage goes (a `PerLayer` or `PerHead` entry of several stages, such as a low-rank term and a code of its rest).

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from gearkit.compressors.base import NO_CONTEXT, Context, Stage, Wrapper
+from gearkit.compressors.base import NO_CONTEXT, Context, Stage, Wrapper, register_stage
 from gearkit.compressors.rope import RoPE, inverse_frequencies, rope_parameters
 from gearkit.parts import Part, PositionedPart
 
@@ -20,6 +22,7 @@ def whole_pairs(mask: Tensor | None) -> Tensor | None:
     return torch.cat([both, both], -1) if both.any() else None
 
 
+@register_stage
 class PreRoPE(Wrapper):
     """Encode keys as they were before the model's rotary embedding, with any inner stage (KVQuant's pre-RoPE keys).
 
@@ -41,8 +44,8 @@ class PreRoPE(Wrapper):
         super().__init__()
         if not isinstance(inner, Stage):
             raise TypeError(f"PreRoPE wraps a gearkit Stage, got {type(inner).__name__}")
-        if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or not rope_theta > 1:
-            raise ValueError(f"rope_theta must be a number > 1, got {rope_theta!r}")
+        if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or not 1 < rope_theta < math.inf:
+            raise ValueError(f"rope_theta must be a finite number > 1, got {rope_theta!r}")
         self.inner, self.rope_theta = inner, float(rope_theta)
 
     def config(self) -> dict:

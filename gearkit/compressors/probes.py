@@ -25,7 +25,7 @@ import math
 import torch
 from torch import Tensor
 
-from gearkit.compressors.checks import check_fraction, check_int
+from gearkit.compressors.checks import check_fraction, check_seed
 
 # Attention entries per block of probes: bounds the memory of the probe attention whatever the context length.
 _BLOCK_ELEMENTS = 1 << 24
@@ -48,7 +48,7 @@ class Probes:
     def __post_init__(self):
         for name in ("recent", "random"):
             check_fraction(getattr(self, name), f"Probes.{name}")
-        check_int(self.seed, "Probes.seed", 0)
+        check_seed(self.seed, "Probes.seed")
 
     def positions(self, valid: Tensor) -> tuple[Tensor, Tensor]:
         """Choose the probes among each sequence's real queries.

@@ -8,8 +8,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from gearkit.compressors.base import NO_CONTEXT, Context, Stage
-from gearkit.compressors.checks import Axis, check_axis, check_int
+from gearkit.compressors.base import NO_CONTEXT, Context, Stage, register_stage
+from gearkit.compressors.checks import MAX_GROUP, Axis, check_axis, check_bool, check_float_dtype, check_int
 from gearkit.kernels import ops
 from gearkit.kernels.backend import use_triton
 from gearkit.kernels.layout import KERNEL_BITS, StorageLayout, is_pow2
@@ -18,6 +18,7 @@ from gearkit.kernels.reference import check_bits, dequantize_groups, pack_bits, 
 from gearkit.parts import QuantizedPart
 
 
+@register_stage
 class Quantizer(Stage):
     """Uniform asymmetric quantizer: `scale = (max - min) / (2**bits - 1)`, `code = round((x - min) / scale)`.
 
@@ -32,7 +33,7 @@ class Quantizer(Stage):
 
     Args:
         bits: code width, one of 1, 2, 3, 4, 8.
-        group_size: entries per group, or None for whole rows.
+        group_size: entries per group (at most `MAX_GROUP`), or None for whole rows.
         axis: "token" or "channel", the axis along which groups run (see above).
         across_heads: group a token's channels across all heads (only with `axis="token"`).
         param_dtype: dtype of the stored scale and zero.
@@ -48,14 +49,12 @@ class Quantizer(Stage):
     ):
         super().__init__()
         self.bits = check_bits(bits)
-        self.group_size = None if group_size is None else check_int(group_size, "group_size")
+        self.group_size = None if group_size is None else check_int(group_size, "group_size", 1, MAX_GROUP)
         self.axis = check_axis(axis)
-        if across_heads and axis != "token":
+        if check_bool(across_heads, "across_heads") and axis != "token":
             raise ValueError("across_heads groups a token's channels, so it needs axis='token'")
         self.across_heads = across_heads
-        if not isinstance(param_dtype, torch.dtype) or not param_dtype.is_floating_point:
-            raise ValueError(f"param_dtype must be a floating dtype, got {param_dtype}")
-        self.param_dtype = param_dtype
+        self.param_dtype = check_float_dtype(param_dtype, "param_dtype")
 
     def config(self) -> dict:
         return {

@@ -8,8 +8,8 @@ import math
 import torch
 from torch import Tensor
 
-from gearkit.compressors.base import NO_CONTEXT, Context, Stage, Wrapper
-from gearkit.compressors.checks import check_int
+from gearkit.compressors.base import NO_CONTEXT, Context, Stage, Wrapper, register_stage
+from gearkit.compressors.checks import check_seed
 from gearkit.parts import Part
 
 
@@ -32,6 +32,7 @@ def whole_vectors(mask: Tensor | None) -> Tensor | None:
     return whole if whole.any() else None
 
 
+@register_stage
 class Rotation(Wrapper):
     """Encode `x @ Q` with `inner` and decode back with `Q^T`, for a fixed seeded orthogonal `Q` per head dim.
 
@@ -48,7 +49,7 @@ class Rotation(Wrapper):
         super().__init__()
         if not isinstance(inner, Stage):
             raise TypeError(f"Rotation wraps a gearkit Stage, got {type(inner).__name__}")
-        self.inner, self.seed = inner, check_int(seed, "seed", 0)
+        self.inner, self.seed = inner, check_seed(seed)
 
     def config(self) -> dict:
         return {"inner": self.inner, "seed": self.seed}
@@ -136,6 +137,7 @@ def hadamard_transform(x: Tensor) -> Tensor:
     return _butterflies(x) / math.sqrt(d)
 
 
+@register_stage
 class HadamardRotation(Rotation):
     """A randomized Hadamard rotation around another stage: random signs, then the fast Walsh-Hadamard transform.
 

@@ -8,8 +8,8 @@ import math
 import torch
 from torch import Tensor
 
-from gearkit.compressors.base import NO_CONTEXT, Context, Stage
-from gearkit.compressors.checks import check_int, check_storable
+from gearkit.compressors.base import NO_CONTEXT, Context, Stage, register_stage
+from gearkit.compressors.checks import MAX_SKETCH, check_float_dtype, check_int, check_seed, check_storable
 from gearkit.kernels.reference import pack_bits, unpack_bits
 from gearkit.parts import SketchPart
 
@@ -20,6 +20,7 @@ def _gaussian(size: int, dim: int, seed: int) -> Tensor:
     return torch.randn(size, dim, generator=torch.Generator().manual_seed(seed))
 
 
+@register_stage
 class SignSketch(Stage):
     """QJL (Zandieh et al., 2024): each vector `x` is multiplied by a seeded Gaussian matrix `S` `[m, head_dim]`
     and only the signs of `S x` are stored (`m` bits, packed), with one scale per vector (its norm). It decodes to
@@ -29,18 +30,16 @@ class SignSketch(Stage):
     not bias: the decoded vector's mean squared error is about `pi/2 * head_dim / m * |x|^2`.
 
     Args:
-        size: sketch length `m` per vector, or None for the head dim (one bit per element).
+        size: sketch length `m` per vector (at most `MAX_SKETCH`), or None for the head dim (one bit per element).
         seed: seed of `S` (nothing of it is stored).
         param_dtype: dtype of the stored scale.
     """
 
     def __init__(self, size: int | None = None, seed: int = 0, param_dtype: torch.dtype = torch.float16):
         super().__init__()
-        self.size = None if size is None else check_int(size, "size")
-        self.seed = check_int(seed, "seed", 0)
-        if not isinstance(param_dtype, torch.dtype) or not param_dtype.is_floating_point:
-            raise ValueError(f"param_dtype must be a floating dtype, got {param_dtype}")
-        self.param_dtype = param_dtype
+        self.size = None if size is None else check_int(size, "SignSketch size", 1, MAX_SKETCH)
+        self.seed = check_seed(seed)
+        self.param_dtype = check_float_dtype(param_dtype, "param_dtype")
 
     def config(self) -> dict:
         return {"size": self.size, "seed": self.seed, "param_dtype": self.param_dtype}

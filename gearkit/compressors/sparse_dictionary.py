@@ -3,14 +3,14 @@
 Keys are coded before RoPE by default: the rotation the model applied at each token position is undone
 before coding and redone after decoding (`RoPE`, with the model's own inverse frequencies), so that one
 dictionary serves every position. The part then holds each entry's first position (int32, counted as the
-`positions` component). A stage reads its dictionary lazily, on first use, from a `DictionarySet`, a file path
-or a zero-argument callable that returns either; the dictionary's bytes are not part of any compressed tensor
-but are reported by the cache (`dictionary` component), amortised over the layers that share it.
+`positions` component). A stage reads its dictionary lazily, on first use, from a `DictionarySet`, a file path,
+a zero-argument callable that returns either, or a named source that gearkit resolves itself (`"gearkit:default"`,
+the default dictionary: recipe data names it without naming code); the dictionary's bytes are not part of any
+compressed tensor but are reported by the cache (`dictionary` component), amortised over the layers that share it.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -18,26 +18,42 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from gearkit.compressors.base import NO_CONTEXT, Context, Stage
-from gearkit.compressors.checks import check_int, check_storable
+from gearkit.compressors.base import CODE, NO_CONTEXT, Context, Stage, register_stage
+from gearkit.compressors.checks import MAX_DIM, check_bool, check_int, check_storable
 from gearkit.compressors.dictionary_set import DictionarySet, Role, load_cached
 from gearkit.compressors.solvers import SOLVERS, Solver, combine_atoms
 from gearkit.parts import DictionaryPart
 
 Source = DictionarySet | str | os.PathLike | Callable[[], "DictionarySet | str | os.PathLike"]
-PYTHON = "python:"  # a source or solver named by its import path, as recipe data
+NAMED = "gearkit:"  # a dictionary source gearkit resolves itself, by name: data, not code
+_NAMED_SOURCES: dict[str, Callable[[], DictionarySet | str | os.PathLike]] = {}
 
 
-def _source_data(source) -> str:
-    """A dictionary source or solver as data: a path, or `python:module.name` for a module-level callable."""
-    if isinstance(source, (str, os.PathLike)):
-        return str(source)
-    module, name = getattr(source, "__module__", None), getattr(source, "__qualname__", "")
-    if module and name.isidentifier() and getattr(importlib.import_module(module), name, None) is source:
-        return f"{PYTHON}{module}.{name}"
-    raise TypeError(f"cannot write {source!r} as recipe data: give a path or a module-level function")
+def register_dictionary_source(name: str, source: Callable[[], DictionarySet | str | os.PathLike]) -> str:
+    """Let recipe data name the dictionary source `source` as `"gearkit:<name>"`, a name gearkit resolves itself
+    (so loading such data imports and calls nothing of the data's choosing). gearkit's default CSR dictionary is
+    `"gearkit:default"` (`gearkit.csr`).
+
+    Args:
+        name: the name after `gearkit:`.
+        source: a zero-argument callable returning a `DictionarySet` or a path to one, called on first use.
+
+    Returns:
+        The source's name in recipe data, `"gearkit:<name>"`.
+
+    Raises:
+        ValueError: for a name another source holds.
+        TypeError: for a source that is not callable.
+    """
+    if not callable(source):
+        raise TypeError(f"a named dictionary source must be a zero-argument callable, got {type(source).__name__}")
+    if _NAMED_SOURCES.get(name, source) is not source:
+        raise ValueError(f"the dictionary source {NAMED}{name} is already registered")
+    _NAMED_SOURCES[name] = source
+    return NAMED + name
 
 
+@register_stage
 class SparseDictionary(Stage):
     """Code each vector (or each of `chunks` slices of it) as `sparsity` atoms of a learned dictionary.
 
@@ -48,13 +64,15 @@ class SparseDictionary(Stage):
     cache (`GearCache.memory_report()`, component `dictionary`), amortised over the layers that share it.
 
     Args:
-        dictionary: a `DictionarySet`, a path to one, or a zero-argument callable returning either; read on
-            first use (so recipes can name a dictionary that is loaded only when needed). A module-level
-            callable is written in `config()` as `"python:module.name"`, and such a string is read back.
+        dictionary: a `DictionarySet`, a path to one, a zero-argument callable returning either, or a named
+            source (`"gearkit:default"`, see `register_dictionary_source`); read on first use (so recipes can name
+            a dictionary that is loaded only when needed). A module-level callable is written as recipe data as
+            `"python:module.name"`, which only trusted data may hold (`Stage.from_dict(..., trusted=True)`).
         role: `"key"` or `"value"`: which of the set's dictionaries to use.
-        sparsity: atoms per slice `s`.
-        chunks: slices per vector `s_n` (None: the set's `key_chunks` / `value_chunks`).
-        solver: `"mp"`, `"omp"`, or a callable `(x [n, dim], atoms [dim, A], s) -> (index [n, s], coef [n, s])`.
+        sparsity: atoms per slice `s` (at most `MAX_DIM`).
+        chunks: slices per vector `s_n` (None: the set's `key_chunks` / `value_chunks`; at most `MAX_DIM`).
+        solver: `"mp"`, `"omp"`, or a callable `(x [n, dim], atoms [dim, A], s) -> (index [n, s], coef [n, s])`
+            (written as recipe data like a callable dictionary source).
         coef_bits: 16 (fp16 coefficients) or 8 (int8 codes and an fp16 scale per vector).
         pre_rope: code keys before RoPE (undo the rotation from token positions, redo it after decoding). None:
             as the set's key dictionaries were trained. Needs a set trained on pre-RoPE keys; ignored for values.
@@ -73,30 +91,41 @@ class SparseDictionary(Stage):
         super().__init__()
         if role not in ("key", "value"):
             raise ValueError(f"role must be 'key' or 'value', got {role!r}")
-        check_int(sparsity, "sparsity")
+        check_int(sparsity, "sparsity", 1, MAX_DIM)
         if chunks is not None:
-            check_int(chunks, "chunks")
-        if coef_bits not in (8, 16):
+            check_int(chunks, "chunks", 1, MAX_DIM)
+        if isinstance(coef_bits, bool) or not isinstance(coef_bits, int) or coef_bits not in (8, 16):
             raise ValueError(f"coef_bits must be 16 (fp16) or 8 (int8 + fp16 scale per vector), got {coef_bits!r}")
-        if isinstance(solver, str) and solver not in SOLVERS:
+        if not (solver in SOLVERS if isinstance(solver, str) else callable(solver)):
             raise ValueError(f"unknown solver {solver!r}; known: {', '.join(SOLVERS)} (or pass a callable)")
-        if isinstance(dictionary, str) and dictionary.startswith(PYTHON):
-            module, _, name = dictionary.removeprefix(PYTHON).rpartition(".")
-            dictionary = getattr(importlib.import_module(module), name)
-        if not (isinstance(dictionary, (DictionarySet, str, os.PathLike)) or callable(dictionary)):
+        if pre_rope is not None:
+            check_bool(pre_rope, "pre_rope")
+        if isinstance(dictionary, str) and dictionary.startswith(CODE):
+            raise ValueError(
+                f"dictionary {dictionary!r} names code, which only trusted recipe data may do "
+                "(Stage.from_dict(data, trusted=True)); in Python, pass the function itself"
+            )
+        # gearkit's own sources are held by name, so recipe data names them without naming code
+        dictionary = next((NAMED + n for n, s in _NAMED_SOURCES.items() if s is dictionary), dictionary)
+        if isinstance(dictionary, str) and dictionary.startswith(NAMED):
+            if dictionary.removeprefix(NAMED) not in _NAMED_SOURCES:
+                known = ", ".join(NAMED + n for n in _NAMED_SOURCES)
+                raise ValueError(f"unknown dictionary source {dictionary!r}; known: {known}")
+        elif not (isinstance(dictionary, (DictionarySet, str, os.PathLike)) or callable(dictionary)):
             raise TypeError(
                 f"dictionary must be a DictionarySet, a path or a callable, got {type(dictionary).__name__}"
             )
         self.source, self.role, self.sparsity, self._chunks = dictionary, role, sparsity, chunks
         self.solver, self.coef_bits, self._pre_rope = solver, coef_bits, pre_rope
+        self._produced: DictionarySet | None = None  # what a callable source returned, kept
 
     def config(self) -> dict:
         return {
-            "dictionary": _source_data(self.source),
+            "dictionary": self.source,
             "role": self.role,
             "sparsity": self.sparsity,
             "chunks": self._chunks,
-            "solver": self.solver if isinstance(self.solver, str) else _source_data(self.solver),
+            "solver": self.solver,
             "coef_bits": self.coef_bits,
             "pre_rope": self._pre_rope,
         }
@@ -106,12 +135,16 @@ class SparseDictionary(Stage):
     def dictionaries(self) -> DictionarySet:
         """The `DictionarySet`, read (or produced by the source callable) on first access."""
         source = self.source
+        if isinstance(source, str) and source.startswith(NAMED):
+            source = _NAMED_SOURCES[source.removeprefix(NAMED)]
         if isinstance(source, DictionarySet):
             return source
-        if callable(source) and not isinstance(source, (str, os.PathLike)):
+        if self._produced is not None:
+            return self._produced
+        if callable(source):
             source = source()
             if isinstance(source, DictionarySet):
-                self.source = source
+                self._produced = source
                 return source
         path = Path(source).resolve()
         if not path.is_file():

@@ -47,12 +47,15 @@ def greedy(model, tokenizer, prompt: str, max_new_tokens: int, cache=None) -> tu
     return out[0, ids["input_ids"].shape[-1] :], time.perf_counter() - start
 
 
-def agreement(model, tokenizer, names, prompt: str, max_new_tokens: int = 64) -> list[Generation]:
-    """Greedy generation with each cache in `names`, compared token by token with the uncompressed cache."""
+def agreement(
+    model, tokenizer, names, prompt: str, max_new_tokens: int = 64, buffer_dtype: torch.dtype | None = torch.float16
+) -> list[Generation]:
+    """Greedy generation with each cache in `names`, compared token by token with the uncompressed cache
+    (`buffer_dtype`: the recipes' buffer storage, as `gearkit.integrations.hf.make_cache` takes it)."""
     reference, _ = greedy(model, tokenizer, prompt, max_new_tokens)
     results = []
     for spec in names:
-        cache = make_cache(spec, model)
+        cache = make_cache(spec, model, buffer_dtype=buffer_dtype)
         tokens, seconds = greedy(model, tokenizer, prompt, max_new_tokens, cache)
         n = min(len(tokens), len(reference))
         same = (tokens[:n] == reference[:n]).tolist() + [False] * abs(len(tokens) - len(reference))
@@ -71,13 +74,16 @@ def agreement(model, tokenizer, names, prompt: str, max_new_tokens: int = 64) ->
 
 
 @torch.inference_mode()
-def layer_errors(model, tokenizer, name: str, text: str, tokens: int = 1024) -> list[dict]:
+def layer_errors(
+    model, tokenizer, name: str, text: str, tokens: int = 1024, buffer_dtype: torch.dtype | None = torch.float16
+) -> list[dict]:
     """Relative Frobenius error and SQNR (dB) of the stored keys and values, per layer, after a prefill of
-    the first `tokens` tokens of `text` (whole chunks compressed, the remainder in the buffer)."""
+    the first `tokens` tokens of `text` (whole chunks compressed, the remainder in the buffer; `buffer_dtype` as
+    `gearkit.integrations.hf.make_cache` takes it)."""
     from transformers import DynamicCache
 
     ids = first_tokens(tokenizer, text, tokens)
-    reference, cache = DynamicCache(config=model.config), make_cache(name, model)
+    reference, cache = DynamicCache(config=model.config), make_cache(name, model, buffer_dtype=buffer_dtype)
     if not isinstance(cache, GearCache):
         raise ValueError(f"layer errors need a gearkit recipe, not {name}")
     model(ids, cache=reference, use_cache=True)

@@ -27,6 +27,7 @@ class PasskeyResult:
 
     Attributes:
         recipe: cache name (`uncompressed` for the model's own cache).
+        model: the model's name.
         length: prompt tokens.
         correct: trials whose greedy answer contains the key.
         trials: depths x keys tried.
@@ -34,6 +35,7 @@ class PasskeyResult:
     """
 
     recipe: str
+    model: str
     length: int
     correct: int
     trials: int
@@ -48,6 +50,7 @@ class PasskeyResult:
         """The result as a JSON-ready dict."""
         return {
             "recipe": self.recipe,
+            "model": self.model,
             "length": self.length,
             "accuracy": round(self.accuracy, 4),
             "correct": self.correct,
@@ -91,12 +94,12 @@ def haystack(
     return [*out, *filler[at:budget], *tail]
 
 
-def passkey_ids(tokenizer, filler: str, length: int, depth: float, key: int) -> Tensor:
+def passkey_ids(tokenizer, filler: str | Sequence[int], length: int, depth: float, key: int) -> Tensor:
     """A prompt of exactly `length` tokens: filler, the needle naming `key` at `depth`, more filler, the question.
 
     Args:
         tokenizer (transformers.PreTrainedTokenizerBase): the model's tokenizer.
-        filler: text to take the filler from (its first tokens).
+        filler: text to take the filler from (its first tokens), or that text's token ids.
         length: prompt tokens.
         depth: where the needle goes, as a fraction of the filler (0 = start, 1 = just before the question).
         key: the number to hide.
@@ -109,7 +112,7 @@ def passkey_ids(tokenizer, filler: str, length: int, depth: float, key: int) -> 
     """
     needle = tokenizer(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
     question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
-    text = tokenizer(filler, add_special_tokens=False)["input_ids"]
+    text = tokenizer(filler, add_special_tokens=False)["input_ids"] if isinstance(filler, str) else list(filler)
     return torch.tensor(haystack(text, [(depth, needle)], length, question), dtype=torch.long)
 
 
@@ -132,6 +135,29 @@ def retrieves(model, tokenizer, ids: Tensor, key: int, cache=None, max_new_token
     return str(key) in tokenizer.decode(out[0, ids.numel() :], skip_special_tokens=True), cache
 
 
+def passkey_prompts(
+    tokenizer, filler: str, lengths: Sequence[int], depths: Sequence[float], keys: int
+) -> dict[int, list[tuple[Tensor, int]]]:
+    """Every prompt a passkey run asks, built (and so checked) before any model runs; the filler is tokenized once.
+
+    Args:
+        tokenizer (transformers.PreTrainedTokenizerBase): the model's tokenizer.
+        filler: the filler text.
+        lengths: prompt lengths in tokens.
+        depths: needle depths in [0, 1].
+        keys: keys tried per depth (seeded).
+
+    Returns:
+        Per length, the `(ids, key)` trials: int64 `ids` `[length]`, depths in order, keys within each depth.
+
+    Raises:
+        ValueError: as `passkey_ids`.
+    """
+    text = tokenizer(filler, add_special_tokens=False)["input_ids"]
+    trials = [(d, k) for d in depths for k in passkey_keys(keys)]
+    return {n: [(passkey_ids(tokenizer, text, n, d, k), k) for d, k in trials] for n in lengths}
+
+
 def passkey(
     model,
     tokenizer,
@@ -141,6 +167,8 @@ def passkey(
     depths: Sequence[float] = (0.1, 0.5, 0.9),
     keys: int = 2,
     progress: Callable | None = None,
+    model_name: str = "",
+    buffer_dtype: torch.dtype | None = torch.float16,
 ) -> list[PasskeyResult]:
     """Passkey accuracy of the uncompressed cache and of each cache in `names`, per prompt length.
 
@@ -153,14 +181,15 @@ def passkey(
         depths: needle depths, fractions of the filler.
         keys: keys tried per depth (seeded).
         progress: optional wrapper for progress display, called as `progress(iterable, total=, desc=)`.
+        model_name: name reported in the results.
+        buffer_dtype: storage dtype of the recipes' full-precision buffers; None keeps the model's dtype
+            (`gearkit.integrations.hf.make_cache`).
 
     Returns:
         One `PasskeyResult` per (cache, length), the uncompressed cache first.
     """
     specs = [n if isinstance(n, Recipe) else check_cache_name(n) for n in names]
-    prompts = {
-        n: [(passkey_ids(tokenizer, filler, n, d, k), k) for d in depths for k in passkey_keys(keys)] for n in lengths
-    }
+    prompts = passkey_prompts(tokenizer, filler, lengths, depths, keys)
     wrap = progress or (lambda it, **_: it)
     results = []
     for spec in [None, *specs]:
@@ -168,9 +197,10 @@ def passkey(
         for n, trials in prompts.items():
             correct, bits = 0, None
             for ids, key in wrap(trials, total=len(trials), desc=f"{name} @ {n}"):
-                hit, cache = retrieves(model, tokenizer, ids, key, None if spec is None else make_cache(spec, model))
+                cache = None if spec is None else make_cache(spec, model, buffer_dtype=buffer_dtype)
+                hit, cache = retrieves(model, tokenizer, ids, key, cache)
                 correct += hit
                 if cache is not None:
                     bits = memory_report(cache, model.config).bits_per_element
-            results.append(PasskeyResult(name, n, correct, len(trials), bits))
+            results.append(PasskeyResult(name, model_name, n, correct, len(trials), bits))
     return results

@@ -149,6 +149,7 @@ def evaluate(
     progress: Callable | None = None,
     model_name: str = "",
     on_result: Callable[[PerplexityResult], None] | None = None,
+    buffer_dtype: torch.dtype | None = torch.float16,
 ) -> list[PerplexityResult]:
     """Perplexity of each cache in `names` with a compressed past, beside the baseline from the same run.
 
@@ -163,6 +164,8 @@ def evaluate(
         progress: optional wrapper for progress display, called as `progress(iterable, total=, desc=)`.
         model_name: name reported in the results.
         on_result: called with each result as soon as it is measured (long sweeps report as they go).
+        buffer_dtype: storage dtype of the recipes' full-precision buffers; None keeps the model's dtype
+            (`gearkit.integrations.hf.make_cache`).
 
     Returns:
         One `PerplexityResult` per name, in order.
@@ -176,7 +179,7 @@ def evaluate(
         nll = prefill_s = cont_s = 0.0
         name = cache_name(spec)
         for window in wrap(spans, total=len(spans), desc=name):
-            cache = make_cache(spec, model)
+            cache = make_cache(spec, model, buffer_dtype=buffer_dtype)
             n, p, c = cached_nll(model, window, prefix, cache, progress)
             nll, prefill_s, cont_s = nll + n, prefill_s + p, cont_s + c
         report = memory_report(cache, model.config)  # the last window's cache, holding prefix + continuation tokens

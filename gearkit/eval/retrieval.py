@@ -345,10 +345,23 @@ def ask(model, tokenizer, context: Tensor, cache, question: Question) -> bool:
 
 @torch.inference_mode()
 def trial_row(
-    model, tokenizer, trial: Trial, index: int, spec: str | Recipe | None
+    model,
+    tokenizer,
+    trial: Trial,
+    index: int,
+    spec: str | Recipe | None,
+    buffer_dtype: torch.dtype | None = torch.float16,
 ) -> tuple[dict, MemoryReport | None]:
     """Prefill `trial`'s haystack into a fresh cache for `spec` (None: the model's own uncompressed cache) and ask
     its questions.
+
+    Args:
+        model (transformers.PreTrainedModel): a causal LM.
+        tokenizer (transformers.PreTrainedTokenizerBase): its tokenizer.
+        trial: the haystack and its questions.
+        index: the trial's position in the trial list (the row's `index`).
+        spec: a recipe (name or `Recipe`) or HF baseline, or None for the uncompressed cache.
+        buffer_dtype: storage dtype of the recipe's full-precision buffers (`gearkit.integrations.hf.make_cache`).
 
     Returns:
         The row `{"index", "recipe", "task", "length", "correct", "questions", "bits_per_element", "seconds"}`
@@ -356,7 +369,7 @@ def trial_row(
         `MemoryReport` (None for the uncompressed cache).
     """
     start = time.perf_counter()
-    cache = DynamicCache(config=model.config) if spec is None else make_cache(spec, model)
+    cache = DynamicCache(config=model.config) if spec is None else make_cache(spec, model, buffer_dtype=buffer_dtype)
     context = trial.context.to(model.device)
     model(context[None], cache=cache, logits_to_keep=1)
     report = None if spec is None else memory_report(cache, model.config)
@@ -443,6 +456,7 @@ def retrieval(
     trials: Sequence[Trial],
     model_name: str = "",
     progress: Callable | None = None,
+    buffer_dtype: torch.dtype | None = torch.float16,
 ) -> list[RetrievalResult]:
     """Accuracy of the uncompressed cache and of each cache in `names` on every trial, per (task, length).
 
@@ -453,6 +467,8 @@ def retrieval(
         trials: from `build_trials`.
         model_name: name reported in the results.
         progress: optional wrapper for progress display, called as `progress(iterable, total=, desc=)`.
+        buffer_dtype: storage dtype of the recipes' full-precision buffers; None keeps the model's dtype (see
+            `gearkit.integrations.hf.make_cache`).
 
     Returns:
         One `RetrievalResult` per (cache, task, length), the uncompressed cache first.
@@ -463,7 +479,7 @@ def retrieval(
     for spec in [None, *specs]:
         name = BASELINE if spec is None else cache_name(spec)
         rows += [
-            trial_row(model, tokenizer, trial, i, spec)[0]
+            trial_row(model, tokenizer, trial, i, spec, buffer_dtype)[0]
             for i, trial in wrap(enumerate(trials), total=len(trials), desc=name)
         ]
     return retrieval_results(rows, model_name)

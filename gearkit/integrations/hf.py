@@ -193,11 +193,14 @@ class GearCache(Cache):
             None keeps the model's dtype.
 
     Raises:
+        TypeError: if `recipe` is neither a `Recipe` nor a name.
         ValueError: if the recipe cannot serve this model (e.g. a CSR dictionary trained for another model).
     """
 
     def __init__(self, recipe: Recipe | str, config=None, buffer_dtype: torch.dtype | None = torch.float16):
         self.recipe = recipes.get(recipe) if isinstance(recipe, str) else recipe
+        if not isinstance(self.recipe, Recipe):
+            raise TypeError(f"GearCache takes a Recipe or a registered recipe name, got {type(recipe).__name__}")
         self.buffer_dtype = buffer_dtype
         self.shared = StepShared()  # what every layer of a step computes alike, computed by the first
         self._before: list[dict] = []  # the layers' states before the current step (see `update`)
@@ -335,7 +338,9 @@ def cache_name(spec: str | Recipe) -> str:
     return spec.name if isinstance(spec, Recipe) else spec
 
 
-def make_cache(spec: str | Recipe, model, attention: str = "gearkit") -> Cache:
+def make_cache(
+    spec: str | Recipe, model, attention: str = "gearkit", buffer_dtype: torch.dtype | None = torch.float16
+) -> Cache:
     """A fresh cache for `spec`: a recipe (name or `Recipe`) as a `GearCache`, or an HF baseline name as a
     `QuantizedCache`.
 
@@ -350,6 +355,9 @@ def make_cache(spec: str | Recipe, model, attention: str = "gearkit") -> Cache:
         spec: a recipe name, a `Recipe`, or one of `HF_BASELINES`.
         model (transformers.PreTrainedModel): the model the cache serves.
         attention: `"gearkit"` or `"sdpa"` (recipes only).
+        buffer_dtype: storage dtype of a recipe's full-precision buffer and sink copy (fp16 by default, as the fp16
+            baseline); None keeps the model's dtype, as a bf16 model whose keys exceed fp16's range needs
+            (Hugging Face's caches keep their residual in the model's dtype and ignore it).
 
     Raises:
         ValueError: for an unknown name, a missing baseline backend, a recipe that cannot serve the model, or
@@ -370,7 +378,7 @@ def make_cache(spec: str | Recipe, model, attention: str = "gearkit") -> Cache:
         model.set_attn_implementation(register())
     elif getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME:
         model.set_attn_implementation("sdpa")
-    return GearCache(recipe, model.config)
+    return GearCache(recipe, model.config, buffer_dtype)
 
 
 def memory_report(cache: Cache, config, batch: int = 1) -> MemoryReport:

@@ -3,12 +3,14 @@
 
 Unpacking a block of codes to float in torch writes (and then reads back) four bytes per code, several passes
 over memory that cost more than the products themselves; this kernel unpacks eight codes at a time into
-registers and multiplies them there. It is plain C (no PyTorch headers), built with the system compiler the first
-time a process needs it and kept under `gearkit.paths.cache_dir()/kernels`, named by a hash of everything the
-build depends on (source, compiler, flags, this CPU's features), so a cached library is never stale and a changed
-source or machine gets its own build. `unavailable()` says why the kernel cannot run (no compiler, a big-endian
-host, `GEARKIT_CPU_KERNEL=0`); callers then use torch (`reference.unpack_float` and matmuls), the reference the tests
-hold it to.
+registers and multiplies them there. It is plain C (no PyTorch headers), built with the system compiler (`$CC`, a
+command split like a shell would, e.g. `CC="gcc -O0"`; else `cc`, `gcc` or `clang`) the first time a process needs
+it and kept under `gearkit.paths.cache_dir()/kernels`, named by a hash of everything the build depends on (source,
+compiler, flags, this CPU's features), so a cached library is never stale and a changed source or machine gets its
+own build. Where that directory cannot be written, each process builds the library in a private temporary folder
+and removes the folder once the library is loaded (nothing is left behind; it warns once). `unavailable()` says why
+the kernel cannot run (no compiler, a failed build, a big-endian host, `GEARKIT_CPU_KERNEL` set to `0`, `false`,
+`no` or `off`); callers then use torch (`reference.unpack_float` and matmuls), the reference the tests hold it to.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -32,6 +35,7 @@ from gearkit.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = (("-O3", "-march=native", "-fopenmp-simd"), ("-O3",))  # tuned for this CPU; plain if the compiler refuses
+SWITCH = {**dict.fromkeys(("0", "false", "no", "off"), False), **dict.fromkeys(("", "1", "true", "yes", "on"), True)}
 
 
 def _cpu_features() -> str:
@@ -43,20 +47,45 @@ def _cpu_features() -> str:
         return platform.processor() or platform.machine()
 
 
-def _build(compiler: str, target: Path) -> str | None:
-    """Compile the source into `target` (atomically); returns the compiler's error, or None."""
+def _compiler() -> list[str] | str:
+    """The C compiler command (`$CC` split like a shell would, else `cc`, `gcc` or `clang`), or why there is none."""
+    try:
+        command = shlex.split(os.environ.get("CC", ""))
+    except ValueError as e:
+        return f"cannot read CC={os.environ['CC']!r} as a command ({e})"
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return command or ([found] if found else "no C compiler found (install gcc or set CC)")
+
+
+def _build(compiler: list[str], target: Path) -> str | None:
+    """Compile the source into `target` (atomically); returns why the compiler failed, or None.
+
+    Raises:
+        OSError: when `target`'s directory cannot be created or written.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     for flags in FLAGS:
         with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
             partial = Path(tmp.name)
         build = subprocess.run(
-            [compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(partial)], capture_output=True, text=True
+            [*compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(partial)], capture_output=True, text=True
         )
-        if build.returncode == 0:
+        if build.returncode == 0 and partial.stat().st_size:  # a compiler that wrote nothing did not build it
             os.replace(partial, target)  # another process building the same library writes the same bytes
             return None
         partial.unlink(missing_ok=True)
-    return build.stderr.strip()[-500:]
+    return (build.stderr.strip() or f"it exited with status {build.returncode} and wrote no library")[-500:]
+
+
+def _load(compiler: list[str], target: Path) -> ctypes.CDLL | str:
+    """Build `target` unless it exists, and load it; or why that failed."""
+    error = None if target.exists() else _build(compiler, target)
+    if error:
+        return f"{shlex.join(compiler)} could not build {SOURCE.name}: {error}"
+    try:
+        return ctypes.CDLL(str(target))
+    except OSError as e:
+        return f"cannot load {target} ({e})"
 
 
 @functools.cache
@@ -64,27 +93,29 @@ def _library() -> ctypes.CDLL | str:
     """The built library, or why there is none."""
     if sys.byteorder != "little":
         return "the packed-code kernel reads blocks as little-endian words"
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        return "no C compiler found (install gcc or set CC)"
+    compiler = _compiler()
+    if isinstance(compiler, str):
+        return compiler
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+        version = subprocess.run([*compiler, "--version"], capture_output=True, text=True).stdout
     except OSError as e:
-        return f"cannot run the C compiler {compiler!r} ({e})"
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, repr(FLAGS), _cpu_features()]).encode())
-    target = cache_dir() / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
-    if not target.exists():
-        try:
-            error = _build(compiler, target)
-        except OSError:  # an unwritable cache directory: build where the process may write
-            target = Path(tempfile.mkdtemp(prefix="gearkit-")) / target.name
-            error = _build(compiler, target)
-        if error:
-            return f"{compiler} could not build {SOURCE.name}: {error}"
+        return f"cannot run the C compiler {shlex.join(compiler)!r} ({e})"
+    key = "\0".join([SOURCE.read_text(), shlex.join(compiler), version, repr(FLAGS), _cpu_features()])
+    target = cache_dir() / "kernels" / f"cpu_kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     try:
-        library = ctypes.CDLL(str(target))
-    except OSError as e:
-        return f"cannot load {target} ({e})"
+        library = _load(compiler, target)
+    except OSError as e:  # the cache directory cannot be written
+        warnings.warn(
+            f"gearkit cannot keep its compiled CPU kernel in {target.parent} ({e}); it is built in a temporary "
+            "folder, removed once loaded, in every process (set GEARKIT_CACHE_DIR to a writable directory)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        # a loaded library stays mapped after its file is removed, so nothing is left behind
+        with tempfile.TemporaryDirectory(prefix="gearkit-kernel-", ignore_cleanup_errors=True) as folder:
+            library = _load(compiler, Path(folder) / target.name)
+    if isinstance(library, str):
+        return library
     library.gearkit_dequant_matmul.restype = ctypes.c_int
     library.gearkit_dequant_matmul.argtypes = (
         [ctypes.c_void_p] * 4
@@ -98,9 +129,21 @@ def _library() -> ctypes.CDLL | str:
 
 def unavailable() -> str | None:
     """Why the compiled kernel cannot run in this process, or None if it can (builds it on first call; a failed
-    build warns once). `GEARKIT_CPU_KERNEL=0` turns it off (decode then runs the same products in torch)."""
-    if os.environ.get("GEARKIT_CPU_KERNEL") == "0":
-        return "turned off by GEARKIT_CPU_KERNEL=0"
+    build warns once). `GEARKIT_CPU_KERNEL` set to `0`, `false`, `no` or `off` (any case) turns it off (decode then
+    runs the same products in torch); unset, empty, `1`, `true`, `yes` or `on` leaves it on.
+
+    Raises:
+        ValueError: for another value of `GEARKIT_CPU_KERNEL`.
+    """
+    setting = os.environ.get("GEARKIT_CPU_KERNEL", "")
+    on = SWITCH.get(setting.strip().lower())
+    if on is None:
+        raise ValueError(
+            f"GEARKIT_CPU_KERNEL={setting!r} is not a switch: set 0, false, no or off to turn the compiled CPU "
+            "kernel off, or 1, true, yes or on (or nothing) to leave it on"
+        )
+    if not on:
+        return f"turned off by GEARKIT_CPU_KERNEL={setting}"
     library = _library()
     if isinstance(library, str):
         _warn_once(library)

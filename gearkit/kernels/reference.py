@@ -16,7 +16,7 @@ SUPPORTED_BITS = (1, 2, 3, 4, 8)
 
 def check_bits(bits: int) -> int:
     """Return `bits` if it is a supported code width, else raise `ValueError` naming the supported ones."""
-    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:  # 3.0 is not a width
         raise ValueError(f"unsupported bit width {bits!r}; supported widths are {SUPPORTED_BITS}")
     return int(bits)
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -29,9 +28,11 @@ class GenerationTask(CacheTask):
         recipes: one cache or several (see `CacheTask`).
         max_new_tokens: new tokens per prompt.
         chat_template: wrap each string prompt as a user message with the tokenizer's chat template.
-        model (transformers.PreTrainedModel | None): the model, or None (see `CacheTask`).
-        tokenizer (transformers.PreTrainedTokenizerBase | None): its tokenizer (see `CacheTask`).
-        loader: loads `(model, tokenizer)` when they are not given (see `CacheTask`).
+        model (transformers.PreTrainedModel | str | os.PathLike | None): a loaded model or a model spec (see
+            `CacheTask`).
+        tokenizer (transformers.PreTrainedTokenizerBase | None): a loaded model's tokenizer (see `CacheTask`).
+        dtype: parameter dtype a model spec is loaded in (see `CacheTask`).
+        buffer_dtype: storage dtype of the recipes' full-precision buffers (see `CacheTask`).
 
     Raises:
         ValueError: as `CacheTask`, or for a non-positive `max_new_tokens`.
@@ -45,9 +46,10 @@ class GenerationTask(CacheTask):
         chat_template: bool = True,
         model=None,
         tokenizer=None,
-        loader: Callable[[], tuple[Any, Any]] | None = None,
+        dtype: torch.dtype | str = torch.float32,
+        buffer_dtype: torch.dtype | None = torch.float16,
     ):
-        super().__init__(recipes, model=model, tokenizer=tokenizer, loader=loader)
+        super().__init__(recipes, model=model, tokenizer=tokenizer, dtype=dtype, buffer_dtype=buffer_dtype)
         check_int(max_new_tokens, "max_new_tokens")
         self.max_new_tokens, self.chat_template = max_new_tokens, chat_template
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+
+import torch
 
 from gearkit.accounting import MemoryReport
 from gearkit.compressors.checks import check_int
@@ -24,9 +25,11 @@ class PerplexityTask(CacheTask):
         recipes: one cache or several (see `CacheTask`).
         prefix: tokens prefilled into the cache before scoring.
         baseline: also score each sequence with the uncompressed model; rows get `baseline_nll` (else None).
-        model (transformers.PreTrainedModel | None): the model, or None (see `CacheTask`).
-        tokenizer (transformers.PreTrainedTokenizerBase | None): its tokenizer (see `CacheTask`).
-        loader: loads `(model, tokenizer)` when they are not given (see `CacheTask`).
+        model (transformers.PreTrainedModel | str | os.PathLike | None): a loaded model or a model spec (see
+            `CacheTask`).
+        tokenizer (transformers.PreTrainedTokenizerBase | None): a loaded model's tokenizer (see `CacheTask`).
+        dtype: parameter dtype a model spec is loaded in (see `CacheTask`).
+        buffer_dtype: storage dtype of the recipes' full-precision buffers (see `CacheTask`).
 
     Raises:
         ValueError: as `CacheTask`, or for a non-positive `prefix`.
@@ -40,9 +43,10 @@ class PerplexityTask(CacheTask):
         baseline: bool = True,
         model=None,
         tokenizer=None,
-        loader: Callable[[], tuple[Any, Any]] | None = None,
+        dtype: torch.dtype | str = torch.float32,
+        buffer_dtype: torch.dtype | None = torch.float16,
     ):
-        super().__init__(recipes, model=model, tokenizer=tokenizer, loader=loader)
+        super().__init__(recipes, model=model, tokenizer=tokenizer, dtype=dtype, buffer_dtype=buffer_dtype)
         check_int(prefix, "prefix")
         self.prefix, self.baseline = prefix, baseline
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+
+import torch
 
 from gearkit.accounting import MemoryReport
 from gearkit.eval.retrieval import Trial, answer_budget, trial_row
@@ -22,9 +23,11 @@ class RetrievalTask(CacheTask):
     Args:
         recipes: caches scored beside the uncompressed one: none, one or several (see `CacheTask`).
         trials: from `gearkit.eval.retrieval.build_trials`, in prompt order.
-        model (transformers.PreTrainedModel | None): the model, or None (see `CacheTask`).
-        tokenizer (transformers.PreTrainedTokenizerBase | None): its tokenizer (see `CacheTask`).
-        loader: loads `(model, tokenizer)` when they are not given (see `CacheTask`).
+        model (transformers.PreTrainedModel | str | os.PathLike | None): a loaded model or a model spec (see
+            `CacheTask`).
+        tokenizer (transformers.PreTrainedTokenizerBase | None): a loaded model's tokenizer (see `CacheTask`).
+        dtype: parameter dtype a model spec is loaded in (see `CacheTask`).
+        buffer_dtype: storage dtype of the recipes' full-precision buffers (see `CacheTask`).
 
     Raises:
         ValueError: as `CacheTask`, or for an empty trial list.
@@ -39,9 +42,10 @@ class RetrievalTask(CacheTask):
         *,
         model=None,
         tokenizer=None,
-        loader: Callable[[], tuple[Any, Any]] | None = None,
+        dtype: torch.dtype | str = torch.float32,
+        buffer_dtype: torch.dtype | None = torch.float16,
     ):
-        super().__init__(recipes, model=model, tokenizer=tokenizer, loader=loader)
+        super().__init__(recipes, model=model, tokenizer=tokenizer, dtype=dtype, buffer_dtype=buffer_dtype)
         if not trials:
             raise ValueError("the trial list is empty: nothing to score")
         self.trials = list(trials)
@@ -78,7 +82,7 @@ class RetrievalTask(CacheTask):
         for spec in [None, *self.specs]:
             total = BatchStats(MemoryReport({}, 0, 0), 0, 0.0)
             for index in batch["index"]:
-                row, report = trial_row(self.model, self.tokenizer, self.trials[index], index, spec)
+                row, report = trial_row(self.model, self.tokenizer, self.trials[index], index, spec, self.buffer_dtype)
                 rows.append(row)
                 if report is not None:
                     total = BatchStats(

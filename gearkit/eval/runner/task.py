@@ -3,14 +3,15 @@
 A task is one module: a `CacheTask` subclass with its settings, its `predict_step` (one batch in, a
 `BatchResult` out) and, where it needs more than "fits the model's context", its `check_item`. The base holds
 what every task shares: the cache specs (checked when the task is built, so a bad name fails before any process
-starts), the model (loaded in `configure_model`), tokenizing, the cache factory and byte reports.
+starts), the model (a model spec is loaded in `configure_model` by every process alike, with
+`gearkit.models.load_model`), tokenizing, the cache factory and byte reports.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from typing import Any
+import os
+from collections.abc import Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -20,6 +21,7 @@ from transformers.cache_utils import Cache
 from gearkit.accounting import MemoryReport
 from gearkit.eval.runner.data import Item
 from gearkit.integrations.hf import cache_name, check_cache_name, make_cache, memory_report
+from gearkit.models import load_model, model_dtype, resolve_model
 from gearkit.recipe import Recipe
 
 
@@ -58,18 +60,26 @@ class BatchResult:
 class CacheTask(pl.LightningModule):
     """A task run with one or more compressed KV caches, as a `LightningModule` for `Trainer.predict`.
 
-    Subclasses implement `predict_step`. The model is loaded in `configure_model` (once per process) when not
-    given, so a pickled module stays small and every DDP process loads its own copy.
+    Subclasses implement `predict_step`. Given a model spec rather than a model, every process loads that spec
+    in `configure_model` (once per process) with `gearkit.models.load_model` and the same `dtype`, so a pickled
+    module stays small and every DDP rank runs the same model.
 
     Args:
         recipes: one cache or several: recipe names, `Recipe` objects or HF baselines (`hf-quanto-2`, ...).
-        model (transformers.PreTrainedModel | None): a `transformers` causal LM; None loads one with `loader`.
-        tokenizer (transformers.PreTrainedTokenizerBase | None): its tokenizer (required with `model`).
-        loader: called as `loader()` to get `(model, tokenizer)`; default `gearkit.models.load_default_model`.
+        model (transformers.PreTrainedModel | str | os.PathLike | None): a loaded `transformers` causal LM, or a
+            model spec for `gearkit.models.load_model` (a checkpoint directory, a `.gguf` file, a model id in the
+            local Hugging Face cache; None: the default model).
+        tokenizer (transformers.PreTrainedTokenizerBase | None): the loaded model's tokenizer (required with a
+            loaded model, not with a spec).
+        dtype: parameter dtype a model spec is loaded in (`gearkit.models.DTYPES`).
+        buffer_dtype: storage dtype of the recipes' full-precision buffers; None keeps the model's dtype (see
+            `gearkit.integrations.hf.make_cache`).
 
     Raises:
         ValueError: for no recipe (unless the task scores a baseline of its own), an unknown recipe, repeated cache
-            names, or a model without its tokenizer.
+            names, a loaded model without its tokenizer (or a tokenizer with a spec), an unsupported `dtype`, or a
+            spec `gearkit.models.resolve_model` refuses.
+        FileNotFoundError: for a spec naming a missing path, or a model id not in the local Hugging Face cache.
     """
 
     new_tokens = 0  # tokens each prompt grows by during the task; `check_item` counts them against the context
@@ -81,7 +91,8 @@ class CacheTask(pl.LightningModule):
         *,
         model=None,
         tokenizer=None,
-        loader: Callable[[], tuple[Any, Any]] | None = None,
+        dtype: torch.dtype | str = torch.float32,
+        buffer_dtype: torch.dtype | None = torch.float16,
     ):
         super().__init__()
         specs = [recipes] if isinstance(recipes, (str, Recipe)) else list(recipes)
@@ -93,10 +104,17 @@ class CacheTask(pl.LightningModule):
         names = [cache_name(s) for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"recipe names must be distinct, got {names}")
-        if (model is None) != (tokenizer is None):
-            raise ValueError("pass model and tokenizer together, or neither (then `loader` loads them)")
-        self.specs, self.loader = specs, loader
-        self.model, self.tokenizer = model, tokenizer
+        loaded = not (model is None or isinstance(model, (str, os.PathLike)))
+        if loaded != (tokenizer is not None):
+            raise ValueError(
+                "pass a loaded model with its tokenizer, or a model spec (or None) without one: the spec's own "
+                "tokenizer loads with it"
+            )
+        if not loaded:
+            resolve_model(model)  # a missing path or a model not in the local cache fails before any process starts
+        self.specs, self.buffer_dtype = specs, buffer_dtype
+        self.model_spec, self.spec_dtype = (None, None) if loaded else (model, model_dtype(dtype))
+        self.model, self.tokenizer = (model, tokenizer) if loaded else (None, None)
 
     @property
     def names(self) -> list[str]:
@@ -104,13 +122,9 @@ class CacheTask(pl.LightningModule):
         return [cache_name(s) for s in self.specs]
 
     def configure_model(self) -> None:
-        """Load the model and tokenizer with `loader` if they were not given (called by Lightning)."""
+        """Load the model spec and its tokenizer if no loaded model was given (called by Lightning)."""
         if self.model is None:
-            if self.loader is None:
-                from gearkit.models import load_default_model as loader
-            else:
-                loader = self.loader
-            self.model, self.tokenizer = loader()
+            self.model, self.tokenizer, _ = load_model(self.model_spec, self.spec_dtype)
         self.model.eval()
 
     # -- inputs --------------------------------------------------------------------------------------------
@@ -160,7 +174,7 @@ class CacheTask(pl.LightningModule):
     # -- caches --------------------------------------------------------------------------------------------
     def make_cache(self, spec: str | Recipe) -> Cache:
         """A fresh cache for `spec` on this task's model (`gearkit.integrations.hf.make_cache`)."""
-        return make_cache(spec, self.model)
+        return make_cache(spec, self.model, buffer_dtype=self.buffer_dtype)
 
     def report(self, cache: Cache, batch: int = 1) -> MemoryReport:
         """Bytes `cache` holds for `batch` sequences of this task's model (`gearkit.integrations.hf.memory_report`)."""

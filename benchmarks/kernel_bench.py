@@ -6,10 +6,10 @@ uncompressed cache, over context lengths and batch sizes. On a CPU: decode atten
 uncompressed fp32 cache; the stored path with the compiled CPU kernel, with the same products in torch, and the
 block-wise reference) and the compiled pipeline against eager.
 
-    python benchmarks/kernels.py --out benchmarks/results/kernels_cpu.csv
-    python benchmarks/kernels.py --contexts 1024,4096,16384 --skip-compiled \
+    python benchmarks/kernel_bench.py --out benchmarks/results/kernels_cpu.csv
+    python benchmarks/kernel_bench.py --contexts 1024,4096,16384 --skip-compiled \
         --out benchmarks/results/kernels_cpu_decode.csv
-    python benchmarks/kernels.py --contexts 1024,4096,16384,32768,65536 --batches 1,4,16 --out kernels_h200.csv
+    python benchmarks/kernel_bench.py --contexts 1024,4096,16384,32768,65536 --batches 1,4,16 --out kernels_h200.csv
 
 Shapes follow a Llama-3-8B-like layer: 32 query heads, 8 KV heads, head dim 128 (CPU: 2 KV heads, head dim 64).
 """
@@ -71,6 +71,11 @@ def main() -> None:
     gpu = device.type == "cuda"
     contexts = [int(c) for c in (args.contexts or ("1024,4096,16384,32768,65536" if gpu else "1024,4096")).split(",")]
     batches = [int(b) for b in (args.batches or ("1,4,16" if gpu else "1,4")).split(",")]
+    for recipe in (recipes.get(r) for r in args.recipes.split(",")):
+        if uneven := [c for c in contexts if c % recipe.buffer_size]:
+            parser.error(
+                f"contexts must be multiples of {recipe.name}'s {recipe.buffer_size}-token chunks, got {uneven}"
+            )
     heads, kv_heads, head_dim = (32, 8, 128) if gpu else (8, 2, 64)
     name, peak = hardware(device)
     common = dict(hardware=name, date=datetime.date.today().isoformat(), gearkit=gearkit.__version__)
