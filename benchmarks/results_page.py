@@ -3,7 +3,7 @@
 Measuring takes hours on a CPU, so the page reads result files; each file's command, date and hardware are in
 `SOURCES` below and on the page. Run after adding or re-measuring a result:
 
-    PYTHONPATH=. python -P benchmarks/results_page.py [--synthetic]
+    python benchmarks/results_page.py [--synthetic]
 
 `--synthetic` computes the residual spectrum from synthetic keys (no model); the other plots only read files.
 """
@@ -15,8 +15,7 @@ import json
 import re
 from pathlib import Path
 
-import gearkit
-from benchmarks.plots import (
+from plots import (  # benchmarks/plots.py (run as `python benchmarks/<script>.py`)
     RESULTS,
     frontier_rows,
     plot_decode,
@@ -24,6 +23,8 @@ from benchmarks.plots import (
     plot_spectrum,
     plot_throughput_cpu,
 )
+
+import gearkit
 from gearkit.integrations.hf import HF_BASELINES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,7 +183,7 @@ decode speed and memory. This page is generated from the committed result files 
 names the command and machine behind its file):
 
 ```bash
-PYTHONPATH=. python -P benchmarks/results_page.py     # --synthetic: residual spectrum from synthetic keys, no model
+python benchmarks/results_page.py     # --synthetic: residual spectrum from synthetic keys, no model
 ```
 """
     return "\n\n".join([head.strip(), retrieval_section(), frontier_section(rows), STATIC.strip()]) + "\n"

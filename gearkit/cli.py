@@ -660,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--trials", type=positive_int, default=8, help="questions per task and length (haystacks as many as needed)"
     )
     rt.add_argument("--keys", type=positive_int, default=4, help="multi-key: needles per haystack, each asked for")
-    rt.add_argument("--value-keys", type=positive_int, default=1, help="multi-value: keys per haystack, each asked for")
+    rt.add_argument("--value-keys", type=positive_int, default=2, help="multi-value: keys per haystack, each asked for")
     rt.add_argument("--values", type=positive_int, default=2, help="multi-value: numbers per key")
     rt.add_argument("--chains", type=positive_int, default=1, help="variable tracking: chains per haystack")
     rt.add_argument("--hops", type=positive_int, default=1, help="variable tracking: assignments after the first")

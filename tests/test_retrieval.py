@@ -83,6 +83,16 @@ def test_depths_place_the_needles_and_bad_input_is_refused():
         build_trials(tok, FILLER, ["multi-key"], lengths=[100], sizes=Sizes(keys=4))
     with pytest.raises(ValueError, match="keys"):
         Sizes(keys=0)
+    with pytest.raises(ValueError, match="more than the 29 names a haystack can hold"):
+        Sizes(chains=10, hops=2)
+
+
+def test_command_line_defaults_are_the_default_sizes():
+    from gearkit.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "retrieval"])
+    fields = ("trials", "keys", "value_keys", "values", "chains", "hops")
+    assert Sizes(**{f: getattr(args, f) for f in fields}) == Sizes()
 
 
 def test_answers_are_parsed_exactly(monkeypatch):
@@ -104,10 +114,12 @@ def test_answers_are_parsed_exactly(monkeypatch):
     for line, right in [(" 222 and 111.", True), (" 111 and 111.", False), (" 111, 222 and 333.", False)]:
         script[values.cue] = line
         assert ask(values) is right, line
-    chain = Question(MOVE_QUESTION, "12345", VARIABLE, ("ABCDE", "FGHIJ"), steps=2)
-    script.update({"\nMOVE 12345 TO": " ABCDE.", "\nMOVE ABCDE TO": " FGHIJ.", "\nMOVE KLMNO TO": " FGHIJ."})
-    assert ask(chain)
-    script["\nMOVE 12345 TO"] = " KLMNO."
+    chain = Question(MOVE_QUESTION, "12345", VARIABLE, ("apple", "tiger"), steps=2)
+    script.update({"\nMOVE 12345 TO": " the apple.", "\nMOVE apple TO": " tiger.", "\nMOVE lemon TO": " tiger."})
+    assert ask(chain)  # words outside the names are not items
+    script["\nMOVE 12345 TO"] = " lemon."
+    assert not ask(chain)
+    script["\nMOVE 12345 TO"] = " pineapple."  # a name inside a longer word is not one
     assert not ask(chain)
     asked.clear()
     script["\nMOVE 12345 TO"] = " no idea."
@@ -143,15 +155,18 @@ def gearkit(*args):
     return subprocess.run([sys.executable, "-m", "gearkit.cli", *args], capture_output=True, text=True, timeout=600)
 
 
-def test_cli_eval_retrieval_prints_one_object_per_cache_task_and_length():
+def test_cli_eval_retrieval_prints_one_object_per_cache_task_and_length(tiny_checkpoint):
     sizes = ["--trials", "1", "--keys", "1", "--value-keys", "1", "--values", "1", "--hops", "1"]
-    run = gearkit("eval", "retrieval", "--recipe", "kivi-2", "--text", "idle-help", "--length", "128", *sizes, "--json")
+    model = ["--model", str(tiny_checkpoint)]
+    run = gearkit("eval", "retrieval", *model, "--recipe", "kivi-2", "--text", "idle-help", "--length", "128", *sizes)
+    assert run.returncode == 0, run.stderr
+    run = gearkit("eval", "retrieval", *model, "--recipe", "kivi-2", "--length", "128", *sizes, "--json")
     assert run.returncode == 0, run.stderr
     rows = [json.loads(line) for line in run.stdout.strip().splitlines()]
     assert [(r["recipe"], r["task"], r["length"], r["trials"]) for r in rows] == [
         (c, t, 128, 1) for c in ("uncompressed", "kivi-2") for t in rt.TASKS
     ]
-    assert rows[0]["model"] == "SmolLM2-135M-Instruct" and rows[0]["bits_per_element"] is None
+    assert rows[0]["model"] == "tiny-llama" and rows[0]["bits_per_element"] is None
     assert rows[3]["bits_per_element"] > 2
     run = gearkit("eval", "retrieval", "--depth", "1.5", "--length", "128")
-    assert run.returncode == 2 and "depth must be within" in run.stderr
+    assert run.returncode == 2 and "must be within [0, 1]" in run.stderr

@@ -9,8 +9,8 @@ of that cache, so every question reads the same compressed past. Three tasks:
   other number.
 - `multi-value`: several keys, each with one needle listing several numbers; every key is asked for, and the
   answer must name exactly its numbers (in any order).
-- `variable-tracking`: chains of assignments written as COBOL's `MOVE 12345 TO ABCDE.` then
-  `MOVE ABCDE TO FGHIJ.` (the value moves from variable to variable); asked which variables hold the value, the
+- `variable-tracking`: chains of assignments written as COBOL's `MOVE 12345 TO apple.` then
+  `MOVE apple TO tiger.` (the value moves from variable to variable); asked which variables hold the value, the
   model follows the chain one assignment at a time: `MOVE 12345 TO` is completed, then `MOVE <its answer> TO`,
   and so on. Right when the variables named are exactly the chain's.
 
@@ -39,7 +39,8 @@ from gearkit.models import pad_token_id
 from gearkit.recipe import Recipe
 
 TASKS = ("multi-key", "multi-value", "variable-tracking")
-# keys of the multi-key and multi-value needles: common nouns, one token each in the default model's vocabulary
+# keys of the multi-key and multi-value needles and variable-tracking's variable names: common nouns, whole words
+# (the default model copies these exactly; random capital-letter names, as in RULER, it garbles)
 KEY_WORDS = (
     "apple",
     "anchor",
@@ -78,7 +79,7 @@ VALUES_QUESTION = "\nWhat are the special magic numbers for {key}? The special m
 MOVE_NEEDLE = "\nMOVE {source} TO {target}.\n"
 MOVE_QUESTION = "\nMOVE {source} TO"
 NUMBER = r"\d+"
-VARIABLE = r"[A-Z]{5}"
+VARIABLE = r"\b(?:" + "|".join(KEY_WORDS) + r")\b"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,15 +93,15 @@ class Sizes:
         value_keys: multi-value keys per haystack (each asked for once).
         values: numbers per multi-value key.
         chains: variable-tracking chains per haystack (each asked for once).
-        hops: variable-tracking assignments per chain after the first (`MOVE <value> TO X1.`); the chain has
-            `hops + 1` variables.
+        hops: variable-tracking assignments per chain after the first (`MOVE <value> TO <variable>.`); the chain
+            has `hops + 1` variables.
         digits: digits of the numbers of the multi-key and multi-value needles.
         value_digits: digits of the value a variable-tracking chain starts from.
     """
 
     trials: int = 8
     keys: int = 4
-    value_keys: int = 1
+    value_keys: int = 2
     values: int = 2
     chains: int = 1
     hops: int = 1
@@ -110,8 +111,10 @@ class Sizes:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             check_int(getattr(self, field.name), field.name)
-        if self.keys > len(KEY_WORDS) or self.value_keys > len(KEY_WORDS):
-            raise ValueError(f"at most {len(KEY_WORDS)} keys per haystack, got {max(self.keys, self.value_keys)}")
+        names = {"keys": self.keys, "value_keys": self.value_keys, "chains * (hops + 1)": self.chains * (self.hops + 1)}
+        for name, count in names.items():
+            if count > len(KEY_WORDS):
+                raise ValueError(f"{name} is {count}, more than the {len(KEY_WORDS)} names a haystack can hold")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,14 +162,6 @@ def _number(rng: random.Random, digits: int, taken: set[str]) -> str:
     return n
 
 
-def _variable(rng: random.Random, taken: set[str]) -> str:
-    """A fresh name of five capital letters not in `taken`, which it joins."""
-    while (name := "".join(rng.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ", k=5))) in taken:
-        pass
-    taken.add(name)
-    return name
-
-
 def _listing(values: Sequence[str]) -> str:
     """`a, b and c`."""
     return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} and {values[-1]}"
@@ -191,11 +186,11 @@ def _multi_value(rng: random.Random, sizes: Sizes) -> tuple[list[str], list[Ques
 
 def _variable_tracking(rng: random.Random, sizes: Sizes) -> tuple[list[list[str]], list[Question]]:
     numbers: set[str] = set()
-    names: set[str] = set()
+    names = iter(rng.sample(KEY_WORDS, sizes.chains * (sizes.hops + 1)))
     chains, questions = [], []
     for _ in range(sizes.chains):
         value = _number(rng, sizes.value_digits, numbers)
-        variables = [_variable(rng, names) for _ in range(sizes.hops + 1)]
+        variables = [next(names) for _ in range(sizes.hops + 1)]
         chains.append([MOVE_NEEDLE.format(source=s, target=t) for s, t in zip([value, *variables], variables)])
         questions.append(Question(MOVE_QUESTION, value, VARIABLE, tuple(variables), steps=len(variables)))
     return chains, questions
