@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 from plots import (  # benchmarks/plots.py (run as `python benchmarks/<script>.py`)
     RESULTS,
+    family,
     frontier_rows,
     plot_decode,
     plot_frontier,
@@ -35,35 +35,27 @@ SOURCES = {
         "x86_64, 2 CPU threads, torch 2.13.0+cpu",
     ),
     "ppl_frontier_idle-help_newer.csv": (
-        "OMP_NUM_THREADS=1 PYTHONPATH=. python -P benchmarks/ppl_frontier.py --recipes zipcache zipcache-gear "
-        "turboquant-2.5 turboquant-3.5 kvquant-2 kvquant-3 gk-2.5 gk-3 gk-3.5 gk-4.5 "
+        "OMP_NUM_THREADS=1 python benchmarks/ppl_frontier.py --recipes zipcache zipcache-gear turboquant-2.5 "
+        "turboquant-3.5 kvquant-2 kvquant-3 gk-2.5 gk-3 gk-3.5 gk-4.5 "
         "--out benchmarks/results/ppl_frontier_idle-help_newer.csv",
         "2026-12-04",
-        "x86_64, 1 CPU thread (2 cores shared with other jobs), torch 2.13.0+cpu",
-    ),
-    "retrieval_pydoc-topics.jsonl": (
-        "python -m gearkit.cli eval retrieval --recipe kivi-2 --recipe gk-3 --json",
-        "2026-12-04",
-        "x86_64, 2 CPU cores shared with other jobs, torch 2.13.0+cpu",
+        "x86_64, 1 CPU thread (2 cores shared with other jobs), torch 2.13.0+cpu; gk-* as of commit 82e40c6",
     ),
     "retrieval_idle-help.jsonl": (
-        "OMP_NUM_THREADS=1 python -m gearkit.cli eval retrieval --recipe kivi-2 --recipe gk-3 --text idle-help --json",
+        "OMP_NUM_THREADS=1 gearkit eval retrieval --recipe kivi-2 --recipe gk-3 --text idle-help --json",
         "2026-12-04",
-        "x86_64, 1 CPU thread (2 cores shared with other jobs), torch 2.13.0+cpu",
+        "x86_64, 1 CPU thread (2 cores shared with other jobs), torch 2.13.0+cpu; gk-3 as of commit 82e40c6",
     ),
 }
+RETRIEVAL_SOURCES = [name for name in SOURCES if name.startswith("retrieval_")]
 NOT_MEASURED = {  # registered families the frontier files lack, and why
     "csr": "CSR reads a trained dictionary, which the machine that measured did not have; its own run "
     "(2 windows of the same text) is in `benchmarks/results/csr_idle-help.md`",
 }
 
 
-def family(name: str) -> str:
-    """A recipe's family: its name without the trailing bit width (`gk-2.5` -> `gk`, `zipcache-gear` as is)."""
-    return re.sub(r"-\d+(\.\d+)?$", "", name)
-
-
 def source_line(name: str) -> str:
+    """How a committed result file was made: its path, command, date and hardware."""
     command, date, hardware = SOURCES[name]
     return f"`benchmarks/results/{name}`: `{command}` ({date}; {hardware})"
 
@@ -113,7 +105,7 @@ def retrieval_section() -> str:
         "filler text, 8 questions per task and length, the uncompressed cache in the same run. Accuracy in % "
         "(right answers / questions); mean over the six cells; bits per element all-in, at 2048 tokens.",
     ]
-    for name in ("retrieval_pydoc-topics.jsonl", "retrieval_idle-help.jsonl"):
+    for name in RETRIEVAL_SOURCES:
         rows = [json.loads(line) for line in (RESULTS / name).read_text().splitlines() if line.strip()]
         cells = sorted({(r["task"], r["length"]) for r in rows}, key=lambda c: (c[0], c[1]))
         recipes = list(dict.fromkeys(r["recipe"] for r in rows))
