@@ -51,6 +51,10 @@ OFFSETS = {
     "sink-2": (-30, -10),
     "kcvt-4": (-10, -12),
     "kivi-3": (4, -10),
+    "kvquant-2": (-22, 8),
+    "turboquant-3.5": (-30, -12),
+    "zipcache-gear": (-72, -3),
+    "zipcache": (5, -10),
 }  # label placement where points crowd
 FLOOR = 0.05  # percent: increases at or below this (fp16, 8-bit: -0.01%..0%) are drawn on the floor
 
@@ -67,9 +71,14 @@ def frontier_rows(sources: tuple[str, ...] = FRONTIER_SOURCES) -> list[dict]:
         ValueError: when the files were measured on different protocols (text, windows, tokens, baseline).
     """
     rows = [r for name in sources for r in csv.DictReader((RESULTS / name).open())]
-    protocol = {(r["model"], r["text"], r["windows"], r["tokens"], round(float(r["baseline_ppl"]), 6)) for r in rows}
-    if len(protocol) != 1:
-        raise ValueError(f"the frontier files were measured on different protocols: {sorted(protocol)}")
+    protocol = {(r["model"], r["text"], r["windows"], r["tokens"]) for r in rows}
+    baselines = [float(r["baseline_ppl"]) for r in rows]
+    # the same protocol on another CPU thread count moves the uncompressed perplexity by ~1e-5 (relative), no more
+    if len(protocol) != 1 or max(baselines) > min(baselines) * (1 + 1e-4):
+        raise ValueError(
+            f"the frontier files were measured on different protocols: {sorted(protocol)}, uncompressed perplexity "
+            f"{min(baselines):.6f} to {max(baselines):.6f}"
+        )
     for r in rows:
         bits, increase = float(r["bits_per_element"]), float(r["ppl_increase_pct"])
         r["frontier"] = not any(

@@ -49,8 +49,9 @@ SOURCES = {
 }
 RETRIEVAL_SOURCES = [name for name in SOURCES if name.startswith("retrieval_")]
 NOT_MEASURED = {  # registered families the frontier files lack, and why
-    "csr": "CSR reads a trained dictionary, which the machine that measured did not have; its own run "
-    "(2 windows of the same text) is in `benchmarks/results/csr_idle-help.md`",
+    "csr": "CSR reads a trained dictionary (`gearkit dict train --default`), which the machine that "
+    "measured the frontier did not have; its own run (2 windows of the same text) is in "
+    "`benchmarks/results/csr_idle-help.md`",
 }
 
 
@@ -102,29 +103,35 @@ def retrieval_section() -> str:
         "## Retrieval: multi-key, multi-value, variable tracking",
         "",
         "`gearkit eval retrieval` ([the task definitions](concepts/retrieval.md)): RULER-style haystacks built from a "
-        "filler text, 8 questions per task and length, the uncompressed cache in the same run. Accuracy in % "
-        "(right answers / questions); mean over the six cells; bits per element all-in, at 2048 tokens.",
+        "filler text, the uncompressed cache in the same run. Right answers / questions per task and length; the "
+        "mean over all questions, and its difference from the uncompressed cache's, in points; bits per element "
+        "all-in, at 2048 tokens.",
     ]
     for name in RETRIEVAL_SOURCES:
         rows = [json.loads(line) for line in (RESULTS / name).read_text().splitlines() if line.strip()]
         cells = sorted({(r["task"], r["length"]) for r in rows}, key=lambda c: (c[0], c[1]))
         recipes = list(dict.fromkeys(r["recipe"] for r in rows))
         by = {(r["recipe"], r["task"], r["length"]): r for r in rows}
-        means = {c: sum(by[c, t, n]["accuracy"] for t, n in cells) / len(cells) for c in recipes}
+        means = {
+            c: sum(by[c, t, n]["correct"] for t, n in cells) / sum(by[c, t, n]["trials"] for t, n in cells)
+            for c in recipes
+        }
         lines += [
             "",
             f"Filler `{name.removeprefix('retrieval_').removesuffix('.jsonl')}`; {source_line(name)}.",
             "",
-            "| cache | bits/elt | " + " | ".join(f"{t} {n // 1024}k" for t, n in cells) + " | mean | vs uncompressed |",
+            "| cache | bits/elt | "
+            + " | ".join(f"{t} {n // 1024}k" for t, n in cells)
+            + " | mean % | vs uncompressed |",
             "|---|---|" + "---|" * len(cells) + "---|---|",
         ]
         for c in recipes:
             bits = by[(c, *cells[-1])]["bits_per_element"]
-            accuracy = " | ".join(f"{100 * by[c, t, n]['accuracy']:.0f}" for t, n in cells)
+            accuracy = " | ".join(f"{by[c, t, n]['correct']}/{by[c, t, n]['trials']}" for t, n in cells)
             delta = 100 * (means[c] - means[recipes[0]])
             lines.append(
-                f"| `{c}` | {'' if bits is None else f'{bits:.2f}'} | {accuracy} | {100 * means[c]:.1f} | "
-                f"{'' if c == recipes[0] else f'{delta:+.1f}'} |"
+                f"| `{c}` | {'–' if bits is None else f'{bits:.2f}'} | {accuracy} | {100 * means[c]:.2f} | "
+                f"{'' if c == recipes[0] else f'{delta:+.2f}'} |"
             )
     return "\n".join(lines)
 
