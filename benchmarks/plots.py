@@ -4,9 +4,10 @@ attention time against context length on a GPU, and end-to-end decode time and s
 
 Run: python benchmarks/plots.py --out docs/img [--synthetic]
 
-The frontier and decode plots read the committed results (`benchmarks/results/ppl_frontier_idle-help.csv`,
-`benchmarks/results/kernels_h200.csv`, `benchmarks/results/throughput_cpu_*.csv`); the spectrum is computed here,
-from the default model's keys on held-out text (or from synthetic keys with `--synthetic`, which needs no model).
+The frontier and decode plots read the committed results (`benchmarks/results/ppl_frontier_idle-help*.csv`, one
+protocol measured in several runs, `benchmarks/results/kernels_h200.csv`, `benchmarks/results/throughput_cpu_*.csv`);
+the spectrum is computed here, from the default model's keys on held-out text (or from synthetic keys with
+`--synthetic`, which needs no model). `benchmarks/results_page.py` runs these plots and writes `docs/results.md`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ import matplotlib.pyplot as plt
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# every run of `benchmarks/ppl_frontier.py` on the same protocol (text, windows, lengths), merged by `frontier_rows`
+FRONTIER_SOURCES = ("ppl_frontier_idle-help.csv", "ppl_frontier_idle-help_newer.csv")
 FAMILIES = {  # name prefix -> (label, colour, marker); first match wins
+    "gk": ("gk-* (gearkit's allocations, tuned on idle-help)", "#e41a1c", "*"),
+    "turboquant": ("TurboQuant (gearkit stages)", "#377eb8", "h"),
+    "kvquant": ("KVQuant (gearkit stages)", "#4daf4a", "p"),
+    "zipcache": ("ZipCache", "#f781bf", "X"),
+    "csr": ("CSR", "#a65628", "d"),
     "hf-quanto": ("HF QuantizedCache (quanto)", "#7f7f7f", "v"),
     "hf-hqq": ("HF QuantizedCache (HQQ)", "#bcbd22", "^"),
     "sink-gear": ("sink-gear (gearkit)", "#9467bd", "D"),
@@ -43,6 +51,10 @@ OFFSETS = {
     "sink-2": (-30, -10),
     "kcvt-4": (-10, -12),
     "kivi-3": (4, -10),
+    "kvquant-2": (-22, 8),
+    "turboquant-3.5": (-30, -12),
+    "zipcache-gear": (-72, -3),
+    "zipcache": (5, -10),
 }  # label placement where points crowd
 FLOOR = 0.05  # percent: increases at or below this (fp16, 8-bit: -0.01%..0%) are drawn on the floor
 
@@ -51,8 +63,33 @@ def family(name: str) -> str:
     return next(prefix for prefix in FAMILIES if name.startswith(prefix))
 
 
-def plot_frontier(out: Path, source: Path = RESULTS / "ppl_frontier_idle-help.csv") -> Path:
-    rows = list(csv.DictReader(source.open()))
+def frontier_rows(sources: tuple[str, ...] = FRONTIER_SOURCES) -> list[dict]:
+    """Every cache's row from the frontier CSVs in `benchmarks/results/`, sorted by bits, with `frontier` recomputed
+    over all of them (True when no other cache has both fewer or equal bits and a lower increase).
+
+    Raises:
+        ValueError: when the files were measured on different protocols (text, windows, tokens, baseline).
+    """
+    rows = [r for name in sources for r in csv.DictReader((RESULTS / name).open())]
+    protocol = {(r["model"], r["text"], r["windows"], r["tokens"]) for r in rows}
+    baselines = [float(r["baseline_ppl"]) for r in rows]
+    # the same protocol on another CPU thread count moves the uncompressed perplexity by ~1e-5 (relative), no more
+    if len(protocol) != 1 or max(baselines) > min(baselines) * (1 + 1e-4):
+        raise ValueError(
+            f"the frontier files were measured on different protocols: {sorted(protocol)}, uncompressed perplexity "
+            f"{min(baselines):.6f} to {max(baselines):.6f}"
+        )
+    for r in rows:
+        bits, increase = float(r["bits_per_element"]), float(r["ppl_increase_pct"])
+        r["frontier"] = not any(
+            float(o["bits_per_element"]) <= bits and float(o["ppl_increase_pct"]) < increase for o in rows
+        )
+    return sorted(rows, key=lambda r: (float(r["bits_per_element"]), r["recipe"]))
+
+
+def plot_frontier(out: Path, rows: list[dict] | None = None) -> Path:
+    """Perplexity increase against all-in bits for every cache of `rows` (default: `frontier_rows()`)."""
+    rows = rows or frontier_rows()
     fig, ax = plt.subplots(figsize=(9, 5.5))
     seen = set()
     for r in rows:
@@ -70,9 +107,7 @@ def plot_frontier(out: Path, source: Path = RESULTS / "ppl_frontier_idle-help.cs
             color=colour,
         )
     front = sorted(
-        (float(r["bits_per_element"]), max(float(r["ppl_increase_pct"]), FLOOR))
-        for r in rows
-        if r["frontier"] == "True"
+        (float(r["bits_per_element"]), max(float(r["ppl_increase_pct"]), FLOOR)) for r in rows if r["frontier"]
     )
     ax.step(
         [p[0] for p in front],

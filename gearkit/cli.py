@@ -292,6 +292,55 @@ def cmd_eval_passkey(args) -> None:
     print(format_table([r.summary() for r in results]))
 
 
+def cmd_eval_retrieval(args) -> None:
+    from gearkit.eval import format_table
+    from gearkit.eval.retrieval import TASKS, Sizes, build_trials, retrieval, retrieval_results
+    from gearkit.eval.threads import cpu_threads
+    from gearkit.models import load_text
+
+    source = check_model(args)  # every argument is checked before any model loads
+    names = check_names(args.recipe or [], args.dictionary, source)
+    sizes = Sizes(
+        trials=args.trials,
+        keys=args.keys,
+        value_keys=args.value_keys,
+        values=args.values,
+        chains=args.chains,
+        hops=args.hops,
+    )
+    tasks, lengths = args.task or list(TASKS), args.length or [1024, 2048]
+    filler = load_text(args.text)
+    trials = build_trials(_tokenizer(args), filler, tasks, lengths, sizes, args.depth, args.seed)  # bad sizes fail
+    model_name = source.name
+    if args.devices > 1:
+        from gearkit.eval.runner import RetrievalTask, predict
+
+        # every DDP rank re-runs this command and loads the same --model and --dtype (in configure_model)
+        task = RetrievalTask(names, trials, model=args.model, dtype=args.dtype, buffer_dtype=buffer_dtype(args))
+        rows = predict(task, [t.context for t in trials], devices=args.devices, threads=args.threads)
+        if rows is None:  # a DDP rank other than 0: rank 0 prints
+            return
+        results = retrieval_results(rows, model_name)
+    else:
+        model, tokenizer, model_name = _load(args)
+        with cpu_threads(args.threads):
+            results = retrieval(
+                model,
+                tokenizer,
+                names,
+                trials,
+                model_name,
+                progress=progress_bar(),
+                buffer_dtype=buffer_dtype(args),
+            )
+    if args.json:
+        for r in results:
+            print(json.dumps(r.summary()))
+        return
+    print(f"{model_name}, filler {args.text}, {sizes}")
+    print(format_table([r.summary() for r in results]))
+
+
 def cmd_eval_generation(args) -> None:
     from gearkit.eval.generation import agreement
 
@@ -636,6 +685,54 @@ def build_parser() -> argparse.ArgumentParser:
         "--dictionary", default=None, help="dictionary file for csr-8 / csr-4 (default: the cached default)"
     )
     pk.set_defaults(func=cmd_eval_passkey)
+    rt = ev.add_parser(
+        "retrieval", help="RULER-style retrieval: multi-key needles, multi-value needles, variable tracking"
+    )
+    add_model(rt)
+    rt.add_argument(
+        "--recipe",
+        action="append",
+        help="recipe or HF baseline; repeat for several (the uncompressed cache always runs too)",
+    )
+    add_text(rt)
+    rt.add_argument(
+        "--task",
+        action="append",
+        choices=["multi-key", "multi-value", "variable-tracking"],
+        help="repeat for several (default: all three)",
+    )
+    rt.add_argument(
+        "--length", type=positive_int, action="extend", nargs="+", help="haystack lengths in tokens (default 1024 2048)"
+    )
+    rt.add_argument(
+        "--depth",
+        type=fraction,
+        action="extend",
+        nargs="+",
+        help="needle depths in [0, 1], used in a seeded order (default: uniform random depths)",
+    )
+    rt.add_argument(
+        "--trials", type=positive_int, default=8, help="questions per task and length (haystacks as many as needed)"
+    )
+    rt.add_argument("--keys", type=positive_int, default=4, help="multi-key: needles per haystack, each asked for")
+    rt.add_argument("--value-keys", type=positive_int, default=2, help="multi-value: keys per haystack, each asked for")
+    rt.add_argument("--values", type=positive_int, default=2, help="multi-value: numbers per key")
+    rt.add_argument("--chains", type=positive_int, default=1, help="variable tracking: chains per haystack")
+    rt.add_argument("--hops", type=positive_int, default=1, help="variable tracking: assignments after the first")
+    rt.add_argument("--seed", type=int, default=0)
+    rt.add_argument("--json", action="store_true", help="print one JSON object per (cache, task, length)")
+    rt.add_argument(
+        "--dictionary", default=None, help="dictionary file for csr-8 / csr-4 (default: the cached default)"
+    )
+    rt.add_argument(
+        "--devices",
+        type=positive_int,
+        default=1,
+        help="N > 1: haystacks sharded over N processes/devices with Lightning DDP (gloo on CPU); 1: the plain "
+        "loop. Answers are the same either way at the same --threads",
+    )
+    add_threads(rt)
+    rt.set_defaults(func=cmd_eval_retrieval)
     gen_eval = ev.add_parser("generation", help="long greedy continuations: agreement with the uncompressed cache")
     add_model(gen_eval)
     gen_eval.add_argument("--recipe", action="append", required=True, help="recipe or HF baseline; repeat for several")

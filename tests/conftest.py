@@ -79,6 +79,18 @@ def tiny_llama(shape: str | dict = "gqa", layers: int = 2, **config):
     return LlamaForCausalLM(LlamaConfig(**{**settings, **config})).eval()
 
 
+class Chars:
+    """A character-level stand-in tokenizer (ids 2..96), enough to check prompt assembly without a download."""
+
+    pad_token_id, eos_token_id = 0, 1
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [2 + ord(c) % 95 for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(32 + (i - 2 - 32) % 95) for i in ids if i > 1)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A tiny seeded Llama checkpoint directory (config, safetensors, the default model's tokenizer) named

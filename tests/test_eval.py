@@ -114,7 +114,12 @@ def test_every_command_checks_its_arguments_before_any_model_loads(tiny_checkpoi
     monkeypatch.setattr(loading, "_weights", load)
     tiny = str(tiny_checkpoint)
     refused = [
-        (["eval", "passkey", "--length", "8"], "a passkey prompt needs more than"),
+        (["eval", "passkey", "--length", "8"], "a prompt with these needles needs more than"),
+        (["eval", "retrieval", "--length", "16"], "a prompt with these needles needs more than"),
+        (["eval", "retrieval", "--length", "500000"], "the filler text has"),
+        (["eval", "retrieval", "--recipe", "gear-9"], "unknown recipe 'gear-9'"),
+        (["eval", "retrieval", "--keys", "30"], "more than the 29 names a haystack can hold"),
+        (["eval", "retrieval", "--devices", "2", "--model", "/no/such"], "no model at /no/such"),
         (["eval", "passkey", "--length", "500000"], "the filler text has"),
         (["eval", "passkey", "--recipe", "gear-9"], "unknown recipe 'gear-9'"),
         (["eval", "passkey", "--model", "/no/such/model"], "no model at /no/such/model"),

@@ -1,20 +1,8 @@
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import Chars, tiny_llama
 
 from gearkit.eval.passkey import BASELINE, NEEDLE, QUESTION, passkey, passkey_ids, passkey_keys
-
-
-class Chars:
-    """A character-level stand-in tokenizer (ids 2..96), enough to check prompt assembly without a download."""
-
-    pad_token_id, eos_token_id = 0, 1
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [2 + ord(c) % 95 for c in text]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(32 + (i - 2 - 32) % 95) for i in ids if i > 1)
 
 
 def test_prompt_has_the_length_asked_the_needle_at_its_depth_and_the_question_last():

@@ -59,6 +59,41 @@ class PasskeyResult:
         }
 
 
+def haystack(
+    filler: Sequence[int], needles: Sequence[tuple[float, Sequence[int]]], length: int, tail: Sequence[int] = ()
+) -> list[int]:
+    """`length` token ids: the first filler tokens, with each needle inserted whole at its depth of the filler, then
+    `tail` (a question, say).
+
+    Args:
+        filler: token ids to take the filler from (its first tokens).
+        needles: `(depth, token ids)` pairs; depth is a fraction of the filler (0 = start, 1 = end). Needles at
+            the same depth keep their order.
+        length: tokens of the result, needles and tail included.
+        tail: token ids that end the result.
+
+    Returns:
+        The token ids, `length` of them.
+
+    Raises:
+        ValueError: for a depth outside [0, 1], or a length too short for the needles or too long for the filler.
+    """
+    for depth, _ in needles:
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"depth must be within [0, 1], got {depth}")
+    budget = length - len(tail) - sum(len(ids) for _, ids in needles)
+    if budget < 1:
+        raise ValueError(f"a prompt with these needles needs more than {length - budget} tokens, got {length}")
+    if len(filler) < budget:
+        raise ValueError(f"the filler text has {len(filler)} tokens; a {length}-token prompt needs {budget}")
+    out, at = [], 0
+    for depth, ids in sorted(needles, key=lambda n: n[0]):
+        cut = round(depth * budget)
+        out += [*filler[at:cut], *ids]
+        at = cut
+    return [*out, *filler[at:budget], *tail]
+
+
 def passkey_ids(tokenizer, filler: str | Sequence[int], length: int, depth: float, key: int) -> Tensor:
     """A prompt of exactly `length` tokens: filler, the needle naming `key` at `depth`, more filler, the question.
 
@@ -75,18 +110,10 @@ def passkey_ids(tokenizer, filler: str | Sequence[int], length: int, depth: floa
     Raises:
         ValueError: for a depth outside [0, 1], or a length too short for the needle or too long for the filler.
     """
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be within [0, 1], got {depth}")
     needle = tokenizer(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
     question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
-    budget = length - len(needle) - len(question)
-    if budget < 1:
-        raise ValueError(f"a passkey prompt needs more than {len(needle) + len(question)} tokens, got {length}")
     text = tokenizer(filler, add_special_tokens=False)["input_ids"] if isinstance(filler, str) else list(filler)
-    if len(text) < budget:
-        raise ValueError(f"the filler text has {len(text)} tokens; a {length}-token prompt needs {budget}")
-    at = round(depth * budget)
-    return torch.tensor(text[:at] + needle + text[at:budget] + question, dtype=torch.long)
+    return torch.tensor(haystack(text, [(depth, needle)], length, question), dtype=torch.long)
 
 
 def passkey_keys(count: int, seed: int = 0) -> list[int]:

@@ -8,8 +8,9 @@ Pieces:
   padding) whatever the number of devices.
 - `CacheTask` (`task`): the `LightningModule` every task derives from: the caches, the model (loaded in
   `configure_model`, once per process), input checks, the cache factory and byte reports.
-- One module per task: `GenerationTask` (`generation`: greedy new tokens) and `PerplexityTask` (`perplexity`:
-  per-sequence NLL with a compressed past, and `perplexity_results`). A new task is one such module plus the
+- One module per task: `GenerationTask` (`generation`: greedy new tokens), `PerplexityTask` (`perplexity`:
+  per-sequence NLL with a compressed past, and `perplexity_results`) and `RetrievalTask` (`retrieval`: RULER-style
+  haystacks and their questions, beside the uncompressed cache). A new task is one such module plus the
   line of the command line that builds it.
 - `CompressionStatsLogger` and `JsonLinesWriter` (`callbacks`): per-batch bytes, bits and speed through the
   trainer's loggers; each rank's rows appended to its own part file and merged by rank 0 into one JSON-lines
@@ -40,6 +41,7 @@ from gearkit.eval.runner.callbacks import CompressionStatsLogger, JsonLinesWrite
 from gearkit.eval.runner.data import PromptBatches
 from gearkit.eval.runner.generation import GenerationTask
 from gearkit.eval.runner.perplexity import PerplexityTask, perplexity_results
+from gearkit.eval.runner.retrieval import RetrievalTask
 from gearkit.eval.runner.run import predict
 from gearkit.eval.runner.task import BatchResult, BatchStats, CacheTask
 
@@ -52,6 +54,7 @@ __all__ = [
     "JsonLinesWriter",
     "PerplexityTask",
     "PromptBatches",
+    "RetrievalTask",
     "merge_rows",
     "perplexity_results",
     "predict",

@@ -76,12 +76,14 @@ class CacheTask(pl.LightningModule):
             `gearkit.integrations.hf.make_cache`).
 
     Raises:
-        ValueError: for an unknown recipe, repeated cache names, a loaded model without its tokenizer (or a
-            tokenizer with a spec), an unsupported `dtype`, or a spec `gearkit.models.resolve_model` refuses.
+        ValueError: for no recipe (unless the task scores a baseline of its own), an unknown recipe, repeated cache
+            names, a loaded model without its tokenizer (or a tokenizer with a spec), an unsupported `dtype`, or a
+            spec `gearkit.models.resolve_model` refuses.
         FileNotFoundError: for a spec naming a missing path, or a model id not in the local Hugging Face cache.
     """
 
     new_tokens = 0  # tokens each prompt grows by during the task; `check_item` counts them against the context
+    needs_recipe = True  # False for a task that scores a baseline of its own, so that no recipe is fine
 
     def __init__(
         self,
@@ -94,7 +96,7 @@ class CacheTask(pl.LightningModule):
     ):
         super().__init__()
         specs = [recipes] if isinstance(recipes, (str, Recipe)) else list(recipes)
-        if not specs:
+        if not specs and self.needs_recipe:
             raise ValueError("no recipe given")
         for spec in specs:
             if not isinstance(spec, Recipe):
