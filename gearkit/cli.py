@@ -443,7 +443,12 @@ def cmd_calibrate(args) -> None:
     token_windows(_tokenizer(args), text, args.prefix, args.continuation, args.windows)  # too short a text fails here
     model, tokenizer, model_name = _load(args)
     start = time.perf_counter()
-    protocol = {"prefix": args.prefix, "continuation": args.continuation, "windows": args.windows}
+    protocol = {
+        "prefix": args.prefix,
+        "continuation": args.continuation,
+        "scored": args.scored,
+        "windows": args.windows,
+    }
     if args.devices > 1:
         from gearkit.calibrate.task import SensitivityTask
         from gearkit.eval.runner import predict
@@ -767,7 +772,15 @@ def build_parser() -> argparse.ArgumentParser:
         "dir, where gk-* names find them for this model)",
     )
     cal.add_argument("--prefix", type=positive_int, default=1024, help="prefilled tokens per tuning window")
-    cal.add_argument("--continuation", type=positive_int, default=256, help="scored tokens per tuning window")
+    cal.add_argument(
+        "--continuation", type=positive_int, default=1024, help="tokens after the prefix per tuning window"
+    )
+    cal.add_argument(
+        "--scored",
+        type=positive_int,
+        default=256,
+        help="tokens scored per window, in chunks spread over the continuation",
+    )
     cal.add_argument("--windows", type=positive_int, default=2, help="tuning windows")
     cal.add_argument(
         "--devices",

@@ -17,6 +17,7 @@ from gearkit.calibrate import (
     SINKS,
     TOKENS,
     Sensitivity,
+    Window,
     allocate,
     allocated_recipe,
     compressed_layers,
@@ -36,7 +37,7 @@ def measured():
     torch.set_grad_enabled(False)
     model = tiny_llama("gqa", 2)
     windows = [
-        tuning_window(model, torch.randint(2, 97, (160,), generator=torch.Generator().manual_seed(s)), 128)
+        tuning_window(model, torch.randint(2, 97, (160,), generator=torch.Generator().manual_seed(s)), 128, 32)
         for s in range(2)
     ]
     stages = ladder(16)
@@ -45,6 +46,17 @@ def measured():
     kls = {r: {n: [m[r][n] for m in per_layer] for n in stages[r]} for r in ROLES}
     yield model, sensitivity(model, "tiny", layers, kls, {"windows": 2})
     torch.set_grad_enabled(True)
+
+
+def test_scored_pieces_are_whole_chunks_spread_over_the_continuation():
+    window = Window([], torch.zeros(1, 128 + 520, dtype=torch.long), 128, 150, torch.empty(0))
+    assert window.pieces() == [
+        (128, 192),
+        (384, 448),
+        (640, 648),
+    ]  # ceil(150 / 64) pieces; the last one ends with the window
+    window.scored = 10_000
+    assert [start for start, _ in window.pieces()] == list(range(128, 648, 64))  # every chunk, none twice
 
 
 def test_sensitivities_are_kl_divergences_that_fall_with_the_width(measured):

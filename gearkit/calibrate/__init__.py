@@ -4,8 +4,8 @@
    (`ladder`), the model runs with only that layer's role coded by that width (every other layer and the other role
    exact) and the KL divergence of its next-token distributions from the exact cache's is measured, per scored token.
    One prefill of each tuning window is recorded once and replayed into each candidate's cache (only the coded
-   layer's chunks are compressed anew), and the continuation is scored teacher-forced a chunk at a time over that
-   compressed past, the chunk itself exact as a cache's newest tokens are: a few short forwards per candidate
+   layer's chunks are compressed anew), and chunks spread over the continuation are scored teacher-forced, each over
+   the compressed past before it and itself exact as a cache's newest tokens are: a few short forwards per candidate
    instead of a streamed evaluation.
 2. **Allocation** (`allocate`): the widths that minimise the summed KL (an additive model of the layers' losses) with
    the mean stored bits within the budget: an exact multiple-choice knapsack over quarter bits. Bits are all-in:
@@ -113,19 +113,24 @@ class _Recorder(DynamicCache):
 @dataclasses.dataclass
 class Window:
     """One tuning window of `prefix + continuation` tokens: every layer's keys and values `KV` (batch 1) of a prefill
-    of all but its last piece, the token ids `[1, prefix + continuation]`, and the exact model's log-probabilities of
-    the continuation `[continuation, vocab]`."""
+    up to its last scored piece, the token ids `[1, prefix + continuation]`, the scored tokens per window, and the
+    exact model's log-probabilities of the scored tokens `[scored, vocab]`."""
 
     states: list[tuple[Tensor, Tensor]]
     ids: Tensor
     prefix: int
+    scored: int
     reference: Tensor
 
     def pieces(self) -> list[tuple[int, int]]:
-        """The continuation's scored pieces `(start, end)`: up to `CHUNK` tokens each, the newest tokens a cache
-        holds exactly while everything before them is coded."""
+        """The scored pieces `(start, end)`: up to `CHUNK` tokens each (the newest tokens a cache holds exactly while
+        everything before them is coded), spread evenly over the continuation so the scored tokens see pasts of
+        every length a streamed evaluation of the window sees."""
         end = self.ids.shape[-1]
-        return [(start, min(start + CHUNK, end)) for start in range(self.prefix, end, CHUNK)]
+        starts = list(range(self.prefix, end, CHUNK))
+        count = min(len(starts), math.ceil(self.scored / CHUNK))
+        picked = [starts[round(i * (len(starts) - 1) / max(count - 1, 1))] for i in range(count)]
+        return [(start, min(start + CHUNK, end)) for start in picked]
 
 
 def candidate(layer: int, role: str, stage: Stage) -> Recipe:
@@ -143,7 +148,7 @@ def continuation_logits(model, window: Window, layer: int, recipes: Sequence[Rec
     while it streams; the candidates run as one batch.
 
     Returns:
-        `[len(recipes), continuation, vocab]` in the model's dtype.
+        `[len(recipes), scored tokens, vocab]` in the model's dtype.
     """
     batch = len(recipes)
     held = [_held(recipe, *window.states[layer], layer) for recipe in recipes]
@@ -168,20 +173,23 @@ def _held(recipe: Recipe, keys: Tensor, values: Tensor, layer: int) -> tuple[Ten
 
 
 @torch.inference_mode()
-def tuning_window(model, ids: Tensor, prefix: int) -> Window:
-    """Record the prefill of `ids` but its last piece and the exact continuation's log-probabilities, for one window.
+def tuning_window(model, ids: Tensor, prefix: int, scored: int) -> Window:
+    """Record the prefill of `ids` up to its last scored piece and the exact log-probabilities of the scored tokens,
+    for one window.
 
     Args:
         model (transformers.PreTrainedModel): the model.
         ids: int64 `[prefix + continuation]` token ids.
-        prefix: tokens before the first scored one (a multiple of the chunk, so the pieces start on chunk bounds).
+        prefix: tokens before the continuation (a multiple of the chunk, so the pieces start on chunk bounds).
+        scored: tokens scored, in pieces spread over the continuation (`Window.pieces`).
     """
-    window = Window([], ids[None], prefix, torch.empty(0))
+    window = Window([], ids[None], prefix, scored, torch.empty(0))
+    pieces = window.pieces()
     recorder = _Recorder(model.config)
-    model(window.ids[:, : window.pieces()[-1][0]], cache=recorder, use_cache=True)
+    model(window.ids[:, : pieces[-1][0]], cache=recorder, use_cache=True)
     window.states = recorder.states
-    exact = model(window.ids, use_cache=False).logits[0, prefix:]
-    window.reference = exact.float().log_softmax(-1)
+    exact = model(window.ids, use_cache=False).logits[0]
+    window.reference = torch.cat([exact[start:end] for start, end in pieces]).float().log_softmax(-1)
     return window
 
 
@@ -239,13 +247,20 @@ def measure_layer(model, windows: Sequence[Window], layer: int, stages: dict[str
 
 
 def tuning_windows(
-    model, tokenizer, text: str, prefix: int, continuation: int, windows: int, progress: Callable | None = None
+    model,
+    tokenizer,
+    text: str,
+    prefix: int,
+    continuation: int,
+    scored: int,
+    windows: int,
+    progress: Callable | None = None,
 ) -> list[Window]:
     """The recorded tuning windows of `text` (see `tuning_window`); `prefix` is rounded down to whole chunks."""
     wrap = progress or (lambda it, **_: it)
     prefix = max(CHUNK, prefix // CHUNK * CHUNK)
     spans = token_windows(tokenizer, text, prefix, continuation, windows)
-    return [tuning_window(model, ids, prefix) for ids in wrap(spans, total=len(spans), desc="windows")]
+    return [tuning_window(model, ids, prefix, scored) for ids in wrap(spans, total=len(spans), desc="windows")]
 
 
 def sensitivity(model, name: str, layers: Sequence[int], kls: dict, protocol: dict) -> Sensitivity:
@@ -269,7 +284,8 @@ def measure(
     name: str,
     text: str,
     prefix: int = 1024,
-    continuation: int = 256,
+    continuation: int = 1024,
+    scored: int = 256,
     windows: int = 2,
     progress: Callable | None = None,
 ) -> Sensitivity:
@@ -280,8 +296,9 @@ def measure(
         tokenizer (transformers.PreTrainedTokenizerBase): its tokenizer.
         name: the model's name, recorded in its identity.
         text: the tuning text.
-        prefix: prefilled tokens per window (rounded down to whole chunks).
-        continuation: scored tokens per window.
+        prefix: tokens before the continuation per window (rounded down to whole chunks).
+        continuation: tokens after the prefix per window, over which the scored pieces are spread.
+        scored: scored tokens per window.
         windows: tuning windows.
         progress: optional wrapper for progress display, called as `progress(iterable, total=, desc=)`.
 
@@ -290,7 +307,7 @@ def measure(
     """
     start = time.perf_counter()
     wrap = progress or (lambda it, **_: it)
-    recorded = tuning_windows(model, tokenizer, text, prefix, continuation, windows, progress)
+    recorded = tuning_windows(model, tokenizer, text, prefix, continuation, scored, windows, progress)
     stages = ladder(head_dim(model.config))
     layers = compressed_layers(model.config)
     measured = [measure_layer(model, recorded, i, stages) for i in wrap(layers, total=len(layers), desc="layers")]
@@ -299,6 +316,7 @@ def measure(
         "windows": len(recorded),
         "prefix": recorded[0].prefix,
         "continuation": continuation,
+        "scored": scored,
         "seconds": round(time.perf_counter() - start, 1),
     }
     return sensitivity(model, name, layers, kls, protocol)
@@ -407,7 +425,7 @@ def calibrate(
         budgets: all-in bits per element, one recipe each.
         out: folder for the recipe files (None: gearkit's cache dir only).
         progress: optional progress wrapper (see `measure`).
-        **protocol: `prefix`, `continuation`, `windows` (see `measure`).
+        **protocol: `prefix`, `continuation`, `scored`, `windows` (see `measure`).
 
     Returns:
         The recipe files written.

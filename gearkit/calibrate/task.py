@@ -20,14 +20,21 @@ class SensitivityTask(CacheTask):
     Args:
         text: the tuning text.
         prefix: prefilled tokens per window.
-        continuation: scored tokens per window.
+        continuation: tokens after the prefix per window (the scored pieces are spread over them).
+        scored: scored tokens per window.
         windows: tuning windows.
         **kwargs: `model`, `tokenizer`, `dtype` (see `CacheTask`).
     """
 
-    def __init__(self, text: str, prefix: int, continuation: int, windows: int, **kwargs: object):
+    def __init__(self, text: str, prefix: int, continuation: int, scored: int, windows: int, **kwargs: object):
         super().__init__(Recipe("exact", Pipeline([EXACT]), Pipeline([EXACT])), **kwargs)
-        self.text, self.prefix, self.continuation, self.windows = text, prefix, continuation, windows
+        self.text, self.prefix, self.continuation, self.scored, self.windows = (
+            text,
+            prefix,
+            continuation,
+            scored,
+            windows,
+        )
         self._recorded: list[Window] | None = None
 
     @staticmethod
@@ -39,7 +46,7 @@ class SensitivityTask(CacheTask):
         """Rows `{"index", "recipe", "layer", "kl": {role: {width: KL}}}` for the batch's layers."""
         if self._recorded is None:
             self._recorded = tuning_windows(
-                self.model, self.tokenizer, self.text, self.prefix, self.continuation, self.windows
+                self.model, self.tokenizer, self.text, self.prefix, self.continuation, self.scored, self.windows
             )
         stages = ladder(head_dim(self.model.config))
         rows = []
