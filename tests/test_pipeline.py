@@ -16,6 +16,7 @@ from gearkit import (
     SparseOutlier,
     recipes,
 )
+from gearkit.compressors.rope import RoPE, inverse_frequencies
 from gearkit.parts import cat_batch, select_batch
 
 
@@ -25,12 +26,14 @@ def gear(bits=2, group=16, axis="channel", ratio=0.05, rank=2):
 
 def scores(pipeline: Pipeline, x: torch.Tensor) -> dict:
     """What a cache supplies, as keyword arguments: random token saliency for pipelines that need it (ZipCache),
-    each entry's first position for those that code keys before RoPE."""
+    each entry's first position and a rotary embedding for those that code keys before RoPE."""
     out = {}
     if "saliency" in pipeline.requires:
         out["saliency"] = torch.randn(x.shape[:3], generator=torch.Generator().manual_seed(x.shape[0] + x.shape[2]))
     if "positions" in pipeline.requires:
         out["positions"] = 64 * torch.arange(x.shape[0])
+    if "rope" in pipeline.requires:
+        out["rope"] = RoPE(inverse_frequencies(x.shape[-1], 10000.0))
     return out
 
 
@@ -212,7 +215,8 @@ def test_batch_entries_are_independent_so_parts_concatenate_and_reorder(name):
     for pipeline in (recipe.key, recipe.value):
         sa, sb = scores(pipeline, a), scores(pipeline, b)
         joined = cat_batch([pipeline.compress(a, **sa), pipeline.compress(b, **sb)])
-        whole = pipeline.compress(torch.cat([a, b]), **{k: torch.cat([sa[k], sb[k]]) for k in sa})
+        joint = {k: sa[k] if k == "rope" else torch.cat([sa[k], sb[k]]) for k in sa}  # one embedding per layer
+        whole = pipeline.compress(torch.cat([a, b]), **joint)
         assert joined.nbytes == whole.nbytes and joined.shape == whole.shape
         assert torch.allclose(pipeline.decompress(joined), pipeline.decompress(whole), atol=1e-5)
         index = torch.tensor([2, 0, 0])

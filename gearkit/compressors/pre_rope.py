@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -35,6 +37,12 @@ class PreRoPE(Wrapper):
         if not isinstance(inner, Stage):
             raise TypeError(f"PreRoPE wraps a gearkit Stage, got {type(inner).__name__}")
         if rope_theta is not None:
+            if (
+                isinstance(rope_theta, bool)
+                or not isinstance(rope_theta, (int, float))
+                or not 1 < rope_theta < math.inf
+            ):
+                raise ValueError(f"rope_theta must be a finite number > 1, got {rope_theta!r}")
             ignored_argument("PreRoPE", "rope_theta", "the cache supplies the model's rotary embedding from its config")
         self.inner = inner
 

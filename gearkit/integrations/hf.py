@@ -462,7 +462,8 @@ def _recipe(recipe: Recipe | str, name: str, config=None) -> Recipe:
     if isinstance(recipe, str):
         return recipes.get(recipe) if config is None else recipes.for_model(recipe, config)
     if not isinstance(recipe, Recipe):
-        raise TypeError(f"{name} must be a Recipe or a recipe name, got {type(recipe).__name__}")
+        owner = "GearCache" if name == "recipe" else f"GearCache's {name}"
+        raise TypeError(f"{owner} takes a Recipe or a registered recipe name, got {type(recipe).__name__}")
     return recipe
 
 
