@@ -24,15 +24,20 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # every run of `benchmarks/ppl_frontier.py` on the same protocol (text, windows, lengths), merged by `frontier_rows`
-FRONTIER_SOURCES = ("ppl_frontier_idle-help.csv", "ppl_frontier_idle-help_newer.csv")
+FRONTIER_SOURCES = (
+    "ppl_frontier_idle-help.csv",
+    "ppl_frontier_idle-help_newer.csv",
+    "ppl_frontier_idle-help_calibrated.csv",
+)
 FAMILIES = {  # name prefix -> (label, colour, marker); first match wins
-    "gk": ("gk-* (gearkit's allocations, tuned on idle-help)", "#e41a1c", "*"),
+    "gk": ("gk-* (gearkit calibrate, tuned on idle-help)", "#e41a1c", "*"),
     "turboquant": ("TurboQuant (gearkit stages)", "#377eb8", "h"),
     "kvquant": ("KVQuant (gearkit stages)", "#4daf4a", "p"),
     "zipcache": ("ZipCache", "#f781bf", "X"),
     "csr": ("CSR", "#a65628", "d"),
     "hf-quanto": ("HF QuantizedCache (quanto)", "#7f7f7f", "v"),
     "hf-hqq": ("HF QuantizedCache (HQQ)", "#bcbd22", "^"),
+    "sinkrot": ("sinkrot (gearkit, calibration-free)", "#e7298a", "H"),
     "sink-gear": ("sink-gear (gearkit)", "#9467bd", "D"),
     "sink": ("sink (gearkit)", "#d62728", "o"),
     "kivi": ("KIVI", "#1f77b4", "s"),

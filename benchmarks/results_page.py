@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from plots import (  # benchmarks/plots.py (run as `python benchmarks/<script>.py`)
+    FRONTIER_SOURCES,
     RESULTS,
     family,
     frontier_rows,
@@ -40,6 +41,12 @@ SOURCES = {
         "--out benchmarks/results/ppl_frontier_idle-help_newer.csv",
         "2026-12-04",
         "x86_64, 1 CPU thread (2 cores shared with other jobs), torch 2.13.0+cpu; gk-* as of commit 82e40c6",
+    ),
+    "ppl_frontier_idle-help_calibrated.csv": (
+        "OMP_NUM_THREADS=1 python benchmarks/ppl_frontier.py --recipes gk-2.5 gk-3 gk-3.5 gk-4.5 sinkrot-2.5 "
+        "sinkrot-3 sinkrot-3.5 sinkrot-4 --out benchmarks/results/ppl_frontier_idle-help_calibrated.csv",
+        "2026-12-04",
+        "x86_64, 1 CPU thread (2 cores shared with the test suite), torch 2.13.0+cpu; gk-* written by gearkit calibrate",
     ),
     "retrieval_idle-help.jsonl": (
         "OMP_NUM_THREADS=1 gearkit eval retrieval --recipe kivi-2 --recipe gk-3 --text idle-help --json",
@@ -73,11 +80,11 @@ def frontier_section(rows: list[dict]) -> str:
         f"{first['windows']} windows of 1024 prefilled + {int(first['tokens']) // int(first['windows'])} scored "
         f"tokens, uncompressed perplexity {float(first['baseline_ppl']):.3f}. Bits per element are all-in, from the "
         "bytes each cache holds at 2048 tokens. A cache is on the frontier when no other has both fewer or equal "
-        "bits and a lower increase. The `gk-*` allocations were tuned on this text, so their figures here are "
-        "in-sample; held out (on `pydoc-topics`) they are in [the 3-bit frontier](concepts/frontier.md). Sources, "
-        "one protocol measured in two runs:",
+        "bits and a lower increase. The `gk-*` recipes were calibrated on this text (`gearkit calibrate`), so their "
+        "figures here are in-sample; held out they are in [Calibration](concepts/calibration.md). Sources, "
+        "one protocol measured in three runs:",
         "",
-        *(f"- {source_line(name)}" for name in ("ppl_frontier_idle-help.csv", "ppl_frontier_idle-help_newer.csv")),
+        *(f"- {source_line(name)}" for name in FRONTIER_SOURCES),
         "",
         "![Perplexity increase against bits per element](img/ppl_frontier.png)",
         "",
