@@ -46,7 +46,7 @@ SOURCES = {
         "OMP_NUM_THREADS=1 python benchmarks/ppl_frontier.py --recipes gk-2.5 gk-3 gk-3.5 gk-4.5 sinkrot-2.5 "
         "sinkrot-3 sinkrot-3.5 sinkrot-4 --out benchmarks/results/ppl_frontier_idle-help_calibrated.csv",
         "2026-12-04",
-        "x86_64, 1 CPU thread (2 cores shared with the test suite), torch 2.13.0+cpu; gk-* written by gearkit calibrate",
+        "x86_64, 1 CPU thread (2 cores shared with the test suite), torch 2.13.0+cpu; gk-* by gearkit calibrate",
     ),
     "retrieval_idle-help.jsonl": (
         "OMP_NUM_THREADS=1 gearkit eval retrieval --recipe kivi-2 --recipe gk-3 --text idle-help --json",
