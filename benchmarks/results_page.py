@@ -53,6 +53,11 @@ SOURCES = {
         "2026-12-04",
         "x86_64, 1 CPU thread (2 cores shared with other jobs), torch 2.13.0+cpu; gk-3 as of commit 82e40c6",
     ),
+    "retrieval_idle-help_calibrated.jsonl": (
+        "gearkit eval retrieval --recipe kivi-2 --recipe gk-3 --text idle-help --json",
+        "2026-12-04",
+        "x86_64, 2 CPU threads, idle, 4 min 36 s; gk-3 written by gearkit calibrate",
+    ),
 }
 RETRIEVAL_SOURCES = [name for name in SOURCES if name.startswith("retrieval_")]
 NOT_MEASURED = {  # registered families the frontier files lack, and why
@@ -125,7 +130,7 @@ def retrieval_section() -> str:
         }
         lines += [
             "",
-            f"Filler `{name.removeprefix('retrieval_').removesuffix('.jsonl')}`; {source_line(name)}.",
+            f"Filler `{name.removesuffix('.jsonl').split('_')[1]}`; {source_line(name)}.",
             "",
             "| cache | bits/elt | "
             + " | ".join(f"{t} {n // 1024}k" for t, n in cells)
