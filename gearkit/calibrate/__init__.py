@@ -14,9 +14,9 @@
    64-token chunks), recording the model's identity, written as recipe files (`Recipe.save`) and into gearkit's
    cache dir, where `gk-*` names find them for that model (`gearkit.allocations.calibrated`).
 
-The ladder holds only widths decode reads from their stored form (per-channel codes; a rotation with Lloyd-Max codes),
-each per layer, so a calibrated recipe decodes as fast as the plain ones. Layers that attend to a sliding window are
-not coded by the recipe (the cache keeps their window), so the budget counts the layers the recipe compresses.
+The ladder holds only widths decode reads from their stored form (per-channel codes; a rotation with Lloyd-Max
+codes), each per layer, so no block is rebuilt per decode step. Layers that attend to a sliding window are not coded
+by the recipe (the cache keeps their window), so the budget counts the layers the recipe compresses.
 """
 
 from __future__ import annotations
