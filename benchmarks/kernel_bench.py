@@ -59,6 +59,12 @@ def bench_ms(fn, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def attend_ms(backend: str, q, recipe, block: tuple, bias, scale: float, device) -> float:
+    """Milliseconds of one decode-attention call over one stored block `(keys, values)` under `backend`."""
+    with use_backend(backend):
+        return bench_ms(lambda: decode_attention.attend(q, recipe.key, recipe.value, [block], bias, scale), device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", default=None, help="comma-separated context lengths")
@@ -160,11 +166,7 @@ def main() -> None:
                         **key,
                     )
                     for backend in ("triton", "torch"):
-                        with use_backend(backend):
-                            ms = bench_ms(
-                                lambda: decode_attention.attend(q, recipe.key, recipe.value, [(sk, sv)], bias, scale),
-                                device,
-                            )
+                        ms = attend_ms(backend, q, recipe, (sk, sv), bias, scale, device)
                         record(
                             op="decode_attention",
                             backend=backend,
@@ -194,11 +196,7 @@ def main() -> None:
                         ("torch", "reference", "1"),
                     ):
                         os.environ["GEARKIT_CPU_KERNEL"] = kernel
-                        with use_backend(backend):
-                            ms = bench_ms(
-                                lambda: decode_attention.attend(q, recipe.key, recipe.value, [(sk, sv)], bias, scale),
-                                device,
-                            )
+                        ms = attend_ms(backend, q, recipe, (sk, sv), bias, scale, device)
                         record(
                             op="decode_attention",
                             backend=label,

@@ -590,14 +590,28 @@ def add_text(parser: argparse.ArgumentParser, default: str | None = None) -> Non
     )
 
 
-def add_threads(parser: argparse.ArgumentParser) -> None:
-    """The `--threads` option of the commands that can run on several devices."""
+def add_devices(parser: argparse.ArgumentParser, split: str) -> None:
+    """The `--devices` and `--threads` options of the commands that can run on several devices; `split` says what
+    N processes share and that the results do not depend on N."""
+    parser.add_argument(
+        "--devices",
+        type=positive_int,
+        default=1,
+        help=f"N > 1: {split} (Lightning DDP, gloo on CPU); 1: the plain loop",
+    )
     parser.add_argument(
         "--threads",
         type=positive_int,
         default=None,
         help="CPU threads per process. Float results on CPU depend on it: pin it to compare --devices counts "
         "exactly (default: torch's choice on one device, cores // N per process on N)",
+    )
+
+
+def add_dictionary(parser: argparse.ArgumentParser) -> None:
+    """The `--dictionary` option of the commands that take `csr-*` recipes."""
+    parser.add_argument(
+        "--dictionary", default=None, help="dictionary file for csr-8 / csr-4 (default: the cached default)"
     )
 
 
@@ -632,20 +646,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     gen.add_argument("--max-new-tokens", type=positive_int, default=128)
     gen.add_argument(
-        "--devices",
-        type=positive_int,
-        default=1,
-        help="N > 1: Lightning Trainer.predict with DDP over N processes/devices (gloo on CPU); "
-        "1: a plain loop. Greedy tokens are the same either way at the same --threads",
-    )
-    gen.add_argument(
         "--batch-size",
         type=positive_int,
         default=1,
         help="prompts per left-padded batch (Lightning path); a prompt's output can depend on its "
         "batch, never on --devices",
     )
-    add_threads(gen)
+    add_devices(gen, "prompts sharded over N processes/devices; greedy tokens are the same at the same --threads")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     gen.set_defaults(func=cmd_generate)
 
@@ -658,17 +665,10 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--continuation", type=positive_int, default=1024)
     ppl.add_argument("--windows", type=positive_int, default=4, help="at most this many windows")
     ppl.add_argument("--json", action="store_true", help="print one JSON object per recipe")
-    ppl.add_argument(
-        "--dictionary", default=None, help="dictionary file for csr-8 / csr-4 (default: the cached default)"
+    add_dictionary(ppl)
+    add_devices(
+        ppl, "windows sharded over N processes/devices; bytes are the same, perplexities too at the same --threads"
     )
-    ppl.add_argument(
-        "--devices",
-        type=positive_int,
-        default=1,
-        help="N > 1: windows sharded over N processes/devices with Lightning DDP (gloo on CPU); 1: the "
-        "plain loop. Bytes are the same either way; perplexities too at the same --threads (only speeds differ)",
-    )
-    add_threads(ppl)
     ppl.set_defaults(func=cmd_eval_ppl)
     pk = ev.add_parser("passkey", help="passkey retrieval: a number hidden in filler text, asked for at the end")
     add_model(pk)
@@ -686,9 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pk.add_argument("--keys", type=positive_int, default=2, help="keys tried per depth")
     pk.add_argument("--json", action="store_true", help="print one JSON object per (cache, length)")
-    pk.add_argument(
-        "--dictionary", default=None, help="dictionary file for csr-8 / csr-4 (default: the cached default)"
-    )
+    add_dictionary(pk)
     pk.set_defaults(func=cmd_eval_passkey)
     rt = ev.add_parser(
         "retrieval", help="RULER-style retrieval: multi-key needles, multi-value needles, variable tracking"
@@ -726,17 +724,8 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--hops", type=positive_int, default=1, help="variable tracking: assignments after the first")
     rt.add_argument("--seed", type=int, default=0)
     rt.add_argument("--json", action="store_true", help="print one JSON object per (cache, task, length)")
-    rt.add_argument(
-        "--dictionary", default=None, help="dictionary file for csr-8 / csr-4 (default: the cached default)"
-    )
-    rt.add_argument(
-        "--devices",
-        type=positive_int,
-        default=1,
-        help="N > 1: haystacks sharded over N processes/devices with Lightning DDP (gloo on CPU); 1: the plain "
-        "loop. Answers are the same either way at the same --threads",
-    )
-    add_threads(rt)
+    add_dictionary(rt)
+    add_devices(rt, "haystacks sharded over N processes/devices; answers are the same at the same --threads")
     rt.set_defaults(func=cmd_eval_retrieval)
     gen_eval = ev.add_parser("generation", help="long greedy continuations: agreement with the uncompressed cache")
     add_model(gen_eval)
@@ -744,9 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen_eval.add_argument("--prompt", action="append", help="repeat for several (default: three built-in prompts)")
     gen_eval.add_argument("--max-new-tokens", type=positive_int, default=256)
     gen_eval.add_argument("--json", action="store_true", help="print one JSON object per (prompt, recipe)")
-    gen_eval.add_argument(
-        "--dictionary", default=None, help="dictionary file for csr-8 / csr-4 (default: the cached default)"
-    )
+    add_dictionary(gen_eval)
     gen_eval.set_defaults(func=cmd_eval_generation)
     layers = ev.add_parser("layers", help="per-layer reconstruction error of keys and values")
     add_model(layers)
@@ -782,13 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens scored per window, in chunks spread over the continuation",
     )
     cal.add_argument("--windows", type=positive_int, default=2, help="tuning windows")
-    cal.add_argument(
-        "--devices",
-        type=positive_int,
-        default=1,
-        help="N > 1: layers measured by N processes/devices with Lightning DDP; the same numbers",
-    )
-    cal.add_argument("--threads", type=positive_int, default=None, help="CPU threads of every process")
+    add_devices(cal, "layers measured by N processes/devices; the same numbers at the same --threads")
     cal.set_defaults(func=cmd_calibrate)
 
     dct = sub.add_parser("dict", help="CSR dictionaries").add_subparsers(dest="what", required=True)

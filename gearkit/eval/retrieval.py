@@ -33,7 +33,7 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from gearkit.accounting import MemoryReport
 from gearkit.compressors.checks import check_int
-from gearkit.eval.passkey import BASELINE, haystack
+from gearkit.eval.passkey import BASELINE, PasskeyResult, haystack
 from gearkit.integrations.hf import cache_name, check_cache_name, make_cache, memory_report
 from gearkit.models import pad_token_id
 from gearkit.recipe import Recipe
@@ -383,44 +383,20 @@ def trial_row(
 
 
 @dataclasses.dataclass
-class RetrievalResult:
-    """Accuracy of one cache on one task at one haystack length.
+class RetrievalResult(PasskeyResult):
+    """Accuracy of one cache on one task at one haystack length: a `PasskeyResult` (`length`: haystack tokens;
+    `correct` of `trials` questions; bits of the last haystack's cache) with its task.
 
     Attributes:
-        recipe: cache name (`uncompressed` for the model's own cache).
-        model: the model's name.
         task: one of `TASKS`.
-        length: haystack tokens.
-        correct: questions answered right.
-        trials: questions asked.
-        bits_per_element: all-in bits of the last haystack's cache, or None for the uncompressed cache.
     """
 
-    recipe: str
-    model: str
     task: str
-    length: int
-    correct: int
-    trials: int
-    bits_per_element: float | None
-
-    @property
-    def accuracy(self) -> float:
-        """Fraction of questions answered right."""
-        return self.correct / self.trials if self.trials else 0.0
 
     def summary(self) -> dict:
-        """The result as a JSON-ready dict."""
-        return {
-            "recipe": self.recipe,
-            "model": self.model,
-            "task": self.task,
-            "length": self.length,
-            "accuracy": round(self.accuracy, 4),
-            "correct": self.correct,
-            "trials": self.trials,
-            "bits_per_element": None if self.bits_per_element is None else round(self.bits_per_element, 4),
-        }
+        """The result as a JSON-ready dict (the task after the model)."""
+        out = super().summary()
+        return {"recipe": out.pop("recipe"), "model": out.pop("model"), "task": self.task, **out}
 
 
 def retrieval_results(rows: Sequence[dict], model_name: str) -> list[RetrievalResult]:
@@ -433,11 +409,11 @@ def retrieval_results(rows: Sequence[dict], model_name: str) -> list[RetrievalRe
         RetrievalResult(
             recipe,
             model_name,
-            task,
             length,
             sum(r["correct"] for r in group),
             sum(r["questions"] for r in group),
             group[-1]["bits_per_element"],
+            task,
         )
         for recipe, by_task in groups.items()
         for (task, length), group in by_task.items()
